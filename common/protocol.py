@@ -1,0 +1,374 @@
+"""The line protocol, sans-IO: bytes in -> commands out, replies -> bytes.
+
+Nothing here touches a socket, a loop or a thread. A transport feeds whatever bytes it read
+to :meth:`CommandParser.receive_data` and gets back a list of events: a command tuple (one of
+:class:`Join`, :class:`Msg`, ...) or a :class:`PeerError` carrying the exact ``ERROR`` line to
+send back and whether the connection must be closed after it. Server lines are built by the
+``*_line`` functions below; each returns the encoded bytes, ready to write, so a line sent to
+many recipients is encoded once.
+
+See ``docs/PROTOCOL.md`` for the contract these functions implement.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import NamedTuple, Optional, Union
+
+from common.limits import (
+    MAX_HISTORY_REPLY,
+    MAX_LINE_BYTES,
+    MAX_PING_TOKEN_CHARS,
+    MAX_TEXT_CHARS,
+)
+from common.names import is_valid_room, is_valid_username, normalize
+
+# --- commands (client -> server) ---------------------------------------------------------
+
+
+class Join(NamedTuple):
+    room: str
+    username: str
+
+
+class Msg(NamedTuple):
+    room: str
+    text: str
+
+
+class Leave(NamedTuple):
+    room: str
+
+
+class Quit(NamedTuple):
+    pass
+
+
+class Names(NamedTuple):
+    room: str
+
+
+class Rooms(NamedTuple):
+    pass
+
+
+class History(NamedTuple):
+    room: str
+    n: int
+
+
+class Ping(NamedTuple):
+    token: str
+
+
+class Pong(NamedTuple):
+    token: str
+
+
+class PeerError(NamedTuple):
+    """The peer sent something we refuse. ``reply`` is the ERROR line to send back; if
+    ``fatal`` the connection is closed after it."""
+
+    reply: bytes
+    fatal: bool = False
+
+
+Command = Union[Join, Msg, Leave, Quit, Names, Rooms, History, Ping, Pong]
+Event = Union[Command, PeerError]
+
+VERBS = ("JOIN", "MSG", "LEAVE", "QUIT", "NAMES", "ROOMS", "HISTORY", "PING")
+
+# --- server lines ------------------------------------------------------------------------
+
+
+def error_line(description: str) -> bytes:
+    return f"ERROR {description}\n".encode()
+
+
+def info_line(text: str) -> bytes:
+    return f"INFO {text}\n".encode()
+
+
+WELCOME = info_line(
+    "welcome to shardchat; commands: JOIN <room> <username>, MSG <room> <text>, "
+    "LEAVE <room>, NAMES <room>, ROOMS, HISTORY <room> [n], PING [token], QUIT"
+)
+BYE = info_line("bye")
+SHUTTING_DOWN = info_line("server shutting down")
+
+
+def joined_line(room: str) -> bytes:
+    """To the joiner."""
+    return f"INFO joined room {room}\n".encode()
+
+
+def user_joined_line(username: str, room: str) -> bytes:
+    """To the other members."""
+    return f"INFO {username} joined {room}\n".encode()
+
+
+def left_line(room: str) -> bytes:
+    """To the leaver."""
+    return f"INFO left room {room}\n".encode()
+
+
+def user_left_line(username: str, room: str) -> bytes:
+    """To the other members."""
+    return f"INFO {username} left {room}\n".encode()
+
+
+def msg_line(room: str, username: str, text: str) -> bytes:
+    return f"MSG {room} {username} {text}\n".encode()
+
+
+def names_line(room: str, usernames: list[str]) -> bytes:
+    return " ".join(["NAMES", room, *usernames]).encode() + b"\n"
+
+
+def room_line(room: str, count: int) -> bytes:
+    return f"ROOM {room} {count}\n".encode()
+
+
+def rooms_end_line(count: int) -> bytes:
+    return f"END ROOMS {count}\n".encode()
+
+
+def format_time(ts: float) -> str:
+    """Seconds since the epoch -> ``2026-11-26T00:23:19.123Z``."""
+    whole = int(ts)
+    millis = int((ts - whole) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+
+
+def history_line(room: str, seq: int, ts: float, username: str, text: str) -> bytes:
+    return f"HISTORY {room} {seq} {format_time(ts)} {username} {text}\n".encode()
+
+
+def history_end_line(room: str, count: int) -> bytes:
+    return f"END HISTORY {room} {count}\n".encode()
+
+
+def pong_line(token: str) -> bytes:
+    return f"PONG {token}\n".encode() if token else b"PONG\n"
+
+
+def ping_line(token: str) -> bytes:
+    return f"PING {token}\n".encode()
+
+
+# --- errors ------------------------------------------------------------------------------
+
+ERR_LINE_TOO_LONG = PeerError(error_line("line too long"), fatal=True)
+ERR_BAD_UTF8 = PeerError(error_line("invalid UTF-8"))
+ERR_CONTROL = PeerError(error_line("control characters are not allowed"))
+ERR_BAD_ROOM = PeerError(error_line("invalid room name: 1-64 letters, digits, _ - ."))
+ERR_BAD_USERNAME = PeerError(error_line("invalid username: 1-32 letters, digits, _ - ."))
+ERR_TEXT_TOO_LONG = PeerError(error_line("message too long"))
+USAGE = {
+    "JOIN": PeerError(error_line("usage: JOIN <room> <username>")),
+    "MSG": PeerError(error_line("usage: MSG <room> <text>")),
+    "LEAVE": PeerError(error_line("usage: LEAVE <room>")),
+    "QUIT": PeerError(error_line("usage: QUIT")),
+    "NAMES": PeerError(error_line("usage: NAMES <room>")),
+    "ROOMS": PeerError(error_line("usage: ROOMS")),
+    "HISTORY": PeerError(error_line("usage: HISTORY <room> [n] (n from 1 to 500)")),
+    "PING": PeerError(error_line(f"usage: PING [token] (token up to {MAX_PING_TOKEN_CHARS})")),
+    "PONG": PeerError(error_line("usage: PONG [token]")),
+}
+
+
+def not_in_room_error(room: str) -> bytes:
+    return error_line(f"not in room {room}")
+
+
+def name_taken_error(room: str) -> bytes:
+    return error_line(f"name taken in {room}")
+
+
+def already_in_room_error(room: str) -> bytes:
+    return error_line(f"already in room {room}")
+
+
+def wrong_username_error(username: str) -> bytes:
+    return error_line(f"username is {username} on this connection")
+
+
+def unknown_verb_error(verb: str) -> PeerError:
+    shown = verb if len(verb) <= 32 else verb[:32] + "..."
+    return PeerError(error_line(f"unknown command {shown}; commands: {' '.join(VERBS)}"))
+
+
+# --- parsing -----------------------------------------------------------------------------
+
+# C0 controls but TAB, DEL and C1 controls: everything in Unicode category Cc except "\t".
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+class CommandParser:
+    """Turns a byte stream into protocol events (sans-IO).
+
+    Feed it every chunk read from the peer with :meth:`receive_data`; feed ``b""`` at end
+    of stream (an unterminated last line is then parsed as a line). After a fatal
+    :class:`PeerError` (line too long) it ignores all further input; the caller closes.
+    The parser never holds more than ``MAX_LINE_BYTES + 1`` bytes of an unfinished line.
+    """
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._dead = False
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        if self._dead:
+            return []
+        if not data:
+            self._dead = True
+            last, self._partial = self._partial, b""
+            return self._parse_lines([last]) if last.strip() else []
+        buffer = self._partial + data if self._partial else data
+        lines = buffer.split(b"\n")
+        self._partial = lines.pop()
+        events = self._parse_lines(lines)
+        if not self._dead and len(self._partial) > MAX_LINE_BYTES:
+            # One byte of slack: the line may be exactly at the limit with its CR
+            # received and its LF still on the way.
+            if len(self._partial) > MAX_LINE_BYTES + 1 or not self._partial.endswith(b"\r"):
+                events.append(self._die())
+        return events
+
+    def _die(self) -> PeerError:
+        self._dead = True
+        self._partial = b""
+        return ERR_LINE_TOO_LONG
+
+    def _parse_lines(self, lines: list[bytes]) -> list[Event]:
+        events: list[Event] = []
+        for raw in lines:
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+            if len(raw) > MAX_LINE_BYTES:
+                events.append(self._die())
+                break
+            if raw:
+                event = parse_line(raw)
+                if event is not None:
+                    events.append(event)
+        return events
+
+
+def parse_line(raw: bytes) -> Optional[Event]:
+    """Parse one line (without its line ending). Returns ``None`` for a blank line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return ERR_BAD_UTF8
+    if _CONTROL.search(line):
+        return ERR_CONTROL
+    line = line.lstrip(" \t")
+    if not line.strip(" \t"):
+        return None
+    verb, _, rest = line.partition(" ")
+    verb = verb.upper()
+    parse = _PARSERS.get(verb)
+    if parse is None:
+        return unknown_verb_error(verb)
+    return parse(rest)
+
+
+def _room_arg(text: str) -> Union[str, PeerError]:
+    room = normalize(text)
+    return room if is_valid_room(room) else ERR_BAD_ROOM
+
+
+def _parse_join(rest: str) -> Event:
+    args = rest.split()
+    if len(args) != 2:
+        return USAGE["JOIN"]
+    room = _room_arg(args[0])
+    if isinstance(room, PeerError):
+        return room
+    username = normalize(args[1])
+    if not is_valid_username(username):
+        return ERR_BAD_USERNAME
+    return Join(room, username)
+
+
+def _parse_msg(rest: str) -> Event:
+    room, _, text = rest.partition(" ")
+    if not room or not text.strip(" \t"):
+        return USAGE["MSG"]
+    checked = _room_arg(room)
+    if isinstance(checked, PeerError):
+        return checked
+    if len(text) > MAX_TEXT_CHARS:
+        return ERR_TEXT_TOO_LONG
+    return Msg(checked, text)
+
+
+def _one_room(verb: str, rest: str) -> Union[str, PeerError]:
+    args = rest.split()
+    if len(args) != 1:
+        return USAGE[verb]
+    return _room_arg(args[0])
+
+
+def _parse_leave(rest: str) -> Event:
+    room = _one_room("LEAVE", rest)
+    return room if isinstance(room, PeerError) else Leave(room)
+
+
+def _parse_names(rest: str) -> Event:
+    room = _one_room("NAMES", rest)
+    return room if isinstance(room, PeerError) else Names(room)
+
+
+def _parse_history(rest: str) -> Event:
+    args = rest.split()
+    if not 1 <= len(args) <= 2:
+        return USAGE["HISTORY"]
+    n = MAX_HISTORY_REPLY
+    if len(args) == 2:
+        if not (args[1].isascii() and args[1].isdigit()):
+            return USAGE["HISTORY"]
+        n = int(args[1])
+        if not 1 <= n <= MAX_HISTORY_REPLY:
+            return USAGE["HISTORY"]
+    room = _room_arg(args[0])
+    return room if isinstance(room, PeerError) else History(room, n)
+
+
+def _parse_token(verb: str, rest: str) -> Union[str, PeerError]:
+    token = rest.strip(" \t")
+    if len(token) > MAX_PING_TOKEN_CHARS:
+        return USAGE[verb]
+    return token
+
+
+def _parse_ping(rest: str) -> Event:
+    token = _parse_token("PING", rest)
+    return token if isinstance(token, PeerError) else Ping(token)
+
+
+def _parse_pong(rest: str) -> Event:
+    token = _parse_token("PONG", rest)
+    return token if isinstance(token, PeerError) else Pong(token)
+
+
+def _no_args(verb: str, command: Command):
+    def parse(rest: str) -> Event:
+        return USAGE[verb] if rest.strip(" \t") else command
+
+    return parse
+
+
+_PARSERS = {
+    "JOIN": _parse_join,
+    "MSG": _parse_msg,
+    "LEAVE": _parse_leave,
+    "QUIT": _no_args("QUIT", Quit()),
+    "NAMES": _parse_names,
+    "ROOMS": _no_args("ROOMS", Rooms()),
+    "HISTORY": _parse_history,
+    "PING": _parse_ping,
+    "PONG": _parse_pong,
+}

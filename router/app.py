@@ -1,0 +1,171 @@
+"""The router process: bind the listeners, start the shards, serve, shut down cleanly.
+
+Order matters: the listeners are bound *before* any shard starts, so a port already in use
+fails fast with nothing to clean up; the shards stop only after every client has been told
+the server is going away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+from common.limits import MIN_DEFAULT_SHARDS, SHARD_STOP_TIMEOUT, SHUTDOWN_TIMEOUT
+from router.hub import Hub
+from router.shards import ShardPool
+from router.tcp import start_tcp_server
+
+log = logging.getLogger(__name__)
+
+
+def default_shard_count() -> int:
+    """The CPU count, but at least ``MIN_DEFAULT_SHARDS``."""
+    return max(MIN_DEFAULT_SHARDS, os.cpu_count() or 1)
+
+
+@dataclass
+class Config:
+    """Everything ``start_cluster.py`` can set. Ports may be 0 (any free port)."""
+
+    host: str = "127.0.0.1"
+    tcp_port: int = 5000
+    http_port: Optional[int] = 8000  # None: no HTTP listener
+    shards: int = 0  # 0: default_shard_count()
+    log_level: str = "INFO"
+    start_method: str = "spawn"
+
+    def shard_count(self) -> int:
+        return self.shards or default_shard_count()
+
+
+class PortInUse(Exception):
+    """A listener could not bind; the message says which port and how to find its owner."""
+
+
+def port_in_use_message(kind: str, host: str, port: int, error: OSError) -> str:
+    flag = "--tcp-port" if kind == "tcp" else "--http-port"
+    return (
+        f"cannot listen on {host}:{port} ({kind}): {error.strerror or error}. "
+        f"Find the process holding it with `lsof -nP -iTCP:{port} -sTCP:LISTEN` "
+        f"(Linux/macOS) or `netstat -ano | findstr :{port}` (Windows), "
+        f"or choose another port with {flag}"
+    )
+
+
+class Router:
+    """One running router: hub, shard pool, listeners. Use :func:`serve`."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.loop = asyncio.get_running_loop()
+        self.hub = Hub(self.loop)
+        self.pool: Optional[ShardPool] = None
+        self.servers: List[asyncio.AbstractServer] = []
+        self.stop_requested = asyncio.Event()  # set it (or send SIGINT/SIGTERM) to stop
+        self._stopping = False
+
+    async def bind(self) -> None:
+        """Bind every listener (not yet accepting). Raises :class:`PortInUse`."""
+        config = self.config
+        listeners = [("tcp", config.tcp_port, start_tcp_server)]
+        if config.http_port is not None:
+            from router.http import start_http_server
+
+            listeners.append(("http", config.http_port, start_http_server))
+        for kind, port, start in listeners:
+            try:
+                self.servers.append(await start(self.hub, config.host, port))
+            except OSError as error:
+                self.close_listeners()
+                raise PortInUse(port_in_use_message(kind, config.host, port, error)) from error
+
+    def start_shards(self) -> None:
+        context = multiprocessing.get_context(self.config.start_method)
+        self.pool = ShardPool(
+            self.config.shard_count(),
+            context,
+            self.loop,
+            self.hub.on_shard_events,
+            self._on_shard_exit,
+            log_level=self.config.log_level,
+        )
+        self.pool.start()
+        self.hub.attach(self.pool)
+
+    async def start_serving(self) -> None:
+        kinds = ["tcp", "http"]
+        for kind, server in zip(kinds, self.servers):
+            await server.start_serving()
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                log.info("listening %s %s:%d", kind, host, port)
+
+    def _on_shard_exit(self, index: int) -> None:
+        if not self._stopping:
+            log.error("shard %d exited unexpectedly; its rooms are unavailable", index)
+
+    def close_listeners(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, tell everyone, let the writes go out, stop the shards."""
+        self._stopping = True
+        self.close_listeners()
+        self.hub.shutdown()
+        await asyncio.sleep(0.05)  # one or two loop turns: the goodbyes get flushed
+        self.hub.close()
+        if self.pool is not None:
+            self.pool.close()
+            await asyncio.to_thread(self.pool.join, SHARD_STOP_TIMEOUT)
+
+
+async def serve(config: Config, ready: Optional[Callable[[Router], None]] = None) -> int:
+    """Run a router until SIGINT/SIGTERM (or ``router.stop_requested`` is set). Returns the
+    exit status: 0 after a clean shutdown, 1 if a port could not be bound.
+
+    *ready* is called with the router once it accepts connections."""
+    router = Router(config)
+    try:
+        await router.bind()
+    except PortInUse as error:
+        log.error("%s", error)
+        return 1
+    router.start_shards()
+    await router.start_serving()
+    _install_signal_handlers(router.loop, router.stop_requested.set)
+    if ready is not None:
+        ready(router)
+    await router.stop_requested.wait()
+    log.info("shutting down")
+    try:
+        await asyncio.wait_for(router.shutdown(), SHUTDOWN_TIMEOUT)
+    except asyncio.TimeoutError:
+        log.warning("shutdown took longer than %.1fs", SHUTDOWN_TIMEOUT)
+    log.info("stopped")
+    return 0
+
+
+def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> None:
+    for signame in ("SIGINT", "SIGTERM"):
+        signum = getattr(signal, signame, None)
+        if signum is None:
+            continue
+        try:
+            loop.add_signal_handler(signum, stop)
+        except (NotImplementedError, RuntimeError):
+            # Windows' loops have no add_signal_handler: fall back to signal.signal.
+            signal.signal(signum, lambda *_: loop.call_soon_threadsafe(stop))
+
+
+def run(config: Config) -> int:
+    """Blocking entry point: serve until stopped; returns the process exit status."""
+    try:
+        return asyncio.run(serve(config))
+    except KeyboardInterrupt:  # a second Ctrl+C during shutdown
+        return 0

@@ -1,0 +1,306 @@
+"""The router's core: clients, the membership mirror, requests to shards, and fan-out.
+
+The hub owns every *client* (a TCP connection or a browser session, see :class:`Client`)
+and turns their commands into shard commands. Shards own the rooms; the hub keeps a
+*mirror* of each room's members, built only from the shards' own ``JOINED``/``LEFT``
+events, so it always agrees with the shard (the events come in the shard's order) and lets
+the hub fan a room's event out without asking the shard who is in it. The transports
+(:mod:`router.tcp`, :mod:`router.http`) are thin adapters on top.
+
+Everything here runs on the event loop thread and never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+from common import messages as m
+from common.limits import DROP_TIMEOUT, MAX_ROOMS_PER_CLIENT, REQUEST_TIMEOUT
+from common.protocol import user_joined_line, user_left_line
+from router.shards import ShardPool
+
+log = logging.getLogger(__name__)
+
+#: A request's callback gets the shard's result, or a :class:`Failure`.
+Callback = Callable[[Any], None]
+
+
+class Failure(Tuple[str, str]):
+    """A refused request: ``(code, room)``, ``code`` one of the ``ERR_*`` in messages."""
+
+    __slots__ = ()
+
+    def __new__(cls, code: str, room: str) -> Failure:
+        return super().__new__(cls, (code, room))
+
+    @property
+    def code(self) -> str:
+        return self[0]
+
+    @property
+    def room(self) -> str:
+        return self[1]
+
+
+class Client:
+    """What the hub needs of a member. Transports subclass it.
+
+    The hub sets ``cid`` and maintains ``rooms`` (rooms the shard confirmed),
+    ``pending_joins`` and ``shards`` (shard indices this client has sent commands to);
+    the transport owns everything else.
+    """
+
+    #: True if the username was fixed before the first join (a browser session); False
+    #: if the first successful JOIN fixes it (a TCP connection).
+    username_fixed = False
+
+    def __init__(self) -> None:
+        self.cid = 0
+        self.username: Optional[str] = None
+        self.rooms: Set[str] = set()
+        self.pending_joins: Set[str] = set()
+        self.shards: Set[int] = set()
+
+    def deliver(self, room: str, entry: m.Entry, wire: bytes) -> None:
+        """A room event for this member (someone else's join/leave, or any chat message).
+        *wire* is the line-protocol encoding, *entry* the structured one."""
+        raise NotImplementedError
+
+    def on_joined(self, room: str, entry: m.Entry) -> None:
+        """This client's own JOIN succeeded."""
+
+    def on_left(self, room: str, entry: m.Entry) -> None:
+        """This client's own LEAVE succeeded."""
+
+    def on_failure(self, op: int, failure: Failure) -> None:
+        """A fire-and-forget command (``req == 0``) was refused."""
+
+    def on_shutdown(self) -> None:
+        """The server is shutting down."""
+
+
+class Hub:
+    """Clients, mirror, pending requests. Create, then :meth:`attach` a shard pool."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pool: Optional[ShardPool] = None
+        self.clients: Dict[int, Client] = {}
+        self.members: Dict[str, Dict[int, Client]] = {}  # the mirror: room -> cid -> client
+        self._pending: Dict[int, Tuple[Callback, float]] = {}
+        self._cids = itertools.count(1)
+        self._reqs = itertools.count(1)
+        self._sweeper: Optional[asyncio.TimerHandle] = None
+        self._handlers = {
+            m.CHAT: self._on_chat,
+            m.JOINED: self._on_joined,
+            m.LEFT: self._on_left,
+            m.DONE: self._on_done,
+            m.FAIL: self._on_fail,
+        }
+
+    def attach(self, pool: ShardPool) -> None:
+        self.pool = pool
+        self._sweeper = self.loop.call_later(1.0, self._sweep)
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    # --- clients ---------------------------------------------------------------------
+
+    def add(self, client: Client) -> int:
+        """Register *client*; returns its new ``cid``."""
+        client.cid = next(self._cids)
+        self.clients[client.cid] = client
+        return client.cid
+
+    def drop(self, client: Client, on_done: Optional[Callable[[], None]] = None) -> None:
+        """*client* is leaving: it leaves every room. With *on_done*, the client stays
+        registered (and gets the replies still on their way) until every shard it used has
+        answered or ``DROP_TIMEOUT`` passed, then *on_done* is called and it is removed.
+        Without it, the client is removed now."""
+        shards = sorted(client.shards)
+        if on_done is None or not shards:
+            self.clients.pop(client.cid, None)
+            for index in shards:
+                self._send_to(index, (m.DROP, 0, client.cid))
+            if on_done is not None:
+                on_done()
+            return
+        remaining = len(shards)
+
+        def one_done(_result: Any) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                self.clients.pop(client.cid, None)
+                on_done()
+
+        for index in shards:
+            req = self._expect(one_done, DROP_TIMEOUT)
+            self._send_to(index, (m.DROP, req, client.cid))
+
+    def shutdown(self) -> None:
+        """Tell every client the server is going away."""
+        for client in list(self.clients.values()):
+            client.on_shutdown()
+
+    # --- commands --------------------------------------------------------------------
+
+    def join(
+        self, client: Client, room: str, username: str, callback: Optional[Callback] = None
+    ) -> Optional[str]:
+        """Ask the room's shard to add *client* as *username*. Returns an error code
+        (``ERR_*``) if the router refuses at once; otherwise the outcome arrives as
+        ``on_joined`` / *callback* / ``on_failure``."""
+        if client.username is not None and username != client.username:
+            return m.ERR_WRONG_USERNAME
+        if room in client.rooms or room in client.pending_joins:
+            return m.ERR_ALREADY_IN_ROOM
+        if len(client.rooms) + len(client.pending_joins) >= MAX_ROOMS_PER_CLIENT:
+            return m.ERR_TOO_MANY_ROOMS
+        client.username = username
+        client.pending_joins.add(room)
+        self._send(client, room, (m.JOIN, self._req(callback), client.cid, room, username))
+        return None
+
+    def say(
+        self, client: Client, room: str, text: str, callback: Optional[Callback] = None
+    ) -> None:
+        """Send a chat message; the shard checks membership (it may still be joining)."""
+        self._send(client, room, (m.MSG, self._req(callback), client.cid, room, text))
+
+    def leave(self, client: Client, room: str, callback: Optional[Callback] = None) -> None:
+        self._send(client, room, (m.LEAVE, self._req(callback), client.cid, room))
+
+    def names(self, client: Client, room: str, callback: Callback) -> None:
+        self._send(client, room, (m.NAMES, self._expect(callback), client.cid, room))
+
+    def history(self, client: Client, room: str, n: int, callback: Callback) -> None:
+        self._send(client, room, (m.HISTORY, self._expect(callback), client.cid, room, n))
+
+    def since(self, client: Client, room: str, after: int, callback: Callback) -> None:
+        self._send(client, room, (m.SINCE, self._expect(callback), client.cid, room, after))
+
+    def rooms(self, callback: Callable[[List[Tuple[str, int]]], None]) -> None:
+        """Every room with members, from every shard, sorted by name. A shard that does not
+        answer in time contributes nothing."""
+        assert self.pool is not None
+        links = self.pool.links
+        remaining = len(links)
+        found: List[Tuple[str, int]] = []
+
+        def one_done(result: Any) -> None:
+            nonlocal remaining
+            if not isinstance(result, Failure):
+                found.extend(result)
+            remaining -= 1
+            if remaining == 0:
+                callback(sorted(found))
+
+        for link in links:
+            link.send((m.ROOMS, self._expect(one_done), 0))
+
+    # --- plumbing --------------------------------------------------------------------
+
+    def _send(self, client: Client, room: str, command: tuple) -> None:
+        assert self.pool is not None
+        index = self.pool.index_of(room)
+        client.shards.add(index)
+        self.pool.links[index].send(command)
+
+    def _send_to(self, index: int, command: tuple) -> None:
+        assert self.pool is not None
+        self.pool.links[index].send(command)
+
+    def _req(self, callback: Optional[Callback]) -> int:
+        return 0 if callback is None else self._expect(callback)
+
+    def _expect(self, callback: Callback, timeout: float = REQUEST_TIMEOUT) -> int:
+        req = next(self._reqs)
+        self._pending[req] = (callback, time.monotonic() + timeout)
+        return req
+
+    def _sweep(self) -> None:
+        """Fail requests whose shard did not answer in time (stopped or dead shard)."""
+        self._sweeper = self.loop.call_later(0.5, self._sweep)
+        now = time.monotonic()
+        expired = [req for req, (_, deadline) in self._pending.items() if deadline <= now]
+        for req in expired:
+            callback, _ = self._pending.pop(req)
+            callback(Failure(m.ERR_TIMEOUT, ""))
+
+    # --- shard events ----------------------------------------------------------------
+
+    def on_shard_events(self, index: int, events: List[tuple]) -> None:
+        """Called on the loop thread with one pipe message's worth of events."""
+        handlers = self._handlers
+        for event in events:
+            handlers[event[0]](event)
+
+    def _on_chat(self, event: tuple) -> None:
+        _, room, entry, wire = event
+        members = self.members.get(room)
+        if members:
+            for client in members.values():
+                client.deliver(room, entry, wire)
+
+    def _on_joined(self, event: tuple) -> None:
+        _, room, cid, entry = event
+        members = self.members.get(room)
+        if members is None:
+            members = self.members[room] = {}
+        elif members:
+            wire = user_joined_line(entry[3], room)
+            for client in members.values():
+                client.deliver(room, entry, wire)
+        joiner = self.clients.get(cid)
+        if joiner is None:
+            if not members:
+                del self.members[room]
+            return  # gone already; its DROP is behind this in the pipe
+        members[cid] = joiner
+        joiner.pending_joins.discard(room)
+        joiner.rooms.add(room)
+        joiner.on_joined(room, entry)
+
+    def _on_left(self, event: tuple) -> None:
+        _, room, cid, entry, explicit = event
+        members = self.members.get(room)
+        if members is not None:
+            members.pop(cid, None)
+            if members:
+                wire = user_left_line(entry[3], room)
+                for client in members.values():
+                    client.deliver(room, entry, wire)
+            else:
+                del self.members[room]
+        leaver = self.clients.get(cid)
+        if leaver is not None:
+            leaver.rooms.discard(room)
+            if explicit:
+                leaver.on_left(room, entry)
+
+    def _on_done(self, event: tuple) -> None:
+        pending = self._pending.pop(event[1], None)
+        if pending is not None:
+            pending[0](event[3])
+
+    def _on_fail(self, event: tuple) -> None:
+        _, req, cid, op, code, room = event
+        client = self.clients.get(cid)
+        if op == m.JOIN and client is not None:
+            client.pending_joins.discard(room)
+            if not (client.rooms or client.pending_joins or client.username_fixed):
+                client.username = None  # the first JOIN failed: the name is not taken yet
+        failure = Failure(code, room)
+        pending = self._pending.pop(req, None) if req else None
+        if pending is not None:
+            pending[0](failure)
+        elif client is not None:
+            client.on_failure(op, failure)
