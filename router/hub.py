@@ -206,6 +206,11 @@ class Hub:
         for link in links:
             link.send((m.ROOMS, self._expect(one_done), 0))
 
+    def epoch_of(self, room: str) -> int:
+        """The epoch of the shard that owns *room* (bumped each time it restarts)."""
+        assert self.pool is not None
+        return self.pool.link_for(room).epoch
+
     # --- plumbing --------------------------------------------------------------------
 
     def _send(self, client: Client, room: str, command: tuple) -> None:

@@ -66,6 +66,9 @@ class ShardLink:
         self.batches_queued = 0  # handed to the writer thread (loop thread writes)
         self.batches_sent = 0  # written to the pipe (writer thread writes)
         self.alive = False
+        #: How many times this shard has been started; a restart loses its rooms' history,
+        #: so clients that resume from a seq must also compare the epoch.
+        self.epoch = 0
 
     @property
     def backlog(self) -> int:
@@ -95,6 +98,7 @@ class ShardLink:
         self._outbox = queue.SimpleQueue()
         self.batches_queued = self.batches_sent = 0
         self.alive = True
+        self.epoch += 1
         threading.Thread(
             target=self._write_loop,
             args=(self._commands_out, self._outbox),
