@@ -1,0 +1,845 @@
+#!/usr/bin/env python3
+"""Terminal client for shardchat's line protocol (docs/PROTOCOL.md, user guide docs/CLIENT.md).
+
+Usage::
+
+    python scripts/chat_client.py [--host HOST] [--port PORT] [--user NAME] [--room ROOM]
+    printf 'hello\\n/quit\\n' | python scripts/chat_client.py --user bob --room lobby
+
+Standard library only; runs as a plain file or as the ``shardchat-client`` console script
+(``main``). The pure parts, which the unit tests use without sockets, are
+``format_server_line`` (server line -> display text), ``user_line_to_command`` (typed line ->
+protocol lines, local notices and the next ``ClientState``), ``apply_server_line`` (server
+line -> next ``ClientState``) and ``reply_to_server_line`` (``PING`` -> ``PONG``).
+
+Threads: the main thread reads the user's input (``input()`` blocks, and only the main
+thread gets ``KeyboardInterrupt`` and readline's terminal clean-up); one reader thread owns
+reading from the socket and printing. That works on Windows too, where stdin cannot be
+``select``-ed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import unicodedata
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone, tzinfo
+from typing import TextIO
+
+log = logging.getLogger(__name__)
+
+PROG = "chat_client"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5000
+DEFAULT_ROOM = "lobby"
+
+#: How long /quit or the end of input waits for ``INFO bye`` or the close: long enough for
+#: the echoes of lines already sent to arrive, short enough that a mute server cannot hang us.
+QUIT_TIMEOUT_SECONDS = 2.0
+#: Bound on connecting, so that an unreachable host fails in seconds rather than minutes.
+CONNECT_TIMEOUT_SECONDS = 10.0
+#: Longest server line read in one piece. A MSG line is at most ~8.3 KB (2000 characters of
+#: up to 4 UTF-8 bytes, plus names); a longer line is shown in pieces rather than buffered.
+MAX_SERVER_LINE_BYTES = 16384
+#: Name rules mirror PROTOCOL.md "Names". The server stays authoritative; checking here only
+#: catches typos before a round trip and keeps the client's list of joined rooms honest.
+MAX_USERNAME_CHARS = 32
+MAX_ROOM_CHARS = 64
+NAME_PUNCTUATION = "_-."
+USERNAME_RULE = "invalid username: 1-32 letters, digits, _ - ."
+ROOM_RULE = "invalid room name: 1-64 letters, digits, _ - ."
+
+#: Terminal sequence: carriage return, then erase to the end of the line.
+CLEAR_LINE = "\r\x1b[K"
+#: Signal the reader thread sends the main thread to interrupt a blocking input() when the
+#: server goes away (POSIX only; see ``ChatSession._wake_main``).
+WAKE_SIGNAL = getattr(signal, "SIGUSR1", None)
+#: Exit statuses: 2 for bad usage (as argparse), 130 for Ctrl-C (as shells report SIGINT).
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+HELP_LINES = (
+    "* commands:",
+    "*   /join <room>     join a room and talk there",
+    "*   /leave [room]    leave a room (default: the current one)",
+    "*   /switch <room>   talk in another room you have joined",
+    "*   /rooms           list the rooms that have members",
+    "*   /names [room]    list a room's members (default: the current room)",
+    "*   /history [n]     show the last n events of the current room",
+    "*   /quit            leave every room and exit",
+    "*   /help            show this help",
+    "*   //text           send a message that starts with /",
+)
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def normalize_name(name: str) -> str:
+    """Return ``name`` in NFC form, as the server stores it (``zoe`` + U+0308 -> ``zoë``)."""
+    return unicodedata.normalize("NFC", name)
+
+
+def is_valid_name(name: str, max_chars: int) -> bool:
+    """Return True if ``name`` is 1..max_chars letters, digits, ``_``, ``-`` or ``.``.
+
+    A little more lenient than the server (any ``str.isalnum`` character), never stricter.
+    """
+    return 0 < len(name) <= max_chars and all(ch.isalnum() or ch in NAME_PUNCTUATION for ch in name)
+
+
+@dataclass(frozen=True)
+class ClientState:
+    """What the client believes about its session.
+
+    ``joined`` is in join order; ``current`` is the room plain lines go to (None when the
+    client is in no room). Updated optimistically from the user's commands and corrected
+    from the server's replies (``apply_server_line``).
+    """
+
+    username: str
+    current: str | None = None
+    joined: tuple[str, ...] = ()
+
+    def entering(self, room: str) -> ClientState:
+        """Return the state after joining (or switching to) ``room``: it becomes current."""
+        return replace(self, current=room, joined=self._plus(room))
+
+    def confirming(self, room: str) -> ClientState:
+        """Return the state once the server confirms ``room``; current only if none was."""
+        return replace(self, current=self.current or room, joined=self._plus(room))
+
+    def leaving(self, room: str) -> ClientState:
+        """Return the state without ``room``; if it was current, the last joined one is."""
+        joined = tuple(name for name in self.joined if name != room)
+        current = self.current
+        if current == room:
+            current = joined[-1] if joined else None
+        return replace(self, current=current, joined=joined)
+
+    def _plus(self, room: str) -> tuple[str, ...]:
+        return self.joined if room in self.joined else self.joined + (room,)
+
+
+@dataclass(frozen=True)
+class UserAction:
+    """What to do about one typed line.
+
+    ``send``: protocol lines (without line ending) for the server, in order.
+    ``notices``: lines to show locally. ``state``: the client state afterwards.
+    ``quit``: the user asked to leave (the QUIT line is in ``send``).
+    """
+
+    state: ClientState
+    send: tuple[str, ...] = ()
+    notices: tuple[str, ...] = ()
+    quit: bool = False
+
+
+def user_line_to_command(line: str, state: ClientState) -> UserAction:
+    """Turn one line typed by the user into protocol lines, notices and the next state.
+
+    Plain lines become ``MSG <current room> <line>`` (kept as typed); ``//text`` sends
+    ``/text``; ``/command ...`` is one of HELP_LINES; anything else starting with ``/`` gets
+    a local hint. Blank lines do nothing. Never raises for any input.
+    """
+    line = line.rstrip("\r\n")
+    if not line.strip():
+        return UserAction(state)
+    if line.startswith("//"):
+        return _message(line[1:], state)
+    if not line.startswith("/"):
+        return _message(line, state)
+    name, _, rest = line[1:].partition(" ")
+    command = _SLASH_COMMANDS.get(name.lower())
+    if command is None:
+        return _notice(state, f"! unknown command /{name}; type /help for the commands")
+    return command([normalize_name(arg) for arg in rest.split()], state)
+
+
+def _notice(state: ClientState, *lines: str) -> UserAction:
+    return UserAction(state, notices=lines)
+
+
+def _usage(state: ClientState, usage: str) -> UserAction:
+    return _notice(state, f"! usage: {usage}")
+
+
+def _not_in_a_room(state: ClientState) -> UserAction:
+    return _notice(state, "! you are not in a room; /join <room> first")
+
+
+def _message(text: str, state: ClientState) -> UserAction:
+    if state.current is None:
+        return _not_in_a_room(state)
+    return UserAction(state, send=(f"MSG {state.current} {text}",))
+
+
+def _join(args: list[str], state: ClientState) -> UserAction:
+    if len(args) != 1:
+        return _usage(state, "/join <room>")
+    room = args[0]
+    if not is_valid_name(room, MAX_ROOM_CHARS):
+        return _notice(state, f"! {ROOM_RULE}")
+    if room in state.joined:
+        return _notice(state.entering(room), f"* talking in {room}")
+    return UserAction(state.entering(room), send=(f"JOIN {room} {state.username}",))
+
+
+def _leave(args: list[str], state: ClientState) -> UserAction:
+    if len(args) > 1:
+        return _usage(state, "/leave [room]")
+    room = args[0] if args else state.current
+    if room is None:
+        return _not_in_a_room(state)
+    return UserAction(state.leaving(room), send=(f"LEAVE {room}",))
+
+
+def _switch(args: list[str], state: ClientState) -> UserAction:
+    if len(args) != 1:
+        return _usage(state, "/switch <room>")
+    room = args[0]
+    if room not in state.joined:
+        return _notice(state, f"! you are not in {room}; /join {room} first")
+    return _notice(state.entering(room), f"* talking in {room}")
+
+
+def _quit(args: list[str], state: ClientState) -> UserAction:
+    if args:
+        return _usage(state, "/quit")
+    return UserAction(state, send=("QUIT",), quit=True)
+
+
+def _rooms(args: list[str], state: ClientState) -> UserAction:
+    if args:
+        return _usage(state, "/rooms")
+    return UserAction(state, send=("ROOMS",))
+
+
+def _names(args: list[str], state: ClientState) -> UserAction:
+    if len(args) > 1:
+        return _usage(state, "/names [room]")
+    room = args[0] if args else state.current
+    if room is None:
+        return _not_in_a_room(state)
+    return UserAction(state, send=(f"NAMES {room}",))
+
+
+def _history(args: list[str], state: ClientState) -> UserAction:
+    if len(args) > 1 or (args and not (args[0].isdigit() and int(args[0]) > 0)):
+        return _usage(state, "/history [n]   (n: a whole number from 1)")
+    if state.current is None:
+        return _not_in_a_room(state)
+    return UserAction(state, send=(" ".join(["HISTORY", state.current, *args]),))
+
+
+def _help(args: list[str], state: ClientState) -> UserAction:
+    return _notice(state, *HELP_LINES)
+
+
+_SLASH_COMMANDS: dict[str, Callable[[list[str], ClientState], UserAction]] = {
+    "join": _join,
+    "leave": _leave,
+    "switch": _switch,
+    "quit": _quit,
+    "rooms": _rooms,
+    "names": _names,
+    "history": _history,
+    "help": _help,
+}
+
+
+def apply_server_line(state: ClientState, line: str) -> ClientState:
+    """Return the client state after the server sent ``line``.
+
+    Confirmations and refusals about the connection's own rooms correct the optimistic
+    state: ``INFO joined room R`` / ``ERROR already in room R`` add R; ``INFO left room R``,
+    ``ERROR not in room R`` and ``ERROR name taken in R`` remove it. Other lines (including
+    other users' ``INFO alice joined R``) leave the state as it is.
+    """
+    words = line.rstrip("\r\n").split(" ")
+    verb, rest = words[0].upper(), words[1:]
+    if verb == "INFO" and len(rest) == 3 and rest[1] == "room":
+        if rest[0] == "joined":
+            return state.confirming(rest[2])
+        if rest[0] == "left":
+            return state.leaving(rest[2])
+    if verb == "ERROR" and len(rest) == 4:
+        if rest[:3] == ["already", "in", "room"]:
+            return state.confirming(rest[3])
+        if rest[:3] in (["not", "in", "room"], ["name", "taken", "in"]):
+            return state.leaving(rest[3])
+    return state
+
+
+def reply_to_server_line(line: str) -> str | None:
+    """Return the line to answer ``line`` with automatically (``PONG`` for ``PING``), or None."""
+    verb, _, token = line.rstrip("\r\n").partition(" ")
+    if verb.upper() != "PING":
+        return None
+    return f"PONG {token}" if token else "PONG"
+
+
+def format_server_line(line: str, tz: tzinfo | None = None) -> str | None:
+    """Return how to show one server line to the user, or None to show nothing.
+
+    ``MSG room user text`` -> ``[room] user: text``; ``INFO`` -> ``* ...``; ``ERROR`` ->
+    ``! ...``; ``NAMES``, ``ROOM``, ``END ROOMS`` -> ``* ...``; ``HISTORY`` and ``END
+    HISTORY`` -> ``~ [room] HH:MM ...`` with the time converted to ``tz`` (None: the local
+    time zone). ``PING`` and blank lines -> None. Unknown or malformed lines are shown as
+    they came. Control characters are shown escaped (``\\x1b``) so that no server line can
+    drive the terminal. Never raises.
+    """
+    line = line.rstrip("\r\n")
+    if not line.strip():
+        return None
+    verb, _, rest = line.partition(" ")
+    verb = verb.upper()
+    if verb == "PING":
+        return None
+    if verb == "HISTORY":
+        shown = _format_history(rest, tz)
+    else:
+        formatter = _FORMATTERS.get(verb)
+        shown = formatter(rest) if formatter else None
+    return _printable(line if shown is None else shown)
+
+
+def _format_msg(rest: str) -> str | None:
+    parts = rest.split(" ", 2)
+    if len(parts) < 3:
+        return None
+    room, user, text = parts
+    return f"[{room}] {user}: {text}"
+
+
+def _format_names(rest: str) -> str | None:
+    room, _, members = rest.partition(" ")
+    if not room:
+        return None
+    names = members.split()
+    if not names:
+        return f"* nobody in {room}"
+    return f"* in {room} ({len(names)}): {', '.join(names)}"
+
+
+def _format_room(rest: str) -> str | None:
+    parts = rest.split(" ")
+    if len(parts) != 2 or not parts[1].isdigit():
+        return None
+    room, count = parts
+    return f"* room {room}: {_plural(int(count), 'member')}"
+
+
+def _format_end(rest: str) -> str | None:
+    parts = rest.split(" ")
+    if len(parts) == 2 and parts[0] == "ROOMS" and parts[1].isdigit():
+        count = int(parts[1])
+        return f"* {_plural(count, 'room')}" if count else "* no rooms"
+    if len(parts) == 3 and parts[0] == "HISTORY" and parts[2].isdigit():
+        return f"~ [{parts[1]}] end of history, {_plural(int(parts[2]), 'event')}"
+    return None
+
+
+def _format_history(rest: str, tz: tzinfo | None) -> str | None:
+    parts = rest.split(" ", 4)
+    if len(parts) < 4:
+        return None
+    room, _seq, stamp, user = parts[:4]
+    text = parts[4] if len(parts) == 5 else ""
+    said = f"* {text}" if user == "*" else f"{user}: {text}"
+    return f"~ [{room}] {_clock(stamp, tz)} {said}"
+
+
+def _format_pong(rest: str) -> str:
+    return f"* pong {rest}" if rest else "* pong"
+
+
+_FORMATTERS: dict[str, Callable[[str], str | None]] = {
+    "MSG": _format_msg,
+    "INFO": lambda rest: f"* {rest}",
+    "ERROR": lambda rest: f"! {rest}",
+    "NAMES": _format_names,
+    "ROOM": _format_room,
+    "END": _format_end,
+    "PONG": _format_pong,
+}
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def _clock(stamp: str, tz: tzinfo | None) -> str:
+    """Return ``HH:MM`` in ``tz`` for a PROTOCOL.md UTC timestamp, or ``stamp`` if unparseable."""
+    for layout in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
+        try:
+            moment = datetime.strptime(stamp, layout).replace(tzinfo=timezone.utc)
+            return moment.astimezone(tz).strftime("%H:%M")
+        except (ValueError, OverflowError, OSError):
+            # Not this layout; or a date the platform cannot convert (Windows, pre-1970).
+            continue
+    return stamp
+
+
+def _printable(text: str) -> str:
+    """Escape control characters other than TAB, e.g. ESC -> ``\\x1b``."""
+    if text.isprintable():
+        return text
+    return "".join(
+        f"\\x{ord(ch):02x}" if ch != "\t" and unicodedata.category(ch) == "Cc" else ch
+        for ch in text
+    )
+
+
+# --------------------------------------------------------------------------- I/O shell
+
+
+class ServerClosed(Exception):
+    """The server closed the connection (or it broke) while the user was still chatting."""
+
+
+class LineConnection:
+    """The TCP connection to the server, as lines of text.
+
+    Owns the socket: ``close`` shuts it down and releases it. ``send_line`` may be called
+    from any thread; ``lines`` must be iterated by one thread only.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._reader = sock.makefile("rb")
+        self._send_lock = threading.Lock()
+
+    def send_line(self, line: str) -> None:
+        """Send ``line`` plus LF, UTF-8 encoded. Raises OSError if the connection is gone."""
+        data = (line + "\n").encode("utf-8", errors="replace")
+        with self._send_lock:
+            self._sock.sendall(data)
+
+    def lines(self) -> Iterator[str]:
+        """Yield the server's lines without line endings until it closes.
+
+        Bytes that are not UTF-8 are shown as U+FFFD. Raises OSError if the connection breaks.
+        """
+        while True:
+            raw = self._reader.readline(MAX_SERVER_LINE_BYTES)
+            if not raw:
+                return
+            yield raw.decode("utf-8", errors="replace").rstrip("\n").rstrip("\r")
+
+    def shutdown(self) -> None:
+        """Stop both directions, which wakes a thread blocked in ``lines``."""
+        # Already disconnected (ENOTCONN) is fine: shutting down is all we want.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Release the socket; call after the reading thread has stopped."""
+        self._reader.close()
+        self._sock.close()
+
+
+class Display:
+    """Writes lines for the user.
+
+    In a terminal (``redraw``), a line arriving while the user is typing clears the input
+    line, prints, and redraws the prompt and what was typed so far (``typed`` returns it;
+    readline's ``get_line_buffer``, or nothing without readline). Otherwise plain lines.
+    Safe to call from any thread.
+    """
+
+    def __init__(
+        self,
+        out: TextIO,
+        *,
+        interactive: bool,
+        redraw: bool,
+        typed: Callable[[], str] | None = None,
+    ) -> None:
+        self.interactive = interactive
+        self._out = out
+        self._redraw = redraw
+        self._typed = typed
+        self._lock = threading.Lock()
+        self._prompt: str | None = None
+
+    def begin_input(self, prompt: str) -> None:
+        """Note that ``prompt`` is on screen and the user is typing after it."""
+        self._prompt = prompt
+
+    def end_input(self) -> None:
+        """Note that the input line is finished (the cursor is at a fresh line)."""
+        self._prompt = None
+
+    def show(self, text: str) -> None:
+        """Print ``text`` as one line, keeping an input line being typed intact."""
+        with self._lock:
+            prompt = self._prompt
+            if self._redraw and prompt is not None:
+                typed = self._typed() if self._typed else ""
+                self._out.write(f"{CLEAR_LINE}{text}\n{prompt}{typed}")
+            else:
+                self._out.write(text + "\n")
+            self._out.flush()
+
+    def abandon_input(self) -> None:
+        """Clear an unfinished input line, so that a last message starts on a clean line."""
+        with self._lock:
+            if self._redraw and self._prompt is not None:
+                self._out.write(CLEAR_LINE)
+                self._out.flush()
+            self._prompt = None
+
+
+class ChatSession:
+    """One chat session: the main thread's input loop plus a socket reader thread.
+
+    Owns the connection (closes it when ``run`` returns) and the ``ClientState``, which both
+    threads update under ``_state_lock``.
+    """
+
+    def __init__(
+        self,
+        connection: LineConnection,
+        display: Display,
+        state: ClientState,
+        tz: tzinfo | None = None,
+    ) -> None:
+        self._connection = connection
+        self._display = display
+        self._state = state
+        self._tz = tz
+        self._state_lock = threading.Lock()
+        self._closed = threading.Event()  # the connection ended
+        self._done = threading.Event()  # ``INFO bye`` arrived or the connection ended
+        # Set once the main thread leaves on purpose; from then on a close is expected.
+        # Guarded by _stop_lock so that no wake-up signal is sent after it is set.
+        self._stopping = False
+        self._stop_lock = threading.Lock()
+        self._wake: Callable[[], None] = self._exit_now
+        self._reader = threading.Thread(target=self._read_loop, name="chat-reader", daemon=True)
+
+    def run(self, room: str) -> int:
+        """Join ``room``, chat until /quit, end of input or the server leaves; return status.
+
+        Must be called from the main thread to interrupt input() when the server goes away;
+        elsewhere (or on Windows) that case ends the process with ``os._exit(1)``.
+        """
+        with self._wake_main_on_close():
+            try:
+                self._reader.start()
+                if self._handle_user_line(f"/join {room}"):
+                    return self._finish()
+                return self._input_loop()
+            except ServerClosed:
+                self._stop()
+                self._report_server_closed()
+                return EXIT_FAILURE
+            except KeyboardInterrupt:
+                self._stop()
+                self._display.abandon_input()
+                self._send_quietly("QUIT")
+                self._finish()
+                return EXIT_INTERRUPTED
+            finally:
+                self._stop()
+                self._connection.shutdown()
+                self._reader.join(QUIT_TIMEOUT_SECONDS)
+                if not self._reader.is_alive():
+                    self._connection.close()
+
+    def _input_loop(self) -> int:
+        while True:
+            if self._closed.is_set():
+                raise ServerClosed
+            try:
+                line = self._read_user_line()
+            except EOFError:
+                self._stop()
+                if self._display.interactive:
+                    self._display.show("")  # Ctrl-D leaves the cursor after the prompt
+                self._send_quietly("QUIT")
+                return self._finish()
+            if self._handle_user_line(line):
+                return self._finish()
+
+    def _read_user_line(self) -> str:
+        if not self._display.interactive:
+            return input()
+        with self._state_lock:
+            current = self._state.current
+        prompt = f"{current}> " if current else "> "
+        self._display.begin_input(prompt)
+        try:
+            return input(prompt)
+        finally:
+            self._display.end_input()
+
+    def _handle_user_line(self, line: str) -> bool:
+        """Act on one typed line; return True if the user asked to quit."""
+        with self._state_lock:
+            action = user_line_to_command(line, self._state)
+            self._state = action.state
+        for notice in action.notices:
+            self._display.show(notice)
+        if action.quit:
+            self._stop()
+        for command in action.send:
+            self._send(command)
+        return action.quit
+
+    def _send(self, line: str) -> None:
+        try:
+            self._connection.send_line(line)
+        except OSError as exc:
+            if not self._stopping:
+                raise ServerClosed from exc
+            log.debug("send of %r after the server left", line, exc_info=True)
+
+    def _send_quietly(self, line: str) -> None:
+        try:
+            self._connection.send_line(line)
+        except OSError:
+            # The reader thread sees the same broken connection and reports it.
+            log.debug("send of %r failed", line, exc_info=True)
+
+    def _finish(self) -> int:
+        """After QUIT: wait (bounded) for ``INFO bye`` or the close, so echoes get printed."""
+        self._done.wait(QUIT_TIMEOUT_SECONDS)
+        return EXIT_OK
+
+    def _stop(self) -> None:
+        with self._stop_lock:
+            self._stopping = True
+
+    def _report_server_closed(self) -> None:
+        self._display.abandon_input()
+        _error("server closed the connection")
+
+    # -- reader thread
+
+    def _read_loop(self) -> None:
+        try:
+            for line in self._connection.lines():
+                self._on_server_line(line)
+        except OSError:
+            log.debug("connection lost", exc_info=True)
+        finally:
+            self._closed.set()
+            self._done.set()
+            with self._stop_lock:
+                if not self._stopping:
+                    self._wake()
+
+    def _on_server_line(self, line: str) -> None:
+        reply = reply_to_server_line(line)
+        if reply is not None:
+            self._send_quietly(reply)
+            return
+        with self._state_lock:
+            self._state = apply_server_line(self._state, line)
+        shown = format_server_line(line, self._tz)
+        if shown is not None:
+            self._display.show(shown)
+        if line == "INFO bye":
+            self._done.set()
+
+    # -- waking the main thread out of input()
+
+    @contextlib.contextmanager
+    def _wake_main_on_close(self) -> Iterator[None]:
+        """While active, a server close interrupts the main thread's input() (POSIX).
+
+        input() cannot be interrupted portably. On POSIX the reader thread sends WAKE_SIGNAL
+        to the main thread; its handler raises ServerClosed there, which also lets readline
+        restore the terminal. Elsewhere the reader thread reports and ends the process.
+        """
+        usable = (
+            WAKE_SIGNAL is not None
+            and hasattr(signal, "pthread_kill")
+            and threading.current_thread() is threading.main_thread()
+        )
+        if not usable:
+            yield
+            return
+        main_ident = threading.get_ident()
+
+        def on_wake(signum: int, frame: object) -> None:
+            if self._closed.is_set() and not self._stopping:
+                raise ServerClosed
+
+        previous = signal.signal(WAKE_SIGNAL, on_wake)
+        self._wake = lambda: signal.pthread_kill(main_ident, WAKE_SIGNAL)
+        try:
+            yield
+        finally:
+            # run() has set _stopping, so the reader thread sends no more signals.
+            signal.signal(WAKE_SIGNAL, previous)
+
+    def _exit_now(self) -> None:
+        """Fallback wake-up: report and end the process (input() cannot be interrupted)."""
+        self._report_server_closed()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_FAILURE)
+
+
+# --------------------------------------------------------------------------- main
+
+
+class _BadName(Exception):
+    """A username or room given on the command line or at a prompt breaks the name rules."""
+
+
+def _error(message: str) -> None:
+    """Print ``chat_client: message`` on stderr."""
+    sys.stderr.write(f"{PROG}: {message}\n")
+    sys.stderr.flush()
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Chat on a shardchat server over its line protocol."
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST, help="server host (%(default)s)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="server port (%(default)s)")
+    parser.add_argument("--user", help="username (asked for if not given)")
+    parser.add_argument("--room", help=f"room to join first (asked for; default {DEFAULT_ROOM})")
+    return parser.parse_args(argv)
+
+
+def _ask(question: str, interactive: bool) -> str:
+    """Read one answer from stdin. Raises EOFError at the end of input.
+
+    The question goes to stdout in a terminal, to stderr if only stdin is a terminal (so
+    piped output stays clean), and nowhere if stdin is not a terminal.
+    """
+    if interactive:
+        return input(question)
+    if sys.stdin.isatty():
+        sys.stderr.write(question)
+        sys.stderr.flush()
+    return input()
+
+
+def _pick_name(
+    given: str | None, *, question: str, default: str, max_chars: int, rule: str, interactive: bool
+) -> str:
+    """Return ``given`` or an answer to ``question``, checked against the name rules.
+
+    A terminal user is asked again after a bad answer. Raises _BadName otherwise, EOFError
+    at the end of input.
+    """
+    while True:
+        answer = given if given is not None else _ask(question, interactive).strip() or default
+        name = normalize_name(answer)
+        if is_valid_name(name, max_chars):
+            return name
+        _error(f"{rule} (got {name!r})")
+        if given is not None or not interactive:
+            raise _BadName(name)
+
+
+def _make_display(interactive: bool) -> Display:
+    if not interactive:
+        return Display(sys.stdout, interactive=False, redraw=False)
+    try:
+        import readline  # noqa: PLC0415 - optional (absent on Windows); enables input() editing
+    except ImportError:
+        return Display(sys.stdout, interactive=True, redraw=_terminal_has_escapes())
+    return Display(
+        sys.stdout,
+        interactive=True,
+        redraw=_terminal_has_escapes(),
+        typed=readline.get_line_buffer,
+    )
+
+
+def _terminal_has_escapes() -> bool:
+    """Return True if stdout understands ``ESC [ K``; on Windows, try to switch that on."""
+    if os.name != "nt":
+        return True
+    import ctypes  # noqa: PLC0415 - Windows only
+
+    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+    handle = kernel32.GetStdHandle(-11)  # STD_OUTPUT_HANDLE
+    mode = ctypes.c_uint32()
+    if not kernel32.GetConsoleMode(handle, ctypes.byref(mode)):
+        return False
+    enable_virtual_terminal_processing = 0x0004
+    return bool(kernel32.SetConsoleMode(handle, mode.value | enable_virtual_terminal_processing))
+
+
+def _tolerate_unencodable_output() -> None:
+    """Show '?' for characters the console encoding lacks, instead of crashing."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="replace")
+
+
+def _connect(host: str, port: int) -> socket.socket | None:
+    """Return a connected socket, or report why not and return None."""
+    try:
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS)
+    except OSError as exc:
+        _error(f"cannot connect to {host}:{port}: {exc.strerror or exc}")
+        return None
+    sock.settimeout(None)
+    return sock
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the chat client with command-line ``argv`` (default ``sys.argv[1:]``).
+
+    Returns the exit status: 0 after /quit or end of input, 1 if the server cannot be
+    reached or goes away, 2 for a bad username or room, 130 after Ctrl-C.
+    """
+    args = _parse_args(argv)
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    _tolerate_unencodable_output()
+    try:
+        user = _pick_name(
+            args.user,
+            question="username: ",
+            default="",
+            max_chars=MAX_USERNAME_CHARS,
+            rule=USERNAME_RULE,
+            interactive=interactive,
+        )
+        room = _pick_name(
+            args.room,
+            question=f"room [{DEFAULT_ROOM}]: ",
+            default=DEFAULT_ROOM,
+            max_chars=MAX_ROOM_CHARS,
+            rule=ROOM_RULE,
+            interactive=interactive,
+        )
+    except _BadName:
+        return EXIT_USAGE
+    except EOFError:
+        _error("end of input before a username and room were given")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        return EXIT_INTERRUPTED
+    sock = _connect(args.host, args.port)
+    if sock is None:
+        return EXIT_FAILURE
+    session = ChatSession(LineConnection(sock), _make_display(interactive), ClientState(user))
+    try:
+        return session.run(room)
+    except KeyboardInterrupt:  # a second Ctrl-C while waiting for the server's goodbye
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
