@@ -65,6 +65,22 @@ REQUEST_TIMEOUT = 5.0
 #: closes the connection anyway (a stopped shard must not keep a socket open forever).
 DROP_TIMEOUT = 2.0
 
+#: Bytes of command batches queued for one shard but not yet written to its pipe. Past it
+#: (the shard is stopped or far behind) its commands are refused with ``room_unavailable``
+#: instead of piling up in the router's memory.
+MAX_SHARD_BACKLOG_BYTES = 8 * 1024 * 1024
+
+#: Shard supervision: a dead shard is restarted after a delay that starts at
+#: RESTART_BACKOFF_MIN and doubles up to RESTART_BACKOFF_MAX seconds; after more than
+#: MAX_RESTARTS restarts within RESTART_WINDOW seconds the router gives up on it (a shard
+#: that crashes at start must not be restarted forever) and its rooms answer
+#: ``ERROR room unavailable``. The values follow systemd's ``StartLimitBurst=5`` /
+#: ``StartLimitIntervalSec`` idea and Erlang supervisors' intensity/period.
+RESTART_BACKOFF_MIN = 0.1
+RESTART_BACKOFF_MAX = 5.0
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+
 #: Seconds a shard gets to exit on its own after its pipe is closed before it is killed.
 SHARD_STOP_TIMEOUT = 2.0
 

@@ -49,6 +49,9 @@ HISTORY = 7
 #: in; ``DONE`` result: ``(entries, first_seq, last_seq)`` where ``first_seq`` is the oldest
 #: seq still held (entries before it are gone) and ``last_seq`` the newest.
 SINCE = 8
+#: ``(REJOIN, req, cid, room, username)``: put a member back after the shard restarted
+#: (from the router's mirror). Silent: no entry, no event unless ``req`` (then ``DONE``).
+REJOIN = 9
 
 # --- shard -> router events --------------------------------------------------------------
 #: ``(JOINED, room, cid, entry)``: the client joined; tell it and the other members.

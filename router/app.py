@@ -38,6 +38,7 @@ class Config:
     shards: int = 0  # 0: default_shard_count()
     log_level: str = "INFO"
     start_method: str = "spawn"
+    crash_shard: Optional[int] = None  # fault injection for tests: this shard dies at start
 
     def shard_count(self) -> int:
         return self.shards or default_shard_count()
@@ -67,7 +68,6 @@ class Router:
         self.pool: Optional[ShardPool] = None
         self.servers: List[asyncio.AbstractServer] = []
         self.stop_requested = asyncio.Event()  # set it (or send SIGINT/SIGTERM) to stop
-        self._stopping = False
 
     async def bind(self) -> None:
         """Bind every listener (not yet accepting). Raises :class:`PortInUse`."""
@@ -87,13 +87,10 @@ class Router:
     def start_shards(self) -> None:
         context = multiprocessing.get_context(self.config.start_method)
         self.pool = ShardPool(
-            self.config.shard_count(),
-            context,
-            self.loop,
-            self.hub.on_shard_events,
-            self._on_shard_exit,
-            log_level=self.config.log_level,
+            self.config.shard_count(), context, self.loop, self.hub, self.config.log_level
         )
+        if self.config.crash_shard is not None:
+            self.pool.links[self.config.crash_shard].crash_at_start = True
         self.pool.start()
         self.hub.attach(self.pool)
 
@@ -105,17 +102,14 @@ class Router:
                 host, port = sock.getsockname()[:2]
                 log.info("listening %s %s:%d", kind, host, port)
 
-    def _on_shard_exit(self, index: int) -> None:
-        if not self._stopping:
-            log.error("shard %d exited unexpectedly; its rooms are unavailable", index)
-
     def close_listeners(self) -> None:
         for server in self.servers:
             server.close()
 
     async def shutdown(self) -> None:
         """Stop accepting, tell everyone, let the writes go out, stop the shards."""
-        self._stopping = True
+        if self.pool is not None:
+            self.pool.stopping = True
         self.close_listeners()
         self.hub.shutdown()
         await asyncio.sleep(0.05)  # one or two loop turns: the goodbyes get flushed

@@ -82,6 +82,9 @@ class Client:
     def on_shutdown(self) -> None:
         """The server is shutting down."""
 
+    def on_room_restarted(self, room: str) -> None:
+        """The shard of *room* restarted: the client is still a member, history is lost."""
+
 
 class Hub:
     """Clients, mirror, pending requests. Create, then :meth:`attach` a shard pool."""
@@ -91,7 +94,7 @@ class Hub:
         self.pool: Optional[ShardPool] = None
         self.clients: Dict[int, Client] = {}
         self.members: Dict[str, Dict[int, Client]] = {}  # the mirror: room -> cid -> client
-        self._pending: Dict[int, Tuple[Callback, float]] = {}
+        self._pending: Dict[int, Tuple[Callback, float, int]] = {}  # req -> (cb, deadline, shard)
         self._cids = itertools.count(1)
         self._reqs = itertools.count(1)
         self._sweeper: Optional[asyncio.TimerHandle] = None
@@ -142,7 +145,7 @@ class Hub:
                 on_done()
 
         for index in shards:
-            req = self._expect(one_done, DROP_TIMEOUT)
+            req = self._expect(one_done, index, DROP_TIMEOUT)
             self._send_to(index, (m.DROP, req, client.cid))
 
     def shutdown(self) -> None:
@@ -166,26 +169,26 @@ class Hub:
             return m.ERR_TOO_MANY_ROOMS
         client.username = username
         client.pending_joins.add(room)
-        self._send(client, room, (m.JOIN, self._req(callback), client.cid, room, username))
+        self._send(client, room, m.JOIN, callback, room, username)
         return None
 
     def say(
         self, client: Client, room: str, text: str, callback: Optional[Callback] = None
     ) -> None:
         """Send a chat message; the shard checks membership (it may still be joining)."""
-        self._send(client, room, (m.MSG, self._req(callback), client.cid, room, text))
+        self._send(client, room, m.MSG, callback, room, text)
 
     def leave(self, client: Client, room: str, callback: Optional[Callback] = None) -> None:
-        self._send(client, room, (m.LEAVE, self._req(callback), client.cid, room))
+        self._send(client, room, m.LEAVE, callback, room)
 
     def names(self, client: Client, room: str, callback: Callback) -> None:
-        self._send(client, room, (m.NAMES, self._expect(callback), client.cid, room))
+        self._send(client, room, m.NAMES, callback, room)
 
     def history(self, client: Client, room: str, n: int, callback: Callback) -> None:
-        self._send(client, room, (m.HISTORY, self._expect(callback), client.cid, room, n))
+        self._send(client, room, m.HISTORY, callback, room, n)
 
     def since(self, client: Client, room: str, after: int, callback: Callback) -> None:
-        self._send(client, room, (m.SINCE, self._expect(callback), client.cid, room, after))
+        self._send(client, room, m.SINCE, callback, room, after)
 
     def rooms(self, callback: Callable[[List[Tuple[str, int]]], None]) -> None:
         """Every room with members, from every shard, sorted by name. A shard that does not
@@ -204,7 +207,7 @@ class Hub:
                 callback(sorted(found))
 
         for link in links:
-            link.send((m.ROOMS, self._expect(one_done), 0))
+            link.send((m.ROOMS, self._expect(one_done, link.index), 0))
 
     def epoch_of(self, room: str) -> int:
         """The epoch of the shard that owns *room* (bumped each time it restarts)."""
@@ -213,32 +216,75 @@ class Hub:
 
     # --- plumbing --------------------------------------------------------------------
 
-    def _send(self, client: Client, room: str, command: tuple) -> None:
+    def _send(
+        self, client: Client, room: str, op: int, callback: Optional[Callback], *args: Any
+    ) -> None:
         assert self.pool is not None
         index = self.pool.index_of(room)
         client.shards.add(index)
-        self.pool.links[index].send(command)
+        req = 0 if callback is None else self._expect(callback, index)
+        self.pool.links[index].send((op, req, client.cid, *args))
 
     def _send_to(self, index: int, command: tuple) -> None:
         assert self.pool is not None
         self.pool.links[index].send(command)
 
-    def _req(self, callback: Optional[Callback]) -> int:
-        return 0 if callback is None else self._expect(callback)
-
-    def _expect(self, callback: Callback, timeout: float = REQUEST_TIMEOUT) -> int:
+    def _expect(self, callback: Callback, index: int, timeout: float = REQUEST_TIMEOUT) -> int:
         req = next(self._reqs)
-        self._pending[req] = (callback, time.monotonic() + timeout)
+        self._pending[req] = (callback, time.monotonic() + timeout, index)
         return req
+
+    def _fail_pending(self, expired: List[int], code: str) -> None:
+        for req in expired:
+            entry = self._pending.pop(req, None)
+            if entry is not None:
+                entry[0](Failure(code, ""))
 
     def _sweep(self) -> None:
         """Fail requests whose shard did not answer in time (stopped or dead shard)."""
         self._sweeper = self.loop.call_later(0.5, self._sweep)
         now = time.monotonic()
-        expired = [req for req, (_, deadline) in self._pending.items() if deadline <= now]
-        for req in expired:
-            callback, _ = self._pending.pop(req)
-            callback(Failure(m.ERR_TIMEOUT, ""))
+        expired = [req for req, (_, deadline, _) in self._pending.items() if deadline <= now]
+        self._fail_pending(expired, m.ERR_TIMEOUT)
+
+    # --- shard supervision (ShardListener) -------------------------------------------
+
+    def _rooms_on(self, index: int) -> List[str]:
+        assert self.pool is not None
+        return [room for room in self.members if self.pool.index_of(room) == index]
+
+    def on_shard_down(self, index: int) -> None:
+        """A shard died: fail what was waiting on it (it will not answer)."""
+        assert self.pool is not None
+        lost = [req for req, (_, _, shard) in self._pending.items() if shard == index]
+        self._fail_pending(lost, m.ERR_UNAVAILABLE)
+        for client in list(self.clients.values()):
+            for room in [r for r in client.pending_joins if self.pool.index_of(r) == index]:
+                self._join_failed(client, room)
+                client.on_failure(m.JOIN, Failure(m.ERR_UNAVAILABLE, room))
+
+    def on_shard_restarted(self, index: int) -> None:
+        """A shard is back, empty: put the members the mirror knows back in their rooms
+        (silently) and tell them the room's history is gone."""
+        assert self.pool is not None
+        link = self.pool.links[index]
+        for room in self._rooms_on(index):
+            members = self.members[room]
+            for cid in [cid for cid in members if cid not in self.clients]:
+                del members[cid]  # left while the shard was down
+            for cid, client in members.items():
+                link.send((m.REJOIN, 0, cid, room, client.username))
+            for client in list(members.values()):
+                client.on_room_restarted(room)
+            if not members:
+                del self.members[room]
+
+    def on_shard_lost(self, index: int) -> None:
+        """The pool gave up on a shard: its rooms are gone; tell their members."""
+        for room in self._rooms_on(index):
+            for client in self.members.pop(room).values():
+                client.rooms.discard(room)
+                client.on_failure(m.MSG, Failure(m.ERR_UNAVAILABLE, room))
 
     # --- shard events ----------------------------------------------------------------
 
@@ -291,6 +337,12 @@ class Hub:
             if explicit:
                 leaver.on_left(room, entry)
 
+    @staticmethod
+    def _join_failed(client: Client, room: str) -> None:
+        client.pending_joins.discard(room)
+        if not (client.rooms or client.pending_joins or client.username_fixed):
+            client.username = None  # the first JOIN failed: the name is not taken yet
+
     def _on_done(self, event: tuple) -> None:
         pending = self._pending.pop(event[1], None)
         if pending is not None:
@@ -300,9 +352,7 @@ class Hub:
         _, req, cid, op, code, room = event
         client = self.clients.get(cid)
         if op == m.JOIN and client is not None:
-            client.pending_joins.discard(room)
-            if not (client.rooms or client.pending_joins or client.username_fixed):
-                client.username = None  # the first JOIN failed: the name is not taken yet
+            self._join_failed(client, room)
         failure = Failure(code, room)
         pending = self._pending.pop(req, None) if req else None
         if pending is not None:

@@ -1,59 +1,97 @@
 """The router's side of the shard processes: start them, batch commands to them, read their
-events, notice when they die.
+events, notice when they die and restart them.
 
 Each shard is joined to the router by two one-way ``multiprocessing`` pipes: commands go
 down one, events come back up the other. The event loop never touches a pipe: a *writer
-thread* per shard pickles and sends the batches the loop hands it, and a *reader thread* per
+thread* per shard writes the pickled batches the loop hands it, and a *reader thread* per
 shard receives and unpickles event batches and passes them to the loop with
 ``call_soon_threadsafe``. Threads rather than non-blocking pipe I/O because a
-``multiprocessing`` ``Connection`` has no non-blocking mode on Windows, and a partial
-message must never stall the loop. A stopped shard (SIGSTOP) only blocks its own writer
-thread; the loop keeps serving every other shard.
+``multiprocessing`` ``Connection`` has no non-blocking mode on Windows, and a partly
+written message must never stall the loop. A stopped shard (SIGSTOP) only blocks its own
+writer thread; its backlog is bounded (``MAX_SHARD_BACKLOG_BYTES``) and past it the
+commands are refused with ``room_unavailable``.
 
 Batching: :meth:`ShardLink.send` appends to a list; the first append in a loop turn
 schedules one flush with ``call_soon``, so everything bound for one shard in one turn goes
 as one pipe message.
+
+Supervision (:class:`ShardPool`): a shard whose event pipe reaches end-of-file has died.
+It is restarted after a backoff (``RESTART_BACKOFF_MIN`` doubling to ``RESTART_BACKOFF_MAX``);
+after more than ``MAX_RESTARTS`` restarts within ``RESTART_WINDOW`` seconds the pool gives up
+on that shard and its rooms answer ``room_unavailable``. Commands that arrive while a shard
+is down are refused at once (never silently dropped).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
 import pickle
 import queue
 import threading
+import time
+from collections import deque
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol
 
+from common import messages as m
 from common.hashing import room_to_shard
+from common.limits import (
+    MAX_RESTARTS,
+    MAX_SHARD_BACKLOG_BYTES,
+    RESTART_BACKOFF_MAX,
+    RESTART_BACKOFF_MIN,
+    RESTART_WINDOW,
+)
 from shard.process import run_shard
 
 log = logging.getLogger(__name__)
 
-EventsCallback = Callable[[int, List[tuple]], None]
-ExitCallback = Callable[[int], None]
+
+class ShardListener(Protocol):
+    """What the pool tells its owner (the hub). All calls happen on the loop thread."""
+
+    def on_shard_events(self, index: int, events: List[tuple]) -> None: ...
+
+    def on_shard_down(self, index: int) -> None: ...
+
+    def on_shard_restarted(self, index: int) -> None: ...
+
+    def on_shard_lost(self, index: int) -> None: ...
+
+
+def refuse(batch: List[tuple], code: str) -> List[tuple]:
+    """The events a shard would have sent had it refused every command in *batch*."""
+    events: List[tuple] = []
+    for command in batch:
+        op, req, cid = command[0], command[1], command[2]
+        if op == m.DROP:
+            events.append((m.DONE, req, cid, None))  # nothing left to leave
+        elif op == m.ROOMS:
+            events.append((m.DONE, req, cid, []))
+        elif op != m.REJOIN:
+            events.append((m.FAIL, req, cid, op, code, command[3]))
+    return events
 
 
 class ShardLink:
-    """One shard process, its two pipes and its two threads. Used from the loop thread.
-
-    *on_events(index, events)* and *on_exit(index)* are called on the loop thread.
-    """
+    """One shard process, its two pipes and its two threads. Used from the loop thread."""
 
     def __init__(
         self,
         index: int,
         context: BaseContext,
         loop: asyncio.AbstractEventLoop,
-        on_events: EventsCallback,
-        on_exit: ExitCallback,
+        listener: ShardListener,
+        on_exit: Callable[[ShardLink], None],
         log_level: str = "WARNING",
     ) -> None:
         self.index = index
         self._context = context
         self._loop = loop
-        self._on_events = on_events
+        self._listener = listener
         self._on_exit = on_exit
         self._log_level = log_level
         self.process: Optional[Any] = None
@@ -62,32 +100,33 @@ class ShardLink:
         self._outbox: queue.SimpleQueue[Optional[bytes]] = queue.SimpleQueue()
         self._pending: List[tuple] = []
         self._flush_scheduled = False
-        # Each counter has one writer thread, so no lock is needed to read the difference.
-        self.batches_queued = 0  # handed to the writer thread (loop thread writes)
-        self.batches_sent = 0  # written to the pipe (writer thread writes)
+        # Each counter has one writing thread, so their difference needs no lock.
+        self.bytes_queued = 0  # handed to the writer thread (loop thread writes)
+        self.bytes_sent = 0  # written to the pipe (writer thread writes)
         self.alive = False
         #: How many times this shard has been started; a restart loses its rooms' history,
         #: so clients that resume from a seq must also compare the epoch.
         self.epoch = 0
+        self.crash_at_start = False  # for the supervision tests
 
     @property
-    def backlog(self) -> int:
-        """Batches handed over but not yet written to the pipe (grows if the shard stalls)."""
-        return self.batches_queued - self.batches_sent
+    def backlog_bytes(self) -> int:
+        """Bytes handed over but not yet written to the pipe (grows if the shard stalls)."""
+        return self.bytes_queued - self.bytes_sent
 
     def router_fds(self) -> List[int]:
-        """The router's pipe descriptors, for a ``fork`` child to close."""
         ends = (self._commands_out, self._events_in)
         return [end.fileno() for end in ends if end is not None and not end.closed]
 
-    def start(self, close_fds: List[int]) -> None:
-        """Start the shard process and its threads. *close_fds*: see :func:`run_shard`."""
+    def start(self) -> None:
+        """Start (or restart) the shard process and its threads."""
         commands_in, self._commands_out = self._context.Pipe(duplex=False)
         self._events_in, events_out = self._context.Pipe(duplex=False)
-        fds = close_fds + self.router_fds() if self._context.get_start_method() == "fork" else []
+        forked = self._context.get_start_method() == "fork"
         self.process = self._context.Process(
             target=run_shard,
-            args=(commands_in, events_out, self.index, fds, self._log_level),
+            args=(commands_in, events_out, self.index, forked, self._log_level),
+            kwargs={"crash_at_start": self.crash_at_start},
             name=f"shardchat-shard-{self.index}",
             daemon=True,
         )
@@ -96,21 +135,15 @@ class ShardLink:
         commands_in.close()
         events_out.close()
         self._outbox = queue.SimpleQueue()
-        self.batches_queued = self.batches_sent = 0
+        self.bytes_queued = self.bytes_sent = 0
         self.alive = True
         self.epoch += 1
-        threading.Thread(
-            target=self._write_loop,
-            args=(self._commands_out, self._outbox),
-            name=f"shard-{self.index}-writer",
-            daemon=True,
-        ).start()
-        threading.Thread(
-            target=self._read_loop,
-            args=(self._events_in,),
-            name=f"shard-{self.index}-reader",
-            daemon=True,
-        ).start()
+        for target, args, role in (
+            (self._write_loop, (self._commands_out, self._outbox), "writer"),
+            (self._read_loop, (self._events_in, self.process), "reader"),
+        ):
+            name = f"shard-{self.index}-{role}"
+            threading.Thread(target=target, args=args, name=name, daemon=True).start()
 
     def send(self, command: tuple) -> None:
         """Queue *command* for this shard; it leaves in this loop turn's batch."""
@@ -122,12 +155,17 @@ class ShardLink:
     def _flush(self) -> None:
         self._flush_scheduled = False
         batch, self._pending = self._pending, []
-        if batch and self.alive:
-            self.batches_queued += 1
-            self._outbox.put(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
+        if not batch:
+            return
+        if not self.alive or self.backlog_bytes > MAX_SHARD_BACKLOG_BYTES:
+            self._listener.on_shard_events(self.index, refuse(batch, m.ERR_UNAVAILABLE))
+            return
+        data = pickle.dumps(batch, pickle.HIGHEST_PROTOCOL)
+        self.bytes_queued += len(data)
+        self._outbox.put(data)
 
     def close(self) -> None:
-        """Close the command pipe (after what is queued): the shard sees EOF and exits."""
+        """Close the command pipe after what is queued: the shard sees EOF and exits."""
         self._flush()
         self.alive = False
         self._outbox.put(None)
@@ -139,19 +177,20 @@ class ShardLink:
                 if data is None:
                     break
                 conn.send_bytes(data)
-                self.batches_sent += 1
+                self.bytes_sent += len(data)
         except OSError:
             pass  # the shard died; the reader thread reports it
         finally:
             conn.close()
 
-    def _read_loop(self, conn: Connection) -> None:
+    def _read_loop(self, conn: Connection, process: Any) -> None:
         loads = pickle.loads
         deliver = self._loop.call_soon_threadsafe
+        on_events = self._listener.on_shard_events
         try:
             while True:
                 events = loads(conn.recv_bytes())
-                deliver(self._on_events, self.index, events)
+                deliver(on_events, self.index, events)
         except (EOFError, OSError):
             pass  # the shard exited or was killed
         except RuntimeError:
@@ -159,16 +198,21 @@ class ShardLink:
         finally:
             conn.close()
         try:
-            deliver(self._exited)
+            deliver(self._exited, process)
         except RuntimeError:
             pass  # the loop is closed: the router is exiting
 
-    def _exited(self) -> None:
+    def _exited(self, process: Any) -> None:
+        if process is not self.process:
+            return  # a previous incarnation
         self.alive = False
-        self._on_exit(self.index)
+        self._outbox.put(None)  # let the writer thread end
+        process.join(0)  # reap it if it is already gone (never wait on the loop)
+        self._on_exit(self)
 
     def join(self, timeout: float) -> None:
-        """Wait for the process to end; kill it if it has not after *timeout* seconds."""
+        """Wait for the process to end; kill it if it has not after *timeout* seconds.
+        Blocking: call from a worker thread or at exit, not from the loop."""
         if self.process is None:
             return
         self.process.join(timeout)
@@ -179,27 +223,29 @@ class ShardLink:
 
 
 class ShardPool:
-    """All shards, and the room -> shard routing (cached stable hash)."""
+    """All shards, the room -> shard routing (cached stable hash) and their supervision."""
 
     def __init__(
         self,
         count: int,
         context: BaseContext,
         loop: asyncio.AbstractEventLoop,
-        on_events: EventsCallback,
-        on_exit: ExitCallback,
+        listener: ShardListener,
         log_level: str = "WARNING",
     ) -> None:
+        self._loop = loop
+        self._listener = listener
         self.links = [
-            ShardLink(i, context, loop, on_events, on_exit, log_level) for i in range(count)
+            ShardLink(i, context, loop, listener, self._on_exit, log_level) for i in range(count)
         ]
         self._room_shard: Dict[str, int] = {}
+        self._restarts: Dict[int, Deque[float]] = {i: deque() for i in range(count)}
+        self.given_up: set = set()
+        self.stopping = False
 
     def start(self) -> None:
-        close_fds: List[int] = []
         for link in self.links:
-            link.start(close_fds)
-            close_fds.extend(link.router_fds())
+            link.start()
         log.info("started %d shard processes (pids %s)", len(self.links), self.pids())
 
     def pids(self) -> List[int]:
@@ -216,7 +262,42 @@ class ShardPool:
     def link_for(self, room: str) -> ShardLink:
         return self.links[self.index_of(room)]
 
+    def _on_exit(self, link: ShardLink) -> None:
+        if self.stopping:
+            return
+        code = link.process.exitcode if link.process is not None else None
+        self._listener.on_shard_down(link.index)
+        now = time.monotonic()
+        history = self._restarts[link.index]
+        while history and history[0] < now - RESTART_WINDOW:
+            history.popleft()
+        if len(history) >= MAX_RESTARTS:
+            log.error(
+                "shard %d died (exit code %s) after %d restarts in %.0fs; giving up: its "
+                "rooms are unavailable",
+                link.index,
+                code,
+                len(history),
+                RESTART_WINDOW,
+            )
+            self.given_up.add(link.index)
+            self._listener.on_shard_lost(link.index)
+            return
+        delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN * 2 ** len(history))
+        history.append(now)
+        log.error("shard %d died (exit code %s); restarting in %.1fs", link.index, code, delay)
+        self._loop.call_later(delay, self._restart, link)
+
+    def _restart(self, link: ShardLink) -> None:
+        if self.stopping:
+            return
+        multiprocessing.active_children()  # reap any exited shard not reaped yet
+        link.start()
+        log.info("shard %d restarted (pid %s, epoch %d)", link.index, link.process.pid, link.epoch)
+        self._listener.on_shard_restarted(link.index)
+
     def close(self) -> None:
+        self.stopping = True
         for link in self.links:
             link.close()
 

@@ -32,9 +32,9 @@ def failure_line(failure: Failure) -> bytes:
     if code == m.ERR_TOO_MANY_ROOMS:
         return p.error_line(f"too many rooms (at most {MAX_ROOMS_PER_CLIENT})")
     if code == m.ERR_UNAVAILABLE:
-        return p.error_line(f"room unavailable {room}".rstrip())
+        return p.error_line("room unavailable")
     if code == m.ERR_TIMEOUT:
-        return p.error_line("server busy, try again")
+        return p.error_line("room busy, try again")
     return p.error_line(code.replace("_", " "))
 
 
@@ -160,6 +160,9 @@ class TcpConnection(asyncio.Protocol, Client):
     def on_shutdown(self) -> None:
         self.write(p.SHUTTING_DOWN)
         self.close()
+
+    def on_room_restarted(self, room: str) -> None:
+        self.write(p.info_line(f"room {room} restarted, history lost"))
 
     # --- commands --------------------------------------------------------------------
 

@@ -67,6 +67,7 @@ class ShardCore:
             m.ROOMS: self._rooms,
             m.HISTORY: self._history,
             m.SINCE: self._since,
+            m.REJOIN: self._rejoin,
         }
 
     # --- public ----------------------------------------------------------------------
@@ -109,6 +110,19 @@ class ShardCore:
         self._client_rooms.setdefault(cid, set()).add(name)
         entry = room.record(self._clock(), m.KIND_JOIN, username, f"{username} joined {name}")
         events.append((m.JOINED, name, cid, entry))
+
+    def _rejoin(self, events: List[Any], command: tuple) -> None:
+        _, req, cid, name, username = command
+        room = self.rooms.get(name) or self._revive(name)
+        key = name_key(username)
+        if cid not in room.members and key not in room.keys:
+            room.members[cid] = username
+            room.keys[key] = cid
+            self._client_rooms.setdefault(cid, set()).add(name)
+        elif not room.members:
+            self._retire(room)
+        if req:
+            events.append((m.DONE, req, cid, None))
 
     def _msg(self, events: List[Any], command: tuple) -> None:
         _, req, cid, name, text = command

@@ -31,23 +31,25 @@ def run_shard(
     commands: Connection,
     events: Connection,
     index: int,
-    close_fds: Sequence[int] = (),
+    close_inherited: bool = False,
     log_level: str = "WARNING",
+    crash_at_start: bool = False,
 ) -> None:
     """Serve shard *index*: read batches from *commands*, write events to *events*, until
     the router goes away.
 
-    *close_fds* are descriptors inherited from the router under the ``fork`` start method
-    (the router's ends of every shard pipe); closing them is what lets each shard see
-    end-of-file when the router dies.
+    *close_inherited* is set under the ``fork`` start method: the child then holds copies
+    of every descriptor the router had (other shards' pipe ends, listening and client
+    sockets), and closes all but its own two pipes and stdio. Otherwise a client socket the
+    router closed would stay open here, and no shard would see end-of-file when the router
+    dies. *crash_at_start* exists for the supervision tests: the shard exits at once.
     """
     # Ctrl+C reaches the whole process group; the router decides when shards stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for fd in close_fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass  # already closed: nothing to release
+    if close_inherited:
+        _close_inherited_fds(keep=(commands.fileno(), events.fileno()))
+    if crash_at_start:
+        os._exit(3)
     logging.basicConfig(
         level=log_level,
         format=f"%(asctime)s shard-{index} %(levelname)s %(message)s",
@@ -60,6 +62,19 @@ def run_shard(
         commands.close()
         events.close()
     log.debug("shard %d exiting", index)
+
+
+def _close_inherited_fds(keep: Sequence[int]) -> None:
+    """Close every descriptor from 3 up except *keep* (POSIX; used only after fork)."""
+    try:
+        max_fd = os.sysconf("SC_OPEN_MAX")
+    except (AttributeError, ValueError, OSError):
+        max_fd = 65536
+    low = 3
+    for fd in sorted(set(keep)):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, max_fd)
 
 
 def _serve(conn: Connection, out: Connection, core: ShardCore, parent_pid: int) -> None:
