@@ -86,3 +86,49 @@ SHARD_STOP_TIMEOUT = 2.0
 
 #: Seconds from SIGINT/SIGTERM to a finished shutdown (the issue asks for at most 5 s).
 SHUTDOWN_TIMEOUT = 4.0
+
+# --- HTTP (router/http*.py) --------------------------------------------------------------
+
+#: Longest request line (method, target, version), in bytes. Same order as nginx's
+#: ``large_client_header_buffers`` (8k); a longer one is answered ``414``.
+MAX_HTTP_REQUEST_LINE_BYTES = 8 * 1024
+
+#: Most header fields in one request (Apache's ``LimitRequestFields`` is 100). More: ``431``.
+MAX_HTTP_HEADERS = 100
+
+#: Largest header section (all field lines together), in bytes. Bounds what the parser holds
+#: for an unfinished request; more is answered ``431``.
+MAX_HTTP_HEADER_BYTES = 16 * 1024
+
+#: Largest request body, in bytes. A JSON command is a room, a name and at most
+#: ``MAX_TEXT_CHARS`` characters of text; ``413`` is decided on ``Content-Length`` alone,
+#: before any of the body is read.
+MAX_HTTP_BODY_BYTES = 16 * 1024
+
+#: Seconds from connect (or from the first byte of a later request) until the whole request
+#: must have arrived: an absolute deadline, so a client sending one byte at a time
+#: (slowloris) cannot hold a connection open. Answered ``408`` and closed.
+HTTP_REQUEST_TIMEOUT = 10.0
+
+#: Seconds an idle keep-alive connection stays open between requests.
+HTTP_KEEPALIVE_IDLE = 15.0
+
+#: Default seconds a long poll waits for news before it returns an empty list; under the
+#: 30 s idle timeout of common proxies (configurable: ``--poll-timeout``).
+POLL_TIMEOUT = 25.0
+
+#: Default seconds a browser session lives without a request; then it leaves its rooms and
+#: the members hear it left (configurable: ``--session-ttl``).
+SESSION_TTL = 60.0
+
+#: Room events a session keeps per room for its next poll. Past it the oldest go; the next
+#: poll then reads them from the shard's history (the shard keeps the same number).
+MAX_SESSION_BACKLOG = HISTORY_SIZE
+
+#: Long polls one session may have waiting at once (several tabs); one more answers the
+#: oldest at once with what it has.
+MAX_POLLS_PER_SESSION = 4
+
+#: Browser sessions the router keeps at most; past it ``/api/join`` answers ``503``, so
+#: creating sessions cannot exhaust the router's memory.
+MAX_HTTP_SESSIONS = 100_000
