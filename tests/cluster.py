@@ -2,7 +2,9 @@
 
 :class:`Cluster` runs ``scripts/start_cluster.py`` as a real subprocess on free ports
 (``--tcp-port 0 --http-port 0``), reads the ports it logs, and stops it. :class:`LineClient`
-is a small blocking line-protocol client with timeouts, for tests.
+is a small blocking line-protocol client with timeouts, for tests. The process helpers at
+the end (:func:`pid_alive`, :func:`child_pids`, :func:`wait_gone`, :meth:`Cluster.marked_pids`)
+read ``/proc`` and so work on Linux only; tests that need them skip elsewhere.
 """
 
 from __future__ import annotations
@@ -15,19 +17,26 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 START_CLUSTER = ROOT / "scripts" / "start_cluster.py"
 _LISTENING = re.compile(r"listening (tcp|http) (\S+):(\d+)")
+#: Environment variable set (to a value unique per :class:`Cluster`) in the cluster's
+#: environment; every process it starts inherits it, so :meth:`Cluster.marked_pids` finds
+#: them all, even after the router died and they were re-parented.
+MARKER_ENV = "SHARDCHAT_TEST_CLUSTER"
+PROC = Path("/proc")
 
 
 class Cluster:
     """A cluster subprocess. Use as a context manager, or call :meth:`start` / :meth:`stop`.
 
     Its stderr is collected in :attr:`log_lines` (read by a thread, so the pipe never
-    fills up).
+    fills up). With *new_session* the router leads its own process group, so a test can
+    signal the whole group the way a terminal's Ctrl+C does (:meth:`signal_group`).
     """
 
     def __init__(
@@ -37,6 +46,7 @@ class Cluster:
         extra_args: Optional[List[str]] = None,
         tcp_port: int = 0,
         http_port: int = 0,
+        new_session: bool = False,
     ) -> None:
         self.args = [
             sys.executable,
@@ -57,6 +67,8 @@ class Cluster:
         self.log_lines: List[str] = []
         self.ports: Dict[str, int] = {}
         self.host = "127.0.0.1"
+        self.marker = uuid.uuid4().hex
+        self.new_session = new_session
         self._ready = threading.Event()
         self._reader: Optional[threading.Thread] = None
 
@@ -72,16 +84,21 @@ class Cluster:
     def log(self) -> str:
         return "\n".join(self.log_lines)
 
+    @property
+    def env(self) -> Dict[str, str]:
+        """The environment the cluster runs with (this one plus :data:`MARKER_ENV`)."""
+        return dict(os.environ, PYTHONUNBUFFERED="1", **{MARKER_ENV: self.marker})
+
     def start(self, timeout: float = 20.0) -> Cluster:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             self.args,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=env,
+            env=self.env,
             cwd=str(ROOT),
+            start_new_session=self.new_session,
         )
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
@@ -112,6 +129,27 @@ class Cluster:
             if match:
                 return [int(pid) for pid in match.group(1).split(",")]
         return []
+
+    def marked_pids(self) -> List[int]:
+        """Live processes started by this cluster (router, shards, helpers such as the
+        ``multiprocessing`` resource tracker), found by :data:`MARKER_ENV`. Linux only."""
+        needle = f"{MARKER_ENV}={self.marker}".encode()
+        found = []
+        for entry in PROC.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                environ = (entry / "environ").read_bytes()
+            except OSError:
+                continue  # gone, or not ours to read
+            if needle in environ.split(b"\0") and pid_alive(int(entry.name)):
+                found.append(int(entry.name))
+        return found
+
+    def signal_group(self, sig: int) -> None:
+        """Send *sig* to the cluster's whole process group (needs ``new_session=True``)."""
+        assert self.proc is not None and self.new_session
+        os.killpg(self.proc.pid, sig)
 
     def wait_for_log(self, pattern: str, timeout: float = 10.0) -> str:
         """Wait until a log line matches *pattern* (regex); return it."""
@@ -166,6 +204,14 @@ class LineClient:
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
 
+    def half_close(self) -> None:
+        """Send end-of-file (``shutdown(SHUT_WR)``) but keep reading, as ``nc -N`` does."""
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def read_lines(self, count: int, timeout: Optional[float] = None) -> List[str]:
+        """The next *count* lines."""
+        return [self.readline(timeout) for _ in range(count)]
+
     def readline(self, timeout: Optional[float] = None) -> str:
         """The next line without its LF. Raises ``socket.timeout`` or ``EOFError``."""
         self.sock.settimeout(timeout if timeout is not None else self.timeout)
@@ -215,3 +261,42 @@ class LineClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# --- processes (Linux /proc) -------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    """True if process *pid* exists and is not a zombie (an exited child nobody reaped)."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    state = stat.rpartition(")")[2].split()[0]
+    return state not in ("Z", "X")
+
+
+def child_pids(pid: int) -> List[int]:
+    """Live direct children of process *pid*."""
+    children = []
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            children.append(int(entry.name))
+    return children
+
+
+def wait_gone(pids: Iterable[int], timeout: float) -> List[int]:
+    """Wait up to *timeout* seconds for every process in *pids* to end; return those still
+    alive (an empty list when all are gone)."""
+    deadline = time.monotonic() + timeout
+    alive = [pid for pid in pids if pid_alive(pid)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [pid for pid in alive if pid_alive(pid)]
+    return alive
