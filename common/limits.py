@@ -31,6 +31,50 @@ MAX_ROOMS_PER_CLIENT = 100
 #: Longest ``PING`` token echoed back by ``PONG``, in characters.
 MAX_PING_TOKEN_CHARS = 64
 
+# --- per client: output buffers, flood control, timeouts, caps (all configurable) --------
+
+#: Bytes queued for one client that it has not read. Over the hard limit the client is cut
+#: off at once (``ERROR slow consumer``); over the soft limit for OUTPUT_SOFT_SECONDS in a
+#: row, too. Everyone else in the room keeps full speed. Follows Redis'
+#: ``client-output-buffer-limit pubsub 32mb 8mb 60``, scaled to chat-sized messages.
+OUTPUT_HARD_LIMIT = 1024 * 1024
+OUTPUT_SOFT_LIMIT = 256 * 1024
+OUTPUT_SOFT_SECONDS = 30.0
+
+#: Seconds a cut-off slow consumer gets to take its last bytes before the socket is aborted.
+SLOW_CONSUMER_CLOSE_GRACE = 1.0
+
+#: Flood control, a token bucket per connection / browser session: RATE_BURST commands at
+#: once, then RATE_LIMIT per second (sized for humans; a paste of 20 lines goes through).
+#: ``--rate-limit 0`` turns it off (benchmarks). Over it, a TCP connection is read no
+#: further until a token is free; HTTP answers ``429`` with ``Retry-After``.
+RATE_LIMIT = 10.0
+RATE_BURST = 20
+
+#: A TCP connection whose waiting commands would take more than this many seconds to work
+#: off at RATE_LIMIT is cut off with ``ERROR excess flood`` (IRC servers' "excess flood").
+FLOOD_PENALTY_SECONDS = 10.0
+
+#: TCP keepalive: after IDLE_PING_SECONDS of silence the server sends ``PING <token>``;
+#: with no line at all PING_TIMEOUT_SECONDS later the connection is closed
+#: (``ERROR ping timeout``). IRC servers use similar values.
+IDLE_PING_SECONDS = 120.0
+PING_TIMEOUT_SECONDS = 30.0
+
+#: A TCP connection that has not joined a room this many seconds after connecting is closed
+#: (``ERROR no JOIN in time``). Generous: nc users type slowly.
+JOIN_TIMEOUT_SECONDS = 600.0
+
+#: Open client connections (TCP and HTTP together), in total and per IP address. Over
+#: either: ``ERROR server full`` / HTTP 503, then close. The total is also kept FD_RESERVE
+#: below the process's open-file limit, so the router never fails on ``accept``.
+MAX_CONNECTIONS = 10_000
+MAX_CONNECTIONS_PER_IP = 64
+FD_RESERVE = 100
+
+#: How often (seconds) the router checks the idle, ping, join and soft-buffer timers.
+TIMER_SWEEP_INTERVAL = 1.0
+
 # --- shard -------------------------------------------------------------------------------
 
 #: Messages kept per room: the last 500 room events (chat, joins, leaves).

@@ -12,11 +12,12 @@ import logging
 import multiprocessing
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
 from common.limits import MIN_DEFAULT_SHARDS, SHARD_STOP_TIMEOUT, SHUTDOWN_TIMEOUT
 from router.hub import Hub
+from router.policy import ConnectionLimiter, Settings, connection_cap, raise_fd_limit
 from router.shards import ShardPool
 from router.tcp import start_tcp_server
 
@@ -39,6 +40,7 @@ class Config:
     log_level: str = "INFO"
     start_method: str = "spawn"
     crash_shard: Optional[int] = None  # fault injection for tests: this shard dies at start
+    settings: Settings = field(default_factory=Settings)
 
     def shard_count(self) -> int:
         return self.shards or default_shard_count()
@@ -64,7 +66,16 @@ class Router:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.loop = asyncio.get_running_loop()
-        self.hub = Hub(self.loop)
+        settings = config.settings
+        cap = connection_cap(settings.max_connections, raise_fd_limit())
+        if cap < settings.max_connections:
+            log.warning(
+                "open-file limit allows only %d connections (asked for %d)",
+                cap,
+                settings.max_connections,
+            )
+        limiter = ConnectionLimiter(cap, settings.max_connections_per_ip)
+        self.hub = Hub(self.loop, settings, limiter)
         self.pool: Optional[ShardPool] = None
         self.servers: List[asyncio.AbstractServer] = []
         self.stop_requested = asyncio.Event()  # set it (or send SIGINT/SIGTERM) to stop

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from common.limits import MAX_SHARDS
 from router.app import Config, default_shard_count, run
+from router.policy import Settings
 
 
 def _port(text: str) -> int:
@@ -66,7 +67,102 @@ def build_parser() -> argparse.ArgumentParser:
         choices=multiprocessing.get_all_start_methods(),
         help="how shard processes are started (default spawn, which works everywhere)",
     )
+    _add_limit_flags(parser)
     return parser
+
+
+def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags for the per-client limits (defaults and reasons: common/limits.py)."""
+    d = Settings()
+    group = parser.add_argument_group("limits (see docs/LIMITS.md)")
+    group.add_argument(
+        "--rate-limit",
+        type=float,
+        default=d.rate_limit,
+        metavar="N",
+        help=f"commands per second per client (default {d.rate_limit:g}; 0 turns flood "
+        "control off, e.g. for benchmarks)",
+    )
+    group.add_argument(
+        "--rate-burst",
+        type=int,
+        default=d.rate_burst,
+        metavar="N",
+        help=f"commands a client may send at once (default {d.rate_burst})",
+    )
+    group.add_argument(
+        "--max-connections",
+        type=int,
+        default=d.max_connections,
+        metavar="N",
+        help=f"open connections in total (default {d.max_connections})",
+    )
+    group.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=d.max_connections_per_ip,
+        metavar="N",
+        help=f"open connections per IP address (default {d.max_connections_per_ip})",
+    )
+    group.add_argument(
+        "--output-hard-limit",
+        type=int,
+        default=d.out_hard,
+        metavar="BYTES",
+        help=f"unread bytes that cut a slow client off at once (default {d.out_hard})",
+    )
+    group.add_argument(
+        "--output-soft-limit",
+        type=int,
+        default=d.out_soft,
+        metavar="BYTES",
+        help=f"unread bytes a client may hold for --output-soft-seconds (default {d.out_soft})",
+    )
+    group.add_argument(
+        "--output-soft-seconds",
+        type=float,
+        default=d.out_soft_seconds,
+        metavar="S",
+        help=f"(default {d.out_soft_seconds:g})",
+    )
+    group.add_argument(
+        "--idle-ping",
+        type=float,
+        default=d.idle_ping,
+        metavar="S",
+        help=f"seconds of silence before the server PINGs a TCP client (default {d.idle_ping:g})",
+    )
+    group.add_argument(
+        "--ping-timeout",
+        type=float,
+        default=d.ping_timeout,
+        metavar="S",
+        help=f"seconds after a PING before a silent client is closed (default {d.ping_timeout:g})",
+    )
+    group.add_argument(
+        "--join-timeout",
+        type=float,
+        default=d.join_timeout,
+        metavar="S",
+        help=f"seconds a TCP client may stay without joining a room (default {d.join_timeout:g})",
+    )
+    # Fault injection for the supervision tests: this shard exits as soon as it starts.
+    parser.add_argument("--fault-crash-shard", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings(
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
+        max_connections=args.max_connections,
+        max_connections_per_ip=args.max_connections_per_ip,
+        out_hard=args.output_hard_limit,
+        out_soft=args.output_soft_limit,
+        out_soft_seconds=args.output_soft_seconds,
+        idle_ping=args.idle_ping,
+        ping_timeout=args.ping_timeout,
+        join_timeout=args.join_timeout,
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -77,6 +173,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         shards=args.shards,
         log_level=args.log_level,
         start_method=args.start_method,
+        crash_shard=args.fault_crash_shard,
+        settings=settings_from_args(args),
     )
 
 

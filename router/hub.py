@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 from common import messages as m
 from common.limits import DROP_TIMEOUT, MAX_ROOMS_PER_CLIENT, REQUEST_TIMEOUT
 from common.protocol import user_joined_line, user_left_line
+from router.policy import ConnectionLimiter, Settings
 from router.shards import ShardPool
 
 log = logging.getLogger(__name__)
@@ -89,8 +90,19 @@ class Client:
 class Hub:
     """Clients, mirror, pending requests. Create, then :meth:`attach` a shard pool."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        settings: Optional[Settings] = None,
+        limiter: Optional[ConnectionLimiter] = None,
+    ) -> None:
         self.loop = loop
+        #: Per-client limits, shared by the transports.
+        self.settings = settings or Settings()
+        #: Open connections of every transport, counted against the caps.
+        self.limiter = limiter or ConnectionLimiter(
+            self.settings.max_connections, self.settings.max_connections_per_ip
+        )
         self.pool: Optional[ShardPool] = None
         self.clients: Dict[int, Client] = {}
         self.members: Dict[str, Dict[int, Client]] = {}  # the mirror: room -> cid -> client

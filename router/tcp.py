@@ -1,23 +1,47 @@
 """The line-protocol transport: one :class:`TcpConnection` per TCP client.
 
 A connection owns its socket transport and its :class:`~common.protocol.CommandParser`,
-turns parsed commands into hub calls, and turns hub callbacks into reply lines. Writes are
-coalesced: every line for one connection in one loop turn goes out as one
-``transport.write`` (see :class:`WriteCoalescer`).
+turns parsed commands into hub calls, and turns hub callbacks into reply lines. It also
+enforces what one client may cost the router (see ``docs/LIMITS.md``):
+
+- **writes are coalesced**: every line for one connection in one loop turn goes out as one
+  ``transport.write`` (:class:`WriteCoalescer`); nothing ever awaits ``drain()``;
+- **slow consumers** (a client that stops reading) are cut off when their unread output
+  passes the hard limit, or stays over the soft limit too long;
+- **flood control**: a token bucket per connection; over it, the connection is read no
+  further until a token is free, and cut off with ``ERROR excess flood`` past a penalty;
+- **timers**: ``PING`` after silence and close if still silent; close if never joined;
+- **caps** on connections in total and per IP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, Dict, List, Optional
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Set
 
 from common import messages as m
 from common import protocol as p
-from common.limits import MAX_ROOMS_PER_CLIENT
+from common.limits import (
+    HISTORY_SIZE,
+    MAX_LINE_BYTES,
+    MAX_ROOMS_PER_CLIENT,
+    SLOW_CONSUMER_CLOSE_GRACE,
+    TIMER_SWEEP_INTERVAL,
+)
 from router.hub import Client, Failure, Hub
+from router.policy import Settings, TokenBucket
 
 log = logging.getLogger(__name__)
+
+SLOW_CONSUMER = p.error_line("slow consumer")
+EXCESS_FLOOD = p.error_line("excess flood")
+SERVER_FULL = p.error_line("server full")
+
+#: The most that requested replies may add on top of the output limits: one full HISTORY
+#: of the longest possible lines.
+MAX_REPLY_ALLOWANCE = HISTORY_SIZE * (MAX_LINE_BYTES + 200)
 
 
 def failure_line(failure: Failure) -> bytes:
@@ -57,19 +81,60 @@ class WriteCoalescer:
             connection.flush()
 
 
+class TcpListener:
+    """State shared by one listener's connections: the hub, the coalescer, the settings,
+    the set of open connections and the timer sweep over them."""
+
+    def __init__(self, hub: Hub, loop: asyncio.AbstractEventLoop) -> None:
+        self.hub = hub
+        self.loop = loop
+        self.settings: Settings = hub.settings
+        self.coalescer = WriteCoalescer(loop)
+        self.connections: Set[TcpConnection] = set()
+        self._sweeper = loop.call_later(TIMER_SWEEP_INTERVAL, self._sweep)
+
+    def new_connection(self) -> TcpConnection:
+        return TcpConnection(self)
+
+    def _sweep(self) -> None:
+        self._sweeper = self.loop.call_later(TIMER_SWEEP_INTERVAL, self._sweep)
+        now = self.loop.time()
+        for connection in list(self.connections):
+            connection.check_timers(now)
+
+    def close(self) -> None:
+        self._sweeper.cancel()
+
+
 class TcpConnection(asyncio.Protocol, Client):
     """One line-protocol client."""
 
-    def __init__(self, hub: Hub, coalescer: WriteCoalescer) -> None:
+    def __init__(self, listener: TcpListener) -> None:
         Client.__init__(self)
-        self.hub = hub
-        self._coalescer = coalescer
+        self.listener = listener
+        self.hub = listener.hub
+        self.settings = listener.settings
+        self._loop = listener.loop
+        self._coalescer = listener.coalescer
         self._parser = p.CommandParser()
         self._out: List[bytes] = []
         self.transport: Optional[asyncio.Transport] = None
-        self.peer: Any = None
-        self._closing = False  # QUIT, EOF or a fatal error: no more input is handled
-        self._closed = False  # the transport is gone: nothing more is written
+        self.ip = ""
+        self._counted = False  # holds a slot in the connection limiter
+        self._closing = False  # QUIT, EOF or an error: no more input is handled
+        self._closed = False  # the transport is gone or going: nothing more is written
+        # flood control
+        self._bucket: Optional[TokenBucket] = None
+        self._waiting: Deque[p.Event] = deque()
+        self._resume: Optional[asyncio.TimerHandle] = None
+        self._eof = False  # the peer half-closed: finish once the waiting commands are done
+        # timers (loop.time())
+        self.connected_at = self.last_heard = 0.0
+        self._ping_sent_at: Optional[float] = None
+        self._joined_once = False
+        # slow consumer
+        self._over_soft_since: Optional[float] = None
+        self._reply_allowance = 0  # bytes of replies the client asked for (HISTORY)
         self._dispatch: Dict[type, Callable[[Any], None]] = {
             p.Msg: self._msg,
             p.Join: self._join,
@@ -88,36 +153,94 @@ class TcpConnection(asyncio.Protocol, Client):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self.peer = transport.get_extra_info("peername")
+        peer = transport.get_extra_info("peername")
+        self.ip = str(peer[0]) if peer else ""
+        if not self.hub.limiter.acquire(self.ip):
+            self._closing = self._closed = True
+            transport.write(SERVER_FULL)
+            transport.close()
+            return
+        self._counted = True
+        self.listener.connections.add(self)
+        self.connected_at = self.last_heard = self._loop.time()
+        settings = self.settings
+        if settings.rate_limit > 0:
+            self._bucket = TokenBucket(settings.rate_limit, settings.rate_burst, self.last_heard)
         self.hub.add(self)
         self.write(p.WELCOME)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
-            return  # after QUIT: ignored
-        dispatch = self._dispatch
-        for event in self._parser.receive_data(data):
-            dispatch[type(event)](event)
-            if self._closing:
-                break
+            return  # after QUIT or an error: ignored
+        self.last_heard = self._loop.time()
+        self._ping_sent_at = None
+        events = self._parser.receive_data(data)
+        if self._bucket is None:
+            dispatch = self._dispatch
+            for event in events:
+                dispatch[type(event)](event)
+                if self._closing:
+                    break
+        else:
+            self._waiting.extend(events)
+            self._work_off()
 
     def eof_received(self) -> bool:
         # The peer will send no more, but may still read (`nc -N`, a piped client):
         # finish the last line, let every shard answer, then close.
+        if self._closed:
+            return False  # we had closed our side too: the transport may go
         if not self._closing:
-            for event in self._parser.receive_data(b""):
-                self._dispatch[type(event)](event)
-            self._finish(bye=False)
+            self._waiting.extend(self._parser.receive_data(b""))
+            self._eof = True
+            self._work_off()
         return True
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._closed = True
         self._out.clear()
+        self._waiting.clear()
+        if self._resume is not None:
+            self._resume.cancel()
+        if self._counted:
+            self._counted = False
+            self.hub.limiter.release(self.ip)
+            self.listener.connections.discard(self)
         if not self._closing:
             self._closing = True
             self.hub.drop(self)
         elif self.cid in self.hub.clients:
             self.hub.drop(self)  # a QUIT still waiting for its shards: stop waiting
+
+    # --- flood control ---------------------------------------------------------------
+
+    def _work_off(self) -> None:
+        """Handle waiting commands as far as the token bucket allows."""
+        self._resume = None
+        waiting, dispatch, bucket = self._waiting, self._dispatch, self._bucket
+        while waiting and not self._closing:
+            if bucket is not None:
+                wait = bucket.take(self._loop.time())
+                if wait > 0.0:
+                    self._throttle(wait)
+                    return
+            event = waiting.popleft()
+            dispatch[type(event)](event)
+        if self._closing:
+            return
+        if self._eof:
+            self._finish(bye=False)
+        elif self.transport is not None:
+            self.transport.resume_reading()
+
+    def _throttle(self, wait: float) -> None:
+        assert self.transport is not None
+        if len(self._waiting) / self.settings.rate_limit > self.settings.flood_penalty:
+            log.info("cutting off %s: excess flood", self.ip)
+            self._cut_off(EXCESS_FLOOD)
+            return
+        self.transport.pause_reading()
+        self._resume = self._loop.call_later(wait, self._work_off)
 
     # --- output ----------------------------------------------------------------------
 
@@ -131,17 +254,89 @@ class TcpConnection(asyncio.Protocol, Client):
 
     def flush(self) -> None:
         out = self._out
-        if out and not self._closed:
-            assert self.transport is not None
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-            out.clear()
+        if not out or self._closed:
+            return
+        transport = self.transport
+        assert transport is not None
+        transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+        buffered = transport.get_write_buffer_size()
+        if buffered > self.settings.out_soft:
+            self._check_backlog(buffered, self._loop.time())
+        elif self._over_soft_since is not None or self._reply_allowance:
+            self._over_soft_since = None
+            self._reply_allowance = 0
+
+    def _check_backlog(self, buffered: int, now: float) -> None:
+        """Cut off a slow consumer: over the hard limit, or over the soft one for too long.
+        Replies the client asked for (HISTORY) do not count against it."""
+        settings = self.settings
+        allowance = self._reply_allowance
+        if buffered > settings.out_hard + allowance:
+            log.info("cutting off %s: slow consumer (%d bytes unread)", self.ip, buffered)
+            self._cut_off(SLOW_CONSUMER)
+        elif buffered > settings.out_soft + allowance:
+            if self._over_soft_since is None:
+                self._over_soft_since = now
+            elif now - self._over_soft_since > settings.out_soft_seconds:
+                log.info("cutting off %s: slow consumer (over the soft limit)", self.ip)
+                self._cut_off(SLOW_CONSUMER)
+        else:
+            self._over_soft_since = None
+
+    def _cut_off(self, reason: bytes) -> None:
+        """Best effort: queue *reason* behind what is unread, stop serving this client,
+        abort the socket if the client does not take its bytes within a grace period."""
+        transport = self.transport
+        assert transport is not None
+        self._closing = True
+        self._out.clear()
+        self._waiting.clear()
+        self.hub.drop(self)
+        self._out.append(reason)
+        self.close()
 
     def close(self) -> None:
-        """Flush what is queued and close the connection."""
+        """Flush what is queued and close: send end-of-file, keep reading (and discarding)
+        so the kernel does not reset the connection over unread input and lose our last
+        line, and abort the socket if the peer has not closed after a grace period."""
+        if self._closed:
+            return
         self.flush()
         self._closed = True
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+            transport.resume_reading()
+            self._loop.call_later(SLOW_CONSUMER_CLOSE_GRACE, transport.abort)
+        else:
+            transport.close()
+
+    # --- timers ----------------------------------------------------------------------
+
+    def check_timers(self, now: float) -> None:
+        """Called about once a second: keepalive, join deadline, soft output limit."""
+        if self._closing:
+            return
+        settings = self.settings
+        if not self._joined_once and now - self.connected_at > settings.join_timeout:
+            self._error_and_close(f"no JOIN within {settings.join_timeout:g} seconds")
+        elif self._ping_sent_at is not None:
+            if now - self._ping_sent_at > settings.ping_timeout:
+                self._error_and_close("ping timeout")
+        elif now - self.last_heard > settings.idle_ping:
+            self._ping_sent_at = now
+            self.write(p.ping_line(str(int(now))))
+        if self._over_soft_since is not None and self.transport is not None:
+            self._check_backlog(self.transport.get_write_buffer_size(), now)
+
+    def _error_and_close(self, description: str) -> None:
+        self._closing = True
+        self.write(p.error_line(description))
+        self.hub.drop(self)
+        self.close()
 
     # --- hub callbacks ---------------------------------------------------------------
 
@@ -149,6 +344,7 @@ class TcpConnection(asyncio.Protocol, Client):
         self.write(wire)
 
     def on_joined(self, room: str, entry: m.Entry) -> None:
+        self._joined_once = True
         self.write(p.joined_line(room))
 
     def on_left(self, room: str, entry: m.Entry) -> None:
@@ -158,6 +354,7 @@ class TcpConnection(asyncio.Protocol, Client):
         self.write(failure_line(failure))
 
     def on_shutdown(self) -> None:
+        self._closing = True
         self.write(p.SHUTTING_DOWN)
         self.close()
 
@@ -206,9 +403,9 @@ class TcpConnection(asyncio.Protocol, Client):
 
     def _rooms(self, command: p.Rooms) -> None:
         def reply(listing: List[Any]) -> None:
-            for room, count in listing:
-                self.write(p.room_line(room, count))
-            self.write(p.rooms_end_line(len(listing)))
+            lines = [p.room_line(room, count) for room, count in listing]
+            lines.append(p.rooms_end_line(len(listing)))
+            self._write_reply(lines)
 
         self.hub.rooms(reply)
 
@@ -219,13 +416,21 @@ class TcpConnection(asyncio.Protocol, Client):
             if isinstance(result, Failure):
                 self.write(failure_line(result))
                 return
-            for seq, ts, kind, username, text in result:
-                if kind != m.KIND_CHAT:
-                    username = "*"
-                self.write(p.history_line(room, seq, ts, username, text))
-            self.write(p.history_end_line(room, len(result)))
+            lines = [
+                p.history_line(room, seq, ts, username if kind == m.KIND_CHAT else "*", text)
+                for seq, ts, kind, username, text in result
+            ]
+            lines.append(p.history_end_line(room, len(result)))
+            self._write_reply(lines)
 
         self.hub.history(self, room, command.n, reply)
+
+    def _write_reply(self, lines: List[bytes]) -> None:
+        """A (possibly large) reply the client asked for: allowed on top of the output
+        limits, so a full HISTORY never trips the slow-consumer cut-off."""
+        data = b"".join(lines)
+        self._reply_allowance = min(self._reply_allowance + len(data), MAX_REPLY_ALLOWANCE)
+        self.write(data)
 
     def _ping(self, command: p.Ping) -> None:
         self.write(p.pong_line(command.token))
@@ -247,7 +452,7 @@ async def start_tcp_server(
 ) -> asyncio.AbstractServer:
     """Bind the line-protocol listener (not yet accepting unless *start_serving*)."""
     loop = asyncio.get_running_loop()
-    coalescer = WriteCoalescer(loop)
+    listener = TcpListener(hub, loop)
     return await loop.create_server(
-        lambda: TcpConnection(hub, coalescer), host, port, start_serving=start_serving
+        listener.new_connection, host, port, start_serving=start_serving, backlog=1024
     )
