@@ -13,9 +13,15 @@ import multiprocessing
 import os
 import signal
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Awaitable, Callable, List, Optional
 
-from common.limits import MIN_DEFAULT_SHARDS, SHARD_STOP_TIMEOUT, SHUTDOWN_TIMEOUT
+from common.limits import (
+    MIN_DEFAULT_SHARDS,
+    POLL_TIMEOUT,
+    SESSION_TTL,
+    SHARD_STOP_TIMEOUT,
+    SHUTDOWN_TIMEOUT,
+)
 from router.hub import Hub
 from router.policy import ConnectionLimiter, Settings, connection_cap, raise_fd_limit
 from router.shards import ShardPool
@@ -41,6 +47,8 @@ class Config:
     start_method: str = "spawn"
     crash_shard: Optional[int] = None  # fault injection for tests: this shard dies at start
     settings: Settings = field(default_factory=Settings)
+    poll_timeout: float = POLL_TIMEOUT  # HTTP long-poll wait, seconds
+    session_ttl: float = SESSION_TTL  # HTTP session lifetime without a request, seconds
 
     def shard_count(self) -> int:
         return self.shards or default_shard_count()
@@ -87,7 +95,16 @@ class Router:
         if config.http_port is not None:
             from router.http import start_http_server
 
-            listeners.append(("http", config.http_port, start_http_server))
+            def start_http(hub: Hub, host: str, port: int) -> Awaitable[asyncio.AbstractServer]:
+                return start_http_server(
+                    hub,
+                    host,
+                    port,
+                    poll_timeout=config.poll_timeout,
+                    session_ttl=config.session_ttl,
+                )
+
+            listeners.append(("http", config.http_port, start_http))
         for kind, port, start in listeners:
             try:
                 self.servers.append(await start(self.hub, config.host, port))

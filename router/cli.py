@@ -8,7 +8,7 @@ import multiprocessing
 import sys
 from typing import List, Optional
 
-from common.limits import MAX_SHARDS
+from common.limits import MAX_SHARDS, POLL_TIMEOUT, SESSION_TTL
 from router.app import Config, default_shard_count, run
 from router.policy import Settings
 
@@ -146,6 +146,21 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help=f"seconds a TCP client may stay without joining a room (default {d.join_timeout:g})",
     )
+    http = parser.add_argument_group("HTTP sessions")
+    http.add_argument(
+        "--poll-timeout",
+        type=float,
+        default=POLL_TIMEOUT,
+        metavar="S",
+        help=f"seconds a long poll waits for news (default {POLL_TIMEOUT:g})",
+    )
+    http.add_argument(
+        "--session-ttl",
+        type=float,
+        default=SESSION_TTL,
+        metavar="S",
+        help=f"seconds a browser session lives without a request (default {SESSION_TTL:g})",
+    )
     # Fault injection for the supervision tests: this shard exits as soon as it starts.
     parser.add_argument("--fault-crash-shard", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -175,6 +190,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         start_method=args.start_method,
         crash_shard=args.fault_crash_shard,
         settings=settings_from_args(args),
+        poll_timeout=args.poll_timeout,
+        session_ttl=args.session_ttl,
     )
 
 

@@ -1,39 +1,284 @@
-"""The HTTP transport (first cut: ``GET /healthz`` only; the JSON API follows)."""
+"""The HTTP transport: one :class:`HttpConnection` per TCP connection from a browser.
+
+A connection owns its socket transport and its sans-IO
+:class:`~router.http_parser.HttpRequestParser` and nothing else: it feeds the parser,
+hands each complete request to the :class:`~router.http_api.HttpApi`, writes the answer,
+and enforces the connection-level limits (request deadline, keep-alive idle time). Requests
+on one connection are handled one at a time, in order; reading pauses while one is being
+answered (a long poll can take ``POLL_TIMEOUT`` seconds). Reading goes on meanwhile, so a
+client that goes away is noticed at once (its poll is cancelled), but pauses once one more
+full request is buffered, so a pipelining client cannot make the router buffer without
+bound.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from typing import Any, List, Optional, Set
 
+from common.limits import (
+    HTTP_KEEPALIVE_IDLE,
+    HTTP_REQUEST_TIMEOUT,
+    MAX_HTTP_BODY_BYTES,
+    MAX_HTTP_HEADER_BYTES,
+    MAX_HTTP_REQUEST_LINE_BYTES,
+    POLL_TIMEOUT,
+    SESSION_TTL,
+)
+from router.http_api import SECURITY_HEADERS, ApiError, Exchange, HttpApi, Response
+from router.http_parser import (
+    CLOSED,
+    NEED_DATA,
+    HttpRequestParser,
+    ProtocolError,
+    Request,
+    format_response,
+)
+from router.http_static import StaticFiles
 from router.hub import Hub
+from web import WEB_ROOT
+
+log = logging.getLogger(__name__)
+
+#: Bytes of later (pipelined) requests buffered while one is being answered before reading
+#: pauses: one complete request of the largest size.
+MAX_PIPELINED_BYTES = MAX_HTTP_REQUEST_LINE_BYTES + MAX_HTTP_HEADER_BYTES + MAX_HTTP_BODY_BYTES
 
 
-class _MinimalHttp(asyncio.Protocol):
+class HttpConnection(asyncio.Protocol):
+    """One HTTP/1.1 client connection (keep-alive, one request at a time)."""
+
+    def __init__(self, api: HttpApi, connections: Set[HttpConnection]) -> None:
+        self.api = api
+        self._connections = connections
+        self._loop = api.hub.loop
+        self._parser = HttpRequestParser()
+        self.transport: Optional[asyncio.Transport] = None
+        self.peer: Any = None
+        self._exchange: Optional[Exchange] = None  # the request being answered
+        self._request: Optional[Request] = None
+        self._deadline: Optional[asyncio.TimerHandle] = None  # whole request must arrive
+        self._idle: Optional[asyncio.TimerHandle] = None  # keep-alive between requests
+        self._write_paused = False
+        self._read_paused = False
+        self._next_scheduled = False
+        self.closing = False  # no request after the current one
+        self._closed = False
+
+    @property
+    def busy(self) -> bool:
+        return self._exchange is not None
+
+    # --- asyncio.Protocol ------------------------------------------------------------
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self.buffer = b""
+        self.peer = transport.get_extra_info("peername")
+        self._connections.add(self)
+        self._arm_deadline()
 
     def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if b"\r\n\r\n" not in self.buffer:
-            if len(self.buffer) > 16384:
-                self.transport.close()
+        self._parser.receive_data(data)
+        if not self.busy:
+            if self._deadline is None and self._parser.in_progress:
+                self._arm_deadline()
+            self._process()
+        elif self._parser.buffered > MAX_PIPELINED_BYTES and not self._read_paused:
+            assert self.transport is not None
+            self._read_paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._parser.receive_data(b"")
+        exchange = self._exchange
+        if exchange is None:
+            self._process()
+        elif exchange.abandon_on_eof:
+            # A browser that aborts a long poll closes its socket: stop waiting for it.
+            self.close()
+            self._exchange = None
+            exchange.cancel()
+        return True  # keep the write side open: an answer may still be on its way
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._closed = True
+        self._connections.discard(self)
+        self._cancel_timers()
+        exchange, self._exchange = self._exchange, None
+        if exchange is not None:
+            exchange.cancel()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if not self.busy and not self._closed:
+            self._ready_for_next()
+
+    # --- requests --------------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Handle the next complete request in the parser, if any."""
+        self._next_scheduled = False
+        if self._closed or self.busy:
             return
-        line = self.buffer.split(b"\r\n", 1)[0]
-        if line.startswith(b"GET /healthz "):
-            status, body = b"200 OK", b'{"ok": true}'
+        event = self._parser.next_event()
+        if event is NEED_DATA:
+            return
+        if event is CLOSED:
+            self.close()
+        elif isinstance(event, ProtocolError):
+            self._refuse(event)
         else:
-            status, body = b"404 Not Found", b'{"error": {"code": "not_found"}}'
-        self.transport.write(
-            b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n"
-            b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
-        )
-        self.transport.close()
+            assert isinstance(event, Request)
+            self._start(event)
+
+    def _start(self, request: Request) -> None:
+        self._cancel_timers()
+        self._request = request
+        exchange = self._exchange = Exchange(lambda response: self._finish(exchange, response))
+        self.api.handle(request, exchange)
+
+    def _finish(self, exchange: Exchange, response: Response) -> None:
+        if self._closed or exchange is not self._exchange:
+            return
+        request = self._request
+        assert request is not None and self.transport is not None
+        self._exchange = self._request = None
+        keep_alive = request.keep_alive and not self.closing
+        head_only = request.method == "HEAD"
+        headers = response.headers + SECURITY_HEADERS
+        data = format_response(response.status, headers, response.body, keep_alive, head_only)
+        self.transport.write(data)
+        if not keep_alive:
+            self.close()
+            return
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()
+        if not self._write_paused:
+            self._ready_for_next()
+
+    def _ready_for_next(self) -> None:
+        """Between requests: start the right timer and look at what is buffered."""
+        if self._parser.in_progress:
+            self._arm_deadline()
+        else:
+            self._arm_idle()
+        if not self._next_scheduled:
+            # Not recursively: a pipelined burst must not grow the stack.
+            self._next_scheduled = True
+            self._loop.call_soon(self._process)
+
+    def _refuse(self, error: ProtocolError) -> None:
+        """Answer a protocol error and close (the parser is dead after one)."""
+        assert self.transport is not None
+        log.debug("http %s: %s %s", self.peer, error.status, error.message)
+        response = ApiError(error.status, error.code, error.message).response()
+        headers = response.headers + SECURITY_HEADERS
+        self.transport.write(format_response(error.status, headers, response.body, False))
+        self.close()
+
+    # --- timers ----------------------------------------------------------------------
+
+    def _arm_deadline(self) -> None:
+        self._cancel_timers()
+        self._deadline = self._loop.call_later(HTTP_REQUEST_TIMEOUT, self._on_deadline)
+
+    def _arm_idle(self) -> None:
+        self._cancel_timers()
+        self._idle = self._loop.call_later(HTTP_KEEPALIVE_IDLE, self._on_idle)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self._deadline, self._idle):
+            if timer is not None:
+                timer.cancel()
+        self._deadline = self._idle = None
+
+    def _on_deadline(self) -> None:
+        self._deadline = None
+        if not self.busy and not self._closed:
+            self._refuse(
+                ProtocolError(408, "request_timeout", "the request did not arrive in time")
+            )
+
+    def _on_idle(self) -> None:
+        self._idle = None
+        if not self.busy:
+            self.close()
+
+    # --- closing ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._cancel_timers()
+            self._connections.discard(self)
+            if self.transport is not None:
+                self.transport.close()
+
+    def shutdown(self) -> None:
+        """The server stops: close now if idle, else after the current answer."""
+        self.closing = True
+        if not self.busy:
+            self.close()
+
+
+class HttpServer(asyncio.AbstractServer):
+    """The listening server plus what it owns (the API, open connections): closing it
+    also closes idle connections and makes the busy ones close after their answer."""
+
+    def __init__(
+        self, server: asyncio.AbstractServer, api: HttpApi, connections: Set[HttpConnection]
+    ) -> None:
+        self._server = server
+        self.api = api
+        self._connections = connections
+
+    @property
+    def sockets(self) -> List[Any]:
+        return list(self._server.sockets)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self._server.close()
+        self.api.close()
+        for connection in list(self._connections):
+            connection.shutdown()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._server.get_loop()
+
+    def is_serving(self) -> bool:
+        return self._server.is_serving()
+
+    async def start_serving(self) -> None:
+        await self._server.start_serving()
+
+    async def serve_forever(self) -> None:
+        await self._server.serve_forever()
+
+    async def wait_closed(self) -> None:
+        await self._server.wait_closed()
 
 
 async def start_http_server(
-    hub: Hub, host: str, port: int, start_serving: bool = False
+    hub: Hub,
+    host: str,
+    port: int,
+    start_serving: bool = False,
+    poll_timeout: float = POLL_TIMEOUT,
+    session_ttl: float = SESSION_TTL,
 ) -> asyncio.AbstractServer:
-    """Bind the HTTP listener (not yet accepting unless *start_serving*)."""
+    """Bind the HTTP listener (browser UI and JSON API), not yet accepting unless
+    *start_serving*. Raises ``OSError`` if the port cannot be bound. The returned server
+    owns the API state (sessions); closing it ends the connections."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(_MinimalHttp, host, port, start_serving=start_serving)
+    api = HttpApi(hub, StaticFiles(WEB_ROOT), poll_timeout, session_ttl)
+    connections: Set[HttpConnection] = set()
+    server = await loop.create_server(
+        lambda: HttpConnection(api, connections), host, port, start_serving=start_serving
+    )
+    return HttpServer(server, api, connections)

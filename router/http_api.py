@@ -1,0 +1,512 @@
+"""The JSON API and the routes of the HTTP transport, on top of the hub.
+
+:class:`HttpApi` turns one parsed :class:`~router.http_parser.Request` into hub calls and
+answers through an :class:`Exchange` (the connection's handle on the request), at once or
+later (joins wait for the shard, polls wait for news). It knows nothing about sockets.
+Every refusal is an :class:`ApiError`: an HTTP status, a stable ``code`` (clients match
+codes, never messages) and a message. See ``docs/PROTOCOL.md``, "JSON API (HTTP)".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from common import messages as m
+from common.limits import MAX_LINE_BYTES, MAX_TEXT_CHARS, POLL_TIMEOUT, SESSION_TTL
+from common.names import is_valid_room, is_valid_username, name_key, normalize
+from router.http_parser import Request
+from router.http_poll import Poll, parse_cursors
+from router.http_session import COOKIE_NAME, HttpSession, SessionStore
+from router.http_static import StaticFiles
+from router.hub import Client, Failure, Hub
+
+log = logging.getLogger(__name__)
+
+HeaderList = Tuple[Tuple[str, str], ...]
+
+#: Headers on every response. The page has no inline script or style, so the policy needs
+#: no ``unsafe-inline``: injected markup could not run even if it reached the DOM.
+SECURITY_HEADERS: HeaderList = (
+    (
+        "Content-Security-Policy",
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    ),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+)
+JSON_HEADERS: HeaderList = (
+    ("Content-Type", "application/json; charset=utf-8"),
+    ("Cache-Control", "no-store"),
+)
+
+# Error codes of the HTTP API besides the hub's ERR_* (stable: clients match them).
+BAD_REQUEST = "bad_request"
+INVALID_JSON = "invalid_json"
+INVALID_ROOM = "invalid_room"
+INVALID_USERNAME = "invalid_username"
+INVALID_TEXT = "invalid_text"
+INVALID_CURSOR = "invalid_cursor"
+TEXT_TOO_LONG = "text_too_long"
+NO_SESSION = "no_session"
+BAD_ORIGIN = "bad_origin"
+NOT_FOUND = "not_found"
+METHOD_NOT_ALLOWED = "method_not_allowed"
+UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+RATE_LIMITED = "rate_limited"
+TOO_MANY_SESSIONS = "too_many_sessions"
+INTERNAL_ERROR = "internal_error"
+
+#: HTTP status of each refusal code that comes from the hub or a shard.
+FAILURE_STATUS = {
+    m.ERR_NAME_TAKEN: 409,
+    m.ERR_ALREADY_IN_ROOM: 409,
+    m.ERR_TOO_MANY_ROOMS: 400,
+    m.ERR_WRONG_USERNAME: 403,
+    m.ERR_NOT_IN_ROOM: 403,
+    m.ERR_TIMEOUT: 503,
+    m.ERR_UNAVAILABLE: 503,
+    RATE_LIMITED: 429,
+}
+
+# Same rule as the line protocol: no C0/C1 control characters except TAB.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+class Response(NamedTuple):
+    status: int
+    body: bytes
+    headers: HeaderList = ()
+
+
+class ApiError(Exception):
+    """A refused request: answer ``status`` with ``{"error": {"code", "message"}}``."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: HeaderList = (), **extra: Any
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+        self.extra = extra
+
+    def response(self) -> Response:
+        error = {"code": self.code, "message": self.message, **self.extra}
+        return json_response(self.status, {"error": error}, self.headers)
+
+
+def json_response(status: int, payload: Dict[str, Any], headers: HeaderList = ()) -> Response:
+    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    return Response(status, body, JSON_HEADERS + headers)
+
+
+def failure_error(failure: Failure) -> ApiError:
+    """The API error for a hub/shard refusal."""
+    code, room = failure
+    status = FAILURE_STATUS.get(code, 500)
+    messages = {
+        m.ERR_NAME_TAKEN: f"someone in {room} already has that name",
+        m.ERR_ALREADY_IN_ROOM: f"already in room {room}",
+        m.ERR_TOO_MANY_ROOMS: "too many rooms for one session",
+        m.ERR_WRONG_USERNAME: "this session has another username",
+        m.ERR_NOT_IN_ROOM: f"not in room {room}",
+        m.ERR_TIMEOUT: "server busy, try again",
+        m.ERR_UNAVAILABLE: f"room {room} unavailable" if room else "room unavailable",
+    }
+    extra = {"room": room} if room else {}
+    return ApiError(status, code, messages.get(code, code.replace("_", " ")), **extra)
+
+
+def session_cookie(token: str) -> Tuple[str, str]:
+    return ("Set-Cookie", f"{COOKIE_NAME}={token}; HttpOnly; SameSite=Strict; Path=/")
+
+
+def expired_cookie() -> Tuple[str, str]:
+    return ("Set-Cookie", f"{COOKIE_NAME}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0")
+
+
+def cookie_value(request: Request, name: str) -> Optional[str]:
+    """The value of cookie *name* from the request's ``Cookie`` headers, or None."""
+    for key, value in request.headers:
+        if key != "cookie":
+            continue
+        for part in value.split(";"):
+            cookie, _, content = part.strip().partition("=")
+            if cookie == name:
+                return content.strip('"')
+    return None
+
+
+class Exchange:
+    """One request in flight: the API answers through it exactly once. The transport
+    calls :meth:`cancel` if the client goes away first; a later answer is ignored."""
+
+    def __init__(self, send: Callable[[Response], None]) -> None:
+        self._send = send
+        self._on_cancel: Optional[Callable[[], None]] = None
+        self.finished = False
+        #: True for a request that only waits (a poll): if the client closes its side,
+        #: nobody wants the answer. Other requests are answered even after the client's EOF.
+        self.abandon_on_eof = False
+
+    def respond(self, response: Response) -> None:
+        if not self.finished:
+            self.finished = True
+            self._send(response)
+
+    def on_cancel(self, callback: Callable[[], None], abandon_on_eof: bool = False) -> None:
+        """Call *callback* if the client goes away before the answer."""
+        self._on_cancel = callback
+        self.abandon_on_eof = abandon_on_eof
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.finished = True
+            if self._on_cancel is not None:
+                self._on_cancel()
+
+
+#: The admission hook: ``admit(session, action)`` is called before each API command
+#: (``action`` is ``"join"``, ``"send"``, ``"leave"`` or ``"poll"``; *session* is None for
+#: a join that would create one). Return None to go on, or seconds to wait: the request is
+#: then refused with ``429 rate_limited`` and that ``Retry-After``. Rate limiting plugs in
+#: here (``HttpApi.admit = ...``).
+Admit = Callable[[Optional[HttpSession], str], Optional[float]]
+
+
+def admit_everything(session: Optional[HttpSession], action: str) -> Optional[float]:
+    return None
+
+
+class _Anonymous(Client):
+    """The client behind requests that need no session (``members``); never registered,
+    never a member of anything."""
+
+    def deliver(self, room: str, entry: m.Entry, wire: bytes) -> None:
+        pass
+
+
+Handler = Callable[[Request, Exchange, Dict[str, Any]], None]
+
+
+class HttpApi:
+    """Routes, JSON commands and the static page. One per HTTP listener."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        static: StaticFiles,
+        poll_timeout: float = POLL_TIMEOUT,
+        session_ttl: float = SESSION_TTL,
+    ) -> None:
+        self.hub = hub
+        self.static = static
+        self.poll_timeout = poll_timeout
+        self.sessions = SessionStore(hub, hub.loop, session_ttl)
+        self.admit: Admit = admit_everything
+        self._anonymous = _Anonymous()
+        self._routes: Dict[str, Dict[str, Handler]] = {
+            "/healthz": {"GET": self._healthz},
+            "/api/session": {"GET": self._session_info},
+            "/api/join": {"POST": self._join},
+            "/api/send": {"POST": self._send},
+            "/api/leave": {"POST": self._leave},
+            "/api/poll": {"GET": self._poll},
+            "/api/rooms": {"GET": self._rooms},
+        }
+
+    # --- dispatch --------------------------------------------------------------------
+
+    def handle(self, request: Request, exchange: Exchange) -> None:
+        """Answer *request* through *exchange* (now or later). Never raises: refusals
+        become error responses, and anything unexpected is logged and answered 500."""
+        try:
+            self._dispatch(request, exchange)
+        except ApiError as error:
+            exchange.respond(error.response())
+        except Exception:
+            log.error("error handling %s %s", request.method, request.target, exc_info=True)
+            exchange.respond(ApiError(500, INTERNAL_ERROR, "internal error").response())
+
+    def _dispatch(self, request: Request, exchange: Exchange) -> None:
+        split = urlsplit(request.target)
+        path = split.path
+        method = "GET" if request.method == "HEAD" else request.method
+        handlers, params = self._route(path)
+        if handlers is None:
+            static = self.static.lookup(path)
+            if static is None:
+                raise ApiError(404, NOT_FOUND, f"no such resource {path}")
+            if method != "GET":
+                raise _method_not_allowed(("GET", "HEAD"))
+            self._static(request, exchange, static)
+            return
+        handler = handlers.get(method)
+        if handler is None:
+            raise _method_not_allowed(tuple(handlers) + (("HEAD",) if "GET" in handlers else ()))
+        if method == "POST":
+            _check_post(request)
+        params["query"] = split.query
+        handler(request, exchange, params)
+
+    def _route(self, path: str) -> Tuple[Optional[Dict[str, Handler]], Dict[str, Any]]:
+        handlers = self._routes.get(path)
+        if handlers is not None:
+            return handlers, {}
+        if path.startswith("/api/rooms/") and path.endswith("/members"):
+            room = path[len("/api/rooms/") : -len("/members")]
+            return {"GET": self._members}, {"room": room}
+        if path.startswith("/api/"):
+            raise ApiError(404, NOT_FOUND, f"no such endpoint {path}")
+        return None, {}
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _session(self, request: Request) -> HttpSession:
+        session = self.sessions.get(cookie_value(request, COOKIE_NAME))
+        if session is None:
+            raise ApiError(401, NO_SESSION, "no session: join a room first")
+        return session
+
+    def _admit(self, session: Optional[HttpSession], action: str) -> None:
+        wait = self.admit(session, action)
+        if wait is not None:
+            seconds = str(max(1, int(wait + 0.999)))
+            raise ApiError(
+                429, RATE_LIMITED, "too many requests", headers=(("Retry-After", seconds),)
+            )
+
+    def _reply_failure(self, exchange: Exchange, failure: Failure) -> None:
+        exchange.respond(failure_error(failure).response())
+
+    # --- endpoints -------------------------------------------------------------------
+
+    def _static(self, request: Request, exchange: Exchange, file: Any) -> None:
+        headers = self.static.headers(file)
+        if self.static.not_modified(file, request.header("if-none-match")):
+            exchange.respond(Response(304, b"", headers))
+        else:
+            exchange.respond(Response(200, file.body, headers))
+
+    def _healthz(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
+        pool = self.hub.pool
+        links = pool.links if pool is not None else []
+        alive = sum(1 for link in links if link.alive)
+        ok = bool(links) and alive == len(links)
+        payload = {"ok": ok, "shards": len(links), "shards_alive": alive}
+        payload["sessions"] = len(self.sessions)
+        exchange.respond(json_response(200 if ok else 503, payload))
+
+    def _session_info(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
+        session = self._session(request)
+        rooms = sorted(session.rooms)
+        payload = {
+            "username": session.username,
+            "rooms": rooms,
+            "epochs": {room: self.hub.epoch_of(room) for room in rooms},
+        }
+        exchange.respond(json_response(200, payload))
+
+    def _join(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
+        body = _json_object(request)
+        room = _room_field(body)
+        username = _username_field(body)
+        session = self.sessions.get(cookie_value(request, COOKIE_NAME))
+        if session is not None and session.username != username:
+            if session.rooms or session.pending_joins:
+                raise failure_error(Failure(m.ERR_WRONG_USERNAME, ""))
+            self.sessions.end(session)  # in no room: start over under the new name
+            session = None
+        self._admit(session, "join")
+        new = session is None
+        if session is None:
+            session = self.sessions.create(username)
+            if session is None:
+                raise ApiError(503, TOO_MANY_SESSIONS, "too many sessions, try again later")
+        joined = session
+
+        def done(result: Any) -> None:
+            if isinstance(result, Failure):
+                if new and not (joined.rooms or joined.pending_joins):
+                    self.sessions.end(joined)
+                self._reply_failure(exchange, result)
+                return
+            payload = {
+                "ok": True,
+                "room": room,
+                "username": joined.username,
+                "id": result[0],
+                "epoch": self.hub.epoch_of(room),
+            }
+            exchange.respond(json_response(200, payload, (session_cookie(joined.token),)))
+
+        code = session.join(room, done)
+        if code is not None:
+            done(Failure(code, room))
+
+    def _send(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
+        session = self._session(request)
+        body = _json_object(request)
+        room = _room_field(body)
+        text = _text_field(body, room)
+        claimed = body.get("username")
+        if claimed is not None and (
+            not isinstance(claimed, str)
+            or name_key(normalize(claimed)) != name_key(session.username or "")
+        ):
+            raise ApiError(403, m.ERR_WRONG_USERNAME, "username does not match the session")
+        if room not in session.rooms:
+            raise failure_error(Failure(m.ERR_NOT_IN_ROOM, room))
+        self._admit(session, "send")
+
+        def done(result: Any) -> None:
+            if isinstance(result, Failure):
+                self._reply_failure(exchange, result)
+            else:
+                exchange.respond(json_response(200, {"ok": True, "room": room, "id": result}))
+
+        self.hub.say(session, room, text, done)
+
+    def _leave(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
+        session = self._session(request)
+        body = _json_object(request)
+        if body.get("room") is None:
+            self.sessions.end(session)
+            payload = {"ok": True, "ended": True}
+            exchange.respond(json_response(200, payload, (expired_cookie(),)))
+            return
+        room = _room_field(body)
+        self._admit(session, "leave")
+
+        def done(result: Any) -> None:
+            if isinstance(result, Failure):
+                self._reply_failure(exchange, result)
+            else:
+                exchange.respond(json_response(200, {"ok": True, "room": room}))
+
+        self.hub.leave(session, room, done)
+
+    def _poll(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
+        session = self._session(request)
+        query = parse_qs(params["query"], keep_blank_values=True)
+        cursors = parse_cursors(query)
+        if isinstance(cursors, str):
+            raise ApiError(400, INVALID_CURSOR, cursors)
+        for cursor in cursors:
+            if cursor.room not in session.rooms:
+                raise failure_error(Failure(m.ERR_NOT_IN_ROOM, cursor.room))
+        self._admit(session, "poll")
+
+        def respond(status: int, payload: Dict[str, Any]) -> None:
+            exchange.respond(json_response(status, payload))
+
+        poll = Poll(self.hub, session, cursors, self.poll_timeout, respond)
+        exchange.on_cancel(poll.cancel, abandon_on_eof=True)
+        poll.start()
+
+    def _rooms(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
+        def done(listing: List[Tuple[str, int]]) -> None:
+            rooms = [{"room": room, "members": count} for room, count in listing]
+            exchange.respond(json_response(200, {"rooms": rooms}))
+
+        self.hub.rooms(done)
+
+    def _members(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
+        try:
+            room = normalize(unquote(params["room"], errors="strict"))
+        except UnicodeDecodeError:
+            raise ApiError(400, INVALID_ROOM, "room name is not UTF-8") from None
+        if not is_valid_room(room):
+            raise ApiError(400, INVALID_ROOM, "invalid room name: 1-64 letters, digits, _ - .")
+
+        def done(result: Any) -> None:
+            if isinstance(result, Failure):
+                self._reply_failure(exchange, Failure(result.code, room))
+            else:
+                exchange.respond(json_response(200, {"room": room, "members": result}))
+
+        self.hub.names(self._anonymous, room, done)
+
+    def close(self) -> None:
+        self.sessions.close()
+
+
+# --- request checks ----------------------------------------------------------------------
+
+
+def _method_not_allowed(allowed: Sequence[str]) -> ApiError:
+    allow = ", ".join(dict.fromkeys(allowed))
+    return ApiError(405, METHOD_NOT_ALLOWED, f"allowed: {allow}", headers=(("Allow", allow),))
+
+
+def _check_post(request: Request) -> None:
+    """JSON only, and from this origin: a cross-site form cannot send JSON, and a
+    cross-site script's fetch carries a foreign ``Origin``."""
+    content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise ApiError(415, UNSUPPORTED_MEDIA_TYPE, "send Content-Type: application/json")
+    origin = request.header("origin")
+    host = request.header("host")
+    if origin is not None and origin not in (f"http://{host}", f"https://{host}"):
+        raise ApiError(403, BAD_ORIGIN, "cross-origin requests are not accepted")
+
+
+def _json_object(request: Request) -> Dict[str, Any]:
+    try:
+        value = json.loads(request.body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ApiError(400, INVALID_JSON, "the body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, INVALID_JSON, "the body must be a JSON object")
+    return value
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from JSON "\ud800" escapes
+        return False
+    return True
+
+
+def _room_field(body: Dict[str, Any]) -> str:
+    room = body.get("room")
+    if not isinstance(room, str) or not _encodable(room):
+        raise ApiError(400, INVALID_ROOM, "room must be a string")
+    room = normalize(room)
+    if not is_valid_room(room):
+        raise ApiError(400, INVALID_ROOM, "invalid room name: 1-64 letters, digits, _ - .")
+    return room
+
+
+def _username_field(body: Dict[str, Any]) -> str:
+    username = body.get("username")
+    if not isinstance(username, str) or not _encodable(username):
+        raise ApiError(400, INVALID_USERNAME, "username must be a string")
+    username = normalize(username)
+    if not is_valid_username(username):
+        raise ApiError(400, INVALID_USERNAME, "invalid username: 1-32 letters, digits, _ - .")
+    return username
+
+
+def _text_field(body: Dict[str, Any], room: str) -> str:
+    text = body.get("text")
+    if not isinstance(text, str) or not text or not _encodable(text):
+        raise ApiError(400, INVALID_TEXT, "text must be a non-empty string")
+    if _CONTROL.search(text):
+        raise ApiError(400, INVALID_TEXT, "control characters (newlines too) are not allowed")
+    # The same limits as the line protocol's "MSG <room> <text>": line-protocol members
+    # receive this text on one line.
+    line_bytes = len(f"MSG {room} {text}".encode())
+    if len(text) > MAX_TEXT_CHARS or line_bytes > MAX_LINE_BYTES:
+        raise ApiError(
+            413, TEXT_TOO_LONG, f"message too long (at most {MAX_TEXT_CHARS} characters)"
+        )
+    return text

@@ -1,0 +1,309 @@
+"""Long polls: cursors in, room events out, with an explicit flag for every gap.
+
+A poll names one or more rooms, each with a *cursor*: ``after`` (the last ``id`` the client
+has, i.e. the room's ``seq``) and optionally the ``epoch`` it was read in (the owning
+shard's restart count). For each room the poll answers from the session's
+:class:`~router.http_session.RoomFeed` when the feed covers the cursor, and otherwise asks
+the shard (``SINCE``). When a room's answer cannot continue the client's stream without a
+hole (the cursor is older than the shard's history, or from another epoch, or from the
+future) the room is marked ``missed`` and the answer is everything still available. With
+nothing new, the poll waits (woken by the session) up to the poll timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
+
+from common import messages as m
+from common.limits import MAX_ROOMS_PER_CLIENT
+from common.names import is_valid_room, normalize
+from router.http_session import HttpSession, Waiter
+from router.hub import Failure, Hub
+
+#: ``respond(status, payload)``: the poll's answer (a JSON object, or an error object).
+Respond = Callable[[int, Dict[str, Any]], None]
+
+
+class Cursor(NamedTuple):
+    room: str
+    after: int
+    epoch: Optional[int]
+
+
+class RoomResult(NamedTuple):
+    entries: List[m.Entry]
+    after: int
+    epoch: int
+    missed: bool = False
+    first: Optional[int] = None
+    left: bool = False
+
+
+def _number(text: str) -> Optional[int]:
+    if text.isascii() and text.isdigit() and len(text) <= 18:
+        return int(text)
+    return None
+
+
+def _cursor(room: str, after: str, epoch: Optional[str]) -> Union[Cursor, str]:
+    room = normalize(room)
+    if not is_valid_room(room):
+        return f"invalid room name {room!r} in cursor"
+    seq = _number(after) if after else 0
+    if seq is None:
+        return f"after must be a whole number, got {after!r}"
+    number = None
+    if epoch:
+        number = _number(epoch)
+        if number is None:
+            return f"epoch must be a whole number, got {epoch!r}"
+    return Cursor(room, seq, number)
+
+
+def parse_cursors(query: Dict[str, List[str]]) -> Union[List[Cursor], str]:
+    """The cursors of a poll's query string (already split with ``parse_qs``): either
+    ``room=R&after=N[&epoch=E]`` or ``cursors=R1:N1[:E1],R2:N2[:E2]``. Returns the list,
+    or a message saying what is wrong."""
+    single = query.get("room")
+    several = query.get("cursors")
+    if (single is None) == (several is None):
+        return "give either room= (with after=) or cursors="
+    if single is not None:
+        if len(single) != 1 or len(query.get("after", [""])) != 1:
+            return "room and after may be given once"
+        epoch = query.get("epoch", [None])
+        return _single(single[0], query.get("after", [""])[0], epoch[-1])
+    assert several is not None
+    return _several(",".join(several))
+
+
+def _single(room: str, after: str, epoch: Optional[str]) -> Union[List[Cursor], str]:
+    cursor = _cursor(room, after, epoch)
+    return cursor if isinstance(cursor, str) else [cursor]
+
+
+def _several(text: str) -> Union[List[Cursor], str]:
+    items = [item for item in text.split(",") if item]
+    if not items:
+        return "cursors= names no room"
+    if len(items) > MAX_ROOMS_PER_CLIENT:
+        return f"at most {MAX_ROOMS_PER_CLIENT} cursors"
+    cursors: List[Cursor] = []
+    for item in items:
+        parts = item.split(":")
+        if not 1 <= len(parts) <= 3:
+            return f"a cursor is room:after[:epoch], got {item!r}"
+        cursor = _cursor(parts[0], parts[1] if len(parts) > 1 else "", (parts + [None])[2])
+        if isinstance(cursor, str):
+            return cursor
+        cursors.append(cursor)
+    if len({cursor.room for cursor in cursors}) != len(cursors):
+        return "a room appears twice in cursors="
+    return cursors
+
+
+def message_json(room: str, entry: m.Entry) -> Dict[str, Any]:
+    """One room event as the API shows it."""
+    seq, ts, kind, username, text = entry
+    return {
+        "id": seq,
+        "room": room,
+        "username": username,
+        "text": text,
+        "type": "chat" if kind == m.KIND_CHAT else "info",
+        "kind": kind,
+        "ts": round(ts, 3),
+    }
+
+
+def poll_payload(cursors: List[Cursor], results: Dict[str, RoomResult]) -> Dict[str, Any]:
+    """The JSON answer of a poll: messages (room by room, oldest first), per-room state,
+    and the cursors string to send back."""
+    messages: List[Dict[str, Any]] = []
+    rooms: Dict[str, Dict[str, Any]] = {}
+    tokens: List[str] = []
+    for cursor in cursors:
+        result = results[cursor.room]
+        messages.extend(message_json(cursor.room, entry) for entry in result.entries)
+        state: Dict[str, Any] = {
+            "after": result.after,
+            "epoch": result.epoch,
+            "missed": result.missed,
+        }
+        if result.first is not None:
+            state["first"] = result.first
+        if result.left:
+            state["left"] = True
+        else:
+            tokens.append(f"{cursor.room}:{result.after}:{result.epoch}")
+        rooms[cursor.room] = state
+    payload: Dict[str, Any] = {
+        "messages": messages,
+        "rooms": rooms,
+        "missed": any(state["missed"] for state in rooms.values()),
+        "cursors": ",".join(tokens),
+    }
+    if len(cursors) == 1:
+        payload["epoch"] = rooms[cursors[0].room]["epoch"]
+    return payload
+
+
+class Poll(Waiter):
+    """One ``GET /api/poll`` of a session: answers at once if there is anything to say,
+    otherwise waits on the session until news, the timeout, or cancellation."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        session: HttpSession,
+        cursors: List[Cursor],
+        timeout: float,
+        respond: Respond,
+    ) -> None:
+        self.hub = hub
+        self.session = session
+        self.cursors = cursors
+        self.rooms: Dict[str, Cursor] = {cursor.room: cursor for cursor in cursors}
+        self.timeout = timeout
+        self._respond = respond
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._wake_scheduled = False
+        self._fetching = False
+        self.finished = False
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._run()
+
+    def wake(self) -> None:
+        if not (self.finished or self._wake_scheduled or self._fetching):
+            self._wake_scheduled = True
+            # Next loop turn: everything that arrived in this one goes in one answer.
+            self.hub.loop.call_soon(self._run)
+
+    def cancel(self) -> None:
+        """The client went away: stop waiting, answer nothing."""
+        if not self.finished:
+            self._stop()
+
+    def end(self, status: int, code: str, message: str) -> None:
+        if not self.finished:
+            self._stop()
+            self._respond(status, {"error": {"code": code, "message": message}})
+
+    def _stop(self) -> None:
+        self.finished = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.session.remove_poll(self)
+
+    def _finish(self, results: Dict[str, RoomResult]) -> None:
+        self._stop()
+        self._respond(200, poll_payload(self.cursors, results))
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if self.finished or self._fetching:
+            return
+        results, fetches = self._collect()
+        if fetches:
+            self._fetch(results, fetches)
+        else:
+            self._finish(results)
+
+    # --- evaluation ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._wake_scheduled = False
+        if self.finished:
+            return
+        results, fetches = self._collect()
+        if fetches:
+            self._fetch(results, fetches)
+        elif any(r.entries or r.missed or r.left for r in results.values()):
+            self._finish(results)
+        else:
+            self.session.add_poll(self)
+            if self._timer is None:
+                self._timer = self.hub.loop.call_later(self.timeout, self._on_timeout)
+
+    def _collect(self) -> Tuple[Dict[str, RoomResult], List[Tuple[Cursor, int, bool]]]:
+        """What the session's feeds can answer, and the ``(cursor, after, forced_missed)``
+        rooms that need the shard."""
+        session = self.session
+        results: Dict[str, RoomResult] = {}
+        fetches: List[Tuple[Cursor, int, bool]] = []
+        for cursor in self.cursors:
+            room = cursor.room
+            epoch = self.hub.epoch_of(room)
+            feed = session.feeds.get(room)
+            if feed is None or room not in session.rooms:
+                results[room] = RoomResult([], cursor.after, epoch, left=True)
+            elif cursor.epoch not in (None, epoch) or feed.epoch != epoch:
+                fetches.append((cursor, 0, True))  # another epoch: its seqs mean nothing now
+            elif cursor.after > feed.last_seq:
+                fetches.append((cursor, 0, True))  # from the future: from before a restart
+            elif not feed.covers(cursor.after):
+                fetches.append((cursor, cursor.after, False))
+            else:
+                entries = feed.take_after(cursor.after)
+                after = entries[-1][0] if entries else cursor.after
+                results[room] = RoomResult(entries, after, epoch)
+        return results, fetches
+
+    def _fetch(
+        self, results: Dict[str, RoomResult], fetches: List[Tuple[Cursor, int, bool]]
+    ) -> None:
+        self._fetching = True
+        remaining = len(fetches)
+        failures: List[Failure] = []
+
+        def fetched(cursor: Cursor, after: int, forced: bool, result: Any) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if isinstance(result, Failure):
+                if result.code == m.ERR_NOT_IN_ROOM:
+                    epoch = self.hub.epoch_of(cursor.room)
+                    results[cursor.room] = RoomResult([], cursor.after, epoch, left=True)
+                else:
+                    failures.append(result)
+            else:
+                results[cursor.room] = self._since_result(cursor, after, forced, result)
+            if remaining == 0:
+                self._fetching = False
+                self._fetched(results, failures)
+
+        for cursor, after, forced in fetches:
+            self.hub.since(
+                self.session,
+                cursor.room,
+                after,
+                lambda result, c=cursor, a=after, f=forced: fetched(c, a, f, result),
+            )
+
+    def _fetched(self, results: Dict[str, RoomResult], failures: List[Failure]) -> None:
+        if self.finished:
+            return
+        if failures:
+            code = failures[0].code
+            self.end(503, code, f"a shard did not answer ({code}); try again")
+        else:
+            self._finish(results)
+
+    def _since_result(
+        self, cursor: Cursor, after: int, forced: bool, result: Tuple[Any, int, int]
+    ) -> RoomResult:
+        entries, first, last = result
+        entries = list(entries)
+        feed = self.session.feeds.get(cursor.room)
+        if feed is not None:
+            # Events that reached the session after the shard answered are not in `entries`.
+            entries.extend(entry for entry in feed.entries if entry[0] > last)
+        missed = forced or after < first - 1
+        new_after = entries[-1][0] if entries else (after if not forced else last)
+        return RoomResult(
+            entries, new_after, self.hub.epoch_of(cursor.room), missed=missed, first=first
+        )

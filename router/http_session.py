@@ -1,0 +1,263 @@
+"""Browser sessions: one :class:`HttpSession` per cookie, a hub :class:`~router.hub.Client`.
+
+A session is what the hub sees of a browser user: it joins rooms, gets every event of those
+rooms (``deliver``), and keeps them per room in a bounded :class:`RoomFeed` until a poll
+takes them. Polls (see :mod:`router.http_poll`) wait on the session and are woken when one
+of their rooms has news. The :class:`SessionStore` owns the sessions: it creates them
+(random tokens), finds them by cookie, and expires the ones that stopped polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional
+
+from common import messages as m
+from common.limits import MAX_HTTP_SESSIONS, MAX_POLLS_PER_SESSION, MAX_SESSION_BACKLOG
+from router.hub import Client, Failure, Hub
+
+log = logging.getLogger(__name__)
+
+#: The cookie holding the session token.
+COOKIE_NAME = "sc_session"
+
+#: What a join's *done* callback gets: the joiner's own entry, or a :class:`Failure`.
+JoinCallback = Callable[[Any], None]
+
+
+class RoomFeed:
+    """The events of one room this session was sent and no poll has acknowledged yet.
+
+    Invariant: every event of the room with ``seq > covered_after`` and ``seq <=
+    last_seq`` is in ``entries`` (oldest first). When the feed is full the oldest entry
+    goes and ``covered_after`` moves up: a poll from before it reads the shard instead.
+    ``epoch`` is the owning shard's epoch the feed belongs to.
+    """
+
+    __slots__ = ("entries", "covered_after", "last_seq", "epoch")
+
+    def __init__(self, epoch: int, covered_after: int) -> None:
+        self.entries: Deque[m.Entry] = deque()
+        self.covered_after = covered_after
+        self.last_seq = covered_after
+        self.epoch = epoch
+
+    def push(self, entry: m.Entry) -> None:
+        if len(self.entries) >= MAX_SESSION_BACKLOG:
+            self.covered_after = self.entries.popleft()[0]
+        self.entries.append(entry)
+        self.last_seq = entry[0]
+
+    def covers(self, after: int) -> bool:
+        """True if every event after *after* that this session has seen is held here."""
+        return self.covered_after <= after <= self.last_seq
+
+    def take_after(self, after: int) -> List[m.Entry]:
+        """The entries with ``seq > after``; those up to *after* are acknowledged and go."""
+        entries = self.entries
+        while entries and entries[0][0] <= after:
+            entries.popleft()
+        self.covered_after = max(self.covered_after, after)
+        return list(entries)
+
+
+class Waiter:
+    """What a session needs of a waiting poll (implemented by ``router.http_poll.Poll``)."""
+
+    rooms: Dict[str, Any]
+
+    def wake(self) -> None:
+        """One of ``rooms`` has news (or the session's membership changed)."""
+        raise NotImplementedError
+
+    def end(self, status: int, code: str, message: str) -> None:
+        """Answer now with an error (the session ended or the server is stopping)."""
+        raise NotImplementedError
+
+
+class _JoinWait:
+    """One join waiting for its outcome; resolves once (the hub may also report a late
+    timeout for a join that already succeeded)."""
+
+    __slots__ = ("done",)
+
+    def __init__(self, done: JoinCallback) -> None:
+        self.done: Optional[JoinCallback] = done
+
+    def resolve(self, result: Any) -> None:
+        done, self.done = self.done, None
+        if done is not None:
+            done(result)
+
+
+class HttpSession(Client):
+    """One browser user (one cookie). Owned by the :class:`SessionStore`."""
+
+    username_fixed = True
+
+    def __init__(self, hub: Hub, token: str, username: str) -> None:
+        super().__init__()
+        self.hub = hub
+        self.token = token
+        self.username = username
+        self.feeds: Dict[str, RoomFeed] = {}
+        self.polls: List[Waiter] = []
+        self.last_seen = time.monotonic()
+        self.ended = False
+        self._joins: Dict[str, _JoinWait] = {}
+
+    def touch(self) -> None:
+        self.last_seen = time.monotonic()
+
+    # --- commands --------------------------------------------------------------------
+
+    def join(self, room: str, done: JoinCallback) -> Optional[str]:
+        """Join *room*; *done* gets the session's join entry or a :class:`Failure` (once).
+        Returns an ``ERR_*`` code instead if the hub refuses at once."""
+        wait = _JoinWait(done)
+
+        def outcome(result: Any) -> None:
+            if self._joins.get(room) is wait:
+                del self._joins[room]
+            wait.resolve(result)
+
+        code = self.hub.join(self, room, self.username or "", outcome)
+        if code is None:
+            self._joins[room] = wait
+        return code
+
+    # --- polls -----------------------------------------------------------------------
+
+    def add_poll(self, poll: Waiter) -> None:
+        """Register a waiting poll; past ``MAX_POLLS_PER_SESSION`` the oldest is woken (it
+        answers with what it has, usually nothing)."""
+        if poll in self.polls:
+            return
+        self.polls.append(poll)
+        if len(self.polls) > MAX_POLLS_PER_SESSION:
+            self.polls[0].wake()
+
+    def remove_poll(self, poll: Waiter) -> None:
+        if poll in self.polls:
+            self.polls.remove(poll)
+        self.touch()
+
+    def _notify(self, room: str) -> None:
+        for poll in list(self.polls):
+            if room in poll.rooms:
+                poll.wake()
+
+    def end_polls(self, status: int, code: str, message: str) -> None:
+        for poll in list(self.polls):
+            poll.end(status, code, message)
+
+    # --- hub callbacks ---------------------------------------------------------------
+
+    def deliver(self, room: str, entry: m.Entry, wire: bytes) -> None:
+        feed = self.feeds.get(room)
+        if feed is not None:
+            feed.push(entry)
+            self._notify(room)
+
+    def on_joined(self, room: str, entry: m.Entry) -> None:
+        feed = self.feeds[room] = RoomFeed(self.hub.epoch_of(room), entry[0] - 1)
+        feed.push(entry)
+        wait = self._joins.pop(room, None)
+        if wait is not None:
+            wait.resolve(entry)
+        self._notify(room)
+
+    def on_left(self, room: str, entry: m.Entry) -> None:
+        self.feeds.pop(room, None)
+        self._notify(room)
+
+    def on_failure(self, op: int, failure: Failure) -> None:
+        room = failure.room
+        if op == m.JOIN:
+            wait = self._joins.pop(room, None)
+            if wait is not None:
+                wait.resolve(failure)
+        elif room and room not in self.rooms and room in self.feeds:
+            # The room is gone from under us (its shard was given up on).
+            del self.feeds[room]
+            self._notify(room)
+        else:
+            log.debug("session %d: %s refused: %s", self.cid, op, failure.code)
+
+    def on_room_restarted(self, room: str) -> None:
+        # The shard restarted and put us back silently; its history (and seq) starts over.
+        self.feeds[room] = RoomFeed(self.hub.epoch_of(room), 0)
+        self._notify(room)
+
+    def on_shutdown(self) -> None:
+        self.end_polls(503, "shutting_down", "the server is shutting down")
+
+
+class SessionStore:
+    """Every browser session of this router, by token; expires idle ones.
+
+    A session is idle when no poll of it is waiting and it has made no request for *ttl*
+    seconds; it then leaves every room (``hub.drop``), so the other members hear it left.
+    The sweeper runs only while there are sessions.
+    """
+
+    def __init__(self, hub: Hub, loop: asyncio.AbstractEventLoop, ttl: float) -> None:
+        self.hub = hub
+        self.loop = loop
+        self.ttl = ttl
+        self.sessions: Dict[str, HttpSession] = {}
+        self._sweeper: Optional[asyncio.TimerHandle] = None
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def get(self, token: Optional[str]) -> Optional[HttpSession]:
+        """The live session with *token* (marked as seen), or None."""
+        session = self.sessions.get(token) if token else None
+        if session is not None:
+            session.touch()
+        return session
+
+    def create(self, username: str) -> Optional[HttpSession]:
+        """A new session for *username*, registered with the hub; None if the store is
+        full (``MAX_HTTP_SESSIONS``)."""
+        if len(self.sessions) >= MAX_HTTP_SESSIONS:
+            return None
+        token = secrets.token_urlsafe(32)
+        session = HttpSession(self.hub, token, username)
+        self.sessions[token] = session
+        self.hub.add(session)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(self._interval(), self._sweep)
+        return session
+
+    def end(self, session: HttpSession, status: int = 401, code: str = "no_session") -> None:
+        """Remove *session*: it leaves every room; its waiting polls answer *status*."""
+        if session.ended:
+            return
+        session.ended = True
+        self.sessions.pop(session.token, None)
+        session.end_polls(status, code, "the session has ended")
+        self.hub.drop(session)
+
+    def _interval(self) -> float:
+        return min(1.0, max(0.05, self.ttl / 4))
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        deadline = time.monotonic() - self.ttl
+        expired = [s for s in self.sessions.values() if not s.polls and s.last_seen < deadline]
+        for session in expired:
+            log.info("session of %s expired (no poll for %.0fs)", session.username, self.ttl)
+            self.end(session, 401, "session_expired")
+        if self.sessions:
+            self._sweeper = self.loop.call_later(self._interval(), self._sweep)
+
+    def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
