@@ -242,7 +242,7 @@ class LineClient:
         """Assert nothing arrives within *wait* seconds."""
         try:
             line = self.readline(wait)
-        except (socket.timeout, TimeoutError):
+        except (socket.timeout, TimeoutError, BlockingIOError):  # BlockingIOError: wait=0
             return
         raise AssertionError(f"unexpected line {line!r}")
 
