@@ -305,7 +305,11 @@ class HttpApi:
         exchange.respond(json_response(200 if ok else 503, payload))
 
     def _session_info(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
-        session = self._session(request)
+        # 200 either way: "no session yet" is the normal start of a page, not an error.
+        session = self.sessions.get(cookie_value(request, COOKIE_NAME))
+        if session is None:
+            exchange.respond(json_response(200, {"username": None, "rooms": [], "epochs": {}}))
+            return
         rooms = sorted(session.rooms)
         payload = {
             "username": session.username,

@@ -119,8 +119,10 @@
     el.chatView.hidden = true;
     el.me.hidden = true;
     el.joinView.hidden = false;
-    el.joinUsername.value = state.username || localStorage.getItem(STORAGE_NAME) || "";
-    el.joinRoom.value = localStorage.getItem(STORAGE_ROOM) || el.joinRoom.value || "lobby";
+    if (!el.joinUsername.value) {
+      el.joinUsername.value = state.username || localStorage.getItem(STORAGE_NAME) || "";
+    }
+    if (!el.joinRoom.value) el.joinRoom.value = localStorage.getItem(STORAGE_ROOM) || "lobby";
     showError(el.joinError, message);
     setStatus("idle", "Not connected");
     (el.joinUsername.value ? el.joinRoom : el.joinUsername).focus();
@@ -616,7 +618,7 @@
       }
       return;
     }
-    if (!data.rooms.length) {
+    if (!data.username || !data.rooms.length) {
       state.username = data.username;
       showJoinView();
       return;
