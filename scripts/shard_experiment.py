@@ -1,0 +1,1061 @@
+#!/usr/bin/env python3
+"""Shard-count experiment: the cluster at several shard counts against the threaded baseline.
+
+For every planned run this starts a fresh server (``scripts/start_cluster.py`` with
+``--shards N``, or ``scripts/baseline_threaded_server.py``) on free loopback ports, waits
+until it answers, drives it with one ``scripts/loadgen.py`` scenario (passing the server's
+PIDs with ``--pids`` so CPU% and RSS per process are sampled), stops it (SIGTERM, wait)
+and goes on to the next run. Runs are sequential and bounded in time.
+
+Writes, into ``--out`` (default ``docs/perf/``; ``--quick`` runs default to a temporary
+directory so a smoke run never overwrites the published results):
+
+* ``shard_experiment.csv``  one row per run (failed runs too, with their error)
+* ``shard_experiment.md``   the runs, ratios against the baseline and the goals
+* ``shard_experiment.json`` every loadgen result as received, plus the run metadata
+* ``shard_experiment.png``  deliveries/s and p99 latency against the shard count, the
+  baseline as a reference line (only if matplotlib is installed: ``pip install ".[plot]"``)
+
+Examples::
+
+    python scripts/shard_experiment.py                      # full run, ~5 minutes
+    python scripts/shard_experiment.py --quick --out /tmp/x # seconds-long smoke run
+    python scripts/shard_experiment.py --scenarios fanout --shards 1,2,4,8,16
+
+Every number in the output comes from a run made by this invocation. Exit status: 0 when
+every run succeeded, 1 when the results were written but some run failed (the failure is
+recorded in the results), 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+START_CLUSTER = ROOT / "scripts" / "start_cluster.py"
+BASELINE = ROOT / "scripts" / "baseline_threaded_server.py"
+LOADGEN = ROOT / "scripts" / "loadgen.py"
+DEFAULT_OUT = ROOT / "docs" / "perf"
+STEM = "shard_experiment"
+HOST = "127.0.0.1"
+
+# The cluster logs its ports and shard PIDs at INFO (nothing else is logged at INFO per
+# message or per connection), so INFO costs nothing measurable and tells us the ports.
+CLUSTER_FLAGS = ("--rate-limit", "0", "--max-connections-per-ip", "100000", "--log-level", "INFO")
+LISTENING = re.compile(r"listening (tcp|http) (\S+):(\d+)")
+SHARD_PIDS = re.compile(r"started \d+ shard processes \(pids \[([\d, ]*)\]\)")
+
+SERVER_START_TIMEOUT_S = 30.0  # spawn-starting 8 shards on a busy 2-core machine
+SERVER_STOP_TIMEOUT_S = 15.0  # the router's own shutdown is bounded well below this
+READY_TIMEOUT_S = 20.0  # until every shard answered ROOMS (baseline: PING)
+LOADGEN_SLACK_S = 30.0  # beyond the run's own bounded phases before we kill the loadgen
+PAUSE_BETWEEN_RUNS_S = 1.0  # let the last server's processes and sockets go first
+ERROR_TAIL_CHARS = 600  # of a failed process's output, kept in the results
+STUCK_RESUME_S = 1.0  # loadgen's stuck scenario reads this long after its drain
+
+GOAL_FANOUT_DELIVERIES = 2.0
+GOAL_FANOUT_P99 = 0.5
+GOAL_FANOUT200_DELIVERIES = 2.0
+GOAL_CONNECT_S = 2.0
+GOAL_CONNECTIONS_DELIVERIES = 1.3
+GOAL_CONNECTIONS_P99 = 0.5
+GOAL_RSS_MB = 100.0
+GOAL_LONGPOLL_DELIVERIES = 50.0
+GOAL_LONGPOLL_P99_MS = 100.0
+GOAL_SHARD_COST = 0.10
+
+
+# --- what to run --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One experiment scenario: a loadgen scenario with a size (rooms, members, publishers)."""
+
+    name: str
+    loadgen: str
+    size: Tuple[int, int, int]
+    quick_size: Tuple[int, int, int]
+    title: str
+
+
+SCENARIOS: Dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("fanout", "fanout", (10, 20, 2), (2, 6, 2), "TCP fan-out 10 rooms x 20 x 2"),
+        Scenario("fanout-200", "fanout", (1, 200, 2), (1, 20, 2), "TCP fan-out 1 room x 200 x 2"),
+        Scenario(
+            "connections",
+            "connections",
+            (100, 51, 1),
+            (5, 11, 1),
+            "5,100 connections (100 rooms x 50 members + 1 publisher)",
+        ),
+        Scenario("longpoll", "longpoll", (10, 20, 2), (2, 5, 2), "HTTP long-poll 10 x 20 x 2"),
+        Scenario(
+            "stuck",
+            "stuck",
+            (10, 20, 2),
+            (2, 6, 2),
+            "fan-out 10 x 20 x 2 with one never-reading member per room",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Loadgen phase lengths in seconds (every phase is bounded)."""
+
+    warmup: float
+    duration: float
+    drain: float
+    connect_timeout: float
+
+    def budget(self) -> float:
+        """Seconds after which a loadgen process is considered hung."""
+        total = self.warmup + self.duration + self.drain + self.connect_timeout
+        return total + STUCK_RESUME_S + LOADGEN_SLACK_S
+
+
+FULL_TIMING = Timing(warmup=2.0, duration=10.0, drain=3.0, connect_timeout=30.0)
+QUICK_TIMING = Timing(warmup=0.3, duration=1.0, drain=0.5, connect_timeout=10.0)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One planned run: a scenario against the cluster at ``shards``, or the baseline."""
+
+    scenario: Scenario
+    server: str  # "cluster" or "baseline"
+    shards: Optional[int]
+    size: Tuple[int, int, int]
+
+    @property
+    def label(self) -> str:
+        where = f"cluster shards={self.shards}" if self.server == "cluster" else "baseline"
+        return f"{self.scenario.name} {where}"
+
+
+def plan_runs(
+    names: Sequence[str],
+    shard_counts: Sequence[int],
+    sweep: Sequence[str],
+    fixed_shards: int,
+    quick: bool,
+) -> List[RunSpec]:
+    """Return the runs for ``names``, in order: each scenario's cluster runs, then its baseline.
+
+    Scenarios in ``sweep`` run the cluster at every count of ``shard_counts`` plus
+    ``fixed_shards``; the others at ``fixed_shards`` only. ``stuck`` is compared with
+    ``fanout`` at the same shard count, so choosing ``stuck`` adds those fanout runs.
+    """
+    wanted = list(names)
+    if "stuck" in wanted and "fanout" not in wanted:
+        wanted.insert(wanted.index("stuck"), "fanout")
+    runs: List[RunSpec] = []
+    for name in wanted:
+        scenario = SCENARIOS[name]
+        size = scenario.quick_size if quick else scenario.size
+        counts = sorted(set(shard_counts) | {fixed_shards}) if name in sweep else [fixed_shards]
+        if name == "fanout" and "fanout" not in names:
+            counts = [fixed_shards]  # only the reference for stuck
+        runs += [RunSpec(scenario, "cluster", n, size) for n in counts]
+        runs.append(RunSpec(scenario, "baseline", None, size))
+    return runs
+
+
+# --- server processes ---------------------------------------------------------------------
+
+
+class ServerProcess:
+    """A server subprocess whose output names its ports (and, for the cluster, shard PIDs).
+
+    Owns the process: :meth:`stop` (or leaving the ``with`` block) sends SIGTERM, waits and
+    kills it if it does not exit in time. Its combined stdout/stderr is read by a thread
+    (so the pipe never fills) and kept in :attr:`lines`.
+    """
+
+    def __init__(self, argv: List[str], want_shard_pids: bool) -> None:
+        self.argv = argv
+        self.want_shard_pids = want_shard_pids
+        self.proc: Optional[subprocess.Popen[str]] = None
+        self.lines: List[str] = []
+        self.ports: Dict[str, int] = {}
+        self.shard_pids: List[int] = []
+        self._ready = threading.Event()
+        self._reader: Optional[threading.Thread] = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def pids(self) -> List[int]:
+        """The server's PIDs: the main process (router or baseline) first, then shards."""
+        return [self.pid, *self.shard_pids]
+
+    def start(self, timeout: float = SERVER_START_TIMEOUT_S) -> None:
+        """Start the process and wait for its ports; raise RuntimeError if they never come."""
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            cwd=str(ROOT),
+            env=env,
+        )
+        self._reader = threading.Thread(target=self._read_output, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(timeout) or not self._has_everything():
+            raise RuntimeError(f"server did not start in {timeout:g}s: {self.output_tail()}")
+
+    def _has_everything(self) -> bool:
+        ports = "tcp" in self.ports and "http" in self.ports
+        return ports and (bool(self.shard_pids) or not self.want_shard_pids)
+
+    def _read_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            listening = LISTENING.search(line)
+            if listening:
+                self.ports[listening.group(1)] = int(listening.group(3))
+            pids = SHARD_PIDS.search(line)
+            if pids:
+                self.shard_pids = [int(p) for p in pids.group(1).split(",") if p.strip()]
+            if self._has_everything():
+                self._ready.set()
+        self._ready.set()  # exited: unblock start()
+
+    def output_tail(self) -> str:
+        """The end of the process's output so far, on one line."""
+        return " | ".join(self.lines)[-ERROR_TAIL_CHARS:] or "(no output)"
+
+    def stop(self, timeout: float = SERVER_STOP_TIMEOUT_S) -> Optional[int]:
+        """SIGTERM, wait up to ``timeout``, then kill; return the exit status."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._reader is not None:
+            self._reader.join(5)
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def server_argv(spec: RunSpec) -> Tuple[List[str], bool]:
+    """Return the command line of ``spec``'s server and whether it has shards."""
+    if spec.server == "cluster":
+        argv = [sys.executable, str(START_CLUSTER), "--host", HOST, "--tcp-port", "0"]
+        argv += ["--http-port", "0", "--shards", str(spec.shards), *CLUSTER_FLAGS]
+        return argv, True
+    argv = [sys.executable, str(BASELINE), "--host", HOST, "--tcp-port", "0", "--http-port", "0"]
+    return argv, False
+
+
+def wait_ready(port: int, cluster: bool, timeout: float = READY_TIMEOUT_S) -> None:
+    """Wait until the server answers on ``port``; for the cluster, until every shard does.
+
+    ``ROOMS`` is answered only after every shard replied, so shards still importing at
+    start-up are not counted in the first run's connect time. The baseline answers PING.
+    Raises OSError (or socket.timeout) if it does not answer in time.
+    """
+    request, done = (b"ROOMS\n", b"END ROOMS") if cluster else (b"PING ready\n", b"PONG")
+    deadline = time.monotonic() + timeout
+    with socket.create_connection((HOST, port), timeout=timeout) as sock:
+        sock.sendall(request)
+        received = b""
+        while done not in received:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise OSError(f"server closed the readiness probe: {received[-200:]!r}")
+            received += chunk
+        sock.sendall(b"QUIT\n")
+
+
+# --- one run --------------------------------------------------------------------------------
+
+
+def loadgen_argv(spec: RunSpec, server: ServerProcess, timing: Timing) -> List[str]:
+    """Return the loadgen command line for ``spec`` against ``server``."""
+    rooms, members, publishers = spec.size
+    return [
+        sys.executable,
+        str(LOADGEN),
+        spec.scenario.loadgen,
+        "--host",
+        HOST,
+        "--tcp-port",
+        str(server.ports["tcp"]),
+        "--http-port",
+        str(server.ports["http"]),
+        "--rooms",
+        str(rooms),
+        "--members",
+        str(members),
+        "--publishers",
+        str(publishers),
+        "--window",
+        "8",
+        "--text-bytes",
+        "64",
+        "--warmup",
+        str(timing.warmup),
+        "--duration",
+        str(timing.duration),
+        "--drain",
+        str(timing.drain),
+        "--connect-timeout",
+        str(timing.connect_timeout),
+        "--pids",
+        ",".join(str(pid) for pid in server.pids),
+        "--log-level",
+        "WARNING",
+    ]
+
+
+def run_loadgen(argv: List[str], timeout: float) -> Dict[str, Any]:
+    """Run the loadgen and return its JSON result (``{"error": ...}`` when it failed)."""
+    try:
+        done = subprocess.run(
+            argv, capture_output=True, text=True, errors="replace", timeout=timeout, cwd=str(ROOT)
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"loadgen did not finish in {timeout:g}s"}
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    result: Dict[str, Any] = {}
+    if lines:
+        try:
+            result = json.loads(lines[-1])
+        except ValueError:
+            result = {}
+    if not isinstance(result, dict) or not result:
+        tail = " | ".join((done.stderr or "").splitlines())[-ERROR_TAIL_CHARS:]
+        return {"error": f"loadgen exited {done.returncode} without a result: {tail}"}
+    if done.returncode != 0 and "error" not in result:
+        result["error"] = f"loadgen exited {done.returncode}"
+    return result
+
+
+def execute(spec: RunSpec, timing: Timing) -> Tuple[Dict[str, Any], List[int]]:
+    """Start the server, run the loadgen against it, stop the server.
+
+    Returns the loadgen result (with ``"error"`` if anything failed) and the server PIDs.
+    """
+    argv, sharded = server_argv(spec)
+    server = ServerProcess(argv, want_shard_pids=sharded)
+    with server:
+        try:
+            server.start()
+            wait_ready(server.ports["tcp"], cluster=sharded)
+        except (RuntimeError, OSError) as exc:
+            return {"error": f"{exc}"[:ERROR_TAIL_CHARS]}, server.pids if server.proc else []
+        result = run_loadgen(loadgen_argv(spec, server, timing), timing.budget())
+        if server.proc is not None and server.proc.poll() is not None:
+            result.setdefault("error", f"server exited early: {server.output_tail()}")
+        return result, server.pids
+
+
+# --- rows -----------------------------------------------------------------------------------
+
+COLUMNS = [
+    "scenario",
+    "server",
+    "shards",
+    "status",
+    "rooms",
+    "members",
+    "publishers",
+    "connections",
+    "connect_join_s",
+    "deliveries_per_s",
+    "published_per_s",
+    "p50_ms",
+    "p99_ms",
+    "max_ms",
+    "latency_samples",
+    "losses",
+    "error_lines",
+    "disconnected",
+    "stuck_closed",
+    "router_cpu_pct",
+    "max_shard_cpu_pct",
+    "shards_cpu_pct",
+    "loadgen_cpu_pct",
+    "machine_cpu_pct",
+    "others_cpu_pct",
+    "router_rss_mb",
+    "shards_rss_mb",
+    "total_rss_mb",
+    "load1_before",
+    "wall_s",
+    "started_at",
+    "error",
+]
+
+
+def kib_to_mb(kib: Optional[float]) -> Optional[float]:
+    """KiB -> MB (10^6 bytes), rounded; None stays None."""
+    return None if kib is None else round(kib * 1024 / 1e6, 1)
+
+
+def resource_columns(resources: Dict[str, Any], pids: List[int]) -> Dict[str, Any]:
+    """CPU% and RSS columns from the loadgen's ``resources`` (``pids[0]`` is the router)."""
+    out: Dict[str, Any] = {}
+    if not pids or not resources.get(str(pids[0])):
+        return out
+    main = resources[str(pids[0])]
+    shards = [resources[str(p)] for p in pids[1:] if str(p) in resources]
+    out["router_cpu_pct"] = main.get("cpu_percent")
+    out["router_rss_mb"] = kib_to_mb(main.get("rss_max_kib"))
+    rss_total = main.get("rss_max_kib") or 0
+    if shards:
+        cpus = [s.get("cpu_percent") or 0.0 for s in shards]
+        rss = sum(s.get("rss_max_kib") or 0 for s in shards)
+        out["max_shard_cpu_pct"] = max(cpus)
+        out["shards_cpu_pct"] = round(sum(cpus), 1)
+        out["shards_rss_mb"] = kib_to_mb(rss)
+        rss_total += rss
+    out["total_rss_mb"] = kib_to_mb(rss_total)
+    out["loadgen_cpu_pct"] = resources.get("loadgen", {}).get("cpu_percent")
+    machine = resources.get("machine", {})
+    out["machine_cpu_pct"] = machine.get("cpu_percent")
+    out["others_cpu_pct"] = machine.get("others_cpu_percent")
+    return out
+
+
+def make_row(spec: RunSpec, result: Dict[str, Any], pids: List[int]) -> Dict[str, Any]:
+    """Flatten one run's loadgen result into a CSV row (missing numbers stay empty)."""
+    rooms, members, publishers = spec.size
+    row: Dict[str, Any] = dict.fromkeys(COLUMNS)
+    row.update(scenario=spec.scenario.name, server=spec.server, shards=spec.shards)
+    row.update(rooms=rooms, members=members, publishers=publishers)
+    row["status"] = "failed" if result.get("error") else "ok"
+    row["error"] = result.get("error")
+    for key in ("connections", "connect_join_s", "deliveries_per_s", "published_per_s"):
+        row[key] = result.get(key)
+    for key in ("losses", "error_lines", "disconnected"):
+        row[key] = result.get(key)
+    latency = result.get("latency_ms") or {}
+    row.update(p50_ms=latency.get("p50"), p99_ms=latency.get("p99"), max_ms=latency.get("max"))
+    row["latency_samples"] = latency.get("samples")
+    row["stuck_closed"] = (result.get("stuck") or {}).get("closed_by_server")
+    row.update(resource_columns(result.get("resources") or {}, pids))
+    return row
+
+
+def progress_line(index: int, total: int, row: Dict[str, Any]) -> str:
+    """One stderr line summing up a finished run."""
+    head = f"[{index}/{total}] {row['scenario']} " + (
+        f"cluster shards={row['shards']}" if row["server"] == "cluster" else "baseline"
+    )
+    if row["status"] != "ok":
+        return f"{head}: FAILED ({row['wall_s']:.1f}s): {row['error']}"
+    cpu = f"router/server {fmt(row['router_cpu_pct'])}% CPU"
+    if row["max_shard_cpu_pct"] is not None:
+        cpu += f", max shard {fmt(row['max_shard_cpu_pct'])}%"
+    return (
+        f"{head}: {fmt(row['deliveries_per_s'], 0)} deliveries/s, p99 {fmt(row['p99_ms'])} ms, "
+        f"connect+join {fmt(row['connect_join_s'], 2)} s, {cpu}, "
+        f"RSS {fmt(row['total_rss_mb'])} MB ({row['wall_s']:.1f}s)"
+    )
+
+
+# --- ratios and goals -------------------------------------------------------------------------
+
+
+def find_row(
+    rows: Sequence[Dict[str, Any]], scenario: str, server: str, shards: Optional[int] = None
+) -> Optional[Dict[str, Any]]:
+    """The successful row of ``scenario`` on ``server`` (at ``shards`` for the cluster)."""
+    for row in rows:
+        same = row["scenario"] == scenario and row["server"] == server
+        if same and row["status"] == "ok" and (server == "baseline" or row["shards"] == shards):
+            return row
+    return None
+
+
+def ratio(a: Any, b: Any) -> Optional[float]:
+    """a / b, or None when either is missing or b is not positive."""
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+def baseline_ratios(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """For every successful cluster row with a baseline: deliveries and p99 ratios."""
+    out = []
+    for row in rows:
+        if row["server"] != "cluster" or row["status"] != "ok":
+            continue
+        base = find_row(rows, row["scenario"], "baseline")
+        if base is None:
+            continue
+        out.append(
+            {
+                "scenario": row["scenario"],
+                "shards": row["shards"],
+                "deliveries_ratio": ratio(row["deliveries_per_s"], base["deliveries_per_s"]),
+                "p99_ratio": ratio(row["p99_ms"], base["p99_ms"]),
+            }
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Goal:
+    """One goal's outcome: ``verdict`` is "met", "not met" or "not measured"."""
+
+    name: str
+    target: str
+    measured: str
+    verdict: str
+
+
+def judge(name: str, target: str, value: Optional[float], ok: Callable[[float], bool]) -> Goal:
+    """A goal on one number (``value`` None: not measured)."""
+    if value is None:
+        return Goal(name, target, "-", "not measured")
+    return Goal(name, target, f"{value:.2f}", "met" if ok(value) else "not met")
+
+
+def vs_baseline(
+    rows: Sequence[Dict[str, Any]], scenario: str, shards: int, key: str
+) -> Optional[float]:
+    """Cluster ``key`` at ``shards`` divided by the baseline's, for ``scenario``."""
+    cluster = find_row(rows, scenario, "cluster", shards)
+    base = find_row(rows, scenario, "baseline")
+    if cluster is None or base is None:
+        return None
+    return ratio(cluster[key], base[key])
+
+
+def shard_cost(rows: Sequence[Dict[str, Any]]) -> Tuple[Optional[float], str]:
+    """(1 - fanout deliveries/s at the most shards / at the fewest, "1->8") or (None, "")."""
+    fanout = [r for r in rows if r["scenario"] == "fanout" and r["server"] == "cluster"]
+    fanout = sorted((r for r in fanout if r["status"] == "ok"), key=lambda r: r["shards"])
+    if len(fanout) < 2:
+        return None, ""
+    low, high = fanout[0], fanout[-1]
+    kept = ratio(high["deliveries_per_s"], low["deliveries_per_s"])
+    label = f"{low['shards']}->{high['shards']}"
+    return (None if kept is None else 1.0 - kept), label
+
+
+def stuck_kept(
+    rows: Sequence[Dict[str, Any]], server: str, shards: Optional[int]
+) -> Dict[str, Any]:
+    """Deliveries/s of ``stuck`` over ``fanout`` on the same server: raw and per reader.
+
+    ``stuck`` has one member per room that never reads (it is not counted), so a server
+    that is not slowed down at all keeps (members - 1) / members of the raw deliveries;
+    the per-reader ratio corrects for that and is 1.0 for no slow-down.
+    """
+    stuck = find_row(rows, "stuck", server, shards)
+    fanout = find_row(rows, "fanout", server, shards)
+    if stuck is None or fanout is None:
+        return {}
+    raw = ratio(stuck["deliveries_per_s"], fanout["deliveries_per_s"])
+    per_reader = ratio(
+        stuck["deliveries_per_s"] / (stuck["members"] - 1),
+        fanout["deliveries_per_s"] / fanout["members"],
+    )
+    return {"raw": raw, "per_reader": per_reader}
+
+
+def evaluate_goals(rows: Sequence[Dict[str, Any]], shards: int) -> List[Goal]:
+    """Judge the issue's goals, the cluster at ``shards`` against the baseline."""
+    at = f" ({shards} shards)"
+    goals = [
+        judge(
+            "fan-out 10x20x2 deliveries/s vs baseline" + at,
+            f">= {GOAL_FANOUT_DELIVERIES}x",
+            vs_baseline(rows, "fanout", shards, "deliveries_per_s"),
+            lambda v: v >= GOAL_FANOUT_DELIVERIES,
+        ),
+        judge(
+            "fan-out 10x20x2 p99 vs baseline" + at,
+            f"<= {GOAL_FANOUT_P99}x",
+            vs_baseline(rows, "fanout", shards, "p99_ms"),
+            lambda v: v <= GOAL_FANOUT_P99,
+        ),
+        judge(
+            "1 room x 200 deliveries/s vs baseline" + at,
+            f">= {GOAL_FANOUT200_DELIVERIES}x",
+            vs_baseline(rows, "fanout-200", shards, "deliveries_per_s"),
+            lambda v: v >= GOAL_FANOUT200_DELIVERIES,
+        ),
+    ]
+    goals += connection_goals(rows, shards)
+    goals += [
+        judge(
+            "long-poll 10x20x2 deliveries/s vs baseline" + at,
+            f">= {GOAL_LONGPOLL_DELIVERIES:g}x",
+            vs_baseline(rows, "longpoll", shards, "deliveries_per_s"),
+            lambda v: v >= GOAL_LONGPOLL_DELIVERIES,
+        ),
+        judge(
+            "long-poll p99 ms" + at,
+            f"< {GOAL_LONGPOLL_P99_MS:g} ms",
+            (find_row(rows, "longpoll", "cluster", shards) or {}).get("p99_ms"),
+            lambda v: v < GOAL_LONGPOLL_P99_MS,
+        ),
+    ]
+    cost, label = shard_cost(rows)
+    goals.append(
+        judge(
+            f"fan-out cost of {label or '1->8'} shards (1 - deliveries ratio)",
+            f"<= {GOAL_SHARD_COST:.2f}",
+            cost,
+            lambda v: v <= GOAL_SHARD_COST,
+        )
+    )
+    return goals
+
+
+def connection_goals(rows: Sequence[Dict[str, Any]], shards: int) -> List[Goal]:
+    """The 5,100-connection goals (connect time, throughput, p99, memory)."""
+    at = f" ({shards} shards)"
+    cluster = find_row(rows, "connections", "cluster", shards) or {}
+    connect = cluster.get("connect_join_s")
+    if connect is not None and (cluster.get("disconnected") or cluster.get("error_lines")):
+        connect = float("inf")  # not all of them stayed connected: not met
+    return [
+        judge(
+            f"{cluster.get('connections') or 'all'} connections connected+joined, s" + at,
+            f"<= {GOAL_CONNECT_S:g} s",
+            connect,
+            lambda v: v <= GOAL_CONNECT_S,
+        ),
+        judge(
+            "connections deliveries/s vs baseline" + at,
+            f">= {GOAL_CONNECTIONS_DELIVERIES}x",
+            vs_baseline(rows, "connections", shards, "deliveries_per_s"),
+            lambda v: v >= GOAL_CONNECTIONS_DELIVERIES,
+        ),
+        judge(
+            "connections p99 vs baseline" + at,
+            f"<= {GOAL_CONNECTIONS_P99}x",
+            vs_baseline(rows, "connections", shards, "p99_ms"),
+            lambda v: v <= GOAL_CONNECTIONS_P99,
+        ),
+        judge(
+            "connections router + shards RSS, MB" + at,
+            f"<= {GOAL_RSS_MB:g} MB",
+            cluster.get("total_rss_mb"),
+            lambda v: v <= GOAL_RSS_MB,
+        ),
+    ]
+
+
+# --- output files -----------------------------------------------------------------------------
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    """A number for a table: thousands separators, ``digits`` decimals; '-' when missing."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float) and digits == 0:
+        return f"{value:,.0f}"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def fmt_ratio(value: Optional[float]) -> str:
+    """A ratio as ``2.31x`` ('-' when missing)."""
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def write_csv(path: Path, rows: Sequence[Dict[str, Any]]) -> None:
+    """One row per run, columns :data:`COLUMNS`; missing values are empty."""
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in COLUMNS})
+
+
+RUN_TABLE = (
+    ("scenario", "scenario", None),
+    ("server", "server", None),
+    ("shards", "shards", None),
+    ("conns", "connections", None),
+    ("connect+join s", "connect_join_s", 2),
+    ("deliveries/s", "deliveries_per_s", 0),
+    ("p50 ms", "p50_ms", 2),
+    ("p99 ms", "p99_ms", 2),
+    ("losses", "losses", None),
+    ("router (baseline) CPU%", "router_cpu_pct", 0),
+    ("max shard CPU%", "max_shard_cpu_pct", 0),
+    ("loadgen CPU%", "loadgen_cpu_pct", 0),
+    ("others CPU%", "others_cpu_pct", 0),
+    ("RSS MB (router+shards)", "total_rss_mb", 1),
+    ("status", "status", None),
+)
+
+
+def run_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """The Markdown table of every run."""
+    lines = ["| " + " | ".join(h for h, _, _ in RUN_TABLE) + " |"]
+    lines.append("|" + "|".join(" --- " for _ in RUN_TABLE) + "|")
+    for row in rows:
+        cells = [
+            fmt(row.get(key), digits if digits is not None else 1) for _, key, digits in RUN_TABLE
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    failures = [r for r in rows if r["status"] != "ok"]
+    if failures:
+        lines.append("")
+        lines += [f"- **{r['scenario']} {r['server']} failed:** {r['error']}" for r in failures]
+    return lines
+
+
+def ratio_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """The Markdown table of cluster/baseline ratios, plus stuck's kept deliveries."""
+    lines = ["| scenario | shards | deliveries/s ratio | p99 ratio |", "| --- | --- | --- | --- |"]
+    for r in baseline_ratios(rows):
+        lines.append(
+            f"| {r['scenario']} | {r['shards']} | {fmt_ratio(r['deliveries_ratio'])} "
+            f"| {fmt_ratio(r['p99_ratio'])} |"
+        )
+    stuck = [
+        (row["server"], row["shards"], stuck_kept(rows, row["server"], row["shards"]))
+        for row in rows
+        if row["scenario"] == "stuck"
+    ]
+    if any(kept for _, _, kept in stuck):
+        lines += ["", "Deliveries/s kept with one stuck member per room (stuck / fanout):", ""]
+        lines += [
+            "| server | shards | raw ratio | per reading member |",
+            "| --- | --- | --- | --- |",
+        ]
+        for server, shards, kept in stuck:
+            lines.append(
+                f"| {server} | {fmt(shards)} | {fmt_ratio(kept.get('raw'))} "
+                f"| {fmt_ratio(kept.get('per_reader'))} |"
+            )
+    return lines
+
+
+def goal_table(goals: Sequence[Goal]) -> List[str]:
+    """The Markdown table of the goals."""
+    lines = ["| goal | target | measured | verdict |", "| --- | --- | --- | --- |"]
+    lines += [f"| {g.name} | {g.target} | {g.measured} | **{g.verdict}** |" for g in goals]
+    return lines
+
+
+def write_markdown(path: Path, rows: Sequence[Dict[str, Any]], meta: Dict[str, Any]) -> None:
+    """The results as Markdown: how they were made, the runs, the ratios and the goals."""
+    lines = [
+        "# Shard experiment results",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Finished {meta['finished_at']} on {meta['machine']}; "
+        f"load average before the first run: {meta['load_before']}.  ",
+        f"Each run: warmup {meta['timing']['warmup']:g} s, measured "
+        f"{meta['timing']['duration']:g} s, window 8, 64-byte texts, `--rate-limit 0`; "
+        "loadgen on the same machine. CPU% is percent of one core over the measured "
+        "window; *others* is CPU used by processes outside this run (contention); RSS is "
+        "the maximum sampled, summed over router and shards (the baseline: its process).",
+        "",
+        "## Runs",
+        "",
+        *run_table(rows),
+        "",
+        "## Cluster against the threaded baseline",
+        "",
+        *ratio_table(rows),
+        "",
+        f"## Goals (cluster at {meta['fixed_shards']} shards)",
+        "",
+        *goal_table(evaluate_goals(rows, meta["fixed_shards"])),
+        "",
+    ]
+    path.write_text("\n".join(lines), encoding="utf-8")
+
+
+def write_plot(path: Path, rows: Sequence[Dict[str, Any]], cores: int) -> Optional[str]:
+    """Deliveries/s and p99 against the shard count; return why it was skipped, or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return 'matplotlib is not installed (pip install ".[plot]")'
+    swept = sorted(
+        {r["scenario"] for r in rows if r["server"] == "cluster" and r["status"] == "ok"}
+    )
+    swept = [s for s in swept if len(cluster_points(rows, s)) > 1]
+    if not swept:
+        return "no scenario ran at more than one shard count"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, scenario in enumerate(swept):
+        plot_scenario(left, right, rows, scenario, colors[i % len(colors)])
+    left.set_ylabel("deliveries/s")
+    right.set_ylabel("p99 latency, ms")
+    for axis in (left, right):
+        axis.set_xlabel("shard processes")
+        axis.set_xscale("log", base=2)
+        ticks = sorted({r["shards"] for r in rows if r["server"] == "cluster"})
+        axis.set_xticks(ticks)
+        axis.set_xticklabels([str(t) for t in ticks])
+        axis.set_ylim(bottom=0)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.suptitle(f"shardchat cluster vs threaded baseline ({cores}-core machine, loopback)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def cluster_points(rows: Sequence[Dict[str, Any]], scenario: str) -> List[Dict[str, Any]]:
+    """Successful cluster rows of ``scenario``, by shard count."""
+    points = [r for r in rows if r["scenario"] == scenario and r["server"] == "cluster"]
+    return sorted((r for r in points if r["status"] == "ok"), key=lambda r: r["shards"])
+
+
+def plot_scenario(
+    left: Any, right: Any, rows: Sequence[Dict[str, Any]], scenario: str, color: str
+) -> None:
+    """Draw one scenario's cluster line and its baseline reference on both axes."""
+    points = cluster_points(rows, scenario)
+    xs = [r["shards"] for r in points]
+    base = find_row(rows, scenario, "baseline")
+    for axis, key in ((left, "deliveries_per_s"), (right, "p99_ms")):
+        ys = [r[key] for r in points]
+        axis.plot(xs, ys, marker="o", color=color, label=f"{scenario}: cluster")
+        if base is not None and base[key] is not None:
+            axis.axhline(
+                base[key], color=color, linestyle="--", label=f"{scenario}: threaded baseline"
+            )
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def parse_counts(text: str) -> List[int]:
+    """'1,2,4' -> [1, 2, 4] (argparse type)."""
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of whole numbers: {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("shard counts must be at least 1")
+    return counts
+
+
+def parse_scenarios(text: str) -> List[str]:
+    """'fanout,stuck' -> ['fanout', 'stuck'] (argparse type)."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown scenario(s) {', '.join(unknown) or '(none)'}; "
+            f"choose from {', '.join(SCENARIOS)}"
+        )
+    return names
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    """Parse the command line (exits with status 2 on bad arguments)."""
+    parser = argparse.ArgumentParser(
+        description="Run the cluster at several shard counts and the threaded baseline "
+        "under the load generator; write CSV, Markdown and (with matplotlib) a PNG plot.",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="seconds-long smoke run: tiny sizes, ~1 s runs, shards 1,2",
+    )
+    parser.add_argument(
+        "--out", type=Path, help="output directory (default docs/perf/; --quick: a temporary one)"
+    )
+    parser.add_argument(
+        "--scenarios",
+        type=parse_scenarios,
+        default=list(SCENARIOS),
+        help=f"comma-separated subset of {','.join(SCENARIOS)} (default all)",
+    )
+    parser.add_argument(
+        "--shards",
+        type=parse_counts,
+        help="shard counts for the swept scenarios (default 1,2,4,8; --quick 1,2)",
+    )
+    parser.add_argument(
+        "--sweep",
+        type=parse_scenarios,
+        default=["fanout"],
+        help="scenarios run at every --shards count (default fanout)",
+    )
+    parser.add_argument(
+        "--fixed-shards",
+        type=int,
+        help="shard count for the other scenarios and the goals (default: the cluster's "
+        "default, the CPU count but at least 2; --quick 2)",
+    )
+    parser.add_argument(
+        "--duration", type=float, help="measured seconds per run (default 10; --quick 1)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, help="seconds before measuring (default 2; --quick 0.3)"
+    )
+    return parser.parse_args(argv)
+
+
+def machine_description() -> str:
+    """CPU model, core count, OS and Python version of this machine."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass  # not Linux: platform.processor() will do
+    return (
+        f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def load_average() -> Optional[str]:
+    """The 1/5/15-minute load averages as text, or None where the OS has none."""
+    try:
+        return "/".join(f"{v:.2f}" for v in os.getloadavg())
+    except (AttributeError, OSError):
+        return None
+
+
+def one_run(spec: RunSpec, timing: Timing) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Execute ``spec``; return its CSV row and its raw record for the JSON file."""
+    load = load_average()
+    started_at = datetime.datetime.now().isoformat(timespec="seconds")
+    t0 = time.monotonic()
+    result, pids = execute(spec, timing)
+    row = make_row(spec, result, pids)
+    row.update(load1_before=(load or "").split("/")[0] or None, started_at=started_at)
+    row["wall_s"] = round(time.monotonic() - t0, 1)
+    raw = {"run": spec.label, "shards": spec.shards, "pids": pids, "result": result}
+    return row, raw
+
+
+def resolve(args: argparse.Namespace) -> Tuple[Timing, List[int], int, Path]:
+    """Timing, swept shard counts, fixed shard count and output directory for ``args``."""
+    timing = QUICK_TIMING if args.quick else FULL_TIMING
+    if args.duration is not None:
+        timing = replace(timing, duration=args.duration)
+    if args.warmup is not None:
+        timing = replace(timing, warmup=args.warmup)
+    counts = args.shards or ([1, 2] if args.quick else [1, 2, 4, 8])
+    fixed = args.fixed_shards or (2 if args.quick else max(2, os.cpu_count() or 1))
+    out = args.out
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix=f"{STEM}-")) if args.quick else DEFAULT_OUT
+    return timing, counts, fixed, out
+
+
+def log(message: str) -> None:
+    """Progress for the person running the experiment (stderr; stdout stays quiet)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_all(
+    runs: Sequence[RunSpec], timing: Timing
+) -> Iterator[Tuple[Dict[str, Any], Dict[str, Any]]]:
+    """Execute ``runs`` one after another, logging a progress line for each."""
+    for index, spec in enumerate(runs, 1):
+        if index > 1:
+            time.sleep(PAUSE_BETWEEN_RUNS_S)
+        row, raw = one_run(spec, timing)
+        log(progress_line(index, len(runs), row))
+        yield row, raw
+
+
+def write_results(
+    out: Path, rows: List[Dict[str, Any]], raws: List[Dict[str, Any]], meta: Dict[str, Any]
+) -> List[Path]:
+    """Write CSV, Markdown, JSON and (if possible) the PNG into ``out``; return the paths."""
+    paths = [out / f"{STEM}.csv", out / f"{STEM}.md", out / f"{STEM}.json"]
+    write_csv(paths[0], rows)
+    write_markdown(paths[1], rows, meta)
+    document = {"meta": meta, "rows": rows, "runs": raws}
+    paths[2].write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    png = out / f"{STEM}.png"
+    skipped = write_plot(png, rows, os.cpu_count() or 1)
+    if skipped:
+        log(f"no plot: {skipped}")
+    else:
+        paths.append(png)
+    return paths
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the experiment and write its results; see the module docstring for exit codes."""
+    args = parse_args(argv)
+    timing, counts, fixed, out = resolve(args)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = plan_runs(args.scenarios, counts, args.sweep, fixed, args.quick)
+    load_before = load_average()
+    log(f"{len(runs)} runs ({timing.duration:g} s measured each), load average {load_before}")
+    rows: List[Dict[str, Any]] = []
+    raws: List[Dict[str, Any]] = []
+    for row, raw in run_all(runs, timing):
+        rows.append(row)
+        raws.append(raw)
+    meta = {
+        "command": " ".join(
+            ["python scripts/shard_experiment.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "machine": machine_description(),
+        "load_before": load_before,
+        "load_after": load_average(),
+        "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
+        "timing": timing.__dict__,
+        "shard_counts": counts,
+        "fixed_shards": fixed,
+        "quick": args.quick,
+    }
+    for path in write_results(out, rows, raws, meta):
+        log(f"wrote {path}")
+    return 0 if all(row["status"] == "ok" for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
