@@ -367,6 +367,11 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive
     chat: Chat  # set on the subclass built by make_http_server
 
+    def setup(self) -> None:
+        """Enable TCP_NODELAY: headers and body are separate writes (no Nagle stalls)."""
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:
         """Send the access log to logging at DEBUG instead of stderr."""
         logger.debug("http %s " + format, self.address_string(), *args)
