@@ -65,7 +65,6 @@ SERVER_START_TIMEOUT_S = 30.0  # spawn-starting 8 shards on a busy 2-core machin
 SERVER_STOP_TIMEOUT_S = 15.0  # the router's own shutdown is bounded well below this
 READY_TIMEOUT_S = 20.0  # until every shard answered ROOMS (baseline: PING)
 LOADGEN_SLACK_S = 30.0  # beyond the run's own bounded phases before we kill the loadgen
-PAUSE_BETWEEN_RUNS_S = 1.0  # let the last server's processes and sockets go first
 ERROR_TAIL_CHARS = 600  # of a failed process's output, kept in the results
 STUCK_RESUME_S = 1.0  # loadgen's stuck scenario reads this long after its drain
 
@@ -127,6 +126,7 @@ class Timing:
     duration: float
     drain: float
     connect_timeout: float
+    pause: float  # between runs: let the last server's processes and sockets go first
 
     def budget(self) -> float:
         """Seconds after which a loadgen process is considered hung."""
@@ -134,8 +134,8 @@ class Timing:
         return total + STUCK_RESUME_S + LOADGEN_SLACK_S
 
 
-FULL_TIMING = Timing(warmup=2.0, duration=10.0, drain=3.0, connect_timeout=30.0)
-QUICK_TIMING = Timing(warmup=0.3, duration=1.0, drain=0.5, connect_timeout=10.0)
+FULL_TIMING = Timing(warmup=2.0, duration=10.0, drain=3.0, connect_timeout=30.0, pause=2.0)
+QUICK_TIMING = Timing(warmup=0.3, duration=1.0, drain=0.5, connect_timeout=10.0, pause=0.2)
 
 
 @dataclass(frozen=True)
@@ -1002,7 +1002,7 @@ def run_all(
     """Execute ``runs`` one after another, logging a progress line for each."""
     for index, spec in enumerate(runs, 1):
         if index > 1:
-            time.sleep(PAUSE_BETWEEN_RUNS_S)
+            time.sleep(timing.pause)
         row, raw = one_run(spec, timing)
         log(progress_line(index, len(runs), row))
         yield row, raw
