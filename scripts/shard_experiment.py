@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -346,33 +347,60 @@ def loadgen_argv(spec: RunSpec, server: ServerProcess, timing: Timing) -> List[s
     ]
 
 
-def run_loadgen(argv: List[str], timeout: float) -> Dict[str, Any]:
-    """Run the loadgen and return its JSON result (``{"error": ...}`` when it failed)."""
-    try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, errors="replace", timeout=timeout, cwd=str(ROOT)
-        )
-    except subprocess.TimeoutExpired:
-        return {"error": f"loadgen did not finish in {timeout:g}s"}
-    lines = [line for line in done.stdout.splitlines() if line.strip()]
-    result: Dict[str, Any] = {}
+def run_loadgen(
+    argv: List[str], timeout: float, during: Optional[Callable[[], None]] = None
+) -> Dict[str, Any]:
+    """Run the loadgen and return its JSON result (``{"error": ...}`` when it failed).
+
+    ``during`` is called once the loadgen has started (it may take a while: the loadgen
+    runs on); the loadgen is killed if it has not finished ``timeout`` seconds after start.
+    """
+    started = time.monotonic()
+    with subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        cwd=str(ROOT),
+    ) as proc:
+        try:
+            if during is not None:
+                during()
+            stdout, stderr = proc.communicate(
+                timeout=max(1.0, timeout - (time.monotonic() - started))
+            )
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            return {"error": f"loadgen did not finish in {timeout:g}s"}
+    return parse_loadgen_output(proc.returncode, stdout, stderr)
+
+
+def parse_loadgen_output(returncode: int, stdout: str, stderr: str) -> Dict[str, Any]:
+    """The loadgen's JSON result (its last stdout line), or ``{"error": ...}``."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    result: Any = {}
     if lines:
         try:
             result = json.loads(lines[-1])
         except ValueError:
             result = {}
     if not isinstance(result, dict) or not result:
-        tail = " | ".join((done.stderr or "").splitlines())[-ERROR_TAIL_CHARS:]
-        return {"error": f"loadgen exited {done.returncode} without a result: {tail}"}
-    if done.returncode != 0 and "error" not in result:
-        result["error"] = f"loadgen exited {done.returncode}"
+        tail = " | ".join(stderr.splitlines())[-ERROR_TAIL_CHARS:]
+        return {"error": f"loadgen exited {returncode} without a result: {tail}"}
+    if returncode != 0 and "error" not in result:
+        result["error"] = f"loadgen exited {returncode}"
     return result
 
 
-def execute(spec: RunSpec, timing: Timing) -> Tuple[Dict[str, Any], List[int]]:
+def execute(
+    spec: RunSpec, timing: Timing, during: Optional[Callable[[ServerProcess], None]] = None
+) -> Tuple[Dict[str, Any], List[int]]:
     """Start the server, run the loadgen against it, stop the server.
 
-    Returns the loadgen result (with ``"error"`` if anything failed) and the server PIDs.
+    ``during`` is called with the server while the loadgen runs (the profiler). Returns the
+    loadgen result (with ``"error"`` if anything failed) and the server PIDs.
     """
     argv, sharded = server_argv(spec)
     server = ServerProcess(argv, want_shard_pids=sharded)
@@ -382,10 +410,149 @@ def execute(spec: RunSpec, timing: Timing) -> Tuple[Dict[str, Any], List[int]]:
             wait_ready(server.ports["tcp"], cluster=sharded)
         except (RuntimeError, OSError) as exc:
             return {"error": f"{exc}"[:ERROR_TAIL_CHARS]}, server.pids if server.proc else []
-        result = run_loadgen(loadgen_argv(spec, server, timing), timing.budget())
+        hook = None if during is None else (lambda: during(server))
+        result = run_loadgen(loadgen_argv(spec, server, timing), timing.budget(), hook)
         if server.proc is not None and server.proc.poll() is not None:
             result.setdefault("error", f"server exited early: {server.output_tail()}")
         return result, server.pids
+
+
+# --- router profile -------------------------------------------------------------------------
+
+PROFILE_SECONDS = 6  # py-spy samples this long, inside the measured window
+PROFILE_AFTER_WARMUP_S = 1.0  # margin for connecting before the warmup starts
+PROFILE_TOP = 20  # frames listed per table
+# Blocking mode (py-spy pauses the router ~100 times a second to read a consistent stack):
+# --nonblocking reads the stack while it changes and attributes frames to callers they
+# never ran under. Thread names and function-level frames keep the tables short.
+PY_SPY_FLAGS = ("-f", "raw", "--threads", "--nolineno", "--rate", "100")
+
+
+def record_profile(server: ServerProcess, timing: Timing, path: Path) -> Optional[str]:
+    """Wait for the measured window, then record the router with py-spy into ``path``.
+
+    Returns why it failed, or None.
+    """
+    time.sleep(timing.warmup + PROFILE_AFTER_WARMUP_S)
+    seconds = max(1, min(PROFILE_SECONDS, int(timing.duration - PROFILE_AFTER_WARMUP_S)))
+    argv = ["py-spy", "record", "-p", str(server.pid), "-d", str(seconds), "-o", str(path)]
+    try:
+        done = subprocess.run(
+            [*argv, *PY_SPY_FLAGS], capture_output=True, text=True, timeout=seconds + 30
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"py-spy failed: {exc}"
+    if done.returncode != 0 or not path.exists():
+        return f"py-spy exited {done.returncode}: {done.stderr.strip()[-ERROR_TAIL_CHARS:]}"
+    return None
+
+
+def thread_group(name: str) -> str:
+    """'shard-3-writer' -> 'shard-N-writer': one line per kind of thread."""
+    return re.sub(r"\d+", "N", name)
+
+
+def summarize_profile(path: Path) -> Dict[str, Any]:
+    """Samples per thread kind, top self frames and top inclusive router frames.
+
+    ``path`` is py-spy's raw (collapsed) output with ``--threads``: one line per distinct
+    stack, ``thread (tid): name;outer frame;...;inner frame count``.
+    """
+    threads: Dict[str, int] = {}
+    own: Dict[str, int] = {}
+    inclusive: Dict[str, int] = {}
+    total = 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        stack, _, count = line.rstrip().rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        head = frames[0].split("): ", 1)
+        group = thread_group(head[1]) if len(head) == 2 else "?"
+        samples = int(count)
+        total += samples
+        threads[group] = threads.get(group, 0) + samples
+        key = f"{group} | {frames[-1]}"
+        own[key] = own.get(key, 0) + samples
+        if group == "MainThread":
+            for frame in set(frames[1:]):
+                if "(router/" in frame or "(common/" in frame:
+                    inclusive[frame] = inclusive.get(frame, 0) + samples
+
+    def top(counts: Dict[str, int]) -> List[Tuple[str, int]]:
+        return sorted(counts.items(), key=lambda item: -item[1])[:PROFILE_TOP]
+
+    main = threads.get("MainThread", 0)
+    return {
+        "samples": total,
+        "main_samples": main,
+        "threads": top(threads),
+        "self": top(own),
+        "inclusive": top(inclusive),
+    }
+
+
+def profile_run(spec: RunSpec, timing: Timing, out: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """One extra ``spec`` run with py-spy on the router; return (summary, loadgen result)."""
+    path = out / "router_profile.txt"
+    failure: List[str] = []
+
+    def during(server: ServerProcess) -> None:
+        problem = record_profile(server, timing, path)
+        if problem:
+            failure.append(problem)
+
+    result, pids = execute(spec, timing, during)
+    summary: Dict[str, Any] = {"run": spec.label, "file": path.name, "pids": pids}
+    if failure:
+        summary["error"] = failure[0]
+    elif result.get("error"):
+        summary["error"] = f"the profiled run failed: {result['error']}"
+    else:
+        summary.update(summarize_profile(path))
+        summary["deliveries_per_s"] = result.get("deliveries_per_s")
+        summary["router_cpu_pct"] = (
+            (result.get("resources") or {}).get(str(pids[0]), {}).get("cpu_percent")
+        )
+    return summary, result
+
+
+def profile_section(profile: Dict[str, Any]) -> List[str]:
+    """The Markdown section of the router profile."""
+    lines = ["## Router profile", ""]
+    if profile.get("error"):
+        return [*lines, f"Not recorded: {profile['error']}", ""]
+    total = max(1, profile["samples"])
+    main = max(1, profile["main_samples"])
+    lines += [
+        f"py-spy on the router during an extra run ({profile['run']}, "
+        f"{fmt(profile.get('deliveries_per_s'), 0)} deliveries/s under the profiler, router "
+        f"{fmt(profile.get('router_cpu_pct'), 0)}% CPU; not in the tables above), "
+        f"{profile['samples']} non-idle samples at 100/s; raw stacks in `{profile['file']}`.",
+        "",
+        "| thread | samples | share |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {name} | {n} | {100 * n / total:.0f}% |" for name, n in profile["threads"]]
+    lines += [
+        "",
+        "Top self-time frames; *share* is of that thread kind's samples. py-spy counts a "
+        "thread blocked inside a C call as busy, so `EpollSelector.select` (the loop "
+        "waiting for sockets), `ShardLink._write_loop` (waiting in `SimpleQueue.get`) and "
+        "`Connection._recv` (waiting for the pipe) are mostly waiting, not CPU.",
+        "",
+        "| samples | share | thread | frame |",
+        "| --- | --- | --- | --- |",
+    ]
+    per_thread = dict(profile["threads"])
+    for key, n in profile["self"]:
+        thread, _, frame = key.partition(" | ")
+        share = 100 * n / max(1, per_thread.get(thread, 0))
+        lines.append(f"| {n} | {share:.0f}% | {thread} | `{frame}` |")
+    lines += ["", "Top inclusive router/common frames on the event-loop thread (MainThread):", ""]
+    lines += ["| samples | share of loop thread | frame |", "| --- | --- | --- |"]
+    lines += [f"| {n} | {100 * n / main:.0f}% | `{f}` |" for f, n in profile["inclusive"]]
+    return [*lines, ""]
 
 
 # --- rows -----------------------------------------------------------------------------------
@@ -777,7 +944,12 @@ def goal_table(goals: Sequence[Goal]) -> List[str]:
     return lines
 
 
-def write_markdown(path: Path, rows: Sequence[Dict[str, Any]], meta: Dict[str, Any]) -> None:
+def write_markdown(
+    path: Path,
+    rows: Sequence[Dict[str, Any]],
+    meta: Dict[str, Any],
+    profile: Optional[Dict[str, Any]] = None,
+) -> None:
     """The results as Markdown: how they were made, the runs, the ratios and the goals."""
     lines = [
         "# Shard experiment results",
@@ -804,6 +976,8 @@ def write_markdown(path: Path, rows: Sequence[Dict[str, Any]], meta: Dict[str, A
         *goal_table(evaluate_goals(rows, meta["fixed_shards"])),
         "",
     ]
+    if profile is not None:
+        lines += profile_section(profile)
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
@@ -924,6 +1098,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         help="scenarios run at every --shards count (default fanout)",
     )
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the runs, one more fanout run at --fixed-shards with py-spy recording "
+        "the router; top frames go into the Markdown, raw stacks into router_profile.txt",
+    )
+    parser.add_argument(
         "--fixed-shards",
         type=int,
         help="shard count for the other scenarios and the goals (default: the cluster's "
@@ -1009,13 +1189,17 @@ def run_all(
 
 
 def write_results(
-    out: Path, rows: List[Dict[str, Any]], raws: List[Dict[str, Any]], meta: Dict[str, Any]
+    out: Path,
+    rows: List[Dict[str, Any]],
+    raws: List[Dict[str, Any]],
+    meta: Dict[str, Any],
+    profile: Optional[Dict[str, Any]],
 ) -> List[Path]:
     """Write CSV, Markdown, JSON and (if possible) the PNG into ``out``; return the paths."""
     paths = [out / f"{STEM}.csv", out / f"{STEM}.md", out / f"{STEM}.json"]
     write_csv(paths[0], rows)
-    write_markdown(paths[1], rows, meta)
-    document = {"meta": meta, "rows": rows, "runs": raws}
+    write_markdown(paths[1], rows, meta, profile)
+    document = {"meta": meta, "rows": rows, "runs": raws, "profile": profile}
     paths[2].write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     png = out / f"{STEM}.png"
     skipped = write_plot(png, rows, os.cpu_count() or 1)
@@ -1024,6 +1208,27 @@ def write_results(
     else:
         paths.append(png)
     return paths
+
+
+def maybe_profile(
+    wanted: bool, shards: int, timing: Timing, out: Path, quick: bool
+) -> Optional[Dict[str, Any]]:
+    """With ``--profile``: one more fanout run with py-spy on the router; its summary."""
+    if not wanted:
+        return None
+    if shutil.which("py-spy") is None:
+        log("no profile: py-spy is not installed (pip install py-spy)")
+        return {"error": "py-spy is not installed"}
+    scenario = SCENARIOS["fanout"]
+    spec = RunSpec(scenario, "cluster", shards, scenario.quick_size if quick else scenario.size)
+    time.sleep(timing.pause)
+    summary, result = profile_run(spec, timing, out)
+    summary["result"] = result
+    if summary.get("error"):
+        log(f"[profile] {spec.label}: FAILED: {summary['error']}")
+    else:
+        log(f"[profile] {spec.label}: {summary['samples']} samples in {out / summary['file']}")
+    return summary
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -1052,7 +1257,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "fixed_shards": fixed,
         "quick": args.quick,
     }
-    for path in write_results(out, rows, raws, meta):
+    profile = maybe_profile(args.profile, fixed, timing, out, args.quick)
+    for path in write_results(out, rows, raws, meta, profile):
         log(f"wrote {path}")
     return 0 if all(row["status"] == "ok" for row in rows) else 1
 
