@@ -157,6 +157,12 @@ HTTP_REQUEST_TIMEOUT = 10.0
 #: Seconds an idle keep-alive connection stays open between requests.
 HTTP_KEEPALIVE_IDLE = 15.0
 
+#: Seconds the router keeps reading (and discarding) after it half-closed a connection it
+#: answered with ``Connection: close``: closing with unread input would send a TCP reset,
+#: which can destroy the answer (a 413 for a body still on its way) before the client reads
+#: it (Apache's and nginx's "lingering close").
+HTTP_LINGER = 2.0
+
 #: Default seconds a long poll waits for news before it returns an empty list; under the
 #: 30 s idle timeout of common proxies (configurable: ``--poll-timeout``).
 POLL_TIMEOUT = 25.0

@@ -19,6 +19,7 @@ from typing import Any, List, Optional, Set
 
 from common.limits import (
     HTTP_KEEPALIVE_IDLE,
+    HTTP_LINGER,
     HTTP_REQUEST_TIMEOUT,
     MAX_HTTP_BODY_BYTES,
     MAX_HTTP_HEADER_BYTES,
@@ -64,6 +65,7 @@ class HttpConnection(asyncio.Protocol):
         self._read_paused = False
         self._next_scheduled = False
         self.closing = False  # no request after the current one
+        self._lingering = False  # answered and half-closed: input is discarded
         self._closed = False
 
     @property
@@ -80,6 +82,8 @@ class HttpConnection(asyncio.Protocol):
         self._arm_deadline()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         self._parser.receive_data(data)
         if not self.busy:
             if self._deadline is None and self._parser.in_progress:
@@ -91,6 +95,9 @@ class HttpConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def eof_received(self) -> bool:
+        if self._lingering:
+            self.close()
+            return False
         self._parser.receive_data(b"")
         exchange = self._exchange
         if exchange is None:
@@ -154,7 +161,7 @@ class HttpConnection(asyncio.Protocol):
         data = format_response(response.status, headers, response.body, keep_alive, head_only)
         self.transport.write(data)
         if not keep_alive:
-            self.close()
+            self._close_after_answer()
             return
         if self._read_paused:
             self._read_paused = False
@@ -180,7 +187,7 @@ class HttpConnection(asyncio.Protocol):
         response = ApiError(error.status, error.code, error.message).response()
         headers = response.headers + SECURITY_HEADERS
         self.transport.write(format_response(error.status, headers, response.body, False))
-        self.close()
+        self._close_after_answer()
 
     # --- timers ----------------------------------------------------------------------
 
@@ -219,6 +226,24 @@ class HttpConnection(asyncio.Protocol):
             self._connections.discard(self)
             if self.transport is not None:
                 self.transport.close()
+
+    def _close_after_answer(self) -> None:
+        """Half-close once the answer is written, discard input for up to ``HTTP_LINGER``
+        seconds (or until the client closes), then close: closing with unread input would
+        reset the connection and could destroy the answer before the client reads it."""
+        transport = self.transport
+        if self._closed or transport is None:
+            return
+        if not transport.can_write_eof():
+            self.close()
+            return
+        self._cancel_timers()
+        self._lingering = True
+        transport.write_eof()
+        if self._read_paused:
+            self._read_paused = False
+            transport.resume_reading()
+        self._idle = self._loop.call_later(HTTP_LINGER, self.close)
 
     def shutdown(self) -> None:
         """The server stops: close now if idle, else after the current answer."""

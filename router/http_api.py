@@ -300,8 +300,14 @@ class HttpApi:
         links = pool.links if pool is not None else []
         alive = sum(1 for link in links if link.alive)
         ok = bool(links) and alive == len(links)
-        payload = {"ok": ok, "shards": len(links), "shards_alive": alive}
-        payload["sessions"] = len(self.sessions)
+        sessions = self.sessions.sessions.values()
+        payload = {
+            "ok": ok,
+            "shards": len(links),
+            "shards_alive": alive,
+            "sessions": len(sessions),
+            "polls_waiting": sum(len(session.polls) for session in sessions),
+        }
         exchange.respond(json_response(200 if ok else 503, payload))
 
     def _session_info(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:

@@ -253,7 +253,7 @@ class SessionStore:
         expired = [s for s in self.sessions.values() if not s.polls and s.last_seen < deadline]
         for session in expired:
             log.info("session of %s expired (no poll for %.0fs)", session.username, self.ttl)
-            self.end(session, 401, "session_expired")
+            self.end(session)
         if self.sessions:
             self._sweeper = self.loop.call_later(self._interval(), self._sweep)
 
