@@ -1,0 +1,352 @@
+"""The shard core against a model: a hypothesis ``RuleBasedStateMachine``.
+
+:class:`shard.core.ShardCore` is driven with random batches of router commands (joins with
+colliding names, messages, leaves, drops, requests, bursts past the 500-entry history, a
+restart with the router's REJOINs). The model is a dict of room -> members and a list of
+entries per room. The events are also fed to a miniature of the router's mirror
+(``router/hub.py``: fan-out goes to the members the ``JOINED``/``LEFT`` events say are in the
+room), so the check "each member gets each message exactly once, non-members nothing" is
+about what the router would really deliver.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict, deque
+from typing import Deque, Dict, List, Optional, Set, Tuple
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from common import messages as m
+from common.limits import HISTORY_SIZE
+from shard.core import ShardCore
+
+CIDS = [1, 2, 3, 4, 5]
+#: Room names are case-sensitive: "lobby" and "Lobby" are two rooms.
+ROOMS = ["lobby", "Lobby", "zoë-room"]
+#: Usernames collide ignoring case (casefold: "straße" and "STRASSE" are one name).
+USERNAMES = ["alice", "Alice", "ALICE", "bob", "zoë", "ZOË", "straße", "STRASSE"]
+TEXTS = st.text(st.characters(exclude_categories=("Cc", "Cs")), min_size=1, max_size=12)
+
+Entry = Tuple[int, float, str, str, str]
+#: A delivery to a client: (room, shard epoch, seq). Seqs start again after a restart.
+Delivery = Tuple[str, int, int]
+
+
+class Model:
+    """What the shard should hold: members per room, entries per room (kept forever here,
+    compared against the last HISTORY_SIZE), the next seq, and who should have received
+    which chat message."""
+
+    def __init__(self) -> None:
+        self.members: Dict[str, Dict[int, str]] = {}  # only rooms with members
+        self.entries: Dict[str, Deque[Entry]] = defaultdict(lambda: deque(maxlen=HISTORY_SIZE))
+        self.seq: Dict[str, int] = defaultdict(int)
+        self.epoch = 1
+        self.expected: Dict[int, List[Delivery]] = defaultdict(list)
+
+    def rooms_of(self, cid: int) -> Set[str]:
+        return {room for room, members in self.members.items() if cid in members}
+
+    def record(self, room: str, ts: float, kind: str, username: str, text: str) -> Entry:
+        self.seq[room] += 1
+        entry = (self.seq[room], ts, kind, username, text)
+        self.entries[room].append(entry)
+        return entry
+
+    def remove(self, room: str, cid: int, ts: float, explicit: bool) -> tuple:
+        username = self.members[room].pop(cid)
+        if not self.members[room]:
+            del self.members[room]
+        entry = self.record(room, ts, m.KIND_LEAVE, username, f"{username} left {room}")
+        return (m.LEFT, room, cid, entry, explicit)
+
+    def not_in_room(self, req: int, cid: int, op: int, room: str) -> Optional[tuple]:
+        if cid in self.members.get(room, {}):
+            return None
+        return (m.FAIL, req, cid, op, m.ERR_NOT_IN_ROOM, room)
+
+    # One method per command: update the model, return the events the shard should send.
+
+    def join(self, ts: float, req: int, cid: int, room: str, username: str) -> List[tuple]:
+        members = self.members.get(room, {})
+        if cid in members:
+            return [(m.FAIL, req, cid, m.JOIN, m.ERR_ALREADY_IN_ROOM, room)]
+        if any(name.casefold() == username.casefold() for name in members.values()):
+            return [(m.FAIL, req, cid, m.JOIN, m.ERR_NAME_TAKEN, room)]
+        self.members.setdefault(room, {})[cid] = username
+        entry = self.record(room, ts, m.KIND_JOIN, username, f"{username} joined {room}")
+        return [(m.JOINED, room, cid, entry)]
+
+    def msg(self, ts: float, req: int, cid: int, room: str, text: str) -> List[tuple]:
+        fail = self.not_in_room(req, cid, m.MSG, room)
+        if fail:
+            return [fail]
+        username = self.members[room][cid]
+        entry = self.record(room, ts, m.KIND_CHAT, username, text)
+        for member in self.members[room]:
+            self.expected[member].append((room, self.epoch, entry[0]))
+        wire = f"MSG {room} {username} {text}\n".encode()
+        return [(m.CHAT, room, entry, wire)] + ([(m.DONE, req, cid, entry[0])] if req else [])
+
+    def leave(self, ts: float, req: int, cid: int, room: str) -> List[tuple]:
+        fail = self.not_in_room(req, cid, m.LEAVE, room)
+        if fail:
+            return [fail]
+        return [self.remove(room, cid, ts, explicit=True)] + (
+            [(m.DONE, req, cid, None)] if req else []
+        )
+
+    def drop(self, ts: float, req: int, cid: int) -> List[tuple]:
+        events = [self.remove(room, cid, ts, explicit=False) for room in sorted(self.rooms_of(cid))]
+        return events + [(m.DONE, req, cid, None)]
+
+    def names(self, req: int, cid: int, room: str) -> List[tuple]:
+        names = sorted(self.members.get(room, {}).values(), key=str.casefold)
+        return [(m.DONE, req, cid, names)]
+
+    def history(self, req: int, cid: int, room: str, n: int) -> List[tuple]:
+        fail = self.not_in_room(req, cid, m.HISTORY, room)
+        return [fail] if fail else [(m.DONE, req, cid, list(self.entries[room])[-n:])]
+
+    def since(self, req: int, cid: int, room: str, after: int) -> List[tuple]:
+        fail = self.not_in_room(req, cid, m.SINCE, room)
+        if fail:
+            return [fail]
+        held = list(self.entries[room])
+        first = held[0][0] if held else self.seq[room] + 1
+        newer = [e for e in held if e[0] > after]
+        return [(m.DONE, req, cid, (newer, first, self.seq[room]))]
+
+    def restart(self) -> None:
+        """The shard died and came back empty; members are put back, history is gone."""
+        self.entries.clear()
+        self.seq.clear()
+        self.epoch += 1
+
+
+class ShardCoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 1_000_000.0
+        self.core = ShardCore(clock=lambda: self.now)
+        self.model = Model()
+        self.reqs = itertools.count(1)
+        # The router's side: the mirror built from events only, and what each client got.
+        self.mirror: Dict[str, Set[int]] = {}
+        self.received: Dict[int, List[Delivery]] = defaultdict(list)
+
+    # --- plumbing --------------------------------------------------------------------
+
+    def req(self, wanted: bool) -> int:
+        return next(self.reqs) if wanted else 0
+
+    def run(self, batch: List[tuple], expected: List[tuple]) -> None:
+        """Apply *batch* to the core, compare with *expected*, route the events."""
+        events = self.core.apply(batch)
+        assert events == expected
+        for event in events:
+            self.route(event)
+        self.now += 1.0
+
+    def route(self, event: tuple) -> None:
+        """What router/hub.py does with an event, reduced to who receives a chat."""
+        if event[0] == m.JOINED:
+            self.mirror.setdefault(event[1], set()).add(event[2])
+        elif event[0] == m.LEFT:
+            members = self.mirror[event[1]]
+            members.discard(event[2])
+            if not members:
+                del self.mirror[event[1]]
+        elif event[0] == m.CHAT:
+            room, entry = event[1], event[2]
+            for cid in self.mirror.get(room, ()):
+                self.received[cid].append((room, self.model.epoch, entry[0]))
+
+    def expect(self, command: tuple) -> List[tuple]:
+        """The model's events for one command (and the model updated)."""
+        op, req, cid, *args = command
+        model, ts = self.model, self.now
+        if op == m.JOIN:
+            return model.join(ts, req, cid, *args)
+        if op == m.MSG:
+            return model.msg(ts, req, cid, *args)
+        if op == m.LEAVE:
+            return model.leave(ts, req, cid, *args)
+        if op == m.DROP:
+            return model.drop(ts, req, cid)
+        if op == m.NAMES:
+            return model.names(req, cid, *args)
+        if op == m.HISTORY:
+            return model.history(req, cid, *args)
+        if op == m.SINCE:
+            return model.since(req, cid, *args)
+        raise AssertionError(f"no model for {command}")
+
+    def one(self, command: tuple) -> None:
+        self.run([command], self.expect(command))
+
+    # --- rules -----------------------------------------------------------------------
+
+    @initialize()
+    def start(self) -> None:
+        assert self.core.apply([]) == []
+
+    @rule(
+        cid=st.sampled_from(CIDS),
+        room=st.sampled_from(ROOMS),
+        username=st.sampled_from(USERNAMES),
+        wants=st.booleans(),
+    )
+    def join(self, cid: int, room: str, username: str, wants: bool) -> None:
+        self.one((m.JOIN, self.req(wants), cid, room, username))
+
+    @rule(cid=st.sampled_from(CIDS), room=st.sampled_from(ROOMS), text=TEXTS, wants=st.booleans())
+    def msg(self, cid: int, room: str, text: str, wants: bool) -> None:
+        self.one((m.MSG, self.req(wants), cid, room, text))
+
+    @rule(cid=st.sampled_from(CIDS), room=st.sampled_from(ROOMS), wants=st.booleans())
+    def leave(self, cid: int, room: str, wants: bool) -> None:
+        self.one((m.LEAVE, self.req(wants), cid, room))
+
+    @rule(cid=st.sampled_from(CIDS), wants=st.booleans())
+    def drop(self, cid: int, wants: bool) -> None:
+        self.one((m.DROP, self.req(wants), cid))
+
+    @rule(cid=st.sampled_from(CIDS), room=st.sampled_from(ROOMS))
+    def names(self, cid: int, room: str) -> None:
+        self.one((m.NAMES, self.req(True), cid, room))
+
+    @rule()
+    def rooms(self) -> None:
+        req = self.req(True)
+        (event,) = self.core.apply([(m.ROOMS, req, 0)])
+        assert event[:3] == (m.DONE, req, 0)
+        expected = [(room, len(members)) for room, members in self.model.members.items()]
+        assert sorted(event[3]) == sorted(expected)
+
+    @rule(
+        cid=st.sampled_from(CIDS),
+        room=st.sampled_from(ROOMS),
+        n=st.one_of(st.sampled_from([1, 2, HISTORY_SIZE - 1, HISTORY_SIZE]), st.integers(1, 500)),
+    )
+    def history(self, cid: int, room: str, n: int) -> None:
+        self.one((m.HISTORY, self.req(True), cid, room, n))
+
+    @rule(cid=st.sampled_from(CIDS), room=st.sampled_from(ROOMS), back=st.integers(-3, 600))
+    def since(self, cid: int, room: str, back: int) -> None:
+        after = self.model.seq[room] - back
+        self.one((m.SINCE, self.req(True), cid, room, after))
+
+    def draw_member(self, data: st.DataObject) -> Tuple[int, str]:
+        room = data.draw(st.sampled_from(sorted(self.model.members)))
+        return data.draw(st.sampled_from(sorted(self.model.members[room]))), room
+
+    @precondition(lambda self: bool(self.model.members))
+    @rule(data=st.data(), n=st.one_of(st.sampled_from([1, 499, 500]), st.integers(1, 500)))
+    def member_history(self, data: st.DataObject, n: int) -> None:
+        cid, room = self.draw_member(data)
+        self.one((m.HISTORY, self.req(True), cid, room, n))
+
+    @precondition(lambda self: bool(self.model.members))
+    @rule(data=st.data(), back=st.one_of(st.integers(-2, 3), st.integers(4, 600)))
+    def member_since(self, data: st.DataObject, back: int) -> None:
+        cid, room = self.draw_member(data)
+        self.one((m.SINCE, self.req(True), cid, room, self.model.seq[room] - back))
+
+    @precondition(lambda self: bool(self.model.members))
+    @rule(data=st.data(), text=TEXTS)
+    def member_msg(self, data: st.DataObject, text: str) -> None:
+        cid, room = self.draw_member(data)
+        self.one((m.MSG, 0, cid, room, text))
+
+    @precondition(lambda self: bool(self.model.members))
+    @rule(data=st.data(), count=st.integers(1, 400))
+    def burst(self, data: st.DataObject, count: int) -> None:
+        """Many messages from a member in one batch: pushes history past its cap."""
+        cid, room = self.draw_member(data)
+        batch = [(m.MSG, 0, cid, room, f"burst {i}") for i in range(count)]
+        expected = [event for command in batch for event in self.expect(command)]
+        self.run(batch, expected)
+
+    @rule(
+        commands=st.lists(
+            st.one_of(
+                st.tuples(
+                    st.just(m.JOIN),
+                    st.just(0),
+                    st.sampled_from(CIDS),
+                    st.sampled_from(ROOMS),
+                    st.sampled_from(USERNAMES),
+                ),
+                st.tuples(
+                    st.just(m.MSG), st.just(0), st.sampled_from(CIDS), st.sampled_from(ROOMS), TEXTS
+                ),
+                st.tuples(
+                    st.just(m.LEAVE), st.just(0), st.sampled_from(CIDS), st.sampled_from(ROOMS)
+                ),
+                st.tuples(st.just(m.DROP), st.just(0), st.sampled_from(CIDS)),
+            ),
+            min_size=1,
+            max_size=12,
+        )
+    )
+    def mixed_batch(self, commands: List[tuple]) -> None:
+        """A batch as the router sends it: events in command order, nothing reordered."""
+        expected = [event for command in commands for event in self.expect(command)]
+        self.run(commands, expected)
+
+    @rule(wants=st.booleans())
+    def restart(self, wants: bool) -> None:
+        """The shard process died and was restarted: a new core, and the router puts the
+        members back from its mirror (router/hub.py on_shard_restarted)."""
+        self.core = ShardCore(clock=lambda: self.now)
+        self.model.restart()
+        batch, expected = [], []
+        for room in sorted(self.mirror):
+            for cid in sorted(self.mirror[room]):
+                req = self.req(wants)
+                batch.append((m.REJOIN, req, cid, room, self.model.members[room][cid]))
+                if req:
+                    expected.append((m.DONE, req, cid, None))
+        self.run(batch, expected)
+
+    # --- invariants ------------------------------------------------------------------
+
+    @invariant()
+    def mirror_agrees_with_the_model(self) -> None:
+        assert self.mirror == {room: set(members) for room, members in self.model.members.items()}
+
+    @invariant()
+    def every_member_got_every_message_exactly_once(self) -> None:
+        # Equal lists: no loss, no duplicate, nothing for non-members, in room order.
+        for cid in CIDS:
+            assert self.received[cid] == self.model.expected[cid], cid
+
+    @invariant()
+    def live_rooms_and_memberships(self) -> None:
+        assert set(self.core.rooms) == set(self.model.members)
+        for cid in CIDS:
+            assert self.core.rooms_of(cid) == self.model.rooms_of(cid)
+
+    @invariant()
+    def history_is_bounded_in_seq_order_and_right(self) -> None:
+        for name, room in self.core.rooms.items():
+            history = list(room.history)
+            assert len(history) <= HISTORY_SIZE
+            seqs = [entry[0] for entry in history]
+            assert seqs == list(range(room.seq - len(seqs) + 1, room.seq + 1))
+            assert history == list(self.model.entries[name])
+            assert room.seq == self.model.seq[name]
+
+
+TestShardCoreStateful = ShardCoreMachine.TestCase
+TestShardCoreStateful.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
