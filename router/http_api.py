@@ -320,7 +320,7 @@ class HttpApi:
         payload = {
             "username": session.username,
             "rooms": rooms,
-            "epochs": {room: self.hub.epoch_of(room) for room in rooms},
+            "epochs": {room: self.sessions.epoch_of(room) for room in rooms},
         }
         exchange.respond(json_response(200, payload))
 
@@ -353,7 +353,7 @@ class HttpApi:
                 "room": room,
                 "username": joined.username,
                 "id": result[0],
-                "epoch": self.hub.epoch_of(room),
+                "epoch": self.sessions.epoch_of(room),
             }
             exchange.respond(json_response(200, payload, (session_cookie(joined.token),)))
 

@@ -238,7 +238,7 @@ class Poll(Waiter):
         fetches: List[Tuple[Cursor, int, bool]] = []
         for cursor in self.cursors:
             room = cursor.room
-            epoch = self.hub.epoch_of(room)
+            epoch = self.session.epoch_of(room)
             feed = session.feeds.get(room)
             if feed is None or room not in session.rooms:
                 results[room] = RoomResult([], cursor.after, epoch, left=True)
@@ -266,7 +266,7 @@ class Poll(Waiter):
             remaining -= 1
             if isinstance(result, Failure):
                 if result.code == m.ERR_NOT_IN_ROOM:
-                    epoch = self.hub.epoch_of(cursor.room)
+                    epoch = self.session.epoch_of(cursor.room)
                     results[cursor.room] = RoomResult([], cursor.after, epoch, left=True)
                 else:
                     failures.append(result)
@@ -305,5 +305,5 @@ class Poll(Waiter):
         missed = forced or after < first - 1
         new_after = entries[-1][0] if entries else (after if not forced else last)
         return RoomResult(
-            entries, new_after, self.hub.epoch_of(cursor.room), missed=missed, first=first
+            entries, new_after, self.session.epoch_of(cursor.room), missed=missed, first=first
         )

@@ -29,6 +29,20 @@ COOKIE_NAME = "sc_session"
 JoinCallback = Callable[[Any], None]
 
 
+class Epochs:
+    """The epochs the HTTP API shows: the router's start time in milliseconds plus the
+    owning shard's restart count (``hub.epoch_of``). The shard's count alone starts at 1
+    again when the router restarts, so a browser's old cursor would look current and its
+    gap would go unnoticed; with the start time, every router run has its own epochs."""
+
+    def __init__(self, hub: Hub, boot_ms: Optional[int] = None) -> None:
+        self.hub = hub
+        self.boot = int(time.time() * 1000) if boot_ms is None else boot_ms
+
+    def __call__(self, room: str) -> int:
+        return self.boot + self.hub.epoch_of(room)
+
+
 class RoomFeed:
     """The events of one room this session was sent and no poll has acknowledged yet.
 
@@ -99,9 +113,10 @@ class HttpSession(Client):
 
     username_fixed = True
 
-    def __init__(self, hub: Hub, token: str, username: str) -> None:
+    def __init__(self, hub: Hub, token: str, username: str, epoch_of: Epochs) -> None:
         super().__init__()
         self.hub = hub
+        self.epoch_of = epoch_of
         self.token = token
         self.username = username
         self.feeds: Dict[str, RoomFeed] = {}
@@ -164,7 +179,7 @@ class HttpSession(Client):
             self._notify(room)
 
     def on_joined(self, room: str, entry: m.Entry) -> None:
-        feed = self.feeds[room] = RoomFeed(self.hub.epoch_of(room), entry[0] - 1)
+        feed = self.feeds[room] = RoomFeed(self.epoch_of(room), entry[0] - 1)
         feed.push(entry)
         wait = self._joins.pop(room, None)
         if wait is not None:
@@ -190,7 +205,7 @@ class HttpSession(Client):
 
     def on_room_restarted(self, room: str) -> None:
         # The shard restarted and put us back silently; its history (and seq) starts over.
-        self.feeds[room] = RoomFeed(self.hub.epoch_of(room), 0)
+        self.feeds[room] = RoomFeed(self.epoch_of(room), 0)
         self._notify(room)
 
     def on_shutdown(self) -> None:
@@ -209,6 +224,7 @@ class SessionStore:
         self.hub = hub
         self.loop = loop
         self.ttl = ttl
+        self.epoch_of = Epochs(hub)
         self.sessions: Dict[str, HttpSession] = {}
         self._sweeper: Optional[asyncio.TimerHandle] = None
 
@@ -228,7 +244,7 @@ class SessionStore:
         if len(self.sessions) >= MAX_HTTP_SESSIONS:
             return None
         token = secrets.token_urlsafe(32)
-        session = HttpSession(self.hub, token, username)
+        session = HttpSession(self.hub, token, username, self.epoch_of)
         self.sessions[token] = session
         self.hub.add(session)
         if self._sweeper is None:

@@ -177,9 +177,9 @@
 
   async function joinRoom(name) {
     const data = await api("POST", "/api/join", { room: name, username: state.username });
-    const room = addRoom(data.room, data.epoch);
-    room.epoch = data.epoch;
-    return room;
+    // A room we already had keeps its cursor's epoch: if the server restarted, the next
+    // poll sees the old epoch and says what was missed instead of skipping new events.
+    return addRoom(data.room, data.epoch);
   }
 
   async function leaveRoom(name) {
@@ -392,10 +392,12 @@
         continue;
       }
       const added = [];
+      let reset = false;
       if (info.missed) {
         if (room.epoch && info.epoch !== room.epoch) {
           room.messages = [];
           room.after = 0;
+          reset = true;
           notice(room, "The server restarted this room; older messages are gone.");
         } else if (room.after > 0) {
           notice(room, "Some messages were missed while you were away.");
@@ -405,7 +407,7 @@
         added.push(room.messages[room.messages.length - 1]);
       }
       room.epoch = info.epoch;
-      fresh.set(name, { room, info, added });
+      fresh.set(name, { room, info, added, reset });
     }
     for (const message of data.messages) {
       const entry = fresh.get(message.room);
@@ -414,7 +416,7 @@
       entry.room.messages.push(message);
       entry.added.push(message);
     }
-    for (const { room, info, added } of fresh.values()) {
+    for (const { room, info, added, reset } of fresh.values()) {
       room.after = Math.max(room.after, info.after);
       if (room.messages.length > MAX_MESSAGES_PER_ROOM) {
         room.messages.splice(0, room.messages.length - MAX_MESSAGES_PER_ROOM);
@@ -424,7 +426,8 @@
         refreshMembers(room.name);
       }
       if (room.name === state.current) {
-        appendToLog(added);
+        if (reset) renderLog();
+        else appendToLog(added);
       } else {
         room.unread += added.filter((message) => message.type === "chat").length;
       }
@@ -433,7 +436,7 @@
   }
 
   function backoffDelay() {
-    const base = Math.min(BACKOFF_MAX_MS, 1000 * 2 ** Math.min(state.failures, 5));
+    const base = Math.min(BACKOFF_MAX_MS, 1000 * 2 ** Math.min(state.failures - 1, 5));
     return base * (0.8 + Math.random() * 0.4);
   }
 
@@ -507,6 +510,8 @@
         }
       }
     }
+    state.failures = 0;
+    setStatus("online", "Connected");
   }
 
   // --- user actions ---------------------------------------------------------------------

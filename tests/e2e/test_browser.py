@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import urllib.request
 from pathlib import Path
 from typing import Iterator, List
@@ -93,6 +94,12 @@ def open_chat(browser: Browser, cluster: Cluster, **context_options: object) -> 
     watched = Watched(page)
     page.goto(f"http://127.0.0.1:{cluster.http_port}/")
     return watched
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def join(watched: Watched, username: str, room: str) -> None:
@@ -194,3 +201,30 @@ def test_name_taken_over_tcp_is_refused_in_the_browser(browser: Browser, cluster
         expect(page.page.locator("#chat-view")).to_be_hidden()
     finally:
         tcp.close()
+
+
+@pytest.mark.timeout(60)
+def test_page_reconnects_after_a_server_restart(browser: Browser) -> None:
+    port = free_port()
+    first = Cluster(shards=1, http_port=port).start()
+    second = Cluster(shards=1, http_port=port)
+    try:
+        rita = open_chat(browser, first)
+        join(rita, "rita", "lobby")
+        send(rita, "before the restart")
+        expect_line(rita, "rita: before the restart")
+        first.stop()
+        status = rita.page.locator("#status")
+        expect(status).to_have_attribute("data-state", "offline", timeout=WAIT_MS)
+        second.start()
+        # The session is gone with the old server: the page joins again by itself, and the
+        # new epoch makes the gap explicit instead of silently skipping the new room's ids.
+        expect(status).to_have_attribute("data-state", "online", timeout=3 * WAIT_MS)
+        expect_line(rita, "The server restarted this room")
+        expect_line(rita, "rita joined lobby")
+        send(rita, "after the restart")
+        expect_line(rita, "rita: after the restart")
+        assert rita.dialogs == []
+    finally:
+        second.stop()
+        first.stop()
