@@ -29,6 +29,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -63,6 +64,9 @@ CLEAR_LINE = "\r\x1b[K"
 #: Signal the reader thread sends the main thread to interrupt a blocking input() when the
 #: server goes away (POSIX only; see ``ChatSession._wake_main``).
 WAKE_SIGNAL = getattr(signal, "SIGUSR1", None)
+#: Interval between repeated wake-up signals: one that lands while readline is busy rather
+#: than blocked is used up without interrupting anything, so the reader thread repeats it.
+WAKE_RETRY_SECONDS = 0.05
 #: Exit statuses: 2 for bad usage (as argparse), 130 for Ctrl-C (as shells report SIGINT).
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -525,6 +529,9 @@ class ChatSession:
         # Guarded by _stop_lock so that no wake-up signal is sent after it is set.
         self._stopping = False
         self._stop_lock = threading.Lock()
+        # True while the main thread is in (or about to enter) input(); only then may the
+        # wake-up signal's handler raise ServerClosed, so it never lands in clean-up code.
+        self._awaiting_input = False
         self._wake: Callable[[], None] = self._exit_now
         self._reader = threading.Thread(target=self._read_loop, name="chat-reader", daemon=True)
 
@@ -559,8 +566,6 @@ class ChatSession:
 
     def _input_loop(self) -> int:
         while True:
-            if self._closed.is_set():
-                raise ServerClosed
             try:
                 line = self._read_user_line()
             except EOFError:
@@ -573,15 +578,22 @@ class ChatSession:
                 return self._finish()
 
     def _read_user_line(self) -> str:
-        if not self._display.interactive:
-            return input()
-        with self._state_lock:
-            current = self._state.current
-        prompt = f"{current}> " if current else "> "
+        """Return the next typed line. Raises EOFError at the end of input, ServerClosed if
+        the server has gone (also from inside the blocking input(), see _wake_main_on_close).
+        """
+        prompt = ""
+        if self._display.interactive:
+            with self._state_lock:
+                current = self._state.current
+            prompt = f"{current}> " if current else "> "
         self._display.begin_input(prompt)
+        self._awaiting_input = True
         try:
+            if self._closed.is_set():
+                raise ServerClosed
             return input(prompt)
         finally:
+            self._awaiting_input = False
             self._display.end_input()
 
     def _handle_user_line(self, line: str) -> bool:
@@ -636,9 +648,15 @@ class ChatSession:
         finally:
             self._closed.set()
             self._done.set()
+            self._wake_until_main_stops()
+
+    def _wake_until_main_stops(self) -> None:
+        while True:
             with self._stop_lock:
-                if not self._stopping:
-                    self._wake()
+                if self._stopping:
+                    return
+                self._wake()
+            time.sleep(WAKE_RETRY_SECONDS)
 
     def _on_server_line(self, line: str) -> None:
         reply = reply_to_server_line(line)
@@ -660,7 +678,8 @@ class ChatSession:
         """While active, a server close interrupts the main thread's input() (POSIX).
 
         input() cannot be interrupted portably. On POSIX the reader thread sends WAKE_SIGNAL
-        to the main thread; its handler raises ServerClosed there, which also lets readline
+        to the main thread (every WAKE_RETRY_SECONDS until run() stops); while the main
+        thread awaits input, the handler raises ServerClosed there, which also lets readline
         restore the terminal. Elsewhere the reader thread reports and ends the process.
         """
         usable = (
@@ -674,7 +693,7 @@ class ChatSession:
         main_ident = threading.get_ident()
 
         def on_wake(signum: int, frame: object) -> None:
-            if self._closed.is_set() and not self._stopping:
+            if self._awaiting_input and self._closed.is_set() and not self._stopping:
                 raise ServerClosed
 
         previous = signal.signal(WAKE_SIGNAL, on_wake)
@@ -749,19 +768,24 @@ def _pick_name(
             raise _BadName(name)
 
 
-def _make_display(interactive: bool) -> Display:
+def _line_editor(interactive: bool) -> Callable[[], str] | None:
+    """Import readline for a terminal user; return its ``get_line_buffer``, or None.
+
+    Importing it is what makes input() editable and sends input()'s prompt to stdout
+    (without it, CPython writes the prompt to stderr). Absent on Windows.
+    """
     if not interactive:
-        return Display(sys.stdout, interactive=False, redraw=False)
+        return None
     try:
-        import readline  # noqa: PLC0415 - optional (absent on Windows); enables input() editing
+        import readline  # noqa: PLC0415 - optional, and only wanted in a terminal
     except ImportError:
-        return Display(sys.stdout, interactive=True, redraw=_terminal_has_escapes())
-    return Display(
-        sys.stdout,
-        interactive=True,
-        redraw=_terminal_has_escapes(),
-        typed=readline.get_line_buffer,
-    )
+        return None
+    return readline.get_line_buffer
+
+
+def _make_display(interactive: bool, typed: Callable[[], str] | None) -> Display:
+    redraw = interactive and _terminal_has_escapes()
+    return Display(sys.stdout, interactive=interactive, redraw=redraw, typed=typed)
 
 
 def _terminal_has_escapes() -> bool:
@@ -806,6 +830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     _tolerate_unencodable_output()
+    typed = _line_editor(interactive)
     try:
         user = _pick_name(
             args.user,
@@ -834,7 +859,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sock = _connect(args.host, args.port)
     if sock is None:
         return EXIT_FAILURE
-    session = ChatSession(LineConnection(sock), _make_display(interactive), ClientState(user))
+    session = ChatSession(
+        LineConnection(sock), _make_display(interactive, typed), ClientState(user)
+    )
     try:
         return session.run(room)
     except KeyboardInterrupt:  # a second Ctrl-C while waiting for the server's goodbye

@@ -1,0 +1,589 @@
+"""Integration tests for scripts/chat_client.py: the client as a real subprocess on loopback.
+
+The client is driven through piped stdin and, on POSIX, through a pseudo-terminal. The
+server is ``FakeChatServer`` below: just enough of docs/PROTOCOL.md's line protocol, in one
+thread per connection, recording every line the client sends. It is not the real server;
+these tests pin the client's behaviour, not the cluster's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(30)
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIENT = ROOT / "scripts" / "chat_client.py"
+WAIT = 5.0  # longest any single expected event may take before the test fails
+WELCOME = "INFO welcome to shardchat; fake server for client tests"
+ON_POSIX = sys.platform != "win32"
+needs_pty = pytest.mark.skipif(not ON_POSIX, reason="pseudo-terminals (pty) are POSIX only")
+
+
+# --------------------------------------------------------------------------- fake server
+
+
+class FakeChatServer:
+    """A tiny line-protocol server on 127.0.0.1, port 0.
+
+    Understands JOIN, MSG (echo to the room), LEAVE, NAMES, ROOMS, HISTORY, QUIT (``INFO
+    bye`` and close) and PONG (recorded only). Options: ``ping_token`` sends ``PING <token>``
+    after a JOIN; ``echo_delay`` delays every MSG echo; ``say_bye=False`` ignores QUIT.
+    """
+
+    def __init__(
+        self, *, ping_token: str | None = None, echo_delay: float = 0.0, say_bye: bool = True
+    ) -> None:
+        self.ping_token = ping_token
+        self.echo_delay = echo_delay
+        self.say_bye = say_bye
+        self.received: list[str] = []
+        self.connections = 0
+        self._changed = threading.Condition()
+        self._send_lock = threading.Lock()
+        self._members: dict[str, dict[socket.socket, str]] = {}
+        self._history: dict[str, list[tuple[int, str, str, str]]] = {}
+        self._open: set[socket.socket] = set()
+        self._stopping = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.05)  # so the accept loop notices stop()
+        self.port: int = self._listener.getsockname()[1]
+        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
+        self._acceptor.start()
+
+    # -- test side
+
+    def wait_for(self, line: str, timeout: float = WAIT) -> bool:
+        """Wait until the client's ``line`` has been answered; return whether it was in time."""
+        with self._changed:
+            return self._changed.wait_for(lambda: line in self.received, timeout)
+
+    def push(self, line: str) -> None:
+        """Send ``line`` to every connected client."""
+        for conn in list(self._open):
+            self._send(conn, line)
+
+    def drop_all(self) -> None:
+        """Close every client connection, as a crashing server would."""
+        for conn in list(self._open):
+            _shutdown(conn)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._acceptor.join(WAIT)
+        self._listener.close()
+        self.drop_all()
+
+    # -- server side
+
+    def _accept_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            conn.settimeout(None)
+            self.connections += 1
+            self._open.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        session: dict[str, str] = {}
+        try:
+            self._send(conn, WELCOME)
+            with conn.makefile("rb") as lines:
+                for raw in lines:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                    keep_open = self._handle(conn, session, line)
+                    with self._changed:  # recorded once answered, so tests can wait for it
+                        self.received.append(line)
+                        self._changed.notify_all()
+                    if not keep_open:
+                        break
+        except OSError:
+            pass  # the client went away; nothing to clean up beyond the finally
+        finally:
+            for members in self._members.values():
+                members.pop(conn, None)
+            self._open.discard(conn)
+            _shutdown(conn)
+            conn.close()
+
+    def _handle(self, conn: socket.socket, session: dict[str, str], line: str) -> bool:
+        """Answer one line; return False to close the connection."""
+        verb, _, rest = line.partition(" ")
+        args = rest.split(" ")
+        if verb == "JOIN":
+            room, session["user"] = args
+            self._members.setdefault(room, {})[conn] = session["user"]
+            self._log(room, "*", f"{session['user']} joined {room}")
+            self._send(conn, f"INFO joined room {room}")
+            if self.ping_token:
+                self._send(conn, f"PING {self.ping_token}")
+        elif verb == "MSG":
+            room, _, text = rest.partition(" ")
+            self._msg(conn, session.get("user", "?"), room, text)
+        elif verb == "LEAVE":
+            self._members.get(rest, {}).pop(conn, None)
+            self._send(conn, f"INFO left room {rest}")
+        elif verb == "NAMES":
+            names = sorted(self._members.get(rest, {}).values(), key=str.casefold)
+            self._send(conn, " ".join(["NAMES", rest, *names]))
+        elif verb == "ROOMS":
+            rooms = sorted(room for room, members in self._members.items() if members)
+            for room in rooms:
+                self._send(conn, f"ROOM {room} {len(self._members[room])}")
+            self._send(conn, f"END ROOMS {len(rooms)}")
+        elif verb == "HISTORY":
+            self._send_history(conn, args[0], int(args[1]) if len(args) > 1 else 500)
+        elif verb == "QUIT":
+            if self.say_bye:
+                self._send(conn, "INFO bye")
+                return False
+        elif verb != "PONG":
+            self._send(conn, f"ERROR unknown command {verb}")
+        return True
+
+    def _msg(self, conn: socket.socket, user: str, room: str, text: str) -> None:
+        if conn not in self._members.get(room, {}):
+            self._send(conn, f"ERROR not in room {room}")
+            return
+        time.sleep(self.echo_delay)
+        self._log(room, user, text)
+        for member in list(self._members[room]):
+            self._send(member, f"MSG {room} {user} {text}")
+
+    def _log(self, room: str, user: str, text: str) -> None:
+        events = self._history.setdefault(room, [])
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        events.append((len(events) + 1, stamp, user, text))
+
+    def _send_history(self, conn: socket.socket, room: str, count: int) -> None:
+        events = self._history.get(room, [])[-count:]
+        for seq, stamp, user, text in events:
+            self._send(conn, f"HISTORY {room} {seq} {stamp} {user} {text}")
+        self._send(conn, f"END HISTORY {room} {len(events)}")
+
+    def _send(self, conn: socket.socket, line: str) -> None:
+        with self._send_lock:
+            conn.sendall(line.encode("utf-8") + b"\n")
+
+
+def _shutdown(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by the other side
+
+
+@pytest.fixture
+def server() -> Iterator[FakeChatServer]:
+    fake = FakeChatServer()
+    yield fake
+    fake.stop()
+
+
+def _fake(**options: object) -> FakeChatServer:
+    return FakeChatServer(**options)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- running the client
+
+
+def client_env() -> dict[str, str]:
+    # UTF-8 pipes on every platform; no user readline configuration; a common terminal type.
+    return dict(os.environ, PYTHONIOENCODING="utf-8", INPUTRC=os.devnull, TERM="xterm")
+
+
+def client_args(port: int, *extra: str) -> list[str]:
+    return [sys.executable, str(CLIENT), "--host", "127.0.0.1", "--port", str(port), *extra]
+
+
+def run_piped(port: int, stdin: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Run the client with ``stdin`` piped in and wait for it to exit."""
+    return subprocess.run(
+        client_args(port, *extra),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=client_env(),
+        timeout=WAIT * 2,
+    )
+
+
+def start_piped(port: int, *extra: str) -> subprocess.Popen[str]:
+    """Start the client with an open stdin pipe (no end of input until the test closes it)."""
+    return subprocess.Popen(
+        client_args(port, *extra),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        env=client_env(),
+    )
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- piped stdin
+
+
+def test_piped_session_prints_plain_lines(server: FakeChatServer) -> None:
+    result = run_piped(
+        server.port, "hello\n/names\n//starts with a slash\n", "--user", "bob", "--room", "lobby"
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "* welcome to shardchat; fake server for client tests",
+        "* joined room lobby",
+        "[lobby] bob: hello",
+        "* in lobby (1): bob",
+        "[lobby] bob: /starts with a slash",
+        "* bye",
+    ]
+    assert result.stderr == ""
+    assert server.received == [
+        "JOIN lobby bob",
+        "MSG lobby hello",
+        "NAMES lobby",
+        "MSG lobby /starts with a slash",
+        "QUIT",
+    ]
+
+
+def test_piped_answers_to_the_questions_without_printing_prompts(server: FakeChatServer) -> None:
+    result = run_piped(server.port, "bob\n\nhello\n")
+
+    assert result.returncode == 0, result.stderr
+    assert server.received[:2] == ["JOIN lobby bob", "MSG lobby hello"]
+    assert "username" not in result.stdout + result.stderr
+    assert "[lobby] bob: hello" in result.stdout.splitlines()
+
+
+def test_piped_room_answer_replaces_the_default(server: FakeChatServer) -> None:
+    result = run_piped(server.port, "bob\ndev\nhi\n")
+
+    assert result.returncode == 0, result.stderr
+    assert server.received[:2] == ["JOIN dev bob", "MSG dev hi"]
+
+
+def test_quit_sends_quit_and_ignores_later_input(server: FakeChatServer) -> None:
+    result = run_piped(
+        server.port, "hello\n/quit\nnever sent\n", "--user", "bob", "--room", "lobby"
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert server.received == ["JOIN lobby bob", "MSG lobby hello", "QUIT"]
+    assert result.stdout.splitlines()[-1] == "* bye"
+
+
+def test_room_commands_move_the_current_room(server: FakeChatServer) -> None:
+    script = "/join dev\nin dev\n/switch lobby\nin lobby\n/leave\nback in dev\n/rooms\n/history 1\n"
+
+    result = run_piped(server.port, script, "--user", "bob", "--room", "lobby")
+
+    assert result.returncode == 0, result.stderr
+    assert server.received == [
+        "JOIN lobby bob",
+        "JOIN dev bob",
+        "MSG dev in dev",
+        "MSG lobby in lobby",
+        "LEAVE lobby",
+        "MSG dev back in dev",
+        "ROOMS",
+        "HISTORY dev 1",
+        "QUIT",
+    ]
+    lines = result.stdout.splitlines()
+    for expected in (
+        "* talking in lobby",
+        "[dev] bob: in dev",
+        "[lobby] bob: in lobby",
+        "* left room lobby",
+        "[dev] bob: back in dev",
+        "* room dev: 1 member",
+        "* 1 room",
+        "~ [dev] end of history, 1 event",
+    ):
+        assert expected in lines
+    assert any(re.fullmatch(r"~ \[dev\] \d\d:\d\d bob: back in dev", line) for line in lines)
+
+
+def test_unknown_command_and_help_stay_local(server: FakeChatServer) -> None:
+    result = run_piped(server.port, "/nope\n/help\n", "--user", "bob", "--room", "lobby")
+
+    assert result.returncode == 0, result.stderr
+    assert server.received == ["JOIN lobby bob", "QUIT"]
+    assert "! unknown command /nope; type /help for the commands" in result.stdout
+    assert "/switch <room>" in result.stdout
+
+
+def test_names_in_other_scripts(server: FakeChatServer) -> None:
+    result = run_piped(server.port, "ça va\n", "--user", "zoë", "--room", "日本")
+
+    assert result.returncode == 0, result.stderr
+    assert "[日本] zoë: ça va" in result.stdout.splitlines()
+
+
+def test_end_of_input_waits_for_echoes_of_sent_lines() -> None:
+    slow = _fake(echo_delay=0.5)
+    try:
+        result = run_piped(slow.port, "slow one\n", "--user", "bob", "--room", "lobby")
+    finally:
+        slow.stop()
+
+    assert result.returncode == 0, result.stderr
+    assert "[lobby] bob: slow one" in result.stdout.splitlines()
+    assert result.stdout.splitlines()[-1] == "* bye"
+
+
+def test_quit_wait_is_bounded_when_the_server_never_says_bye() -> None:
+    mute = _fake(say_bye=False)
+    try:
+        # run_piped's timeout (well above QUIT_TIMEOUT_SECONDS) fails the test on a hang.
+        result = run_piped(mute.port, "hello\n", "--user", "bob", "--room", "lobby")
+    finally:
+        mute.stop()
+
+    assert result.returncode == 0, result.stderr
+    assert "[lobby] bob: hello" in result.stdout
+    assert "* bye" not in result.stdout
+    assert mute.received == ["JOIN lobby bob", "MSG lobby hello", "QUIT"]
+
+
+def test_ping_is_answered_with_pong_and_not_shown() -> None:
+    pinging = _fake(ping_token="tok-42")
+    client = start_piped(pinging.port, "--user", "bob", "--room", "lobby")
+    try:
+        answered = pinging.wait_for("PONG tok-42")
+        stdout, stderr = client.communicate("", timeout=WAIT)
+    finally:
+        client.kill()
+        pinging.stop()
+
+    assert answered, pinging.received
+    assert client.returncode == 0, stderr
+    assert "PING" not in stdout and "PONG" not in stdout and "pong" not in stdout
+    assert pinging.received == ["JOIN lobby bob", "PONG tok-42", "QUIT"]
+
+
+def test_connect_refused_exits_1_with_a_message() -> None:
+    port = free_port()
+
+    result = run_piped(port, "hello\n", "--user", "bob", "--room", "lobby")
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    prefix = f"chat_client: cannot connect to 127.0.0.1:{port}: "
+    if sys.platform == "win32":
+        assert result.stderr.startswith(prefix)
+    else:
+        assert result.stderr == prefix + "Connection refused\n"
+
+
+def test_server_closing_an_idle_piped_client_exits_1(server: FakeChatServer) -> None:
+    client = start_piped(server.port, "--user", "bob", "--room", "lobby")
+    try:
+        assert server.wait_for("JOIN lobby bob")
+        server.drop_all()
+        returncode = client.wait(WAIT)  # stdin is still open: the close alone must end it
+        stdout, stderr = client.communicate(timeout=WAIT)
+    finally:
+        client.kill()
+
+    assert returncode == 1
+    assert stderr == "chat_client: server closed the connection\n"
+    assert "* joined room lobby" in stdout
+
+
+def test_invalid_username_exits_2_without_connecting(server: FakeChatServer) -> None:
+    result = run_piped(server.port, "hello\n", "--user", "no spaces allowed", "--room", "lobby")
+
+    assert result.returncode == 2
+    assert "chat_client: invalid username: 1-32 letters, digits, _ - ." in result.stderr
+    assert server.connections == 0
+
+
+def test_end_of_input_before_a_username_exits_1(server: FakeChatServer) -> None:
+    result = run_piped(server.port, "")
+
+    assert result.returncode == 1
+    assert "chat_client: end of input before a username" in result.stderr
+    assert server.connections == 0
+
+
+def test_runs_as_a_module_with_help() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.chat_client", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=str(ROOT),
+        timeout=WAIT * 2,
+    )
+
+    assert result.returncode == 0, result.stderr
+    for flag in ("--host", "--port", "--user", "--room"):
+        assert flag in result.stdout
+
+
+# --------------------------------------------------------------------------- terminal
+
+
+class PtyClient:
+    """The client with stdin and stdout on a pseudo-terminal, stderr on a pipe.
+
+    The test keeps the terminal's slave end open, so that its settings can be read after
+    the client exits.
+    """
+
+    def __init__(self, args: list[str]) -> None:
+        import pty  # noqa: PLC0415 - POSIX only
+
+        self.master, self.slave = pty.openpty()
+        self.modes_before = self.local_modes()
+        self.proc = subprocess.Popen(
+            args,
+            stdin=self.slave,
+            stdout=self.slave,
+            stderr=subprocess.PIPE,
+            env=client_env(),
+            start_new_session=True,
+        )
+        self.output = ""
+        self._seen = 0
+
+    def type(self, keys: str) -> None:
+        os.write(self.master, keys.encode("utf-8"))
+
+    def expect(self, text: str, timeout: float = WAIT) -> str:
+        """Wait for ``text`` after the previous match; return the output up to its end."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.output.find(text, self._seen)
+            if found >= 0:
+                self._seen = found + len(text)
+                return self.output[: self._seen]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"{text!r} not in terminal output: {self.output!r}")
+            self._read(remaining)
+
+    def wait(self, timeout: float = WAIT) -> int:
+        returncode = self.proc.wait(timeout)
+        self._read(0.1)
+        return returncode
+
+    def local_modes(self) -> int:
+        import termios  # noqa: PLC0415 - POSIX only
+
+        return termios.tcgetattr(self.slave)[3]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(WAIT)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        os.close(self.master)
+        os.close(self.slave)
+
+    def _read(self, timeout: float) -> None:
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if ready:
+            chunk = os.read(self.master, 65536)
+            self.output += chunk.decode("utf-8", errors="replace").replace("\r\n", "\n")
+
+
+@pytest.fixture
+def terminal_client(server: FakeChatServer) -> Iterator[PtyClient]:
+    client = PtyClient(client_args(server.port))
+    yield client
+    client.close()
+
+
+@needs_pty
+def test_terminal_prompts_and_keeps_the_typed_line_intact(
+    server: FakeChatServer, terminal_client: PtyClient
+) -> None:
+    import importlib.util  # noqa: PLC0415
+
+    term = terminal_client
+    echo_and_canonical = _echo_and_canonical()
+    assert term.modes_before & echo_and_canonical == echo_and_canonical
+
+    term.expect("username: ")
+    term.type("bob\r")
+    term.expect("room [lobby]: ")
+    term.type("\r")
+    assert server.wait_for("JOIN lobby bob")
+    term.expect("* joined room lobby")
+    term.expect("lobby> ")
+
+    term.type("hello\r")
+    term.expect("[lobby] bob: hello\nlobby> ")
+
+    term.type("wor")
+    term.expect("wor")
+    server.push("MSG lobby alice hi there")
+    shown = term.expect("\x1b[K[lobby] alice: hi there\nlobby> ")
+    if importlib.util.find_spec("readline") is not None:
+        term.expect("wor", timeout=0)  # redrawn right after the prompt
+        assert shown.endswith("\r\x1b[K[lobby] alice: hi there\nlobby> ")
+    term.type("ld\r")
+    assert server.wait_for("MSG lobby world")
+    term.expect("[lobby] bob: world")
+
+    term.type("/quit\r")
+    assert term.wait() == 0
+    term.expect("* bye")
+    assert term.local_modes() & echo_and_canonical == echo_and_canonical
+
+
+@needs_pty
+def test_terminal_server_close_exits_1_and_restores_the_terminal(
+    server: FakeChatServer,
+) -> None:
+    term = PtyClient(client_args(server.port, "--user", "bob", "--room", "lobby"))
+    try:
+        term.expect("* joined room lobby")
+        term.type("half typ")
+        term.expect("half typ")
+        server.drop_all()
+        returncode = term.wait()
+        assert term.proc.stderr is not None
+        stderr = term.proc.stderr.read().decode("utf-8")
+        modes = term.local_modes()
+    finally:
+        term.close()
+
+    assert returncode == 1
+    assert stderr == "chat_client: server closed the connection\n"
+    echo_and_canonical = _echo_and_canonical()
+    assert modes & echo_and_canonical == echo_and_canonical
+    assert server.received == ["JOIN lobby bob"]
+
+
+def _echo_and_canonical() -> int:
+    import termios  # noqa: PLC0415 - POSIX only
+
+    return termios.ECHO | termios.ICANON
