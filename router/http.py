@@ -57,6 +57,8 @@ class HttpConnection(asyncio.Protocol):
         self._parser = HttpRequestParser()
         self.transport: Optional[asyncio.Transport] = None
         self.peer: Any = None
+        self.ip = ""
+        self._counted = False  # holds a slot in the hub's connection limiter
         self._exchange: Optional[Exchange] = None  # the request being answered
         self._request: Optional[Request] = None
         self._deadline: Optional[asyncio.TimerHandle] = None  # whole request must arrive
@@ -78,6 +80,11 @@ class HttpConnection(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
+        self.ip = str(self.peer[0]) if self.peer else ""
+        if not self.api.hub.limiter.acquire(self.ip):  # TCP and HTTP share the caps
+            self._refuse(ProtocolError(503, "server_full", "too many connections"))
+            return
+        self._counted = True
         self._connections.add(self)
         self._arm_deadline()
 
@@ -112,6 +119,9 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._closed = True
         self._connections.discard(self)
+        if self._counted:
+            self._counted = False
+            self.api.hub.limiter.release(self.ip)
         self._cancel_timers()
         exchange, self._exchange = self._exchange, None
         if exchange is not None:
@@ -287,6 +297,15 @@ class HttpServer(asyncio.AbstractServer):
 
     async def wait_closed(self) -> None:
         await self._server.wait_closed()
+
+    def close_clients(self) -> None:
+        for connection in list(self._connections):
+            connection.close()
+
+    def abort_clients(self) -> None:
+        for connection in list(self._connections):
+            if connection.transport is not None:
+                connection.transport.abort()
 
 
 async def start_http_server(

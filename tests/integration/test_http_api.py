@@ -27,6 +27,7 @@ from router import http_session
 from router.http_api import FAILURE_STATUS, HttpApi, failure_error
 from router.http_static import StaticFiles
 from router.hub import Failure, Hub
+from router.policy import ConnectionLimiter
 from tests.cluster import Cluster, LineClient
 from web import WEB_ROOT
 
@@ -831,7 +832,9 @@ def test_waiting_polls_hear_the_server_shut_down() -> None:
 # --- in-process: deadlines and hooks with short limits ---------------------------------------
 
 
-def run_in_process(monkeypatch: pytest.MonkeyPatch, body: Any, admit: Any = None) -> Any:
+def run_in_process(
+    monkeypatch: pytest.MonkeyPatch, body: Any, admit: Any = None, max_connections: int = 10
+) -> Any:
     """Run coroutine function *body(port, api)* against an in-process HTTP adapter (no
     shards) with the request deadline and keep-alive idle shortened to 0.3 s."""
     monkeypatch.setattr(http_adapter, "HTTP_REQUEST_TIMEOUT", 0.3)
@@ -839,7 +842,8 @@ def run_in_process(monkeypatch: pytest.MonkeyPatch, body: Any, admit: Any = None
 
     async def main() -> Any:
         loop = asyncio.get_running_loop()
-        api = HttpApi(Hub(loop), StaticFiles(WEB_ROOT))
+        limiter = ConnectionLimiter(max_connections, max_connections)
+        api = HttpApi(Hub(loop, limiter=limiter), StaticFiles(WEB_ROOT))
         if admit is not None:
             api.admit = admit
         connections: set = set()
@@ -940,6 +944,14 @@ def test_session_cap_answers_503(monkeypatch: pytest.MonkeyPatch) -> None:
 
     raw = run_in_process(monkeypatch, body)
     assert status_of(raw) == 503 and b"too_many_sessions" in raw
+
+
+def test_connection_cap_answers_503(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body(port: int, api: HttpApi) -> bytes:
+        return await read_all(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+
+    raw = run_in_process(monkeypatch, body, max_connections=0)
+    assert status_of(raw) == 503 and b"server_full" in raw
 
 
 @pytest.mark.parametrize(
