@@ -136,8 +136,7 @@ def rooms_end_line(count: int) -> bytes:
 
 def format_time(ts: float) -> str:
     """Seconds since the epoch -> ``2026-11-26T00:23:19.123Z``."""
-    whole = int(ts)
-    millis = int((ts - whole) * 1000)
+    whole, millis = divmod(int(round(ts * 1000)), 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
 
 
@@ -172,7 +171,7 @@ USAGE = {
     "QUIT": PeerError(error_line("usage: QUIT")),
     "NAMES": PeerError(error_line("usage: NAMES <room>")),
     "ROOMS": PeerError(error_line("usage: ROOMS")),
-    "HISTORY": PeerError(error_line("usage: HISTORY <room> [n] (n from 1 to 500)")),
+    "HISTORY": PeerError(error_line("usage: HISTORY <room> [n]")),
     "PING": PeerError(error_line(f"usage: PING [token] (token up to {MAX_PING_TOKEN_CHARS})")),
     "PONG": PeerError(error_line("usage: PONG [token]")),
 }
@@ -224,7 +223,7 @@ class CommandParser:
         if not data:
             self._dead = True
             last, self._partial = self._partial, b""
-            return self._parse_lines([last]) if last.strip() else []
+            return self._parse_lines([last]) if last else []
         buffer = self._partial + data if self._partial else data
         lines = buffer.split(b"\n")
         self._partial = lines.pop()

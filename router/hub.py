@@ -163,7 +163,10 @@ class Hub:
     def shutdown(self) -> None:
         """Tell every client the server is going away."""
         for client in list(self.clients.values()):
-            client.on_shutdown()
+            try:
+                client.on_shutdown()
+            except Exception:  # one broken client must not keep the others from hearing it
+                log.exception("telling client %d about the shutdown failed", client.cid)
 
     # --- commands --------------------------------------------------------------------
 
@@ -202,11 +205,16 @@ class Hub:
     def since(self, client: Client, room: str, after: int, callback: Callback) -> None:
         self._send(client, room, m.SINCE, callback, room, after)
 
-    def rooms(self, callback: Callable[[List[Tuple[str, int]]], None]) -> None:
+    def rooms(
+        self, callback: Callable[[List[Tuple[str, int]]], None], asker: Optional[Client] = None
+    ) -> None:
         """Every room with members, from every shard, sorted by name. A shard that does not
-        answer in time contributes nothing."""
+        answer in time contributes nothing. With *asker*, the request counts as that
+        client's (its QUIT waits for the answer)."""
         assert self.pool is not None
         links = self.pool.links
+        if asker is not None:
+            asker.shards.update(range(len(links)))
         remaining = len(links)
         found: List[Tuple[str, int]] = []
 

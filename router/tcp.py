@@ -307,12 +307,16 @@ class TcpConnection(asyncio.Protocol, Client):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if transport.can_write_eof():
-            transport.write_eof()
-            transport.resume_reading()
-            self._loop.call_later(SLOW_CONSUMER_CLOSE_GRACE, transport.abort)
-        else:
+        if not transport.can_write_eof():
             transport.close()
+            return
+        try:
+            transport.write_eof()
+        except OSError:  # the peer is already gone (ENOTCONN): nothing left to say
+            transport.abort()
+            return
+        transport.resume_reading()
+        self._loop.call_later(SLOW_CONSUMER_CLOSE_GRACE, transport.abort)
 
     # --- timers ----------------------------------------------------------------------
 
@@ -407,7 +411,7 @@ class TcpConnection(asyncio.Protocol, Client):
             lines.append(p.rooms_end_line(len(listing)))
             self._write_reply(lines)
 
-        self.hub.rooms(reply)
+        self.hub.rooms(reply, asker=self)
 
     def _history(self, command: p.History) -> None:
         room = command.room

@@ -180,12 +180,6 @@ def test_shutdown_on_signal(
     assert "Traceback" not in cluster.log, cluster.log
 
 
-@pytest.mark.xfail(
-    reason="bug: router/tcp.py TcpConnection.close() calls transport.write_eof() unguarded; "
-    "on a socket the peer already closed it raises ENOTCONN out of Hub.shutdown(), so the "
-    "router exits 1 with a traceback and the clients after it are never told",
-    strict=True,
-)
 def test_shutdown_after_a_client_hung_up_unnoticed(started: List[Cluster]) -> None:
     """A client hung up but the router has not read its end-of-file yet when the signal
     comes. Flood control holds the router in exactly that state without any timing luck:

@@ -525,11 +525,6 @@ def test_half_close_over_several_shards(connect: Connect) -> None:
         assert [line for line in lines if line in expected] == expected
 
 
-@pytest.mark.xfail(
-    reason="bug: Hub.rooms (router/hub.py) asks every shard without adding them to "
-    "client.shards, so the close after EOF/QUIT does not wait for the ROOMS answer",
-    strict=True,
-)
 @pytest.mark.parametrize("ending", ["half-close", "quit"])
 def test_rooms_answer_comes_before_the_close(
     cluster: Cluster, connect: Connect, ending: str

@@ -174,14 +174,6 @@ def reference(data: bytes, eof: bool = True) -> List[p.Event]:
     return events
 
 
-def hits_known_eof_bug(data: bytes, eof: bool) -> bool:
-    """True if *data* ends in an unterminated line that ``bytes.strip()`` finds blank but
-    that is not (VT, FF, a second CR): a known bug, see the xfail at the end."""
-    last = data.rpartition(b"\n")[2]
-    last_line = last[:-1] if last.endswith(b"\r") else last
-    return eof and not last.strip() and bool(last_line.strip(b" \t"))
-
-
 # --- properties --------------------------------------------------------------------------
 
 
@@ -213,7 +205,6 @@ def bytewise(data: bytes) -> List[bytes]:
 @FUZZ
 @given(data=streams, eof=st.booleans())
 def test_events_are_the_documented_ones(data: bytes, eof: bool) -> None:
-    assume(not hits_known_eof_bug(data, eof))
     assert feed([data] if data else [], eof=eof) == reference(data, eof=eof)
 
 
@@ -227,8 +218,7 @@ def test_near_the_cap_memory_is_bounded_and_chunking_does_not_matter(
     chunks = [data] if cuts is None else cuts.draw(chunkings(data))
     chunks = [c for c in chunks if c]
     assert feed(chunks, eof=eof) == feed([data] if data else [], eof=eof)
-    if not hits_known_eof_bug(data, eof):
-        assert feed(chunks, eof=eof) == reference(data, eof=eof)
+    assert feed(chunks, eof=eof) == reference(data, eof=eof)
 
 
 @FUZZ
@@ -275,12 +265,6 @@ def test_an_unterminated_last_command_is_parsed_at_end_of_stream(line: bytes) ->
     assert feed([line]) == feed([line + b"\n"])
 
 
-@pytest.mark.xfail(
-    reason="bug: common/protocol.py CommandParser.receive_data tests an unterminated last "
-    "line for blankness with bytes.strip(), which also strips VT/FF, so a last line of "
-    "only VT/FF is ignored at EOF instead of answered 'ERROR control characters'",
-    strict=True,
-)
 @pytest.mark.parametrize(
     "last", [b"\x0b", b"\x0c", b" \x0c\t", b"\r\r"], ids=["vt", "ff", "ff-spaces", "cr-cr"]
 )

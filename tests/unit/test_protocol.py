@@ -196,11 +196,6 @@ def test_history_usage_error_is_refused_and_not_fatal(line: str) -> None:
     assert event.reply.startswith(b"ERROR usage: HISTORY <room> [n]")
 
 
-@pytest.mark.xfail(
-    reason="bug: docs/PROTOCOL.md says `ERROR usage: HISTORY <room> [n]`, "
-    "common/protocol.py sends `... [n] (n from 1 to 500)`",
-    strict=True,
-)
 def test_history_usage_line_is_the_documented_one() -> None:
     assert parse("HISTORY") == [usage("HISTORY <room> [n]")]
 
@@ -527,11 +522,6 @@ def test_format_time(ts: float, expected: str) -> None:
     assert p.format_time(ts) == expected
 
 
-@pytest.mark.xfail(
-    reason="bug: common/protocol.py format_time truncates a float product, so .1 s and "
-    ".123 s show as .099/.122 (should round to the nearest millisecond)",
-    strict=True,
-)
 @pytest.mark.parametrize(
     ("ts", "expected"),
     [
