@@ -46,6 +46,10 @@ DEFAULT_ROOM = "lobby"
 #: How long /quit or the end of input waits for ``INFO bye`` or the close: long enough for
 #: the echoes of lines already sent to arrive, short enough that a mute server cannot hang us.
 QUIT_TIMEOUT_SECONDS = 2.0
+#: How long /quit or the end of input first waits for the replies to NAMES, ROOMS and
+#: HISTORY still on their way: the server may answer QUIT before a reply gathered from
+#: several shards (PROTOCOL.md: replies for different rooms may overtake each other).
+REPLY_TIMEOUT_SECONDS = 2.0
 #: Bound on connecting, so that an unreachable host fails in seconds rather than minutes.
 CONNECT_TIMEOUT_SECONDS = 10.0
 #: Longest server line read in one piece. A MSG line is at most ~8.3 KB (2000 characters of
@@ -284,6 +288,24 @@ def apply_server_line(state: ClientState, line: str) -> ClientState:
     return state
 
 
+def expects_reply(command: str) -> bool:
+    """Return True if the protocol line ``command`` gets a reply that ``ends_reply`` spots."""
+    return command.split(" ", 1)[0].upper() in ("NAMES", "ROOMS", "HISTORY")
+
+
+def ends_reply(line: str) -> bool:
+    """Return True if the server line ``line`` completes a NAMES, ROOMS or HISTORY reply.
+
+    An ERROR counts too: it is the reply to a refused request (and if it answered something
+    else, quitting merely waits a little less).
+    """
+    words = line.split(" ", 2)
+    verb = words[0].upper()
+    if verb in ("NAMES", "ERROR"):
+        return True
+    return verb == "END" and len(words) > 1 and words[1] in ("ROOMS", "HISTORY")
+
+
 def reply_to_server_line(line: str) -> str | None:
     """Return the line to answer ``line`` with automatically (``PONG`` for ``PING``), or None."""
     verb, _, token = line.rstrip("\r\n").partition(" ")
@@ -414,8 +436,9 @@ class ServerClosed(Exception):
 class LineConnection:
     """The TCP connection to the server, as lines of text.
 
-    Owns the socket: ``close`` shuts it down and releases it. ``send_line`` may be called
-    from any thread; ``lines`` must be iterated by one thread only.
+    Owns the socket: ``shutdown`` ends the conversation (waking the reader), ``close``
+    releases it. ``send_line`` may be called from any thread; ``lines`` must be iterated by
+    one thread only.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -524,6 +547,8 @@ class ChatSession:
         self._tz = tz
         self._state_lock = threading.Lock()
         self._closed = threading.Event()  # the connection ended
+        self._replies = threading.Condition()  # guards _pending_replies
+        self._pending_replies = 0  # NAMES, ROOMS, HISTORY sent and not yet answered
         self._done = threading.Event()  # ``INFO bye`` arrived or the connection ended
         # Set once the main thread leaves on purpose; from then on a close is expected.
         # Guarded by _stop_lock so that no wake-up signal is sent after it is set.
@@ -572,6 +597,7 @@ class ChatSession:
                 self._stop()
                 if self._display.interactive:
                     self._display.show("")  # Ctrl-D leaves the cursor after the prompt
+                self._await_replies()
                 self._send_quietly("QUIT")
                 return self._finish()
             if self._handle_user_line(line):
@@ -605,11 +631,15 @@ class ChatSession:
             self._display.show(notice)
         if action.quit:
             self._stop()
+            self._await_replies()
         for command in action.send:
             self._send(command)
         return action.quit
 
     def _send(self, line: str) -> None:
+        if expects_reply(line):
+            with self._replies:  # counted before sending, so the reply cannot come first
+                self._pending_replies += 1
         try:
             self._connection.send_line(line)
         except OSError as exc:
@@ -623,6 +653,14 @@ class ChatSession:
         except OSError:
             # The reader thread sees the same broken connection and reports it.
             log.debug("send of %r failed", line, exc_info=True)
+
+    def _await_replies(self) -> None:
+        """Before QUIT: wait (bounded) until every NAMES, ROOMS, HISTORY has its reply."""
+        with self._replies:
+            self._replies.wait_for(
+                lambda: self._pending_replies == 0 or self._closed.is_set(),
+                REPLY_TIMEOUT_SECONDS,
+            )
 
     def _finish(self) -> int:
         """After QUIT: wait (bounded) for ``INFO bye`` or the close, so echoes get printed."""
@@ -648,6 +686,8 @@ class ChatSession:
         finally:
             self._closed.set()
             self._done.set()
+            with self._replies:
+                self._replies.notify_all()
             self._wake_until_main_stops()
 
     def _wake_until_main_stops(self) -> None:
@@ -668,6 +708,10 @@ class ChatSession:
         shown = format_server_line(line, self._tz)
         if shown is not None:
             self._display.show(shown)
+        if ends_reply(line):
+            with self._replies:
+                self._pending_replies = max(0, self._pending_replies - 1)
+                self._replies.notify_all()
         if line == "INFO bye":
             self._done.set()
 

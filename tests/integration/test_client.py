@@ -40,15 +40,23 @@ class FakeChatServer:
 
     Understands JOIN, MSG (echo to the room), LEAVE, NAMES, ROOMS, HISTORY, QUIT (``INFO
     bye`` and close) and PONG (recorded only). Options: ``ping_token`` sends ``PING <token>``
-    after a JOIN; ``echo_delay`` delays every MSG echo; ``say_bye=False`` ignores QUIT.
+    after a JOIN; ``echo_delay`` delays every MSG echo; ``say_bye=False`` ignores QUIT;
+    ``rooms_delay`` answers ROOMS that much later, in the background, so that a QUIT sent
+    right after it is answered first (as a cluster gathering ROOMS from its shards may).
     """
 
     def __init__(
-        self, *, ping_token: str | None = None, echo_delay: float = 0.0, say_bye: bool = True
+        self,
+        *,
+        ping_token: str | None = None,
+        echo_delay: float = 0.0,
+        say_bye: bool = True,
+        rooms_delay: float = 0.0,
     ) -> None:
         self.ping_token = ping_token
         self.echo_delay = echo_delay
         self.say_bye = say_bye
+        self.rooms_delay = rooms_delay
         self.received: list[str] = []
         self.connections = 0
         self._changed = threading.Condition()
@@ -142,10 +150,10 @@ class FakeChatServer:
             names = sorted(self._members.get(rest, {}).values(), key=str.casefold)
             self._send(conn, " ".join(["NAMES", rest, *names]))
         elif verb == "ROOMS":
-            rooms = sorted(room for room, members in self._members.items() if members)
-            for room in rooms:
-                self._send(conn, f"ROOM {room} {len(self._members[room])}")
-            self._send(conn, f"END ROOMS {len(rooms)}")
+            rooms = [(room, len(members)) for room, members in self._members.items() if members]
+            reply = [f"ROOM {room} {count}" for room, count in sorted(rooms)]
+            reply.append(f"END ROOMS {len(rooms)}")
+            threading.Timer(self.rooms_delay, self._send_lines, (conn, reply)).start()
         elif verb == "HISTORY":
             self._send_history(conn, args[0], int(args[1]) if len(args) > 1 else 500)
         elif verb == "QUIT":
@@ -175,6 +183,13 @@ class FakeChatServer:
         for seq, stamp, user, text in events:
             self._send(conn, f"HISTORY {room} {seq} {stamp} {user} {text}")
         self._send(conn, f"END HISTORY {room} {len(events)}")
+
+    def _send_lines(self, conn: socket.socket, lines: list[str]) -> None:
+        try:
+            for line in lines:
+                self._send(conn, line)
+        except OSError:
+            pass  # the connection closed first: the reply is lost, which tests can see
 
     def _send(self, conn: socket.socket, line: str) -> None:
         with self._send_lock:
@@ -355,6 +370,18 @@ def test_end_of_input_waits_for_echoes_of_sent_lines() -> None:
     assert result.returncode == 0, result.stderr
     assert "[lobby] bob: slow one" in result.stdout.splitlines()
     assert result.stdout.splitlines()[-1] == "* bye"
+
+
+@pytest.mark.parametrize("ending", ["", "/quit\n"], ids=["end-of-input", "quit-command"])
+def test_quit_waits_for_a_pending_rooms_reply(ending: str) -> None:
+    slow = _fake(rooms_delay=0.3)
+    try:
+        result = run_piped(slow.port, "/rooms\n" + ending, "--user", "bob", "--room", "lobby")
+    finally:
+        slow.stop()
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-3:] == ["* room lobby: 1 member", "* 1 room", "* bye"]
 
 
 def test_quit_wait_is_bounded_when_the_server_never_says_bye() -> None:

@@ -16,6 +16,8 @@ from scripts.chat_client import (  # noqa: E402
     HELP_LINES,
     ClientState,
     apply_server_line,
+    ends_reply,
+    expects_reply,
     format_server_line,
     is_valid_name,
     reply_to_server_line,
@@ -126,6 +128,41 @@ def test_format_history_time_uses_the_given_zone() -> None:
 )
 def test_reply_to_server_line(line: str, reply: str | None) -> None:
     assert reply_to_server_line(line) == reply
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        ("ROOMS", True),
+        ("NAMES lobby", True),
+        ("HISTORY lobby 5", True),
+        ("MSG lobby NAMES", False),
+        ("JOIN lobby bob", False),
+        ("QUIT", False),
+    ],
+    ids=["rooms", "names", "history", "msg", "join", "quit"],
+)
+def test_expects_reply(command: str, expected: bool) -> None:
+    assert expects_reply(command) is expected
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("END ROOMS 2", True),
+        ("END HISTORY lobby 0", True),
+        ("NAMES lobby bob", True),
+        ("ERROR usage: HISTORY <room> [n]", True),
+        ("ROOM lobby 2", False),
+        (f"HISTORY lobby 1 {STAMP} bob hi", False),
+        ("MSG lobby bob END ROOMS 2", False),
+        ("END", False),
+        ("INFO bye", False),
+    ],
+    ids=["end-rooms", "end-history", "names", "error", "room", "history", "msg", "end", "info"],
+)
+def test_ends_reply(line: str, expected: bool) -> None:
+    assert ends_reply(line) is expected
 
 
 # --------------------------------------------------------------------------- user lines
