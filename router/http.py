@@ -3,12 +3,12 @@
 A connection owns its socket transport and its sans-IO
 :class:`~router.http_parser.HttpRequestParser` and nothing else: it feeds the parser,
 hands each complete request to the :class:`~router.http_api.HttpApi`, writes the answer,
-and enforces the connection-level limits (request deadline, keep-alive idle time). Requests
-on one connection are handled one at a time, in order; reading pauses while one is being
-answered (a long poll can take ``POLL_TIMEOUT`` seconds). Reading goes on meanwhile, so a
-client that goes away is noticed at once (its poll is cancelled), but pauses once one more
-full request is buffered, so a pipelining client cannot make the router buffer without
-bound.
+and enforces the connection-level limits (request deadline, keep-alive idle time, the
+shared connection caps). Requests on one connection are answered one at a time, in order
+(a long poll can take ``POLL_TIMEOUT`` seconds). Reading goes on while a request is being
+answered, so a client that goes away is noticed at once (its poll is cancelled), but pauses
+once one more full request is buffered, so a pipelining client cannot make the router
+buffer without bound.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class HttpConnection(asyncio.Protocol):
         self._next_scheduled = False
         self.closing = False  # no request after the current one
         self._lingering = False  # answered and half-closed: input is discarded
+        self._peer_eof = False  # the client will send nothing more
         self._closed = False
 
     @property
@@ -105,6 +106,7 @@ class HttpConnection(asyncio.Protocol):
         if self._lingering:
             self.close()
             return False
+        self._peer_eof = True
         self._parser.receive_data(b"")
         exchange = self._exchange
         if exchange is None:
@@ -244,8 +246,8 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         if self._closed or transport is None:
             return
-        if not transport.can_write_eof():
-            self.close()
+        if self._peer_eof or not transport.can_write_eof():
+            self.close()  # nothing more will come (or cannot half-close): close after the write
             return
         self._cancel_timers()
         self._lingering = True

@@ -185,6 +185,20 @@ def admit_everything(session: Optional[HttpSession], action: str) -> Optional[fl
     return None
 
 
+def guarded(exchange: Exchange, callback: Callable[[Any], None]) -> Callable[[Any], None]:
+    """*callback* for a hub result, made safe to run inside the hub's event handling: a bug
+    in it is logged and answered 500 instead of interrupting the other clients' events."""
+
+    def run(result: Any) -> None:
+        try:
+            callback(result)
+        except Exception:
+            log.error("error answering an HTTP request", exc_info=True)
+            exchange.respond(ApiError(500, INTERNAL_ERROR, "internal error").response())
+
+    return run
+
+
 class _Anonymous(Client):
     """The client behind requests that need no session (``members``); never registered,
     never a member of anything."""
@@ -357,7 +371,7 @@ class HttpApi:
             }
             exchange.respond(json_response(200, payload, (session_cookie(joined.token),)))
 
-        code = session.join(room, done)
+        code = session.join(room, guarded(exchange, done))
         if code is not None:
             done(Failure(code, room))
 
@@ -382,7 +396,7 @@ class HttpApi:
             else:
                 exchange.respond(json_response(200, {"ok": True, "room": room, "id": result}))
 
-        self.hub.say(session, room, text, done)
+        self.hub.say(session, room, text, guarded(exchange, done))
 
     def _leave(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
         session = self._session(request)
@@ -401,7 +415,7 @@ class HttpApi:
             else:
                 exchange.respond(json_response(200, {"ok": True, "room": room}))
 
-        self.hub.leave(session, room, done)
+        self.hub.leave(session, room, guarded(exchange, done))
 
     def _poll(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
         session = self._session(request)
@@ -426,7 +440,7 @@ class HttpApi:
             rooms = [{"room": room, "members": count} for room, count in listing]
             exchange.respond(json_response(200, {"rooms": rooms}))
 
-        self.hub.rooms(done)
+        self.hub.rooms(guarded(exchange, done))
 
     def _members(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
         try:
@@ -442,7 +456,7 @@ class HttpApi:
             else:
                 exchange.respond(json_response(200, {"room": room, "members": result}))
 
-        self.hub.names(self._anonymous, room, done)
+        self.hub.names(self._anonymous, room, guarded(exchange, done))
 
     def close(self) -> None:
         self.sessions.close()

@@ -13,6 +13,7 @@ nothing new, the poll waits (woken by the session) up to the poll timeout.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from common import messages as m
@@ -20,6 +21,8 @@ from common.limits import MAX_ROOMS_PER_CLIENT
 from common.names import is_valid_room, normalize
 from router.http_session import HttpSession, Waiter
 from router.hub import Failure, Hub
+
+log = logging.getLogger(__name__)
 
 #: ``respond(status, payload)``: the poll's answer (a JSON object, or an error object).
 Respond = Callable[[int, Dict[str, Any]], None]
@@ -204,8 +207,15 @@ class Poll(Waiter):
         self._stop()
         self._respond(200, poll_payload(self.cursors, results))
 
+    def evict(self) -> None:
+        self._answer_now()
+
     def _on_timeout(self) -> None:
         self._timer = None
+        self._answer_now()
+
+    def _answer_now(self) -> None:
+        """Answer with what there is, even nothing (timeout, eviction)."""
         if self.finished or self._fetching:
             return
         results, fetches = self._collect()
@@ -262,6 +272,13 @@ class Poll(Waiter):
         failures: List[Failure] = []
 
         def fetched(cursor: Cursor, after: int, forced: bool, result: Any) -> None:
+            try:
+                one_fetched(cursor, after, forced, result)
+            except Exception:  # runs inside the hub's event handling: never let it escape
+                log.error("error answering a poll", exc_info=True)
+                self.end(500, "internal_error", "internal error")
+
+        def one_fetched(cursor: Cursor, after: int, forced: bool, result: Any) -> None:
             nonlocal remaining
             remaining -= 1
             if isinstance(result, Failure):

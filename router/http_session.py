@@ -88,6 +88,10 @@ class Waiter:
         """One of ``rooms`` has news (or the session's membership changed)."""
         raise NotImplementedError
 
+    def evict(self) -> None:
+        """Answer now with what there is (too many polls are waiting)."""
+        raise NotImplementedError
+
     def end(self, status: int, code: str, message: str) -> None:
         """Answer now with an error (the session ended or the server is stopping)."""
         raise NotImplementedError
@@ -148,13 +152,13 @@ class HttpSession(Client):
     # --- polls -----------------------------------------------------------------------
 
     def add_poll(self, poll: Waiter) -> None:
-        """Register a waiting poll; past ``MAX_POLLS_PER_SESSION`` the oldest is woken (it
-        answers with what it has, usually nothing)."""
+        """Register a waiting poll; past ``MAX_POLLS_PER_SESSION`` the oldest answers at
+        once with what it has (usually nothing)."""
         if poll in self.polls:
             return
         self.polls.append(poll)
         if len(self.polls) > MAX_POLLS_PER_SESSION:
-            self.polls[0].wake()
+            self.polls[0].evict()
 
     def remove_poll(self, poll: Waiter) -> None:
         if poll in self.polls:

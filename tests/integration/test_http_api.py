@@ -21,7 +21,12 @@ import pytest
 
 from common import messages as m
 from common.hashing import room_to_shard
-from common.limits import HISTORY_SIZE, MAX_ROOMS_PER_CLIENT, MAX_TEXT_CHARS
+from common.limits import (
+    HISTORY_SIZE,
+    MAX_POLLS_PER_SESSION,
+    MAX_ROOMS_PER_CLIENT,
+    MAX_TEXT_CHARS,
+)
 from router import http as http_adapter
 from router import http_session
 from router.http_api import FAILURE_STATUS, HttpApi, failure_error
@@ -554,6 +559,27 @@ def test_a_leave_wakes_the_poll(cluster: Cluster) -> None:
     assert reply["rooms"][room]["left"] is True and reply["cursors"] == ""
     other.close()
     poller.close()
+
+
+def test_a_fifth_waiting_poll_answers_the_oldest(cluster: Cluster) -> None:
+    room = unique("room")
+    first = Api(cluster, timeout=15)
+    first.join(room, "alice")
+    tabs = [first] + [Api(cluster, timeout=15) for _ in range(MAX_POLLS_PER_SESSION)]
+    for tab in tabs[1:]:
+        tab.cookie = first.cookie  # more tabs of the same session
+    polls = []
+    for count, tab in enumerate(tabs[:MAX_POLLS_PER_SESSION], start=1):
+        polls.append(Background(tab, f"room={room}&after=1"))
+        wait_for_waiting_polls(first, count)
+    polls.append(Background(tabs[-1], f"room={room}&after=1"))
+    oldest = polls[0].join()
+    assert oldest.status == 200 and oldest.json["messages"] == []
+    first.send(room, "for everyone still waiting")
+    for poll in polls[1:]:
+        assert texts(poll.join().json) == ["for everyone still waiting"]
+    for tab in tabs:
+        tab.close()
 
 
 @pytest.mark.parametrize(
