@@ -41,6 +41,7 @@ import json
 import logging
 import os
 import secrets
+import select
 import socket
 import sys
 import time
@@ -80,6 +81,24 @@ def next_tail(tail: bytes, data: Any, n: int) -> bytes:
     if n >= TAIL_BYTES:
         return bytes(data[n - TAIL_BYTES : n])
     return (tail + bytes(data[:n]))[-TAIL_BYTES:]
+
+
+def count_lines(tail: bytes, data: Any, n: int) -> tuple[int, int, bytes]:
+    """Count MSG and ERROR lines in ``data[:n]``; return them and the new tail.
+
+    ``tail`` is what ``next_tail`` returned for the stream so far, or ``b"\\n"`` when
+    the stream so far ended a line (the usual case: servers write whole lines), which
+    makes the line-start check a cheap ``startswith``.
+    """
+    if tail == b"\n" and n >= TAIL_BYTES:
+        delivered = data.count(MSG_PATTERN, 0, n) + data.startswith(MSG_PATTERN[1:], 0, n)
+        errors = data.count(ERROR_PATTERN, 0, n) + data.startswith(ERROR_PATTERN[1:], 0, n)
+    else:
+        delivered = count_across(tail, data, n, MSG_PATTERN)
+        errors = count_across(tail, data, n, ERROR_PATTERN)
+    if n and data[n - 1] == 10:  # ends with LF: a line starts next
+        return delivered, errors, b"\n"
+    return delivered, errors, next_tail(tail, data, n)
 
 
 def make_text(pid: int, counter: int, now_ns: int, pad: str) -> str:
@@ -181,6 +200,7 @@ class Run:
         self.next_counter: dict[int, int] = {}
         self.touched: set[Publisher] = set()
         self.read_buffer = bytearray(READ_BUFFER_BYTES)
+        self.readers = ReadMux(asyncio.get_running_loop())
 
     def on_probe(self, pid: int, counter: int, sent_ns: int, now_ns: int) -> None:
         """A probe received message ``counter`` of publisher ``pid``."""
@@ -213,6 +233,55 @@ class Run:
 # --- TCP members ------------------------------------------------------------------------
 
 
+class ReadMux:
+    """Read callbacks for many sockets, watched by the event loop as ONE file descriptor.
+
+    The sockets sit in an epoll set of our own whose descriptor is registered with the
+    event loop; when it is readable, ``sweep`` runs the callbacks of every ready socket
+    in one tight loop. Sockets are still read as soon as data arrives; what this saves is
+    the loop's per-socket bookkeeping (a handle, a context switch into it) on the hot
+    path. Without epoll (not Linux) each socket is simply registered with the loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.callbacks: dict[int, Callable[[], None]] = {}
+        self.epoll = select.epoll() if hasattr(select, "epoll") else None
+        if self.epoll is not None:
+            loop.add_reader(self.epoll.fileno(), self.sweep)
+
+    def add(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever ``fd`` is readable (or has an error or hang-up)."""
+        if self.epoll is None:
+            self.loop.add_reader(fd, callback)
+            return
+        self.callbacks[fd] = callback
+        self.epoll.register(fd, select.EPOLLIN)
+
+    def remove(self, fd: int) -> None:
+        """Stop watching ``fd`` (before it is closed)."""
+        if self.epoll is None:
+            self.loop.remove_reader(fd)
+        elif self.callbacks.pop(fd, None) is not None:
+            self.epoll.unregister(fd)
+
+    def sweep(self) -> None:
+        """Run the callback of every ready socket once."""
+        assert self.epoll is not None
+        callbacks = self.callbacks
+        for fd, _ in self.epoll.poll(0):
+            callback = callbacks.get(fd)
+            if callback is not None:
+                callback()
+
+    def close(self) -> None:
+        """Release the epoll set."""
+        if self.epoll is not None:
+            self.loop.remove_reader(self.epoll.fileno())
+            self.epoll.close()
+            self.epoll = None
+
+
 class JoinError(Exception):
     """The server refused a JOIN or closed the connection before confirming it."""
 
@@ -220,11 +289,11 @@ class JoinError(Exception):
 class Member:
     """A TCP member: joins one room, then counts MSG lines in whole received chunks.
 
-    Reading is a plain ``loop.add_reader`` callback on a non-blocking socket rather than
-    a transport and protocol: this is the load generator's hot path (one call per
-    received chunk, hundreds of thousands a second), and the callback does one
-    ``recv_into`` into the run's shared buffer and two ``count`` calls. The member owns
-    its socket; ``close`` releases it.
+    Reading is a plain callback (``on_readable``, run by ``ReadMux``) on a non-blocking
+    socket rather than an asyncio transport and protocol: this is the load generator's
+    hot path (one call per received chunk, hundreds of thousands a second), and the
+    callback does one ``recv_into`` into the run's shared buffer and two ``count`` calls.
+    The member owns its socket; ``close`` releases it.
     """
 
     def __init__(self, run: Run, room: RoomPlan, username: str, counts: bool = True) -> None:
@@ -299,10 +368,7 @@ class Member:
 
     def consume(self, data: Any, n: int) -> None:
         """Count MSG and ERROR lines in ``data[:n]`` (bytes or the shared bytearray)."""
-        tail = self.tail
-        delivered = count_across(tail, data, n, MSG_PATTERN)
-        errors = count_across(tail, data, n, ERROR_PATTERN)
-        self.tail = next_tail(tail, data, n)
+        delivered, errors, self.tail = count_lines(self.tail, data, n)
         self.received += delivered
         if self.counts:
             self.run.stats.delivered += delivered
@@ -344,13 +410,13 @@ class Member:
     def pause(self) -> None:
         """Stop reading (the kernel buffers fill, then the server's sends stall)."""
         if self.sock is not None and self.reading:
-            self.loop.remove_reader(self.sock.fileno())
+            self.run.readers.remove(self.sock.fileno())
             self.reading = False
 
     def resume(self) -> None:
         """Start (or restart) reading."""
         if self.sock is not None and not self.reading and not self.lost:
-            self.loop.add_reader(self.sock.fileno(), self.on_readable)
+            self.run.readers.add(self.sock.fileno(), self.on_readable)
             self.reading = True
 
     def on_lost(self, exc: Exception | None) -> None:
@@ -1082,10 +1148,13 @@ async def run_scenario(args: argparse.Namespace) -> dict[str, Any]:
     """Run the chosen scenario and return its result object."""
     run = Run(args)
     sampler = sampler_for(args)
-    if args.scenario == "longpoll":
-        result = await run_longpoll(run, sampler)
-    else:
-        result = await run_tcp(run, sampler, stuck=args.scenario == "stuck")
+    try:
+        if args.scenario == "longpoll":
+            result = await run_longpoll(run, sampler)
+        else:
+            result = await run_tcp(run, sampler, stuck=args.scenario == "stuck")
+    finally:
+        run.readers.close()
     result["resources"] = sampler.report()
     return result
 
