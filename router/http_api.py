@@ -338,23 +338,27 @@ class HttpApi:
         }
         exchange.respond(json_response(200, payload))
 
-    def _join(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
-        body = _json_object(request)
-        room = _room_field(body)
-        username = _username_field(body)
+    def _session_for_join(self, request: Request, username: str) -> Tuple[HttpSession, bool]:
+        """The session a join acts for, and whether it is new. A session in no room that
+        asks for another name is replaced; one in a room keeps its name."""
         session = self.sessions.get(cookie_value(request, COOKIE_NAME))
         if session is not None and session.username != username:
             if session.rooms or session.pending_joins:
                 raise failure_error(Failure(m.ERR_WRONG_USERNAME, ""))
-            self.sessions.end(session)  # in no room: start over under the new name
+            self.sessions.end(session)
             session = None
         self._admit(session, "join")
-        new = session is None
-        if session is None:
-            session = self.sessions.create(username)
-            if session is None:
-                raise ApiError(503, TOO_MANY_SESSIONS, "too many sessions, try again later")
-        joined = session
+        if session is not None:
+            return session, False
+        created = self.sessions.create(username)
+        if created is None:
+            raise ApiError(503, TOO_MANY_SESSIONS, "too many sessions, try again later")
+        return created, True
+
+    def _join(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
+        body = _json_object(request)
+        room = _room_field(body)
+        joined, new = self._session_for_join(request, _username_field(body))
 
         def done(result: Any) -> None:
             if isinstance(result, Failure):
@@ -371,7 +375,7 @@ class HttpApi:
             }
             exchange.respond(json_response(200, payload, (session_cookie(joined.token),)))
 
-        code = session.join(room, guarded(exchange, done))
+        code = joined.join(room, guarded(exchange, done))
         if code is not None:
             done(Failure(code, room))
 
