@@ -13,6 +13,8 @@ import pytest
 from common.hashing import room_hash, room_to_shard
 from tests.cluster import ROOT
 
+pytestmark = pytest.mark.timeout(60)
+
 # Computed once (BLAKE2b-64 of the UTF-8 name, big-endian). They must never change: a
 # router and its shards, or two versions during an upgrade, must agree where a room lives.
 KNOWN_HASHES = {

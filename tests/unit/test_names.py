@@ -7,6 +7,8 @@ import pytest
 from common.limits import MAX_ROOM_CHARS, MAX_USERNAME_CHARS
 from common.names import is_valid_room, is_valid_username, name_key, normalize
 
+pytestmark = pytest.mark.timeout(60)
+
 VALID = [
     "a",
     "alice",

@@ -22,6 +22,8 @@ from common.limits import (
     MAX_USERNAME_CHARS,
 )
 
+pytestmark = pytest.mark.timeout(60)
+
 LINE_TOO_LONG = p.PeerError(b"ERROR line too long\n", fatal=True)
 BAD_UTF8 = p.PeerError(b"ERROR invalid UTF-8\n")
 CONTROL = p.PeerError(b"ERROR control characters are not allowed\n")
@@ -250,6 +252,14 @@ def test_invalid_utf8_is_refused_and_not_fatal(data: bytes) -> None:
 def test_control_characters_are_refused_and_not_fatal(char: str) -> None:
     data = f"MSG lobby a{char}b\nPING after\n".encode()
     assert feed([data]) == [CONTROL, p.Ping("after")]
+
+
+@pytest.mark.parametrize(
+    "last", [b"\x0b", b"\x0c", b" \x0c\t", b"\r\r"], ids=["VT", "FF", "FF-spaces", "CR-CR"]
+)
+def test_control_characters_in_an_unterminated_last_line(last: bytes) -> None:
+    # Only spaces and tabs make a line blank; bytes.strip() would also drop VT/FF/CR.
+    assert feed([b"PING a\n" + last]) == [p.Ping("a"), CONTROL]
 
 
 def test_tab_is_not_a_control_character() -> None:

@@ -15,6 +15,8 @@ from common.names import name_key
 from common.protocol import msg_line
 from shard.core import ShardCore
 
+pytestmark = pytest.mark.timeout(60)
+
 T0 = 1_764_116_599.0
 
 
