@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 from common.limits import (
     MAX_HISTORY_REPLY,
@@ -202,6 +202,7 @@ def unknown_verb_error(verb: str) -> PeerError:
 
 # C0 controls but TAB, DEL and C1 controls: everything in Unicode category Cc except "\t".
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_WORD = re.compile("([^ \t]*)[ \t]?")
 
 
 class CommandParser:
@@ -266,12 +267,19 @@ def parse_line(raw: bytes) -> Optional[Event]:
     line = line.lstrip(" \t")
     if not line.strip(" \t"):
         return None
-    verb, _, rest = line.partition(" ")
+    verb, rest = _split_word(line)
     verb = verb.upper()
     parse = _PARSERS.get(verb)
     if parse is None:
         return unknown_verb_error(verb)
     return parse(rest)
+
+
+def _split_word(text: str) -> Tuple[str, str]:
+    """``"word rest"`` -> ``("word", "rest")``: split at the first space or TAB (one
+    separator is consumed; the rest is kept as sent)."""
+    match = _WORD.match(text)
+    return match.group(1), text[match.end() :]
 
 
 def _room_arg(text: str) -> Union[str, PeerError]:
@@ -293,7 +301,7 @@ def _parse_join(rest: str) -> Event:
 
 
 def _parse_msg(rest: str) -> Event:
-    room, _, text = rest.partition(" ")
+    room, text = _split_word(rest)
     if not room or not text.strip(" \t"):
         return USAGE["MSG"]
     checked = _room_arg(room)

@@ -178,8 +178,8 @@ class Hub:
         ``on_joined`` / *callback* / ``on_failure``."""
         if client.username is not None and username != client.username:
             return m.ERR_WRONG_USERNAME
-        if room in client.rooms or room in client.pending_joins:
-            return m.ERR_ALREADY_IN_ROOM
+        # "Already in the room" is the shard's to say: a LEAVE of the room may be ahead of
+        # this JOIN in the pipe, and the replies must come back in command order.
         if len(client.rooms) + len(client.pending_joins) >= MAX_ROOMS_PER_CLIENT:
             return m.ERR_TOO_MANY_ROOMS
         client.username = username

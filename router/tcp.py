@@ -128,6 +128,8 @@ class TcpConnection(asyncio.Protocol, Client):
         self._waiting: Deque[p.Event] = deque()
         self._resume: Optional[asyncio.TimerHandle] = None
         self._eof = False  # the peer half-closed: finish once the waiting commands are done
+        # A JOIN under another name waits for the first JOIN's outcome (see _join).
+        self._blocked = False
         # timers (loop.time())
         self.connected_at = self.last_heard = 0.0
         self._ping_sent_at: Optional[float] = None
@@ -175,7 +177,7 @@ class TcpConnection(asyncio.Protocol, Client):
         self.last_heard = self._loop.time()
         self._ping_sent_at = None
         events = self._parser.receive_data(data)
-        if self._bucket is None:
+        if self._bucket is None and not self._blocked:
             dispatch = self._dispatch
             for event in events:
                 dispatch[type(event)](event)
@@ -218,7 +220,7 @@ class TcpConnection(asyncio.Protocol, Client):
         """Handle waiting commands as far as the token bucket allows."""
         self._resume = None
         waiting, dispatch, bucket = self._waiting, self._dispatch, self._bucket
-        while waiting and not self._closing:
+        while waiting and not (self._closing or self._blocked):
             if bucket is not None:
                 wait = bucket.take(self._loop.time())
                 if wait > 0.0:
@@ -227,6 +229,10 @@ class TcpConnection(asyncio.Protocol, Client):
             event = waiting.popleft()
             dispatch[type(event)](event)
         if self._closing:
+            return
+        if self._blocked:
+            assert self.transport is not None
+            self.transport.pause_reading()
             return
         if self._eof:
             self._finish(bye=False)
@@ -350,12 +356,21 @@ class TcpConnection(asyncio.Protocol, Client):
     def on_joined(self, room: str, entry: m.Entry) -> None:
         self._joined_once = True
         self.write(p.joined_line(room))
+        self._unblock()
 
     def on_left(self, room: str, entry: m.Entry) -> None:
         self.write(p.left_line(room))
 
     def on_failure(self, op: int, failure: Failure) -> None:
         self.write(failure_line(failure))
+        if op == m.JOIN:
+            self._unblock()
+
+    def _unblock(self) -> None:
+        """A JOIN was answered: if commands wait on the name it claimed, go on with them."""
+        if self._blocked and not self.pending_joins:
+            self._blocked = False
+            self._work_off()
 
     def on_shutdown(self) -> None:
         self._closing = True
@@ -371,6 +386,18 @@ class TcpConnection(asyncio.Protocol, Client):
         self.hub.say(self, command.room, command.text)
 
     def _join(self, command: p.Join) -> None:
+        if (
+            self.username is not None
+            and command.username != self.username
+            and not self.rooms
+            and self.pending_joins
+        ):
+            # The name is only claimed by a JOIN still in flight, which may yet fail and
+            # free it: hold this command (and everything after it, to keep their order)
+            # until the shard has answered.
+            self._blocked = True
+            self._waiting.appendleft(command)
+            return
         code = self.hub.join(self, command.room, command.username)
         if code == m.ERR_WRONG_USERNAME:
             self.write(p.wrong_username_error(self.username or ""))

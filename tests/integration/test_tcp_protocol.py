@@ -382,14 +382,7 @@ def test_already_in_room(connect: Connect) -> None:
 # Pipelined commands (one send, as a paste or `printf ... | nc` does): "Replies to commands
 # for one room come back in the order the commands were sent" (docs/PROTOCOL.md).
 
-_ORDER_BUG = (
-    "bug: router/hub.py Hub.join refuses at once from the router's view (client.rooms / "
-    "pending_joins), before the shard has applied the earlier command for the same room, "
-    "so the reply overtakes the earlier command's reply"
-)
 
-
-@pytest.mark.xfail(reason=_ORDER_BUG, strict=True)
 def test_pipelined_join_twice_answers_in_order(connect: Connect) -> None:
     room = uniq("lobby")
     a = connect()
@@ -397,7 +390,6 @@ def test_pipelined_join_twice_answers_in_order(connect: Connect) -> None:
     assert a.read_lines(2) == [f"INFO joined room {room}", f"ERROR already in room {room}"]
 
 
-@pytest.mark.xfail(reason=_ORDER_BUG, strict=True)
 def test_pipelined_leave_then_join(connect: Connect) -> None:
     room = uniq("lobby")
     a = connect()
@@ -406,13 +398,6 @@ def test_pipelined_leave_then_join(connect: Connect) -> None:
     assert a.read_lines(2) == [f"INFO left room {room}", f"INFO joined room {room}"]
 
 
-@pytest.mark.xfail(
-    reason="bug: router/hub.py Hub.join fixes the username when the first JOIN is sent, "
-    "not when it succeeds; a JOIN pipelined behind a first JOIN that then fails is refused "
-    "with 'username is <name>' although the connection has no name (PROTOCOL.md: fixed by "
-    "the first *successful* JOIN)",
-    strict=True,
-)
 def test_pipelined_join_behind_a_failing_first_join(connect: Connect) -> None:
     taken, free = uniq("taken"), uniq("free")
     a, b = connect(), connect()
