@@ -46,9 +46,10 @@ DEFAULT_ROOM = "lobby"
 #: How long /quit or the end of input waits for ``INFO bye`` or the close: long enough for
 #: the echoes of lines already sent to arrive, short enough that a mute server cannot hang us.
 QUIT_TIMEOUT_SECONDS = 2.0
-#: How long /quit or the end of input first waits for the replies to NAMES, ROOMS and
-#: HISTORY still on their way: the server may answer QUIT before a reply gathered from
-#: several shards (PROTOCOL.md: replies for different rooms may overtake each other).
+#: How long the first prompt waits for the JOIN's reply (so the greeting is not printed
+#: over the prompt being drawn), and /quit or the end of input for replies to JOIN, NAMES,
+#: ROOMS and HISTORY still on their way: the server may answer QUIT before a reply gathered
+#: from several shards (PROTOCOL.md: replies for different rooms may overtake each other).
 REPLY_TIMEOUT_SECONDS = 2.0
 #: Bound on connecting, so that an unreachable host fails in seconds rather than minutes.
 CONNECT_TIMEOUT_SECONDS = 10.0
@@ -290,20 +291,24 @@ def apply_server_line(state: ClientState, line: str) -> ClientState:
 
 def expects_reply(command: str) -> bool:
     """Return True if the protocol line ``command`` gets a reply that ``ends_reply`` spots."""
-    return command.split(" ", 1)[0].upper() in ("NAMES", "ROOMS", "HISTORY")
+    return command.split(" ", 1)[0].upper() in ("JOIN", "NAMES", "ROOMS", "HISTORY")
 
 
 def ends_reply(line: str) -> bool:
-    """Return True if the server line ``line`` completes a NAMES, ROOMS or HISTORY reply.
+    """Return True if the server line ``line`` completes a JOIN, NAMES, ROOMS or HISTORY reply.
 
     An ERROR counts too: it is the reply to a refused request (and if it answered something
-    else, quitting merely waits a little less).
+    else, the client merely waits a little less for the others).
     """
     words = line.split(" ", 2)
     verb = words[0].upper()
     if verb in ("NAMES", "ERROR"):
         return True
-    return verb == "END" and len(words) > 1 and words[1] in ("ROOMS", "HISTORY")
+    if len(words) < 3:
+        return False
+    if verb == "INFO":  # "INFO joined room R", not another user's "INFO alice joined R"
+        return words[1] == "joined" and words[2].startswith("room ")
+    return verb == "END" and words[1] in ("ROOMS", "HISTORY")
 
 
 def reply_to_server_line(line: str) -> str | None:
@@ -498,14 +503,27 @@ class Display:
         self._typed = typed
         self._lock = threading.Lock()
         self._prompt: str | None = None
+        self._dangling = False  # an input line was abandoned with the cursor still on it
 
     def begin_input(self, prompt: str) -> None:
         """Note that ``prompt`` is on screen and the user is typing after it."""
         self._prompt = prompt
 
-    def end_input(self) -> None:
-        """Note that the input line is finished (the cursor is at a fresh line)."""
-        self._prompt = None
+    def end_input(self, entered: bool) -> None:
+        """Note that input stopped: ``entered`` (Enter moved the cursor to a fresh line),
+        or not (end of input, Ctrl-C, server gone: the cursor is still after the prompt).
+        """
+        with self._lock:
+            self._prompt = None
+            self._dangling = self.interactive and not entered
+
+    def close_line(self) -> None:
+        """Move past an abandoned input line, so that what follows starts on its own line."""
+        with self._lock:
+            if self._dangling:
+                self._out.write("\n")
+                self._out.flush()
+            self._dangling = False
 
     def show(self, text: str) -> None:
         """Print ``text`` as one line, keeping an input line being typed intact."""
@@ -517,14 +535,6 @@ class Display:
             else:
                 self._out.write(text + "\n")
             self._out.flush()
-
-    def abandon_input(self) -> None:
-        """Clear an unfinished input line, so that a last message starts on a clean line."""
-        with self._lock:
-            if self._redraw and self._prompt is not None:
-                self._out.write(CLEAR_LINE)
-                self._out.flush()
-            self._prompt = None
 
 
 class ChatSession:
@@ -569,8 +579,8 @@ class ChatSession:
         with self._wake_main_on_close():
             try:
                 self._reader.start()
-                if self._handle_user_line(f"/join {room}"):
-                    return self._finish()
+                self._handle_user_line(f"/join {room}")
+                self._await_replies()
                 return self._input_loop()
             except ServerClosed:
                 self._stop()
@@ -578,7 +588,7 @@ class ChatSession:
                 return EXIT_FAILURE
             except KeyboardInterrupt:
                 self._stop()
-                self._display.abandon_input()
+                self._display.close_line()
                 self._send_quietly("QUIT")
                 self._finish()
                 return EXIT_INTERRUPTED
@@ -595,8 +605,7 @@ class ChatSession:
                 line = self._read_user_line()
             except EOFError:
                 self._stop()
-                if self._display.interactive:
-                    self._display.show("")  # Ctrl-D leaves the cursor after the prompt
+                self._display.close_line()
                 self._await_replies()
                 self._send_quietly("QUIT")
                 return self._finish()
@@ -612,15 +621,18 @@ class ChatSession:
             with self._state_lock:
                 current = self._state.current
             prompt = f"{current}> " if current else "> "
-        self._display.begin_input(prompt)
         self._awaiting_input = True
+        entered = False
         try:
             if self._closed.is_set():
                 raise ServerClosed
-            return input(prompt)
+            self._display.begin_input(prompt)
+            line = input(prompt)
+            entered = True
+            return line
         finally:
             self._awaiting_input = False
-            self._display.end_input()
+            self._display.end_input(entered)
 
     def _handle_user_line(self, line: str) -> bool:
         """Act on one typed line; return True if the user asked to quit."""
@@ -655,7 +667,7 @@ class ChatSession:
             log.debug("send of %r failed", line, exc_info=True)
 
     def _await_replies(self) -> None:
-        """Before QUIT: wait (bounded) until every NAMES, ROOMS, HISTORY has its reply."""
+        """Wait (bounded) until every JOIN, NAMES, ROOMS, HISTORY sent has its reply."""
         with self._replies:
             self._replies.wait_for(
                 lambda: self._pending_replies == 0 or self._closed.is_set(),
@@ -672,7 +684,7 @@ class ChatSession:
             self._stopping = True
 
     def _report_server_closed(self) -> None:
-        self._display.abandon_input()
+        self._display.close_line()
         _error("server closed the connection")
 
     # -- reader thread

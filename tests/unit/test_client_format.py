@@ -136,11 +136,12 @@ def test_reply_to_server_line(line: str, reply: str | None) -> None:
         ("ROOMS", True),
         ("NAMES lobby", True),
         ("HISTORY lobby 5", True),
+        ("JOIN lobby bob", True),
         ("MSG lobby NAMES", False),
-        ("JOIN lobby bob", False),
+        ("LEAVE lobby", False),
         ("QUIT", False),
     ],
-    ids=["rooms", "names", "history", "msg", "join", "quit"],
+    ids=["rooms", "names", "history", "join", "msg", "leave", "quit"],
 )
 def test_expects_reply(command: str, expected: bool) -> None:
     assert expects_reply(command) is expected
@@ -157,9 +158,27 @@ def test_expects_reply(command: str, expected: bool) -> None:
         (f"HISTORY lobby 1 {STAMP} bob hi", False),
         ("MSG lobby bob END ROOMS 2", False),
         ("END", False),
+        ("END ROOMS", False),
+        ("INFO joined room lobby", True),
+        ("INFO alice joined lobby", False),
+        ("INFO joined joined lobby", False),
         ("INFO bye", False),
     ],
-    ids=["end-rooms", "end-history", "names", "error", "room", "history", "msg", "end", "info"],
+    ids=[
+        "end-rooms",
+        "end-history",
+        "names",
+        "error",
+        "room",
+        "history",
+        "msg",
+        "end",
+        "end-rooms-no-count",
+        "joined-room",
+        "other-user-joined",
+        "user-called-joined",
+        "bye",
+    ],
 )
 def test_ends_reply(line: str, expected: bool) -> None:
     assert ends_reply(line) is expected
