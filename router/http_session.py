@@ -136,7 +136,11 @@ class HttpSession(Client):
 
     def join(self, room: str, done: JoinCallback) -> Optional[str]:
         """Join *room*; *done* gets the session's join entry or a :class:`Failure` (once).
-        Returns an ``ERR_*`` code instead if the hub refuses at once."""
+        Returns an ``ERR_*`` code instead if it is refused at once."""
+        if room in self.rooms or room in self._joins:
+            # Checked here, not left to the shard: one join per room may be in flight, so
+            # that its outcome reaches the request that asked for it.
+            return m.ERR_ALREADY_IN_ROOM
         wait = _JoinWait(done)
 
         def outcome(result: Any) -> None:

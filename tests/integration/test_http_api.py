@@ -356,6 +356,26 @@ def test_already_in_room(api: Api) -> None:
     assert_error(api.post("/api/join", {"room": room, "username": "alice"}), 409, "already_in_room")
 
 
+def test_concurrent_joins_of_one_room_get_one_answer_each(cluster: Cluster) -> None:
+    tabs = [Api(cluster), Api(cluster)]
+    tabs[0].join(unique("room"), "alice")
+    tabs[1].cookie = tabs[0].cookie
+    room = unique("room")
+    body = {"room": room, "username": "alice"}
+    replies: List[Reply] = []
+    threads = [
+        threading.Thread(target=lambda tab=tab: replies.append(tab.post("/api/join", body)))
+        for tab in tabs
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    assert sorted(reply.status for reply in replies) == [200, 409]
+    for tab in tabs:
+        tab.close()
+
+
 def test_session_username_is_fixed(api: Api) -> None:
     api.join(unique("room"), "alice")
     reply = api.post("/api/join", {"room": unique("room"), "username": "mallory"})
