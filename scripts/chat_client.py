@@ -558,7 +558,7 @@ class ChatSession:
         self._state_lock = threading.Lock()
         self._closed = threading.Event()  # the connection ended
         self._replies = threading.Condition()  # guards _pending_replies
-        self._pending_replies = 0  # NAMES, ROOMS, HISTORY sent and not yet answered
+        self._pending_replies = 0  # JOIN, NAMES, ROOMS, HISTORY sent and not yet answered
         self._done = threading.Event()  # ``INFO bye`` arrived or the connection ended
         # Set once the main thread leaves on purpose; from then on a close is expected.
         # Guarded by _stop_lock so that no wake-up signal is sent after it is set.
