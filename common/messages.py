@@ -28,7 +28,8 @@ from __future__ import annotations
 from typing import Tuple
 
 # --- router -> shard commands ------------------------------------------------------------
-#: ``(JOIN, req, cid, room, username)``: add the client to the room (creating it).
+#: ``(JOIN, req, cid, room, username)``: add the client to the room (creating it);
+#: with a ``req``, ``DONE`` (result: the join's seq) follows the ``JOINED``.
 JOIN = 1
 #: ``(MSG, req, cid, room, text)``: a chat message from a member.
 MSG = 2

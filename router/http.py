@@ -38,6 +38,7 @@ from router.http_parser import (
 )
 from router.http_static import StaticFiles
 from router.hub import Hub
+from router.policy import SessionRateLimit
 from web import WEB_ROOT
 
 log = logging.getLogger(__name__)
@@ -323,6 +324,7 @@ async def start_http_server(
     owns the API state (sessions); closing it ends the connections."""
     loop = asyncio.get_running_loop()
     api = HttpApi(hub, StaticFiles(WEB_ROOT), poll_timeout, session_ttl)
+    api.admit = SessionRateLimit(hub.settings.rate_limit, hub.settings.rate_burst)
     connections: Set[HttpConnection] = set()
     server = await loop.create_server(
         lambda: HttpConnection(api, connections), host, port, start_serving=start_serving

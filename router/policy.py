@@ -8,8 +8,9 @@ field can be changed with a ``start_cluster.py`` flag (see ``docs/LIMITS.md``).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 from common import limits as L
 
@@ -57,6 +58,28 @@ class TokenBucket:
             return 0.0
         self.tokens = tokens
         return (1.0 - tokens) / self.rate
+
+
+class SessionRateLimit:
+    """Flood control for browser sessions: one :class:`TokenBucket` per session, taken by
+    every command (join of another room, send, leave); polls are free (they are how a
+    session waits). Call it as the HTTP API's admission hook: returns None to go on, or the
+    seconds to wait (answered ``429`` with ``Retry-After``)."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+
+    def __call__(self, session: Optional[Any], action: str) -> Optional[float]:
+        if session is None or action == "poll" or self.rate <= 0:
+            return None
+        bucket = getattr(session, "rate_bucket", None)
+        now = self._clock()
+        if bucket is None:
+            bucket = session.rate_bucket = TokenBucket(self.rate, self.burst, now)
+        wait = bucket.take(now)
+        return wait if wait > 0.0 else None
 
 
 class ConnectionLimiter:

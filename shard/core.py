@@ -110,6 +110,8 @@ class ShardCore:
         self._client_rooms.setdefault(cid, set()).add(name)
         entry = room.record(self._clock(), m.KIND_JOIN, username, f"{username} joined {name}")
         events.append((m.JOINED, name, cid, entry))
+        if req:
+            events.append((m.DONE, req, cid, entry[0]))
 
     def _rejoin(self, events: List[Any], command: tuple) -> None:
         _, req, cid, name, username = command
