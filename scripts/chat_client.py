@@ -46,10 +46,11 @@ DEFAULT_ROOM = "lobby"
 #: How long /quit or the end of input waits for ``INFO bye`` or the close: long enough for
 #: the echoes of lines already sent to arrive, short enough that a mute server cannot hang us.
 QUIT_TIMEOUT_SECONDS = 2.0
-#: How long the first prompt waits for the JOIN's reply (so the greeting is not printed
-#: over the prompt being drawn), and /quit or the end of input for replies to JOIN, NAMES,
-#: ROOMS and HISTORY still on their way: the server may answer QUIT before a reply gathered
-#: from several shards (PROTOCOL.md: replies for different rooms may overtake each other).
+#: How long to wait for the replies to commands already sent: before the first prompt (so
+#: the greeting is not printed over the prompt being drawn), before QUIT (replies for other
+#: rooms may come after it), and with piped input before each next line (one command at a
+#: time keeps the output in order and stays within the server's rate limit, 10/s, instead
+#: of being delayed past the end-of-input wait or cut off for "excess flood").
 REPLY_TIMEOUT_SECONDS = 2.0
 #: Bound on connecting, so that an unreachable host fails in seconds rather than minutes.
 CONNECT_TIMEOUT_SECONDS = 10.0
@@ -290,25 +291,31 @@ def apply_server_line(state: ClientState, line: str) -> ClientState:
 
 
 def expects_reply(command: str) -> bool:
-    """Return True if the protocol line ``command`` gets a reply that ``ends_reply`` spots."""
-    return command.split(" ", 1)[0].upper() in ("JOIN", "NAMES", "ROOMS", "HISTORY")
+    """Return True if the protocol line ``command`` gets a reply ``reply_matches`` knows."""
+    return command.split(" ", 1)[0].upper() in ("JOIN", "MSG", "LEAVE", "NAMES", "ROOMS", "HISTORY")
 
 
-def ends_reply(line: str) -> bool:
-    """Return True if the server line ``line`` completes a JOIN, NAMES, ROOMS or HISTORY reply.
+def reply_matches(command: str, line: str, username: str) -> bool:
+    """Return True if server ``line`` completes the reply to ``command``, sent as ``username``.
 
-    An ERROR counts too: it is the reply to a refused request (and if it answered something
-    else, the client merely waits a little less for the others).
+    JOIN -> ``INFO joined room R``; MSG -> its echo ``MSG R username ...``; LEAVE -> ``INFO
+    left room R``; NAMES -> ``NAMES R ...``; ROOMS -> ``END ROOMS k``; HISTORY -> ``END
+    HISTORY R k``. ERROR lines are not matched here: they answer the oldest command waiting.
     """
-    words = line.split(" ", 2)
-    verb = words[0].upper()
-    if verb in ("NAMES", "ERROR"):
-        return True
-    if len(words) < 3:
-        return False
-    if verb == "INFO":  # "INFO joined room R", not another user's "INFO alice joined R"
-        return words[1] == "joined" and words[2].startswith("room ")
-    return verb == "END" and words[1] in ("ROOMS", "HISTORY")
+    verb, _, rest = command.partition(" ")
+    room = rest.split(" ", 1)[0]
+    verb = verb.upper()
+    if verb == "JOIN":
+        return line == f"INFO joined room {room}"
+    if verb == "LEAVE":
+        return line == f"INFO left room {room}"
+    if verb == "MSG":
+        return line.startswith(f"MSG {room} {username} ")
+    if verb == "NAMES":
+        return line == f"NAMES {room}" or line.startswith(f"NAMES {room} ")
+    if verb == "HISTORY":
+        return line.startswith(f"END HISTORY {room} ")
+    return verb == "ROOMS" and line.startswith("END ROOMS ")
 
 
 def reply_to_server_line(line: str) -> str | None:
@@ -557,8 +564,8 @@ class ChatSession:
         self._tz = tz
         self._state_lock = threading.Lock()
         self._closed = threading.Event()  # the connection ended
-        self._replies = threading.Condition()  # guards _pending_replies
-        self._pending_replies = 0  # JOIN, NAMES, ROOMS, HISTORY sent and not yet answered
+        self._replies = threading.Condition()  # guards _unanswered
+        self._unanswered: list[str] = []  # commands sent whose reply has not come, oldest first
         self._done = threading.Event()  # ``INFO bye`` arrived or the connection ended
         # Set once the main thread leaves on purpose; from then on a close is expected.
         # Guarded by _stop_lock so that no wake-up signal is sent after it is set.
@@ -636,6 +643,8 @@ class ChatSession:
 
     def _handle_user_line(self, line: str) -> bool:
         """Act on one typed line; return True if the user asked to quit."""
+        if not self._display.interactive:
+            self._await_replies()  # one command at a time: see REPLY_TIMEOUT_SECONDS
         with self._state_lock:
             action = user_line_to_command(line, self._state)
             self._state = action.state
@@ -650,8 +659,8 @@ class ChatSession:
 
     def _send(self, line: str) -> None:
         if expects_reply(line):
-            with self._replies:  # counted before sending, so the reply cannot come first
-                self._pending_replies += 1
+            with self._replies:  # noted before sending, so the reply cannot come first
+                self._unanswered.append(line)
         try:
             self._connection.send_line(line)
         except OSError as exc:
@@ -667,10 +676,10 @@ class ChatSession:
             log.debug("send of %r failed", line, exc_info=True)
 
     def _await_replies(self) -> None:
-        """Wait (bounded) until every JOIN, NAMES, ROOMS, HISTORY sent has its reply."""
+        """Wait (bounded) until every command sent has its reply (see ``expects_reply``)."""
         with self._replies:
             self._replies.wait_for(
-                lambda: self._pending_replies == 0 or self._closed.is_set(),
+                lambda: not self._unanswered or self._closed.is_set(),
                 REPLY_TIMEOUT_SECONDS,
             )
 
@@ -720,10 +729,20 @@ class ChatSession:
         shown = format_server_line(line, self._tz)
         if shown is not None:
             self._display.show(shown)
-        if ends_reply(line):
-            with self._replies:
-                self._pending_replies = max(0, self._pending_replies - 1)
-                self._replies.notify_all()
+        self._note_reply(line)
+
+    def _note_reply(self, line: str) -> None:
+        with self._replies:
+            if line.split(" ", 1)[0].upper() == "ERROR":
+                if self._unanswered:
+                    del self._unanswered[0]
+            else:
+                username = self._state.username
+                for index, command in enumerate(self._unanswered):
+                    if reply_matches(command, line, username):
+                        del self._unanswered[index]
+                        break
+            self._replies.notify_all()
         if line == "INFO bye":
             self._done.set()
 

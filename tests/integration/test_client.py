@@ -360,6 +360,20 @@ def test_names_in_other_scripts(server: FakeChatServer) -> None:
     assert "[日本] zoë: ça va" in result.stdout.splitlines()
 
 
+def test_piped_lines_go_one_at_a_time_so_output_stays_in_order() -> None:
+    slow = _fake(echo_delay=0.2)
+    try:
+        result = run_piped(slow.port, "one\n/help\ntwo\n", "--user", "bob", "--room", "lobby")
+    finally:
+        slow.stop()
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[2] == "[lobby] bob: one"
+    assert lines[3] == "* commands:"
+    assert lines[-2:] == ["[lobby] bob: two", "* bye"]
+
+
 def test_end_of_input_waits_for_echoes_of_sent_lines() -> None:
     slow = _fake(echo_delay=0.5)
     try:
