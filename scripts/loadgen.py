@@ -58,6 +58,7 @@ TAIL_BYTES = len(ERROR_PATTERN) - 1  # bytes kept per connection to count across
 READ_BUFFER_BYTES = 256 * 1024  # one shared receive buffer; big reads keep us cheap
 PROGRESS_EVERY_S = 1.0  # stderr progress interval
 SAMPLE_EVERY_S = 0.5  # RSS sampling interval for --pids
+REFUSED_BACKOFF_S = 0.05  # pause after the server refused a message (e.g. a rate limit)
 STUCK_RESUME_S = 1.0  # after the drain, how long stuck members read to see what is left
 
 
@@ -164,6 +165,17 @@ class Publisher:
 
     def stop(self) -> None:
         """Stop publishing (messages in flight are left to drain)."""
+
+    def refused(self, k: int) -> None:
+        """The server refused ``k`` of our messages: they were not published.
+
+        Their window slots are freed (the probe will never see them) and they are taken
+        out of the published counts, so that losses count only accepted messages.
+        """
+        self.inflight -= k
+        self.room.published -= k
+        self.run.stats.published -= k
+        self.run.stats.send_failures += k
 
     def take(self, k: int) -> list[str]:
         """Account for ``k`` new messages and return their texts."""
@@ -309,6 +321,7 @@ class Member:
         self.outbuf = bytearray()
         self.tail = b"\n"
         self.received = 0
+        self.publisher: Publisher | None = None  # set if this member publishes
         self.lost = False
         self.reading = False
 
@@ -374,6 +387,8 @@ class Member:
             self.run.stats.delivered += delivered
         if errors:
             self.run.stats.error_lines += errors
+            if self.publisher is not None:
+                self.publisher.refused(errors)
 
     def write(self, data: bytes) -> None:
         """Send ``data`` now, queueing what the socket does not take at once."""
@@ -477,6 +492,11 @@ class TcpPublisher(Publisher):
         super().__init__(pid, room, run)
         self.member = member
         self.prefix = f"MSG {room.name} "
+
+    def refused(self, k: int) -> None:
+        """Free the refused messages' slots; refill after a pause, not in a tight loop."""
+        super().refused(k)
+        asyncio.get_running_loop().call_later(REFUSED_BACKOFF_S, self.start)
 
     def start(self) -> None:
         """Send enough messages, in one write, to fill the window."""
@@ -753,7 +773,8 @@ def plan_tcp(run: Run, stuck: bool) -> tuple[list[Member], list[Member]]:
             if i == stuck_at:
                 stuck_members.append(member)
             if i < args.publishers:
-                run.publishers.append(TcpPublisher(len(run.publishers), room, run, member))
+                member.publisher = TcpPublisher(len(run.publishers), room, run, member)
+                run.publishers.append(member.publisher)
             members.append(member)
     return members, stuck_members
 
@@ -989,18 +1010,12 @@ class HttpPublisher(Publisher):
                 status, _ = await self.conn.request("POST", "/api/send", payload)
             except CONNECTION_FAILURES as exc:
                 logger.warning("publisher %d: %r", self.pid, exc)
-                self.untake()
+                self.refused(1)
                 self.run.stats.disconnected += 1
                 return
             if status != 200:
-                self.untake()
-
-    def untake(self) -> None:
-        """Undo the accounting of a message the server refused."""
-        self.inflight -= 1
-        self.room.published -= 1
-        self.run.stats.published -= 1
-        self.run.stats.send_failures += 1
+                self.refused(1)
+                await asyncio.sleep(REFUSED_BACKOFF_S)
 
     def close(self) -> None:
         """Stop the task and close the connection."""

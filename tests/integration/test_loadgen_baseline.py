@@ -225,6 +225,16 @@ def test_scenario_reports_sane_numbers(baseline: Baseline, scenario: str, extra:
         assert result["resources"]["loadgen"]["cpu_percent"] > 0
 
 
+def test_refused_messages_are_send_failures_not_losses(baseline: Baseline) -> None:
+    too_long = ["--text-bytes", "2001"]  # over MAX_TEXT_CHARS: every MSG is refused
+    status, result = run_loadgen("fanout", *TINY, *SHORT, *too_long, *target(baseline))
+    assert status == 0, result
+    assert result["published_total"] == 0 and result["delivered_total"] == 0
+    assert result["send_failures"] > 0
+    assert result["error_lines"] == result["send_failures"]
+    assert result["losses"] == 0
+
+
 def test_unreachable_server_is_an_error_result() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
