@@ -24,6 +24,17 @@ A *delivery* is one MSG line (or one of our messages in a poll response) receive
 member; every member counts, by counting ``b"\\nMSG "`` in whole received chunks, and only
 probes parse lines. ``losses`` = published x reading members - delivered, after a drain.
 
+Result keys: ``deliveries``/``published`` (and ``_per_s``) over the measured window;
+``latency_ms`` {p50, p99, max, mean, samples} from the probes over that window;
+``connect_join_s`` (connect + JOIN confirmed for everyone); ``published_total``,
+``delivered_total``, ``expected_total``, ``losses`` over the whole run; ``probe_gaps`` and
+``probe_reordered`` (per-publisher counters seen out of sequence by a probe);
+``error_lines``, ``send_failures`` (refused messages: not published, not losses),
+``disconnected``; ``timeline_deliveries_per_s``; ``stuck`` {members, received after
+resuming, closed_by_server}; ``resources`` {loadgen, <pid>: cpu_percent over the window,
+rss_kib, rss_max_kib; machine: cores, cpu_percent, others_cpu_percent}. A run that cannot
+start prints ``{"scenario": ..., "error": ...}`` and exits 1.
+
 Example::
 
     python scripts/loadgen.py fanout --rooms 10 --members 20 --publishers 2 --window 8 \\
@@ -143,6 +154,7 @@ class Stats:
         self.latencies_ns: list[int] = []
         self.probe_gaps = 0
         self.probe_reordered = 0
+        self.timeline: list[int] = []  # deliveries in each second since publishing began
 
 
 class Publisher:
@@ -649,13 +661,14 @@ async def gather_bounded(jobs: list[Callable[[], Awaitable[Any]]], limit: int) -
 
 
 async def progress(run: Run, started: float) -> None:
-    """Log deliveries/s and published/s to stderr every second until cancelled."""
+    """Log deliveries/s and published/s every second, keep the timeline, until cancelled."""
     stats = run.stats
     last_d, last_p, last_t = stats.delivered, stats.published, time.monotonic()
     while True:
         await asyncio.sleep(PROGRESS_EVERY_S)
         now = time.monotonic()
         span = now - last_t
+        stats.timeline.append(round((stats.delivered - last_d) / span))
         logger.info(
             "t=%.1fs deliveries/s=%.0f published/s=%.0f errors=%d disconnected=%d",
             now - started,
@@ -750,6 +763,7 @@ def summarize(run: Run, window: dict[str, Any], connect_s: float, conns: int) ->
         "error_lines": stats.error_lines,
         "send_failures": stats.send_failures,
         "disconnected": stats.disconnected,
+        "timeline_deliveries_per_s": stats.timeline,
     }
 
 
