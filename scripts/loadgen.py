@@ -18,7 +18,10 @@ Scenarios (each prints ONE JSON object of results on stdout; progress goes to st
     POST /api/send on a second keep-alive connection of the same session.
 ``stuck``
     ``fanout`` where the last member of each room joins and then never reads again (with
-    a small receive buffer, ``--stuck-rcvbuf``, so the server notices soon).
+    a small receive buffer, ``--stuck-rcvbuf``). The server's own send buffer for that
+    connection (Linux autotunes it up to tcp_wmem's max, 4 MB by default) still fills
+    first: at 64-byte texts that is ~45,000 messages per room, so use a long
+    ``--duration`` or a large ``--text-bytes`` to reach the point where it matters.
 
 A *delivery* is one MSG line (or one of our messages in a poll response) received by one
 member; every member counts, by counting ``b"\\nMSG "`` in whole received chunks, and only
@@ -40,7 +43,9 @@ Example::
     python scripts/loadgen.py fanout --rooms 10 --members 20 --publishers 2 --window 8 \\
         --duration 10 --tcp-port 5100
 
-Only loopback targets are accepted, and every phase is bounded in time.
+Only loopback targets are accepted, and every phase is bounded in time. One process:
+all member sockets sit in one epoll set read in a tight loop (see ``ReadMux``); check
+``resources.loadgen.cpu_percent`` to see that the load generator is not the bottleneck.
 """
 
 from __future__ import annotations
