@@ -84,7 +84,8 @@ class Model:
             return [(m.FAIL, req, cid, m.JOIN, m.ERR_NAME_TAKEN, room)]
         self.members.setdefault(room, {})[cid] = username
         entry = self.record(room, ts, m.KIND_JOIN, username, f"{username} joined {room}")
-        return [(m.JOINED, room, cid, entry)]
+        # With a req, DONE (result: the join's seq) follows the JOINED.
+        return [(m.JOINED, room, cid, entry)] + ([(m.DONE, req, cid, entry[0])] if req else [])
 
     def msg(self, ts: float, req: int, cid: int, room: str, text: str) -> List[tuple]:
         fail = self.not_in_room(req, cid, m.MSG, room)
