@@ -127,7 +127,7 @@ class TcpConnection(asyncio.Protocol, Client):
         self._bucket: Optional[TokenBucket] = None
         self._waiting: Deque[p.Event] = deque()
         self._resume: Optional[asyncio.TimerHandle] = None
-        self._eof = False  # the peer half-closed: finish once the waiting commands are done
+        self._eof = False  # the peer half-closed: finish the waiting commands, then close
         # A JOIN under another name waits for the first JOIN's outcome (see _join).
         self._blocked = False
         # timers (loop.time())
@@ -190,11 +190,11 @@ class TcpConnection(asyncio.Protocol, Client):
     def eof_received(self) -> bool:
         # The peer will send no more, but may still read (`nc -N`, a piped client):
         # finish the last line, let every shard answer, then close.
+        self._eof = True
         if self._closed:
             return False  # we had closed our side too: the transport may go
         if not self._closing:
             self._waiting.extend(self._parser.receive_data(b""))
-            self._eof = True
             self._work_off()
         return True
 
@@ -308,20 +308,22 @@ class TcpConnection(asyncio.Protocol, Client):
         line, and abort the socket if the peer has not closed after a grace period."""
         if self._closed:
             return
-        self.flush()
-        self._closed = True
+        self._closed = True  # first: the last write below must not re-enter the checks
+        out, self._out = self._out, []
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if not transport.can_write_eof():
-            transport.close()
-            return
-        try:
-            transport.write_eof()
-        except OSError:  # the peer is already gone (ENOTCONN): nothing left to say
-            transport.abort()
-            return
-        transport.resume_reading()
+        if out:
+            transport.write(b"".join(out))
+        if self._eof or not transport.can_write_eof():
+            transport.close()  # the peer sends nothing more: a plain close loses nothing
+        else:
+            try:
+                transport.write_eof()
+            except OSError:  # the peer is already gone (ENOTCONN): nothing left to say
+                transport.abort()
+                return
+            transport.resume_reading()
         self._loop.call_later(SLOW_CONSUMER_CLOSE_GRACE, transport.abort)
 
     # --- timers ----------------------------------------------------------------------

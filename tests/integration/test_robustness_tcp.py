@@ -571,17 +571,8 @@ def small_output_cluster() -> Iterator[Cluster]:
     )
 
 
-BUG_CUT_OFF_RECURSION = (
-    "bug: router/tcp.py TcpConnection._cut_off -> close() -> flush() -> _check_backlog() -> "
-    "_cut_off() recurses (close() sets _closed only after flush()) until RecursionError; "
-    "the slow consumer is never closed and, from WriteCoalescer.flush, other connections' "
-    "output is never flushed again"
-)
-
-
 @needs_proc
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(reason=BUG_CUT_OFF_RECURSION, strict=True)
 def test_member_that_never_reads_is_cut_off_and_readers_lose_nothing(
     small_output_cluster: Cluster,
 ) -> None:
@@ -624,7 +615,6 @@ def soft_limit_cluster() -> Iterator[Cluster]:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(reason=BUG_CUT_OFF_RECURSION, strict=True)
 def test_soft_limit_held_too_long_cuts_off(soft_limit_cluster: Cluster) -> None:
     cluster = soft_limit_cluster
     sleeper = socket.create_connection((cluster.host, cluster.tcp_port))
@@ -856,13 +846,6 @@ def test_total_cap_across_addresses(capped_cluster: Cluster) -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    reason="bug: router/tcp.py TcpConnection.close() after the peer's EOF (eof_received -> "
-    "_finish) writes EOF and waits SLOW_CONSUMER_CLOSE_GRACE for a second EOF that never "
-    "comes (resume_reading() is a no-op once eof_received returned True), so the socket "
-    "and its connection-cap slot are held ~1 s after a clean close",
-    strict=True,
-)
 def test_clean_close_frees_the_slot_promptly(capped_cluster: Cluster) -> None:
     settle(capped_cluster)
     clients = open_many(capped_cluster, 10)

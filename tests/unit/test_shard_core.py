@@ -80,10 +80,13 @@ def test_second_join_gets_the_next_seq(core: ShardCore) -> None:
     assert join(core, 2, "lobby", "bob") == [(m.JOINED, "lobby", 2, entry)]
 
 
-def test_join_answers_done_only_through_joined(core: ShardCore) -> None:
-    # A JOIN with a req is answered by JOINED alone (the router matches it by cid/room).
-    (event,) = join(core, 1, "lobby", "alice", req=5)
-    assert event[0] == m.JOINED
+def test_join_with_a_req_is_answered_done_after_joined(core: ShardCore) -> None:
+    # JOINED tells the members; the DONE that follows answers the request (its seq).
+    joined, done = join(core, 1, "lobby", "alice", req=5)
+    assert joined[0] == m.JOINED
+    assert done == (m.DONE, 5, 1, joined[3][0])
+    (only,) = join(core, 2, "lobby", "bob")  # no req: no DONE
+    assert only[0] == m.JOINED
 
 
 @pytest.mark.parametrize(
@@ -435,6 +438,8 @@ class ShardModel(RuleBasedStateMachine):
             members[cid] = user
             entry = self.record(room, m.KIND_JOIN, user, f"{user} joined {room}")
             expected = [(m.JOINED, room, cid, entry)]
+            if req:
+                expected.append((m.DONE, req, cid, entry[0]))
         self.check((m.JOIN, req, cid, room, user), expected)
 
     @rule(cid=CIDS, room=ROOMS, text=st.sampled_from(["hi", " spaced  ", "é"]))
