@@ -22,7 +22,11 @@ def take_all(bucket: TokenBucket, now: float, attempts: int) -> List[float]:
     return [bucket.take(now) for _ in range(attempts)]
 
 
-@pytest.mark.parametrize("rate, burst", [(10.0, 20), (5.0, 5), (0.5, 1), (100.0, 3)])
+@pytest.mark.parametrize(
+    "rate, burst",
+    [(10.0, 20), (5.0, 5), (0.5, 1), (100.0, 3)],
+    ids=["default-10-20", "5-5", "half-1", "100-3"],
+)
 def test_a_new_bucket_holds_exactly_burst_tokens(rate: float, burst: int) -> None:
     bucket = TokenBucket(rate, burst, now=100.0)
     assert take_all(bucket, 100.0, burst) == [0.0] * burst
