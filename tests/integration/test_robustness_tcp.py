@@ -273,7 +273,7 @@ CHUNKINGS = ["whole", "bytewise", "split-last-char"]
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("ending", [b"\n", b"\r\n"], ids=["lf", "crlf"])
-@pytest.mark.parametrize("chunking", CHUNKINGS)
+@pytest.mark.parametrize("chunking", CHUNKINGS, ids=CHUNKINGS)
 def test_line_at_the_cap_is_accepted(
     default_cluster: Cluster, chunking: str, ending: bytes
 ) -> None:
@@ -290,7 +290,7 @@ def test_line_at_the_cap_is_accepted(
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("ending", [b"\n", b"\r\n"], ids=["lf", "crlf"])
-@pytest.mark.parametrize("chunking", CHUNKINGS)
+@pytest.mark.parametrize("chunking", CHUNKINGS, ids=CHUNKINGS)
 def test_line_one_byte_over_the_cap_is_fatal(
     default_cluster: Cluster, chunking: str, ending: bytes
 ) -> None:
