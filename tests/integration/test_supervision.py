@@ -264,3 +264,49 @@ def test_stopped_shard_times_out_requests_and_recovers() -> None:
         no_traceback(cluster)
         for c in (s1, t1, t2):
             c.close()
+
+
+# --- a shard killed again and again, with members ----------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_shard_killed_too_often_is_given_up_and_its_members_are_told() -> None:
+    """Kill shard 0 each time it comes back: after MAX_RESTARTS restarts the router gives
+    up; its members hear ``ERROR room unavailable`` and keep their other rooms."""
+    with Cluster(shards=SHARDS) as cluster:
+        doomed_room, live_room = room_on(0, "doomed"), room_on(1, "refuge")
+        m1, m2 = cluster.connect(), cluster.connect()
+        for c, name in ((m1, "m1"), (m2, "m2")):
+            c.join(doomed_room, name)
+            c.join(live_room, name)
+        pid = cluster.shard_pids()[0]
+        for restart in range(1, MAX_RESTARTS + 1):
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 15
+            while len(re.findall(r"shard 0 restarted", cluster.log)) < restart:
+                assert time.monotonic() < deadline, cluster.log[-2000:]
+                time.sleep(0.02)
+            line = re.findall(r"shard 0 restarted \(pid (\d+)", cluster.log)[-1]
+            pid = int(line)
+            for c in (m1, m2):
+                read_until(c, f"INFO room {doomed_room} restarted, history lost", timeout=10)
+        os.kill(pid, signal.SIGKILL)
+        cluster.wait_for_log(r"shard 0 died .*giving up", timeout=10)
+        for c in (m1, m2):
+            read_until(c, "ERROR room unavailable", timeout=5)
+            c.send(f"MSG {doomed_room} anyone")
+            assert c.readline(5.0) == "ERROR room unavailable"
+        m1.send(f"NAMES {doomed_room}")
+        assert m1.readline(5.0) == "ERROR room unavailable"
+        # The other room, on the healthy shard, still has both, under the same names.
+        m1.send(f"MSG {live_room} we are fine")
+        for c in (m1, m2):
+            read_until(c, f"MSG {live_room} m1 we are fine", timeout=5)
+        m1.send(f"NAMES {live_room}")
+        assert m1.readline(5.0) == f"NAMES {live_room} m1 m2"
+        m2.send("QUIT")
+        assert m2.read_all_until_closed() == ["INFO bye"]
+        read_until(m1, f"INFO m2 left {live_room}", timeout=5)
+        assert cluster.proc is not None and cluster.proc.poll() is None
+        no_traceback(cluster)
+        m1.close()
