@@ -420,9 +420,10 @@ def test_msg_before_join_double_join_and_other_username(default_cluster: Cluster
     assert c.readline() == "ERROR already in room order"
     c.send("JOIN order2 someoneelse")
     assert c.readline() == "ERROR username is orderly on this connection"
-    # A second JOIN of a room while the first is still on its way to the shard.
+    # A second JOIN of a room while the first is still on its way to the shard: replies
+    # about one room come back in command order.
     c.send_raw(b"JOIN order3 orderly\nJOIN order3 orderly\n")
-    assert sorted(c.read_lines(2)) == ["ERROR already in room order3", "INFO joined room order3"]
+    assert c.read_lines(2) == ["INFO joined room order3", "ERROR already in room order3"]
     assert names_of(c, "order") == ["orderly"]
     c.close()
 
@@ -738,7 +739,7 @@ def test_connection_that_never_joins_is_closed(keepalive_cluster: Cluster, chatt
             time.sleep(0.1)
     lines += read_until_closed(c, timeout=5.0)
     errors = [line for line in lines if line.startswith("ERROR")]
-    assert errors and "JOIN" in errors[-1], lines
+    assert errors == ["ERROR no JOIN within 1 seconds"], lines
     assert time.monotonic() - start < 6.0
     c.close()
 
