@@ -21,7 +21,7 @@ from typing import Iterator, List, Tuple
 import pytest
 
 from common.hashing import room_to_shard
-from common.limits import MAX_RESTARTS, REQUEST_TIMEOUT
+from common.limits import MAX_RESTARTS, MAX_SHARD_BACKLOG_BYTES, REQUEST_TIMEOUT
 from tests.cluster import Cluster, LineClient, pid_alive, wait_gone
 
 pytestmark = pytest.mark.skipif(
@@ -310,3 +310,79 @@ def test_shard_killed_too_often_is_given_up_and_its_members_are_told() -> None:
         assert cluster.proc is not None and cluster.proc.poll() is None
         no_traceback(cluster)
         m1.close()
+
+
+# --- a stopped shard's backlog is bounded ------------------------------------------------
+
+
+def router_rss_kb(cluster: Cluster) -> int:
+    assert cluster.proc is not None
+    with open(f"/proc/{cluster.proc.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS line")
+
+
+@pytest.mark.timeout(60)
+def test_stopped_shard_backlog_is_bounded_and_nothing_is_silently_dropped() -> None:
+    """12 MB of MSGs to a stopped shard's room: past MAX_SHARD_BACKLOG_BYTES they are
+    refused (``ERROR room unavailable``), the router's memory stays bounded, and once the
+    shard runs again every MSG was either delivered (in order) or refused, none lost.
+    Output limits are raised so the catch-up burst cannot cut the sender off."""
+    big = str(256 * 1024 * 1024)
+    flags = ["--rate-limit", "0", "--output-hard-limit", big, "--output-soft-limit", big]
+    with Cluster(shards=SHARDS, extra_args=flags) as cluster:
+        frozen_room, live_room = room_on(0, "jam"), room_on(1, "free")
+        pid = cluster.shard_pids()[0]
+        pumper = cluster.connect()
+        pumper.join(frozen_room, "pumper")
+        other = cluster.connect()
+        other.join(live_room, "other")
+        lines: List[str] = []
+        reader = threading.Thread(target=collect, args=(pumper, lines), daemon=True)
+        reader.start()
+        before = router_rss_kb(cluster)
+        batches, per_batch, text = 120, 50, "z" * 1990
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for b in range(batches):
+                pumper.send_raw(
+                    b"".join(
+                        f"MSG {frozen_room} {b * per_batch + i:05d} {text}\n".encode()
+                        for i in range(per_batch)
+                    )
+                )
+            deadline = time.monotonic() + 10
+            while "ERROR room unavailable" not in lines:
+                assert time.monotonic() < deadline, "nothing refused"
+                time.sleep(0.05)
+            growth_mb = (router_rss_kb(cluster) - before) / 1024
+            assert growth_mb < MAX_SHARD_BACKLOG_BYTES / 2**20 + 20, growth_mb
+            other.send(f"MSG {live_room} unaffected")
+            assert other.readline(2.0) == f"MSG {live_room} other unaffected"
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        total = batches * per_batch
+        deadline = time.monotonic() + 30
+        while len(lines) < total and time.monotonic() < deadline:
+            time.sleep(0.05)
+        echoes = [line for line in lines if line.startswith(f"MSG {frozen_room} pumper ")]
+        refused = [line for line in lines if line == "ERROR room unavailable"]
+        assert len(echoes) + len(refused) == len(lines) == total
+        assert echoes and refused
+        print(f"\n{len(echoes)} delivered, {len(refused)} refused")
+        numbers = [int(line.split()[3]) for line in echoes]
+        assert numbers == sorted(numbers)
+        assert "cutting off" not in cluster.log
+        no_traceback(cluster)
+        pumper.close()
+        other.close()
+
+
+def collect(c: LineClient, lines: List[str]) -> None:
+    try:
+        while True:
+            lines.append(c.readline(60.0))
+    except (EOFError, OSError):
+        pass
