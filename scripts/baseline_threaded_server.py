@@ -79,8 +79,11 @@ class Client:
         self.rooms: set[str] = set()
 
     def send(self, line: str) -> None:
-        """Send one line (blocking). A dead peer is left to its own thread to clean up."""
-        data = (line + "\n").encode("utf-8")
+        """Send one line (blocking)."""
+        self.send_bytes((line + "\n").encode("utf-8"))
+
+    def send_bytes(self, data: bytes) -> None:
+        """Send encoded bytes (blocking). A dead peer is left to its own thread to clean up."""
         with self.write_lock:
             try:
                 self.sock.sendall(data)
@@ -123,8 +126,9 @@ class Room:
         if len(self.log) > 2 * LOG_KEEP:
             del self.log[:-LOG_KEEP]
         self.cond.notify_all()
+        data = (line + "\n").encode("utf-8")  # once, not once per member
         for member in list(self.members.values()):
-            member.send(line)
+            member.send_bytes(data)
 
     def events_after(self, after: int) -> list[dict[str, Any]]:
         """Return the logged events with id > ``after`` (caller holds cond)."""
