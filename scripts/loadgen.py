@@ -31,7 +31,8 @@ Result keys: ``deliveries``/``published`` (and ``_per_s``) over the measured win
 ``latency_ms`` {p50, p99, max, mean, samples} from the probes over that window;
 ``connect_join_s`` (connect + JOIN confirmed for everyone); ``published_total``,
 ``delivered_total``, ``expected_total``, ``losses`` over the whole run; ``probe_gaps`` and
-``probe_reordered`` (per-publisher counters seen out of sequence by a probe);
+``probe_reordered`` (per-publisher counters seen out of sequence by a probe; refused
+messages also leave gaps);
 ``error_lines``, ``send_failures`` (refused messages: not published, not losses),
 ``disconnected``; ``timeline_deliveries_per_s``; ``stuck`` {members, received after
 resuming, closed_by_server}; ``resources`` {loadgen, <pid>: cpu_percent over the window,
