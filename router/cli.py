@@ -71,81 +71,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The per-client limit flags: (flag, Settings field, type, metavar, help). Defaults and
+#: reasons live in common/limits.py; the help shows the default.
+LIMIT_FLAGS = [
+    ("--rate-limit", "rate_limit", float, "N",
+     "commands per second per client; 0 turns flood control off, e.g. for benchmarks"),
+    ("--rate-burst", "rate_burst", int, "N", "commands a client may send at once"),
+    ("--max-connections", "max_connections", int, "N", "open connections in total"),
+    ("--max-connections-per-ip", "max_connections_per_ip", int, "N",
+     "open connections per IP address"),
+    ("--output-hard-limit", "out_hard", int, "BYTES",
+     "unread bytes that cut a slow client off at once"),
+    ("--output-soft-limit", "out_soft", int, "BYTES",
+     "unread bytes a client may hold for --output-soft-seconds"),
+    ("--output-soft-seconds", "out_soft_seconds", float, "S",
+     "seconds a client may stay over --output-soft-limit"),
+    ("--idle-ping", "idle_ping", float, "S",
+     "seconds of silence before the server PINGs a TCP client"),
+    ("--ping-timeout", "ping_timeout", float, "S",
+     "seconds after a PING before a silent client is closed"),
+    ("--join-timeout", "join_timeout", float, "S",
+     "seconds a TCP client may stay without joining a room"),
+]  # fmt: skip
+
+
 def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
     """Flags for the per-client limits (defaults and reasons: common/limits.py)."""
-    d = Settings()
+    defaults = Settings()
     group = parser.add_argument_group("limits (see docs/LIMITS.md)")
-    group.add_argument(
-        "--rate-limit",
-        type=float,
-        default=d.rate_limit,
-        metavar="N",
-        help=f"commands per second per client (default {d.rate_limit:g}; 0 turns flood "
-        "control off, e.g. for benchmarks)",
-    )
-    group.add_argument(
-        "--rate-burst",
-        type=int,
-        default=d.rate_burst,
-        metavar="N",
-        help=f"commands a client may send at once (default {d.rate_burst})",
-    )
-    group.add_argument(
-        "--max-connections",
-        type=int,
-        default=d.max_connections,
-        metavar="N",
-        help=f"open connections in total (default {d.max_connections})",
-    )
-    group.add_argument(
-        "--max-connections-per-ip",
-        type=int,
-        default=d.max_connections_per_ip,
-        metavar="N",
-        help=f"open connections per IP address (default {d.max_connections_per_ip})",
-    )
-    group.add_argument(
-        "--output-hard-limit",
-        type=int,
-        default=d.out_hard,
-        metavar="BYTES",
-        help=f"unread bytes that cut a slow client off at once (default {d.out_hard})",
-    )
-    group.add_argument(
-        "--output-soft-limit",
-        type=int,
-        default=d.out_soft,
-        metavar="BYTES",
-        help=f"unread bytes a client may hold for --output-soft-seconds (default {d.out_soft})",
-    )
-    group.add_argument(
-        "--output-soft-seconds",
-        type=float,
-        default=d.out_soft_seconds,
-        metavar="S",
-        help=f"(default {d.out_soft_seconds:g})",
-    )
-    group.add_argument(
-        "--idle-ping",
-        type=float,
-        default=d.idle_ping,
-        metavar="S",
-        help=f"seconds of silence before the server PINGs a TCP client (default {d.idle_ping:g})",
-    )
-    group.add_argument(
-        "--ping-timeout",
-        type=float,
-        default=d.ping_timeout,
-        metavar="S",
-        help=f"seconds after a PING before a silent client is closed (default {d.ping_timeout:g})",
-    )
-    group.add_argument(
-        "--join-timeout",
-        type=float,
-        default=d.join_timeout,
-        metavar="S",
-        help=f"seconds a TCP client may stay without joining a room (default {d.join_timeout:g})",
-    )
+    for flag, field, kind, metavar, text in LIMIT_FLAGS:
+        default = getattr(defaults, field)
+        group.add_argument(
+            flag,
+            dest=field,
+            type=kind,
+            default=default,
+            metavar=metavar,
+            help=f"{text} (default {default})",
+        )
     http = parser.add_argument_group("HTTP sessions")
     http.add_argument(
         "--poll-timeout",
@@ -166,18 +129,7 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    return Settings(
-        rate_limit=args.rate_limit,
-        rate_burst=args.rate_burst,
-        max_connections=args.max_connections,
-        max_connections_per_ip=args.max_connections_per_ip,
-        out_hard=args.output_hard_limit,
-        out_soft=args.output_soft_limit,
-        out_soft_seconds=args.output_soft_seconds,
-        idle_ping=args.idle_ping,
-        ping_timeout=args.ping_timeout,
-        join_timeout=args.join_timeout,
-    )
+    return Settings(**{field: getattr(args, field) for _, field, *_ in LIMIT_FLAGS})
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
