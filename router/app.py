@@ -46,6 +46,7 @@ class Config:
     log_level: str = "INFO"
     start_method: str = "spawn"
     crash_shard: Optional[int] = None  # fault injection for tests: this shard dies at start
+    pipe_io: str = ""  # "selector" or "threads"; "": the platform's default (router.pipes)
     settings: Settings = field(default_factory=Settings)
     poll_timeout: float = POLL_TIMEOUT  # HTTP long-poll wait, seconds
     session_ttl: float = SESSION_TTL  # HTTP session lifetime without a request, seconds
@@ -115,7 +116,12 @@ class Router:
     def start_shards(self) -> None:
         context = multiprocessing.get_context(self.config.start_method)
         self.pool = ShardPool(
-            self.config.shard_count(), context, self.loop, self.hub, self.config.log_level
+            self.config.shard_count(),
+            context,
+            self.loop,
+            self.hub,
+            self.config.log_level,
+            self.config.pipe_io,
         )
         if self.config.crash_shard is not None:
             self.pool.links[self.config.crash_shard].crash_at_start = True

@@ -124,6 +124,13 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help=f"seconds a browser session lives without a request (default {SESSION_TTL:g})",
     )
+    parser.add_argument(
+        "--pipe-io",
+        choices=["selector", "threads"],
+        default="",
+        help="how the router talks to shard pipes: the loop's selector (POSIX default) or "
+        "a reader and a writer thread per shard (Windows default)",
+    )
     # Fault injection for the supervision tests: this shard exits as soon as it starts.
     parser.add_argument("--fault-crash-shard", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -141,6 +148,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         log_level=args.log_level,
         start_method=args.start_method,
         crash_shard=args.fault_crash_shard,
+        pipe_io=args.pipe_io,
         settings=settings_from_args(args),
         poll_timeout=args.poll_timeout,
         session_ttl=args.session_ttl,

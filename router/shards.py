@@ -2,14 +2,11 @@
 events, notice when they die and restart them.
 
 Each shard is joined to the router by two one-way ``multiprocessing`` pipes: commands go
-down one, events come back up the other. The event loop never touches a pipe: a *writer
-thread* per shard writes the pickled batches the loop hands it, and a *reader thread* per
-shard receives and unpickles event batches and passes them to the loop with
-``call_soon_threadsafe``. Threads rather than non-blocking pipe I/O because a
-``multiprocessing`` ``Connection`` has no non-blocking mode on Windows, and a partly
-written message must never stall the loop. A stopped shard (SIGSTOP) only blocks its own
-writer thread; its backlog is bounded (``MAX_SHARD_BACKLOG_BYTES``) and past it the
-commands are refused with ``room_unavailable``.
+down one, events come back up the other. The event loop never blocks on a pipe: on POSIX
+the pipes are non-blocking and watched by the loop's selector, elsewhere a writer and a
+reader thread per shard do the blocking I/O (see :mod:`router.pipes`). A stopped shard
+(SIGSTOP) cannot stall the loop; its backlog is bounded (``MAX_SHARD_BACKLOG_BYTES``) and
+past it the commands are refused with ``room_unavailable``.
 
 Batching: :meth:`ShardLink.send` appends to a list; the first append in a loop turn
 schedules one flush with ``call_soon``, so everything bound for one shard in one turn goes
@@ -28,11 +25,8 @@ import asyncio
 import logging
 import multiprocessing
 import pickle
-import queue
-import threading
 import time
 from collections import deque
-from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, Deque, Dict, List, Optional, Protocol
 
@@ -45,6 +39,7 @@ from common.limits import (
     RESTART_BACKOFF_MIN,
     RESTART_WINDOW,
 )
+from router.pipes import SelectorPipes, ThreadedPipes, default_pipe_io
 from shard.process import run_shard
 
 log = logging.getLogger(__name__)
@@ -77,7 +72,7 @@ def refuse(batch: List[tuple], code: str) -> List[tuple]:
 
 
 class ShardLink:
-    """One shard process, its two pipes and its two threads. Used from the loop thread."""
+    """One shard process and its two pipes. Used from the loop thread."""
 
     def __init__(
         self,
@@ -87,6 +82,7 @@ class ShardLink:
         listener: ShardListener,
         on_exit: Callable[[ShardLink], None],
         log_level: str = "WARNING",
+        pipe_io: str = "",
     ) -> None:
         self.index = index
         self._context = context
@@ -94,15 +90,13 @@ class ShardLink:
         self._listener = listener
         self._on_exit = on_exit
         self._log_level = log_level
+        self._pipes_class = (
+            SelectorPipes if (pipe_io or default_pipe_io()) == "selector" else ThreadedPipes
+        )
         self.process: Optional[Any] = None
-        self._commands_out: Optional[Connection] = None
-        self._events_in: Optional[Connection] = None
-        self._outbox: queue.SimpleQueue[Optional[bytes]] = queue.SimpleQueue()
+        self._pipes: Optional[Any] = None
         self._pending: List[tuple] = []
         self._flush_scheduled = False
-        # Each counter has one writing thread, so their difference needs no lock.
-        self.bytes_queued = 0  # handed to the writer thread (loop thread writes)
-        self.bytes_sent = 0  # written to the pipe (writer thread writes)
         self.alive = False
         #: How many times this shard has been started; a restart loses its rooms' history,
         #: so clients that resume from a seq must also compare the epoch.
@@ -112,38 +106,34 @@ class ShardLink:
     @property
     def backlog_bytes(self) -> int:
         """Bytes handed over but not yet written to the pipe (grows if the shard stalls)."""
-        return self.bytes_queued - self.bytes_sent
-
-    def router_fds(self) -> List[int]:
-        ends = (self._commands_out, self._events_in)
-        return [end.fileno() for end in ends if end is not None and not end.closed]
+        return self._pipes.backlog_bytes if self._pipes is not None else 0
 
     def start(self) -> None:
-        """Start (or restart) the shard process and its threads."""
-        commands_in, self._commands_out = self._context.Pipe(duplex=False)
-        self._events_in, events_out = self._context.Pipe(duplex=False)
+        """Start (or restart) the shard process and connect its pipes to the loop."""
+        commands_in, commands_out = self._context.Pipe(duplex=False)
+        events_in, events_out = self._context.Pipe(duplex=False)
         forked = self._context.get_start_method() == "fork"
-        self.process = self._context.Process(
+        process = self.process = self._context.Process(
             target=run_shard,
             args=(commands_in, events_out, self.index, forked, self._log_level),
             kwargs={"crash_at_start": self.crash_at_start},
             name=f"shardchat-shard-{self.index}",
             daemon=True,
         )
-        self.process.start()
+        process.start()
         # Our copies of the shard's ends must go, or we would never see end-of-file.
         commands_in.close()
         events_out.close()
-        self._outbox = queue.SimpleQueue()
-        self.bytes_queued = self.bytes_sent = 0
+        index, on_events = self.index, self._listener.on_shard_events
+        self._pipes = self._pipes_class(
+            self._loop,
+            commands_out,
+            events_in,
+            lambda events: on_events(index, events),
+            lambda: self._exited(process),
+        )
         self.alive = True
         self.epoch += 1
-        for target, args, role in (
-            (self._write_loop, (self._commands_out, self._outbox), "writer"),
-            (self._read_loop, (self._events_in, self.process), "reader"),
-        ):
-            name = f"shard-{self.index}-{role}"
-            threading.Thread(target=target, args=args, name=name, daemon=True).start()
 
     def send(self, command: tuple) -> None:
         """Queue *command* for this shard; it leaves in this loop turn's batch."""
@@ -160,53 +150,22 @@ class ShardLink:
         if not self.alive or self.backlog_bytes > MAX_SHARD_BACKLOG_BYTES:
             self._listener.on_shard_events(self.index, refuse(batch, m.ERR_UNAVAILABLE))
             return
-        data = pickle.dumps(batch, pickle.HIGHEST_PROTOCOL)
-        self.bytes_queued += len(data)
-        self._outbox.put(data)
+        assert self._pipes is not None
+        self._pipes.write(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
 
     def close(self) -> None:
         """Close the command pipe after what is queued: the shard sees EOF and exits."""
         self._flush()
         self.alive = False
-        self._outbox.put(None)
-
-    def _write_loop(self, conn: Connection, outbox: queue.SimpleQueue[Optional[bytes]]) -> None:
-        try:
-            while True:
-                data = outbox.get()
-                if data is None:
-                    break
-                conn.send_bytes(data)
-                self.bytes_sent += len(data)
-        except OSError:
-            pass  # the shard died; the reader thread reports it
-        finally:
-            conn.close()
-
-    def _read_loop(self, conn: Connection, process: Any) -> None:
-        loads = pickle.loads
-        deliver = self._loop.call_soon_threadsafe
-        on_events = self._listener.on_shard_events
-        try:
-            while True:
-                events = loads(conn.recv_bytes())
-                deliver(on_events, self.index, events)
-        except (EOFError, OSError):
-            pass  # the shard exited or was killed
-        except RuntimeError:
-            return  # the loop is closed: the router is exiting
-        finally:
-            conn.close()
-        try:
-            deliver(self._exited, process)
-        except RuntimeError:
-            pass  # the loop is closed: the router is exiting
+        if self._pipes is not None:
+            self._pipes.close()
 
     def _exited(self, process: Any) -> None:
         if process is not self.process:
             return  # a previous incarnation
         self.alive = False
-        self._outbox.put(None)  # let the writer thread end
+        if self._pipes is not None:
+            self._pipes.close()
         process.join(0)  # reap it if it is already gone (never wait on the loop)
         self._on_exit(self)
 
@@ -232,11 +191,13 @@ class ShardPool:
         loop: asyncio.AbstractEventLoop,
         listener: ShardListener,
         log_level: str = "WARNING",
+        pipe_io: str = "",
     ) -> None:
         self._loop = loop
         self._listener = listener
         self.links = [
-            ShardLink(i, context, loop, listener, self._on_exit, log_level) for i in range(count)
+            ShardLink(i, context, loop, listener, self._on_exit, log_level, pipe_io)
+            for i in range(count)
         ]
         self._room_shard: Dict[str, int] = {}
         self._restarts: Dict[int, Deque[float]] = {i: deque() for i in range(count)}
