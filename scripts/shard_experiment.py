@@ -67,6 +67,7 @@ SERVER_STOP_TIMEOUT_S = 15.0  # the router's own shutdown is bounded well below 
 READY_TIMEOUT_S = 20.0  # until every shard answered ROOMS (baseline: PING)
 LOADGEN_SLACK_S = 30.0  # beyond the run's own bounded phases before we kill the loadgen
 ERROR_TAIL_CHARS = 600  # of a failed process's output, kept in the results
+BUSY_OTHERS_PCT = 15.0  # CPU (% of one core) used outside a run that marks it contended
 STUCK_RESUME_S = 1.0  # loadgen's stuck scenario reads this long after its drain
 
 GOAL_FANOUT_DELIVERIES = 2.0
@@ -128,6 +129,7 @@ class Timing:
     drain: float
     connect_timeout: float
     pause: float  # between runs: let the last server's processes and sockets go first
+    retry_wait: float  # before running again after a run on a busy machine
 
     def budget(self) -> float:
         """Seconds after which a loadgen process is considered hung."""
@@ -135,8 +137,12 @@ class Timing:
         return total + STUCK_RESUME_S + LOADGEN_SLACK_S
 
 
-FULL_TIMING = Timing(warmup=2.0, duration=10.0, drain=3.0, connect_timeout=30.0, pause=2.0)
-QUICK_TIMING = Timing(warmup=0.3, duration=1.0, drain=0.5, connect_timeout=10.0, pause=0.2)
+FULL_TIMING = Timing(
+    warmup=2.0, duration=10.0, drain=3.0, connect_timeout=30.0, pause=2.0, retry_wait=20.0
+)
+QUICK_TIMING = Timing(
+    warmup=0.3, duration=1.0, drain=0.5, connect_timeout=10.0, pause=0.2, retry_wait=1.0
+)
 
 
 @dataclass(frozen=True)
@@ -588,6 +594,7 @@ COLUMNS = [
     "total_rss_mb",
     "load1_before",
     "wall_s",
+    "attempts",
     "started_at",
     "error",
 ]
@@ -902,6 +909,8 @@ def run_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
         cells = [
             fmt(row.get(key), digits if digits is not None else 1) for _, key, digits in RUN_TABLE
         ]
+        if contended(row):
+            cells[-1] = "ok, **busy machine**"
         lines.append("| " + " | ".join(cells) + " |")
     failures = [r for r in rows if r["status"] != "ok"]
     if failures:
@@ -961,7 +970,10 @@ def write_markdown(
         f"{meta['timing']['duration']:g} s, window 8, 64-byte texts, `--rate-limit 0`; "
         "loadgen on the same machine. CPU% is percent of one core over the measured "
         "window; *others* is CPU used by processes outside this run (contention); RSS is "
-        "the maximum sampled, summed over router and shards (the baseline: its process).",
+        "the maximum sampled, summed over router and shards (the baseline: its process). "
+        f"A run during which other processes used more than {BUSY_OTHERS_PCT:g}% CPU was "
+        f"repeated (up to {meta['attempts']} attempts, the least contended kept); "
+        "*busy machine* marks one that never ran on a quiet machine.",
         "",
         "## Runs",
         "",
@@ -1098,6 +1110,13 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         help="scenarios run at every --shards count (default fanout)",
     )
     parser.add_argument(
+        "--attempts",
+        type=int,
+        help=f"runs of each configuration while other processes use more than "
+        f"{BUSY_OTHERS_PCT:g}%% CPU during it; the least contended is kept "
+        "(default 3; --quick 1)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="after the runs, one more fanout run at --fixed-shards with py-spy recording "
@@ -1176,14 +1195,51 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def contended(row: Dict[str, Any]) -> bool:
+    """True if processes outside the run used more than BUSY_OTHERS_PCT of CPU during it."""
+    others = row.get("others_cpu_pct")
+    return row["status"] == "ok" and others is not None and others > BUSY_OTHERS_PCT
+
+
+def attempt_run(
+    spec: RunSpec, timing: Timing, attempts: int, label: str
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Run ``spec`` up to ``attempts`` times until the machine was quiet during it.
+
+    Keeps the least contended attempt (a failed one only if all failed); the others'
+    headline numbers stay in the raw record, so nothing measured is hidden.
+    """
+    tries: List[Tuple[Dict[str, Any], Dict[str, Any]]] = []
+    for attempt in range(1, attempts + 1):
+        row, raw = one_run(spec, timing)
+        tries.append((row, raw))
+        if not contended(row) or attempt == attempts:
+            break
+        log(
+            f"{label}: machine busy ({fmt(row['others_cpu_pct'], 0)}% CPU outside the run, "
+            f"{fmt(row['deliveries_per_s'], 0)} deliveries/s); waiting {timing.retry_wait:g} s "
+            f"for attempt {attempt + 1}/{attempts}"
+        )
+        time.sleep(timing.retry_wait)
+    row, raw = min(tries, key=lambda t: (t[0]["status"] != "ok", t[0]["others_cpu_pct"] or 0))
+    row["attempts"] = len(tries)
+    raw["other_attempts"] = [
+        {k: r[k] for k in ("deliveries_per_s", "p99_ms", "others_cpu_pct", "status", "error")}
+        for r, _ in tries
+        if r is not row
+    ]
+    return row, raw
+
+
 def run_all(
-    runs: Sequence[RunSpec], timing: Timing
+    runs: Sequence[RunSpec], timing: Timing, attempts: int
 ) -> Iterator[Tuple[Dict[str, Any], Dict[str, Any]]]:
     """Execute ``runs`` one after another, logging a progress line for each."""
     for index, spec in enumerate(runs, 1):
         if index > 1:
             time.sleep(timing.pause)
-        row, raw = one_run(spec, timing)
+        label = f"[{index}/{len(runs)}] {spec.label}"
+        row, raw = attempt_run(spec, timing, attempts, label)
         log(progress_line(index, len(runs), row))
         yield row, raw
 
@@ -1241,7 +1297,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     log(f"{len(runs)} runs ({timing.duration:g} s measured each), load average {load_before}")
     rows: List[Dict[str, Any]] = []
     raws: List[Dict[str, Any]] = []
-    for row, raw in run_all(runs, timing):
+    attempts = args.attempts or (1 if args.quick else 3)
+    for row, raw in run_all(runs, timing, attempts):
         rows.append(row)
         raws.append(raw)
     meta = {
@@ -1254,6 +1311,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
         "timing": timing.__dict__,
         "shard_counts": counts,
+        "busy_others_pct": BUSY_OTHERS_PCT,
+        "attempts": attempts,
         "fixed_shards": fixed,
         "quick": args.quick,
     }
