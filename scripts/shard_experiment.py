@@ -500,7 +500,7 @@ def summarize_profile(path: Path) -> Dict[str, Any]:
 
 def profile_run(spec: RunSpec, timing: Timing, out: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """One extra ``spec`` run with py-spy on the router; return (summary, loadgen result)."""
-    path = out / "router_profile.txt"
+    path = out / f"router_profile_{spec.scenario.name}.txt"
     failure: List[str] = []
 
     def during(server: ServerProcess) -> None:
@@ -510,6 +510,7 @@ def profile_run(spec: RunSpec, timing: Timing, out: Path) -> Tuple[Dict[str, Any
 
     result, pids = execute(spec, timing, during)
     summary: Dict[str, Any] = {"run": spec.label, "file": path.name, "pids": pids}
+    summary["scenario"] = spec.scenario.name
     if failure:
         summary["error"] = failure[0]
     elif result.get("error"):
@@ -525,7 +526,7 @@ def profile_run(spec: RunSpec, timing: Timing, out: Path) -> Tuple[Dict[str, Any
 
 def profile_section(profile: Dict[str, Any]) -> List[str]:
     """The Markdown section of the router profile."""
-    lines = ["## Router profile", ""]
+    lines = [f"## Router profile: {profile['scenario']}", ""]
     if profile.get("error"):
         return [*lines, f"Not recorded: {profile['error']}", ""]
     total = max(1, profile["samples"])
@@ -542,10 +543,10 @@ def profile_section(profile: Dict[str, Any]) -> List[str]:
     lines += [f"| {name} | {n} | {100 * n / total:.0f}% |" for name, n in profile["threads"]]
     lines += [
         "",
-        "Top self-time frames; *share* is of that thread kind's samples. py-spy counts a "
-        "thread blocked inside a C call as busy, so `EpollSelector.select` (the loop "
-        "waiting for sockets), `ShardLink._write_loop` (waiting in `SimpleQueue.get`) and "
-        "`Connection._recv` (waiting for the pipe) are mostly waiting, not CPU.",
+        "Top self-time frames; *share* is of that thread kind's samples. py-spy may count "
+        "a thread blocked inside a C call as busy: `EpollSelector.select` is the loop "
+        "waiting for sockets, and pipe threads (Windows, `--pipe-io threads`) waiting in "
+        "`SimpleQueue.get` or `Connection._recv` are not using CPU.",
         "",
         "| samples | share | thread | frame |",
         "| --- | --- | --- | --- |",
@@ -957,13 +958,14 @@ def write_markdown(
     path: Path,
     rows: Sequence[Dict[str, Any]],
     meta: Dict[str, Any],
-    profile: Optional[Dict[str, Any]] = None,
+    profiles: Sequence[Dict[str, Any]] = (),
 ) -> None:
     """The results as Markdown: how they were made, the runs, the ratios and the goals."""
     lines = [
         "# Shard experiment results",
         "",
         f"Command: `{meta['command']}`  ",
+        f"Code: {meta['code']}.  ",
         f"Finished {meta['finished_at']} on {meta['machine']}; "
         f"load average before the first run: {meta['load_before']}.  ",
         f"Each run: warmup {meta['timing']['warmup']:g} s, measured "
@@ -988,7 +990,7 @@ def write_markdown(
         *goal_table(evaluate_goals(rows, meta["fixed_shards"])),
         "",
     ]
-    if profile is not None:
+    for profile in profiles:
         lines += profile_section(profile)
     path.write_text("\n".join(lines), encoding="utf-8")
 
@@ -1118,9 +1120,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--profile",
-        action="store_true",
-        help="after the runs, one more fanout run at --fixed-shards with py-spy recording "
-        "the router; top frames go into the Markdown, raw stacks into router_profile.txt",
+        nargs="?",
+        type=parse_scenarios,
+        const=["fanout"],
+        default=[],
+        metavar="SCENARIOS",
+        help="after the runs, one more run of each scenario (default fanout) at "
+        "--fixed-shards with py-spy recording the router; top frames go into the "
+        "Markdown, raw stacks into router_profile_<scenario>.txt",
     )
     parser.add_argument(
         "--fixed-shards",
@@ -1249,13 +1256,13 @@ def write_results(
     rows: List[Dict[str, Any]],
     raws: List[Dict[str, Any]],
     meta: Dict[str, Any],
-    profile: Optional[Dict[str, Any]],
+    profiles: List[Dict[str, Any]],
 ) -> List[Path]:
     """Write CSV, Markdown, JSON and (if possible) the PNG into ``out``; return the paths."""
     paths = [out / f"{STEM}.csv", out / f"{STEM}.md", out / f"{STEM}.json"]
     write_csv(paths[0], rows)
-    write_markdown(paths[1], rows, meta, profile)
-    document = {"meta": meta, "rows": rows, "runs": raws, "profile": profile}
+    write_markdown(paths[1], rows, meta, profiles)
+    document = {"meta": meta, "rows": rows, "runs": raws, "profiles": profiles}
     paths[2].write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     png = out / f"{STEM}.png"
     skipped = write_plot(png, rows, os.cpu_count() or 1)
@@ -1266,25 +1273,51 @@ def write_results(
     return paths
 
 
-def maybe_profile(
-    wanted: bool, shards: int, timing: Timing, out: Path, quick: bool
-) -> Optional[Dict[str, Any]]:
-    """With ``--profile``: one more fanout run with py-spy on the router; its summary."""
-    if not wanted:
-        return None
+def profile_all(
+    names: Sequence[str], shards: int, timing: Timing, out: Path, quick: bool
+) -> List[Dict[str, Any]]:
+    """With ``--profile``: one more run per scenario with py-spy on the router; summaries."""
+    if not names:
+        return []
     if shutil.which("py-spy") is None:
         log("no profile: py-spy is not installed (pip install py-spy)")
-        return {"error": "py-spy is not installed"}
-    scenario = SCENARIOS["fanout"]
-    spec = RunSpec(scenario, "cluster", shards, scenario.quick_size if quick else scenario.size)
-    time.sleep(timing.pause)
-    summary, result = profile_run(spec, timing, out)
-    summary["result"] = result
-    if summary.get("error"):
-        log(f"[profile] {spec.label}: FAILED: {summary['error']}")
-    else:
-        log(f"[profile] {spec.label}: {summary['samples']} samples in {out / summary['file']}")
-    return summary
+        return [{"scenario": n, "error": "py-spy is not installed"} for n in names]
+    summaries = []
+    for name in names:
+        scenario = SCENARIOS[name]
+        spec = RunSpec(scenario, "cluster", shards, scenario.quick_size if quick else scenario.size)
+        time.sleep(timing.pause)
+        summary, result = profile_run(spec, timing, out)
+        summary["result"] = result
+        if summary.get("error"):
+            log(f"[profile] {spec.label}: FAILED: {summary['error']}")
+        else:
+            log(f"[profile] {spec.label}: {summary['samples']} samples in {out / summary['file']}")
+        summaries.append(summary)
+    return summaries
+
+
+def code_version() -> str:
+    """The checkout's commit, and which of the measured programs differ from it."""
+    measured = ["router", "shard", "common", "scripts/start_cluster.py", "scripts/loadgen.py"]
+    measured.append("scripts/baseline_threaded_server.py")
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", *measured],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+    except OSError:
+        return "unknown (no git)"
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    changed = sorted({line[3:].strip() for line in dirty.stdout.splitlines() if line.strip()})
+    suffix = f" plus uncommitted changes to {', '.join(changed)}" if changed else ""
+    return f"commit {head.stdout.strip()}{suffix}"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -1306,6 +1339,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             ["python scripts/shard_experiment.py", *(argv if argv is not None else sys.argv[1:])]
         ),
         "machine": machine_description(),
+        "code": code_version(),
         "load_before": load_before,
         "load_after": load_average(),
         "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -1316,8 +1350,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "fixed_shards": fixed,
         "quick": args.quick,
     }
-    profile = maybe_profile(args.profile, fixed, timing, out, args.quick)
-    for path in write_results(out, rows, raws, meta, profile):
+    profiles = profile_all(args.profile, fixed, timing, out, args.quick)
+    for path in write_results(out, rows, raws, meta, profiles):
         log(f"wrote {path}")
     return 0 if all(row["status"] == "ok" for row in rows) else 1
 
