@@ -595,6 +595,10 @@ COLUMNS = [
     "total_rss_mb",
     "load1_before",
     "wall_s",
+    "repeat",
+    "kept",
+    "deliveries_min",
+    "deliveries_max",
     "attempts",
     "started_at",
     "error",
@@ -651,11 +655,9 @@ def make_row(spec: RunSpec, result: Dict[str, Any], pids: List[int]) -> Dict[str
     return row
 
 
-def progress_line(index: int, total: int, row: Dict[str, Any]) -> str:
-    """One stderr line summing up a finished run."""
-    head = f"[{index}/{total}] {row['scenario']} " + (
-        f"cluster shards={row['shards']}" if row["server"] == "cluster" else "baseline"
-    )
+def progress_line(label: str, row: Dict[str, Any]) -> str:
+    """One stderr line summing up a finished run (``label`` says which)."""
+    head = label
     if row["status"] != "ok":
         return f"{head}: FAILED ({row['wall_s']:.1f}s): {row['error']}"
     cpu = f"router/server {fmt(row['router_cpu_pct'])}% CPU"
@@ -902,22 +904,50 @@ RUN_TABLE = (
 )
 
 
-def run_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
-    """The Markdown table of every run."""
-    lines = ["| " + " | ".join(h for h, _, _ in RUN_TABLE) + " |"]
-    lines.append("|" + "|".join(" --- " for _ in RUN_TABLE) + "|")
-    for row in rows:
-        cells = [
-            fmt(row.get(key), digits if digits is not None else 1) for _, key, digits in RUN_TABLE
-        ]
+def runs_note(meta: Dict[str, Any]) -> List[str]:
+    """What a row of the runs table is when configurations ran more than once."""
+    if meta["repeats"] < 2:
+        return []
+    return [
+        f"Each configuration ran {meta['repeats']} times (in rounds over the whole plan); "
+        "a row is the run with the median deliveries/s, with all of its own numbers, and "
+        "*range* is the lowest and highest deliveries/s of its runs. Every run is in the "
+        "CSV.",
+        "",
+    ]
+
+
+def run_table(rows: Sequence[Dict[str, Any]], kept: Sequence[Dict[str, Any]]) -> List[str]:
+    """The Markdown table of the kept run per configuration, and every failure."""
+    columns = list(RUN_TABLE)
+    ranged = any(r.get("deliveries_min") != r.get("deliveries_max") for r in kept)
+    if ranged:
+        columns.insert(6, ("range", "deliveries_range", None))
+    lines = ["| " + " | ".join(h for h, _, _ in columns) + " |"]
+    lines.append("|" + "|".join(" --- " for _ in columns) + "|")
+    for row in kept:
+        shown = dict(row, deliveries_range=deliveries_range(row))
+        cells = [fmt(shown.get(key), 1 if d is None else d) for _, key, d in columns]
         if contended(row):
             cells[-1] = "ok, **busy machine**"
         lines.append("| " + " | ".join(cells) + " |")
     failures = [r for r in rows if r["status"] != "ok"]
     if failures:
         lines.append("")
-        lines += [f"- **{r['scenario']} {r['server']} failed:** {r['error']}" for r in failures]
+        lines += [
+            f"- **{r['scenario']} {r['server']} {fmt(r['shards'])} (round {r.get('repeat')}) "
+            f"failed:** {r['error']}"
+            for r in failures
+        ]
     return lines
+
+
+def deliveries_range(row: Dict[str, Any]) -> Optional[str]:
+    """'1,086,667-1,168,782' from the row's lowest and highest repeat, if it has them."""
+    low, high = row.get("deliveries_min"), row.get("deliveries_max")
+    if low is None or high is None:
+        return None
+    return f"{fmt(low, 0)}-{fmt(high, 0)}"
 
 
 def ratio_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
@@ -957,6 +987,7 @@ def goal_table(goals: Sequence[Goal]) -> List[str]:
 def write_markdown(
     path: Path,
     rows: Sequence[Dict[str, Any]],
+    kept: Sequence[Dict[str, Any]],
     meta: Dict[str, Any],
     profiles: Sequence[Dict[str, Any]] = (),
 ) -> None:
@@ -979,15 +1010,16 @@ def write_markdown(
         "",
         "## Runs",
         "",
-        *run_table(rows),
+        *runs_note(meta),
+        *run_table(rows, kept),
         "",
         "## Cluster against the threaded baseline",
         "",
-        *ratio_table(rows),
+        *ratio_table(kept),
         "",
         f"## Goals (cluster at {meta['fixed_shards']} shards)",
         "",
-        *goal_table(evaluate_goals(rows, meta["fixed_shards"])),
+        *goal_table(evaluate_goals(kept, meta["fixed_shards"])),
         "",
     ]
     for profile in profiles:
@@ -1110,6 +1142,12 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         type=parse_scenarios,
         default=["fanout"],
         help="scenarios run at every --shards count (default fanout)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help="runs of every configuration; the tables show the one with the median "
+        "deliveries/s (default 3; --quick 1)",
     )
     parser.add_argument(
         "--attempts",
@@ -1239,21 +1277,58 @@ def attempt_run(
 
 
 def run_all(
-    runs: Sequence[RunSpec], timing: Timing, attempts: int
+    runs: Sequence[RunSpec], timing: Timing, attempts: int, repeats: int
 ) -> Iterator[Tuple[Dict[str, Any], Dict[str, Any]]]:
-    """Execute ``runs`` one after another, logging a progress line for each."""
-    for index, spec in enumerate(runs, 1):
-        if index > 1:
-            time.sleep(timing.pause)
-        label = f"[{index}/{len(runs)}] {spec.label}"
-        row, raw = attempt_run(spec, timing, attempts, label)
-        log(progress_line(index, len(runs), row))
-        yield row, raw
+    """Execute ``runs`` ``repeats`` times, one after another, logging a line for each.
+
+    The repeats are rounds over the whole plan rather than back to back, so a slow drift
+    of the machine touches every configuration alike.
+    """
+    total = len(runs) * repeats
+    index = 0
+    for round_ in range(1, repeats + 1):
+        for spec in runs:
+            index += 1
+            if index > 1:
+                time.sleep(timing.pause)
+            label = f"[{index}/{total}] {spec.label}"
+            if repeats > 1:
+                label += f" (round {round_}/{repeats})"
+            row, raw = attempt_run(spec, timing, attempts, label)
+            row["repeat"] = round_
+            log(progress_line(label, row))
+            yield row, raw
+
+
+def mark_kept(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Mark one row per configuration as ``kept``: the repeat with the median deliveries/s.
+
+    The kept row keeps all its own numbers (nothing is averaged across runs) and gains
+    the lowest and highest deliveries/s of its configuration's successful repeats. A
+    configuration whose repeats all failed keeps its first failure. Returns the kept rows.
+    """
+    groups: Dict[Tuple[Any, Any, Any], List[Dict[str, Any]]] = {}
+    for row in rows:
+        row["kept"] = False
+        groups.setdefault((row["scenario"], row["server"], row["shards"]), []).append(row)
+    kept = []
+    for group in groups.values():
+        ok = sorted(
+            (r for r in group if r["status"] == "ok"), key=lambda r: r["deliveries_per_s"] or 0
+        )
+        chosen = ok[(len(ok) - 1) // 2] if ok else group[0]
+        chosen["kept"] = True
+        if ok:
+            chosen["deliveries_min"] = ok[0]["deliveries_per_s"]
+            chosen["deliveries_max"] = ok[-1]["deliveries_per_s"]
+        kept.append(chosen)
+    return kept
 
 
 def write_results(
     out: Path,
     rows: List[Dict[str, Any]],
+    kept: List[Dict[str, Any]],
     raws: List[Dict[str, Any]],
     meta: Dict[str, Any],
     profiles: List[Dict[str, Any]],
@@ -1261,11 +1336,11 @@ def write_results(
     """Write CSV, Markdown, JSON and (if possible) the PNG into ``out``; return the paths."""
     paths = [out / f"{STEM}.csv", out / f"{STEM}.md", out / f"{STEM}.json"]
     write_csv(paths[0], rows)
-    write_markdown(paths[1], rows, meta, profiles)
+    write_markdown(paths[1], rows, kept, meta, profiles)
     document = {"meta": meta, "rows": rows, "runs": raws, "profiles": profiles}
     paths[2].write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     png = out / f"{STEM}.png"
-    skipped = write_plot(png, rows, os.cpu_count() or 1)
+    skipped = write_plot(png, kept, os.cpu_count() or 1)
     if skipped:
         log(f"no plot: {skipped}")
     else:
@@ -1326,14 +1401,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     timing, counts, fixed, out = resolve(args)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan_runs(args.scenarios, counts, args.sweep, fixed, args.quick)
+    attempts = args.attempts or (1 if args.quick else 3)
+    repeats = args.repeats or (1 if args.quick else 3)
     load_before = load_average()
-    log(f"{len(runs)} runs ({timing.duration:g} s measured each), load average {load_before}")
+    log(
+        f"{len(runs)} configurations x {repeats} = {len(runs) * repeats} runs "
+        f"({timing.duration:g} s measured each), load average {load_before}"
+    )
     rows: List[Dict[str, Any]] = []
     raws: List[Dict[str, Any]] = []
-    attempts = args.attempts or (1 if args.quick else 3)
-    for row, raw in run_all(runs, timing, attempts):
+    for row, raw in run_all(runs, timing, attempts, repeats):
         rows.append(row)
         raws.append(raw)
+    kept = mark_kept(rows)
     meta = {
         "command": " ".join(
             ["python scripts/shard_experiment.py", *(argv if argv is not None else sys.argv[1:])]
@@ -1347,11 +1427,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         "shard_counts": counts,
         "busy_others_pct": BUSY_OTHERS_PCT,
         "attempts": attempts,
+        "repeats": repeats,
         "fixed_shards": fixed,
         "quick": args.quick,
     }
     profiles = profile_all(args.profile, fixed, timing, out, args.quick)
-    for path in write_results(out, rows, raws, meta, profiles):
+    for path in write_results(out, rows, kept, raws, meta, profiles):
         log(f"wrote {path}")
     return 0 if all(row["status"] == "ok" for row in rows) else 1
 

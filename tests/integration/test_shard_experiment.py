@@ -61,6 +61,7 @@ def test_quick_run_writes_csv_markdown_and_json(tmp_path: Path) -> None:
     for row in rows:
         where = f"{row['scenario']} {row['server']} {row['shards']}: {row['error']}"
         assert row["status"] == "ok", where
+        assert row["kept"] == "True" and row["repeat"] == "1", where  # --quick: one of each
         assert float(row["deliveries_per_s"]) > 0, where
         assert float(row["p99_ms"]) > 0, where
         assert int(row["connections"]) > 0, where
