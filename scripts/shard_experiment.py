@@ -1079,7 +1079,13 @@ def plot_scenario(
     base = find_row(rows, scenario, "baseline")
     for axis, key in ((left, "deliveries_per_s"), (right, "p99_ms")):
         ys = [r[key] for r in points]
-        axis.plot(xs, ys, marker="o", color=color, label=f"{scenario}: cluster")
+        axis.plot(xs, ys, marker="o", color=color, label=f"{scenario}: cluster (median run)")
+        if key == "deliveries_per_s" and all(r.get("deliveries_min") for r in points):
+            low = [y - r["deliveries_min"] for y, r in zip(ys, points)]
+            high = [r["deliveries_max"] - y for y, r in zip(ys, points)]
+            axis.errorbar(
+                xs, ys, yerr=[low, high], fmt="none", ecolor=color, capsize=4, label="range of runs"
+            )
         if base is not None and base[key] is not None:
             axis.axhline(
                 base[key], color=color, linestyle="--", label=f"{scenario}: threaded baseline"
