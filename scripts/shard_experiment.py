@@ -10,17 +10,20 @@ and goes on to the next run. Runs are sequential and bounded in time.
 Writes, into ``--out`` (default ``docs/perf/``; ``--quick`` runs default to a temporary
 directory so a smoke run never overwrites the published results):
 
-* ``shard_experiment.csv``  one row per run (failed runs too, with their error)
-* ``shard_experiment.md``   the runs, ratios against the baseline and the goals
+* ``shard_experiment.csv``  one row per run, every repeat (failed runs too, with their error)
+* ``shard_experiment.md``   the median run per configuration, ratios against the baseline,
+  the goals, and (``--profile``) the router's top frames
 * ``shard_experiment.json`` every loadgen result as received, plus the run metadata
 * ``shard_experiment.png``  deliveries/s and p99 latency against the shard count, the
   baseline as a reference line (only if matplotlib is installed: ``pip install ".[plot]"``)
+* ``router_profile_<scenario>.txt`` py-spy's raw stacks (``--profile``)
 
 Examples::
 
-    python scripts/shard_experiment.py                      # full run, ~5 minutes
-    python scripts/shard_experiment.py --quick --out /tmp/x # seconds-long smoke run
+    python scripts/shard_experiment.py                      # full run, 3 rounds, ~10 minutes
+    python scripts/shard_experiment.py --quick --out /tmp/x # ~30 s smoke run
     python scripts/shard_experiment.py --scenarios fanout --shards 1,2,4,8,16
+    python scripts/shard_experiment.py --profile fanout,longpoll
 
 Every number in the output comes from a run made by this invocation. Exit status: 0 when
 every run succeeded, 1 when the results were written but some run failed (the failure is
@@ -1106,6 +1109,28 @@ def parse_counts(text: str) -> List[int]:
     return counts
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1: {text!r}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """argparse type: a number of seconds, not negative."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be a number of seconds: {text!r}")
+    return value
+
+
 def parse_scenarios(text: str) -> List[str]:
     """'fanout,stuck' -> ['fanout', 'stuck'] (argparse type)."""
     names = [part.strip() for part in text.split(",") if part.strip()]
@@ -1151,13 +1176,13 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--repeats",
-        type=int,
+        type=positive_int,
         help="runs of every configuration; the tables show the one with the median "
         "deliveries/s (default 3; --quick 1)",
     )
     parser.add_argument(
         "--attempts",
-        type=int,
+        type=positive_int,
         help=f"runs of each configuration while other processes use more than "
         f"{BUSY_OTHERS_PCT:g}%% CPU during it; the least contended is kept "
         "(default 3; --quick 1)",
@@ -1175,17 +1200,20 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--fixed-shards",
-        type=int,
+        type=positive_int,
         help="shard count for the other scenarios and the goals (default: the cluster's "
         "default, the CPU count but at least 2; --quick 2)",
     )
     parser.add_argument(
-        "--duration", type=float, help="measured seconds per run (default 10; --quick 1)"
+        "--duration", type=seconds, help="measured seconds per run (default 10; --quick 1)"
     )
     parser.add_argument(
-        "--warmup", type=float, help="seconds before measuring (default 2; --quick 0.3)"
+        "--warmup", type=seconds, help="seconds before measuring (default 2; --quick 0.3)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.duration == 0:
+        parser.error("--duration must be more than 0")
+    return args
 
 
 def machine_description() -> str:
