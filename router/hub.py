@@ -59,6 +59,9 @@ class Client:
     #: if the first successful JOIN fixes it (a TCP connection).
     username_fixed = False
 
+    # Slots, not a __dict__: there may be 10,000 clients (subclasses may add a __dict__).
+    __slots__ = ("cid", "username", "rooms", "pending_joins", "shards")
+
     def __init__(self) -> None:
         self.cid = 0
         self.username: Optional[str] = None

@@ -109,6 +109,13 @@ class TcpListener:
 class TcpConnection(asyncio.Protocol, Client):
     """One line-protocol client."""
 
+    __slots__ = (
+        "listener", "hub", "settings", "_loop", "_coalescer", "_parser", "_out", "transport",
+        "ip", "_counted", "_closing", "_closed", "_bucket", "_waiting", "_resume", "_eof",
+        "_blocked", "connected_at", "last_heard", "_ping_sent_at", "_joined_once",
+        "_over_soft_since", "_reply_allowance",
+    )  # fmt: skip
+
     def __init__(self, listener: TcpListener) -> None:
         Client.__init__(self)
         self.listener = listener
@@ -137,18 +144,6 @@ class TcpConnection(asyncio.Protocol, Client):
         # slow consumer
         self._over_soft_since: Optional[float] = None
         self._reply_allowance = 0  # bytes of replies the client asked for (HISTORY)
-        self._dispatch: Dict[type, Callable[[Any], None]] = {
-            p.Msg: self._msg,
-            p.Join: self._join,
-            p.Leave: self._leave,
-            p.Quit: self._quit,
-            p.Names: self._names,
-            p.Rooms: self._rooms,
-            p.History: self._history,
-            p.Ping: self._ping,
-            p.Pong: _ignore,
-            p.PeerError: self._peer_error,
-        }
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -178,9 +173,9 @@ class TcpConnection(asyncio.Protocol, Client):
         self._ping_sent_at = None
         events = self._parser.receive_data(data)
         if self._bucket is None and not self._blocked:
-            dispatch = self._dispatch
+            dispatch = _DISPATCH
             for event in events:
-                dispatch[type(event)](event)
+                dispatch[type(event)](self, event)
                 if self._closing:
                     break
         else:
@@ -219,7 +214,7 @@ class TcpConnection(asyncio.Protocol, Client):
     def _work_off(self) -> None:
         """Handle waiting commands as far as the token bucket allows."""
         self._resume = None
-        waiting, dispatch, bucket = self._waiting, self._dispatch, self._bucket
+        waiting, dispatch, bucket = self._waiting, _DISPATCH, self._bucket
         while waiting and not (self._closing or self._blocked):
             if bucket is not None:
                 wait = bucket.take(self._loop.time())
@@ -227,7 +222,7 @@ class TcpConnection(asyncio.Protocol, Client):
                     self._throttle(wait)
                     return
             event = waiting.popleft()
-            dispatch[type(event)](event)
+            dispatch[type(event)](self, event)
         if self._closing:
             return
         if self._blocked:
@@ -476,8 +471,24 @@ class TcpConnection(asyncio.Protocol, Client):
             self.close()
 
 
-def _ignore(_: Any) -> None:
+def _ignore(connection: TcpConnection, command: Any) -> None:
     pass
+
+
+#: Command type -> handler. One table for all connections (not a dict of bound methods per
+#: connection: with thousands of connections that is memory for nothing).
+_DISPATCH: Dict[type, Callable[[TcpConnection, Any], None]] = {
+    p.Msg: TcpConnection._msg,
+    p.Join: TcpConnection._join,
+    p.Leave: TcpConnection._leave,
+    p.Quit: TcpConnection._quit,
+    p.Names: TcpConnection._names,
+    p.Rooms: TcpConnection._rooms,
+    p.History: TcpConnection._history,
+    p.Ping: TcpConnection._ping,
+    p.Pong: _ignore,
+    p.PeerError: TcpConnection._peer_error,
+}
 
 
 async def start_tcp_server(

@@ -16,11 +16,13 @@ if __package__ in (None, ""):
     # processes inherit this sys.path).
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from router.cli import main as _cli_main  # noqa: E402
-
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return _cli_main(argv)
+    # Imported here, not at the top: under `spawn` every shard process runs this file again
+    # (as __mp_main__), and must not load the whole router it never uses (~9 MB each).
+    from router.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
