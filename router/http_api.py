@@ -19,7 +19,7 @@ from common import messages as m
 from common.limits import MAX_LINE_BYTES, MAX_TEXT_CHARS, POLL_TIMEOUT, SESSION_TTL
 from common.names import is_valid_room, is_valid_username, name_key, normalize
 from router.http_parser import Request
-from router.http_poll import Poll, parse_cursors
+from router.http_poll import Poll, encode_poll_payload, parse_cursors
 from router.http_session import COOKIE_NAME, HttpSession, SessionStore
 from router.http_static import StaticFiles
 from router.hub import Client, Failure, Hub
@@ -433,7 +433,7 @@ class HttpApi:
         self._admit(session, "poll")
 
         def respond(status: int, payload: Dict[str, Any]) -> None:
-            exchange.respond(json_response(status, payload))
+            exchange.respond(Response(status, encode_poll_payload(payload), JSON_HEADERS))
 
         poll = Poll(self.hub, session, cursors, self.poll_timeout, respond)
         exchange.on_cancel(poll.cancel, abandon_on_eof=True)

@@ -13,11 +13,13 @@ nothing new, the poll waits (woken by the session) up to the poll timeout.
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from common import messages as m
-from common.limits import MAX_ROOMS_PER_CLIENT
+from common.limits import MAX_ROOMS_PER_CLIENT, POLL_LINGER
 from common.names import is_valid_room, normalize
 from router.http_session import HttpSession, Waiter
 from router.hub import Failure, Hub
@@ -120,15 +122,31 @@ def message_json(room: str, entry: m.Entry) -> Dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=8192)
+def _message_text(room: str, seq: int, ts: float, kind: str, username: str, text: str) -> str:
+    # One room event goes to every session in the room: encode it once, not per poller.
+    return json.dumps(
+        message_json(room, (seq, ts, kind, username, text)),
+        ensure_ascii=False,
+        separators=(",", ":"),
+    )
+
+
+def message_text(room: str, entry: m.Entry) -> str:
+    """:func:`message_json` as JSON text (memoised across sessions)."""
+    return _message_text(room, *entry)
+
+
 def poll_payload(cursors: List[Cursor], results: Dict[str, RoomResult]) -> Dict[str, Any]:
-    """The JSON answer of a poll: messages (room by room, oldest first), per-room state,
-    and the cursors string to send back."""
-    messages: List[Dict[str, Any]] = []
+    """The answer of a poll: messages (room by room, oldest first), per-room state, and the
+    cursors string to send back. The messages are already JSON text (see
+    :func:`message_text`); :func:`encode_poll_payload` makes the body."""
+    messages: List[str] = []
     rooms: Dict[str, Dict[str, Any]] = {}
     tokens: List[str] = []
     for cursor in cursors:
         result = results[cursor.room]
-        messages.extend(message_json(cursor.room, entry) for entry in result.entries)
+        messages.extend(message_text(cursor.room, entry) for entry in result.entries)
         state: Dict[str, Any] = {
             "after": result.after,
             "epoch": result.epoch,
@@ -150,6 +168,16 @@ def poll_payload(cursors: List[Cursor], results: Dict[str, RoomResult]) -> Dict[
     if len(cursors) == 1:
         payload["epoch"] = rooms[cursors[0].room]["epoch"]
     return payload
+
+
+def encode_poll_payload(payload: Dict[str, Any]) -> bytes:
+    """The JSON body of a poll answer (or of an error: a payload without messages)."""
+    if "messages" not in payload:
+        return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    rest = {key: value for key, value in payload.items() if key != "messages"}
+    tail = json.dumps(rest, ensure_ascii=False, separators=(",", ":"))[1:]
+    head = '{"messages":[' + ",".join(payload["messages"]) + "]"
+    return (head + ("," + tail if tail != "}" else tail)).encode()
 
 
 class Poll(Waiter):
@@ -183,8 +211,8 @@ class Poll(Waiter):
     def wake(self) -> None:
         if not (self.finished or self._wake_scheduled or self._fetching):
             self._wake_scheduled = True
-            # Next loop turn: everything that arrived in this one goes in one answer.
-            self.hub.loop.call_soon(self._run)
+            # Not at once: everything that arrives meanwhile goes in the same answer.
+            self.hub.loop.call_later(POLL_LINGER, self._run)
 
     def cancel(self) -> None:
         """The client went away: stop waiting, answer nothing."""
