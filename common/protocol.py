@@ -278,6 +278,9 @@ def parse_line(raw: bytes) -> Optional[Event]:
 def _split_word(text: str) -> Tuple[str, str]:
     """``"word rest"`` -> ``("word", "rest")``: split at the first space or TAB (one
     separator is consumed; the rest is kept as sent)."""
+    if "\t" not in text:  # the usual case, without the regex
+        word, _, rest = text.partition(" ")
+        return word, rest
     match = _WORD.match(text)
     return match.group(1), text[match.end() :]
 

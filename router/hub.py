@@ -74,6 +74,12 @@ class Client:
         *wire* is the line-protocol encoding, *entry* the structured one."""
         raise NotImplementedError
 
+    def deliver_run(self, room: str, entries: List[m.Entry], wire: bytes) -> None:
+        """Several chat messages of one room in a row; *wire* is all their lines joined.
+        Transports that can, write *wire* in one go."""
+        for entry in entries:
+            self.deliver(room, entry, wire)
+
     def on_joined(self, room: str, entry: m.Entry) -> None:
         """This client's own JOIN succeeded."""
 
@@ -314,8 +320,39 @@ class Hub:
     def on_shard_events(self, index: int, events: List[tuple]) -> None:
         """Called on the loop thread with one pipe message's worth of events."""
         handlers = self._handlers
-        for event in events:
-            handlers[event[0]](event)
+        count = len(events)
+        i = 0
+        while i < count:
+            event = events[i]
+            if event[0] != m.CHAT:
+                handlers[event[0]](event)
+                i += 1
+                continue
+            end = i + 1
+            while end < count and events[end][0] == m.CHAT:
+                end += 1
+            if end - i == 1:
+                self._on_chat(event)
+            else:
+                self._on_chats(events[i:end])
+            i = end
+
+    def _on_chats(self, run: List[tuple]) -> None:
+        """A run of CHAT events (nothing else in between, so no membership changes): each
+        room's messages go to each member as one write, rooms in their own order."""
+        by_room: Dict[str, List[tuple]] = {}
+        for event in run:
+            by_room.setdefault(event[1], []).append(event)
+        for room, events in by_room.items():
+            if len(events) == 1:
+                self._on_chat(events[0])
+                continue
+            members = self.members.get(room)
+            if members:
+                entries = [event[2] for event in events]
+                wire = b"".join([event[3] for event in events])
+                for client in members.values():
+                    client.deliver_run(room, entries, wire)
 
     def _on_chat(self, event: tuple) -> None:
         _, room, entry, wire = event

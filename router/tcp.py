@@ -350,6 +350,9 @@ class TcpConnection(asyncio.Protocol, Client):
     def deliver(self, room: str, entry: m.Entry, wire: bytes) -> None:
         self.write(wire)
 
+    def deliver_run(self, room: str, entries: List[m.Entry], wire: bytes) -> None:
+        self.write(wire)
+
     def on_joined(self, room: str, entry: m.Entry) -> None:
         self._joined_once = True
         self.write(p.joined_line(room))
