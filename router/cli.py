@@ -163,4 +163,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         format="%(asctime)s router %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    # The lifecycle lines (listening on..., shards started/restarted, stopped) are printed
+    # whatever the level: people and tools read the real ports from them.
+    for name in ("router.app", "router.shards"):
+        logger = logging.getLogger(name)
+        logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
     return run(config_from_args(args))
