@@ -300,3 +300,13 @@ def wait_gone(pids: Iterable[int], timeout: float) -> List[int]:
         time.sleep(0.05)
         alive = [pid for pid in alive if pid_alive(pid)]
     return alive
+
+
+def router_rss_kb(cluster: Cluster) -> int:
+    """The router process's resident memory in KiB (Linux: from /proc)."""
+    assert cluster.proc is not None
+    with open(f"/proc/{cluster.proc.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS line")

@@ -23,7 +23,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import pytest
 
 from common.limits import MAX_LINE_BYTES
-from tests.cluster import Cluster, LineClient
+from tests.cluster import Cluster, LineClient, router_rss_kb
 
 LINUX = sys.platform.startswith("linux")
 needs_proc = pytest.mark.skipif(not LINUX, reason="reads /proc/<pid>/status")
@@ -76,15 +76,6 @@ def reset(sock: socket.socket) -> None:
     """Close with SO_LINGER 0: the kernel sends RST instead of FIN."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
-
-
-def router_rss_kb(cluster: Cluster) -> int:
-    assert cluster.proc is not None
-    with open(f"/proc/{cluster.proc.pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS line")
 
 
 def read_until_closed(c: LineClient, timeout: float = 5.0) -> List[str]:

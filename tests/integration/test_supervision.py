@@ -22,7 +22,7 @@ import pytest
 
 from common.hashing import room_to_shard
 from common.limits import MAX_RESTARTS, MAX_SHARD_BACKLOG_BYTES, REQUEST_TIMEOUT
-from tests.cluster import Cluster, LineClient, pid_alive, wait_gone
+from tests.cluster import Cluster, LineClient, pid_alive, router_rss_kb, wait_gone
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="signals to shard pids, /proc"
@@ -313,15 +313,6 @@ def test_shard_killed_too_often_is_given_up_and_its_members_are_told() -> None:
 
 
 # --- a stopped shard's backlog is bounded ------------------------------------------------
-
-
-def router_rss_kb(cluster: Cluster) -> int:
-    assert cluster.proc is not None
-    with open(f"/proc/{cluster.proc.pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS line")
 
 
 @pytest.mark.timeout(60)
