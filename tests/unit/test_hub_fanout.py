@@ -5,7 +5,9 @@ for transports that take a run)."""
 from __future__ import annotations
 
 import asyncio
-from typing import List, Tuple
+from typing import Iterator, List, Tuple
+
+import pytest
 
 from common import messages as m
 from common.protocol import msg_line
@@ -35,12 +37,14 @@ def joined(room: str, cid: int, seq: int) -> tuple:
     return (m.JOINED, room, cid, (seq, 0.0, m.KIND_JOIN, f"c{cid}", f"c{cid} joined {room}"))
 
 
-def make_hub() -> Hub:
-    return Hub(asyncio.new_event_loop())
+@pytest.fixture
+def hub() -> Iterator[Hub]:
+    loop = asyncio.new_event_loop()  # the hub needs one, but these tests never run it
+    yield Hub(loop)
+    loop.close()
 
 
-def test_runs_of_chat_keep_each_rooms_order_and_reach_only_members() -> None:
-    hub = make_hub()
+def test_runs_of_chat_keep_each_rooms_order_and_reach_only_members(hub: Hub) -> None:
     plain, runs, outsider = Recorder(), RunTaker(), Recorder()
     for client in (plain, runs, outsider):
         hub.add(client)
@@ -59,8 +63,7 @@ def test_runs_of_chat_keep_each_rooms_order_and_reach_only_members() -> None:
     assert outsider.got == []
 
 
-def test_a_leave_between_chats_is_respected() -> None:
-    hub = make_hub()
+def test_a_leave_between_chats_is_respected(hub: Hub) -> None:
     stays, goes = Recorder(), Recorder()
     hub.add(stays)
     hub.add(goes)
