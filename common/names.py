@@ -18,6 +18,11 @@ _EXTRA_CHARS = frozenset("_-.")
 _NAME_CATEGORIES = frozenset({"Lu", "Ll", "Lt", "Lm", "Lo", "Nd"})
 
 
+#: What a valid name is, as the error messages of both protocols say it.
+ROOM_RULE = f"1-{MAX_ROOM_CHARS} letters, digits, _ - ."
+USERNAME_RULE = f"1-{MAX_USERNAME_CHARS} letters, digits, _ - ."
+
+
 def _has_name_chars(name: str) -> bool:
     if _ASCII_NAME.match(name):
         return True

@@ -22,7 +22,13 @@ from common.limits import (
     MAX_PING_TOKEN_CHARS,
     MAX_TEXT_CHARS,
 )
-from common.names import is_valid_room, is_valid_username, normalize
+from common.names import (
+    ROOM_RULE,
+    USERNAME_RULE,
+    is_valid_room,
+    is_valid_username,
+    normalize,
+)
 
 # --- commands (client -> server) ---------------------------------------------------------
 
@@ -161,8 +167,8 @@ def ping_line(token: str) -> bytes:
 ERR_LINE_TOO_LONG = PeerError(error_line("line too long"), fatal=True)
 ERR_BAD_UTF8 = PeerError(error_line("invalid UTF-8"))
 ERR_CONTROL = PeerError(error_line("control characters are not allowed"))
-ERR_BAD_ROOM = PeerError(error_line("invalid room name: 1-64 letters, digits, _ - ."))
-ERR_BAD_USERNAME = PeerError(error_line("invalid username: 1-32 letters, digits, _ - ."))
+ERR_BAD_ROOM = PeerError(error_line(f"invalid room name: {ROOM_RULE}"))
+ERR_BAD_USERNAME = PeerError(error_line(f"invalid username: {USERNAME_RULE}"))
 ERR_TEXT_TOO_LONG = PeerError(error_line("message too long"))
 USAGE = {
     "JOIN": PeerError(error_line("usage: JOIN <room> <username>")),

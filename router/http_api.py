@@ -17,7 +17,14 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from common import messages as m
 from common.limits import MAX_LINE_BYTES, MAX_TEXT_CHARS, POLL_TIMEOUT, SESSION_TTL
-from common.names import is_valid_room, is_valid_username, name_key, normalize
+from common.names import (
+    ROOM_RULE,
+    USERNAME_RULE,
+    is_valid_room,
+    is_valid_username,
+    name_key,
+    normalize,
+)
 from router.http_parser import Request
 from router.http_poll import Poll, encode_poll_payload, parse_cursors
 from router.http_session import COOKIE_NAME, HttpSession, SessionStore
@@ -504,24 +511,28 @@ def _encodable(text: str) -> bool:
     return True
 
 
+def _name_field(
+    body: Dict[str, Any], key: str, is_valid: Callable[[str], bool], code: str, what: str
+) -> str:
+    """The normalised name in ``body[key]``; ``400 code`` unless it follows the name rules
+    (the same rules, and words, as the line protocol's)."""
+    value = body.get(key)
+    if not isinstance(value, str) or not _encodable(value):
+        raise ApiError(400, code, f"{key} must be a string")
+    value = normalize(value)
+    if not is_valid(value):
+        raise ApiError(400, code, what)
+    return value
+
+
 def _room_field(body: Dict[str, Any]) -> str:
-    room = body.get("room")
-    if not isinstance(room, str) or not _encodable(room):
-        raise ApiError(400, INVALID_ROOM, "room must be a string")
-    room = normalize(room)
-    if not is_valid_room(room):
-        raise ApiError(400, INVALID_ROOM, "invalid room name: 1-64 letters, digits, _ - .")
-    return room
+    return _name_field(body, "room", is_valid_room, INVALID_ROOM, f"invalid room name: {ROOM_RULE}")
 
 
 def _username_field(body: Dict[str, Any]) -> str:
-    username = body.get("username")
-    if not isinstance(username, str) or not _encodable(username):
-        raise ApiError(400, INVALID_USERNAME, "username must be a string")
-    username = normalize(username)
-    if not is_valid_username(username):
-        raise ApiError(400, INVALID_USERNAME, "invalid username: 1-32 letters, digits, _ - .")
-    return username
+    return _name_field(
+        body, "username", is_valid_username, INVALID_USERNAME, f"invalid username: {USERNAME_RULE}"
+    )
 
 
 def _text_field(body: Dict[str, Any], room: str) -> str:

@@ -201,7 +201,6 @@ class ShardPool:
         ]
         self._room_shard: Dict[str, int] = {}
         self._restarts: Dict[int, Deque[float]] = {i: deque() for i in range(count)}
-        self.given_up: set = set()
         self.stopping = False
 
     def start(self) -> None:
@@ -241,7 +240,6 @@ class ShardPool:
                 len(history),
                 RESTART_WINDOW,
             )
-            self.given_up.add(link.index)
             self._listener.on_shard_lost(link.index)
             return
         delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN * 2 ** len(history))

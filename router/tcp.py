@@ -102,9 +102,6 @@ class TcpListener:
         for connection in list(self.connections):
             connection.check_timers(now)
 
-    def close(self) -> None:
-        self._sweeper.cancel()
-
 
 class TcpConnection(asyncio.Protocol, Client):
     """One line-protocol client."""

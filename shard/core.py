@@ -83,10 +83,6 @@ class ShardCore:
             handlers[command[0]](events, command)
         return events
 
-    def room(self, name: str) -> Optional[Room]:
-        """The live (non-empty) room called *name*, or None."""
-        return self.rooms.get(name)
-
     def rooms_of(self, cid: int) -> Set[str]:
         """Names of the rooms client *cid* is in on this shard (a copy)."""
         return set(self._client_rooms.get(cid, ()))
