@@ -41,6 +41,19 @@ OUTPUT_HARD_LIMIT = 1024 * 1024
 OUTPUT_SOFT_LIMIT = 256 * 1024
 OUTPUT_SOFT_SECONDS = 30.0
 
+#: Unsent bytes above which a connection (TCP or HTTP) is read no further: its next command
+#: or request waits until the client has taken its output down to a quarter of this. A
+#: client that sends but never reads would otherwise make the router buffer every answer
+#: (asyncio's own default high-water mark; configurable).
+OUTPUT_PAUSE_BYTES = 64 * 1024
+
+#: Unsent output the router holds for all clients together, and for the clients of one
+#: address together. Past either, the biggest holders (of that address first) are cut off
+#: as slow consumers until it is back under, so no set of clients can make the router's
+#: buffers grow without bound (configurable).
+OUTPUT_BUDGET_TOTAL = 256 * 1024 * 1024
+OUTPUT_BUDGET_PER_ADDRESS = 64 * 1024 * 1024
+
 #: Seconds a cut-off slow consumer gets to take its last bytes before the socket is aborted.
 SLOW_CONSUMER_CLOSE_GRACE = 1.0
 
@@ -54,6 +67,11 @@ RATE_BURST = 20
 #: A TCP connection whose waiting commands would take more than this many seconds to work
 #: off at RATE_LIMIT is cut off with ``ERROR excess flood`` (IRC servers' "excess flood").
 FLOOD_PENALTY_SECONDS = 10.0
+
+#: Commands a TCP connection reads ahead while it waits on a shard's answer (its first
+#: JOIN's outcome, or a HISTORY/NAMES/ROOMS reply, one of which is outstanding at a time).
+#: Reading goes on so that a PING is still answered; past this many it pauses.
+MAX_QUEUED_COMMANDS = 256
 
 #: TCP keepalive: after IDLE_PING_SECONDS of silence the server sends ``PING <token>``;
 #: with no line at all PING_TIMEOUT_SECONDS later the connection is closed
@@ -72,6 +90,25 @@ MAX_CONNECTIONS = 10_000
 MAX_CONNECTIONS_PER_IP = 64
 FD_RESERVE = 100
 
+#: Per-address limits. An *address* is an IPv4 address, or an IPv6 /64 prefix (one
+#: customer's network: an attacker gets a /64 for free). Live browser sessions created from
+#: one address; past it ``/api/join`` answers ``429 too_many_sessions_for_address``. 256
+#: covers an office behind one NAT; one address can then hold at most 1/390 of
+#: MAX_HTTP_SESSIONS, so it cannot lock others out (configurable).
+MAX_SESSIONS_PER_ADDRESS = 256
+#: Token bucket on creating browser sessions, per address: a burst of SESSION_BURST, then
+#: SESSION_RATE per second (a page load makes one; configurable, 0 = off).
+SESSION_RATE = 2.0
+SESSION_BURST = 50
+#: Token bucket on joins per address, TCP and HTTP together (each client also has its own
+#: RATE_LIMIT bucket): JOIN_BURST at once, then JOIN_RATE per second. TCP waits for a
+#: token (as with flood control), HTTP answers ``429`` with ``Retry-After``
+#: (configurable, 0 = off).
+JOIN_RATE = 20.0
+JOIN_BURST = 200
+#: Bits of an IPv6 address that name one "address" for the per-address limits.
+IPV6_PREFIX_BITS = 64
+
 #: How often (seconds) the router checks the idle, ping, join and soft-buffer timers.
 TIMER_SWEEP_INTERVAL = 1.0
 
@@ -86,6 +123,10 @@ MAX_HISTORY_REPLY = HISTORY_SIZE
 #: Rooms with no members that a shard keeps (with their history) for people coming back;
 #: past this the longest-empty room is forgotten, so creating rooms cannot exhaust memory.
 MAX_EMPTY_ROOMS_PER_SHARD = 1000
+
+#: Rooms one ``ROOMS`` answer lists at most: the ones with the most members (then by
+#: name), so the answer stays bounded however many rooms exist.
+MAX_ROOMS_LISTED = 1000
 
 #: Commands a shard applies in one go at most when several batches are waiting (it answers
 #: each group with one pipe message). Bounds the size of one answer.
@@ -180,6 +221,11 @@ SESSION_TTL = 60.0
 #: Room events a session keeps per room for its next poll. Past it the oldest go; the next
 #: poll then reads them from the shard's history (the shard keeps the same number).
 MAX_SESSION_BACKLOG = HISTORY_SIZE
+
+#: Largest poll answer, in bytes of message JSON (about; at least one message always goes).
+#: The rest waits for the next poll: the answer says ``"more": true``. Without it one poll
+#: of 100 rooms with ``after=0`` could ask for 100 x 500 messages at once (configurable).
+MAX_POLL_ANSWER_BYTES = 256 * 1024
 
 #: Long polls one session may have waiting at once (several tabs); one more answers the
 #: oldest at once with what it has.

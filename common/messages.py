@@ -25,7 +25,7 @@ Identifiers:
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Iterable, List, Tuple
 
 # --- router -> shard commands ------------------------------------------------------------
 #: ``(JOIN, req, cid, room, username)``: add the client to the room (creating it);
@@ -46,9 +46,11 @@ ROOMS = 6
 #: ``(HISTORY, req, cid, room, n)``: the last ``n`` entries of a room the client is in;
 #: ``DONE`` result: list of entries, oldest first.
 HISTORY = 7
-#: ``(SINCE, req, cid, room, after)``: entries with ``seq > after`` of a room the client is
-#: in; ``DONE`` result: ``(entries, first_seq, last_seq)`` where ``first_seq`` is the oldest
-#: seq still held (entries before it are gone) and ``last_seq`` the newest.
+#: ``(SINCE, req, cid, room, after, max_bytes)``: entries with ``seq > after`` of a room the
+#: client is in, oldest first, as many as fit in *max_bytes* by :func:`entry_size` (at least
+#: one); ``DONE`` result: ``(entries, first_seq, last_seq)`` where ``first_seq`` is the
+#: oldest seq still held (entries before it are gone) and ``last_seq`` the newest (so
+#: ``entries[-1][0] < last_seq`` says more are waiting).
 SINCE = 8
 #: ``(REJOIN, req, cid, room, username)``: put a member back after the shard restarted
 #: (from the router's mirror). Silent: no entry, no event unless ``req`` (then ``DONE``).
@@ -85,3 +87,27 @@ KIND_JOIN = "join"
 KIND_LEAVE = "leave"
 
 Entry = Tuple[int, float, str, str, str]
+
+
+#: What :func:`entry_size` adds to the text and username for the rest of an entry as the
+#: HTTP API shows it (``{"id":..,"room":..,"type":..,"kind":..,"ts":..}``).
+ENTRY_OVERHEAD = 100
+
+
+def entry_size(entry: Entry) -> int:
+    """About how many bytes *entry* takes in a poll answer (characters, not UTF-8 bytes:
+    a bound for budgets, not an exact length)."""
+    return len(entry[4]) + len(entry[3]) + ENTRY_OVERHEAD
+
+
+def take_within(entries: Iterable[Entry], max_bytes: int) -> Tuple[List[Entry], bool]:
+    """The longest prefix of *entries* whose :func:`entry_size` sum fits in *max_bytes*,
+    but at least one entry; and whether any were left out."""
+    taken: List[Entry] = []
+    used = 0
+    for entry in entries:
+        used += entry_size(entry)
+        if taken and used > max_bytes:
+            return taken, True
+        taken.append(entry)
+    return taken, False

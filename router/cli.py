@@ -6,7 +6,7 @@ import argparse
 import logging
 import multiprocessing
 import sys
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 from common.limits import MAX_SHARDS, POLL_TIMEOUT, SESSION_TTL
 from router.app import Config, default_shard_count, run
@@ -71,26 +71,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: The per-client limit flags: (flag, Settings field, type, metavar, help). Defaults and
-#: reasons live in common/limits.py; the help shows the default.
+def _number(kind: type, low: float, what: str) -> Callable[[str], Any]:
+    """An argparse type: *kind* (int or float) of at least *low*, refused in the user's
+    words otherwise (``--rate-burst 0``: "must be at least 1, got 0")."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):  # nan, inf
+            raise argparse.ArgumentTypeError(f"{what} must be a finite number, got {text!r}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{what} must be at least {low:g}, got {text}")
+        return value
+
+    return parse
+
+
+RATE = _number(float, 0, "a rate")  # 0 turns that bucket off
+COUNT = _number(int, 1, "a count")
+BYTES = _number(int, 1, "a size in bytes")
+SECONDS = _number(float, 0.01, "a duration in seconds")
+
+#: The limit flags: (flag, Settings field, type, metavar, help). Defaults and reasons live
+#: in common/limits.py; the help shows the default.
 LIMIT_FLAGS = [
-    ("--rate-limit", "rate_limit", float, "N",
+    ("--rate-limit", "rate_limit", RATE, "N",
      "commands per second per client; 0 turns flood control off, e.g. for benchmarks"),
-    ("--rate-burst", "rate_burst", int, "N", "commands a client may send at once"),
-    ("--max-connections", "max_connections", int, "N", "open connections in total"),
-    ("--max-connections-per-ip", "max_connections_per_ip", int, "N",
-     "open connections per IP address"),
-    ("--output-hard-limit", "out_hard", int, "BYTES",
+    ("--rate-burst", "rate_burst", COUNT, "N", "commands a client may send at once"),
+    ("--max-connections", "max_connections", COUNT, "N", "open connections in total"),
+    ("--max-connections-per-ip", "max_connections_per_ip", COUNT, "N",
+     "open connections per address (IPv4 address or IPv6 /64)"),
+    ("--output-hard-limit", "out_hard", BYTES, "BYTES",
      "unread bytes that cut a slow client off at once"),
-    ("--output-soft-limit", "out_soft", int, "BYTES",
+    ("--output-soft-limit", "out_soft", BYTES, "BYTES",
      "unread bytes a client may hold for --output-soft-seconds"),
-    ("--output-soft-seconds", "out_soft_seconds", float, "S",
+    ("--output-soft-seconds", "out_soft_seconds", SECONDS, "S",
      "seconds a client may stay over --output-soft-limit"),
-    ("--idle-ping", "idle_ping", float, "S",
+    ("--output-pause-bytes", "output_pause", BYTES, "BYTES",
+     "unread bytes past which a client's next command waits until it reads"),
+    ("--output-budget", "output_budget_total", BYTES, "BYTES",
+     "unread bytes of all clients together; past it the biggest are cut off"),
+    ("--output-budget-per-address", "output_budget_per_address", BYTES, "BYTES",
+     "unread bytes of one address's clients together; past it its biggest are cut off"),
+    ("--max-sessions", "max_sessions", COUNT, "N", "browser sessions in total"),
+    ("--max-sessions-per-address", "max_sessions_per_address", COUNT, "N",
+     "live browser sessions created from one address"),
+    ("--session-rate", "session_rate", RATE, "N",
+     "browser sessions one address may create per second; 0: no limit"),
+    ("--session-burst", "session_burst", COUNT, "N",
+     "browser sessions one address may create at once"),
+    ("--join-rate", "join_rate", RATE, "N",
+     "joins per second per address (TCP and HTTP together); 0: no limit"),
+    ("--join-burst", "join_burst", COUNT, "N", "joins one address may make at once"),
+    ("--poll-max-bytes", "poll_max_bytes", BYTES, "BYTES",
+     "about how many bytes of messages one poll answer carries at most"),
+    ("--idle-ping", "idle_ping", SECONDS, "S",
      "seconds of silence before the server PINGs a TCP client"),
-    ("--ping-timeout", "ping_timeout", float, "S",
+    ("--ping-timeout", "ping_timeout", SECONDS, "S",
      "seconds after a PING before a silent client is closed"),
-    ("--join-timeout", "join_timeout", float, "S",
+    ("--join-timeout", "join_timeout", SECONDS, "S",
      "seconds a TCP client may stay without joining a room"),
 ]  # fmt: skip
 

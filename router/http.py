@@ -8,7 +8,10 @@ shared connection caps). Requests on one connection are answered one at a time, 
 (a long poll can take ``POLL_TIMEOUT`` seconds). Reading goes on while a request is being
 answered, so a client that goes away is noticed at once (its poll is cancelled), but pauses
 once one more full request is buffered, so a pipelining client cannot make the router
-buffer without bound.
+buffer without bound. The next request is not even looked at while the answers already
+written are unread past the pause mark (``settings.output_pause``), and an answer left
+unread over the soft output limit for ``settings.out_soft_seconds`` cuts the connection
+off, as for a slow TCP consumer.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from router.http_parser import (
 )
 from router.http_static import StaticFiles
 from router.hub import Hub
-from router.policy import SessionRateLimit
+from router.policy import SessionRateLimit, address_key
 from web import WEB_ROOT
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,8 @@ class HttpConnection(asyncio.Protocol):
         self.transport: Optional[asyncio.Transport] = None
         self.peer: Any = None
         self.ip = ""
+        self.address = ""  # the per-address limits' key of self.ip
+        self._unread_check: Optional[asyncio.TimerHandle] = None  # slow-consumer timer
         self._counted = False  # holds a slot in the hub's connection limiter
         self._exchange: Optional[Exchange] = None  # the request being answered
         self._request: Optional[Request] = None
@@ -83,22 +88,26 @@ class HttpConnection(asyncio.Protocol):
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
         self.ip = str(self.peer[0]) if self.peer else ""
-        if not self.api.hub.limiter.acquire(self.ip):  # TCP and HTTP share the caps
+        self.address = address_key(self.ip)
+        if not self.api.hub.limiter.acquire(self.address):  # TCP and HTTP share the caps
             self._refuse(ProtocolError(503, "server_full", "too many connections"))
             return
         self._counted = True
         self._connections.add(self)
+        transport.set_write_buffer_limits(high=self.api.hub.settings.output_pause)
         self._arm_deadline()
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return
         self._parser.receive_data(data)
-        if not self.busy:
+        if not (self.busy or self._write_paused):
             if self._deadline is None and self._parser.in_progress:
                 self._arm_deadline()
             self._process()
         elif self._parser.buffered > MAX_PIPELINED_BYTES and not self._read_paused:
+            # Answering, or the client has not read the answers yet: keep at most one
+            # more request's worth of its input.
             assert self.transport is not None
             self._read_paused = True
             self.transport.pause_reading()
@@ -122,10 +131,12 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._closed = True
         self._connections.discard(self)
+        self.api.hub.output.forget(self)
         if self._counted:
             self._counted = False
-            self.api.hub.limiter.release(self.ip)
+            self.api.hub.limiter.release(self.address)
         self._cancel_timers()
+        self._cancel_unread_check()
         exchange, self._exchange = self._exchange, None
         if exchange is not None:
             exchange.cancel()
@@ -135,8 +146,65 @@ class HttpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if not self.busy and not self._closed:
+        if self._closed:
+            return
+        self._account_unsent()
+        if not self.busy:
             self._ready_for_next()
+
+    # --- unsent output -----------------------------------------------------------------
+
+    def unsent_bytes(self) -> int:
+        """Bytes of answers the client has not read yet (for the output budget)."""
+        transport = self.transport
+        if transport is None or self._closed:
+            return 0
+        return transport.get_write_buffer_size()
+
+    def cut_off_over_budget(self) -> None:
+        """The output budget is full and this connection holds the most: drop it now."""
+        log.info("http %s: cut off (output budget)", self.peer)
+        self._drop_now()
+
+    def _account_unsent(self) -> None:
+        """Tell the budget what is unread; arm the slow-consumer check while it is over the
+        soft limit (an answer nobody reads must not hold its bytes and socket forever)."""
+        settings = self.api.hub.settings
+        unsent = self.unsent_bytes()
+        output = self.api.hub.output
+        if unsent or output.holds(self):
+            output.update(self, unsent)
+        if unsent > settings.out_soft and self._unread_check is None and not self._closed:
+            self._unread_check = self._loop.call_later(
+                settings.out_soft_seconds, self._check_unread
+            )
+
+    def _check_unread(self) -> None:
+        self._unread_check = None
+        transport = self.transport
+        if transport is None:
+            return
+        settings = self.api.hub.settings
+        unsent = transport.get_write_buffer_size()
+        if self._closed:
+            if unsent:  # closed, and its last answer is still not taken: let it go
+                log.info("http %s: aborted (closed with an answer unread)", self.peer)
+                transport.abort()
+            return
+        if unsent > settings.out_soft:
+            log.info("http %s: cut off (slow consumer: answer unread)", self.peer)
+            self._drop_now()
+        else:
+            self._account_unsent()
+
+    def _drop_now(self) -> None:
+        """Close at once, discarding what is unsent; a waiting request is cancelled."""
+        exchange, self._exchange = self._exchange, None
+        self.close()
+        if self.transport is not None:
+            self.transport.abort()
+        if exchange is not None:
+            exchange.cancel()
 
     # --- requests --------------------------------------------------------------------
 
@@ -159,7 +227,9 @@ class HttpConnection(asyncio.Protocol):
     def _start(self, request: Request) -> None:
         self._cancel_timers()
         self._request = request
-        exchange = self._exchange = Exchange(lambda response: self._finish(exchange, response))
+        exchange = self._exchange = Exchange(
+            lambda response: self._finish(exchange, response), self.address
+        )
         self.api.handle(request, exchange)
 
     def _finish(self, exchange: Exchange, response: Response) -> None:
@@ -173,6 +243,9 @@ class HttpConnection(asyncio.Protocol):
         headers = response.headers + SECURITY_HEADERS
         data = format_response(response.status, headers, response.body, keep_alive, head_only)
         self.transport.write(data)
+        self._account_unsent()
+        if self._closed:
+            return  # cut off: the output budget was over
         if not keep_alive:
             self._close_after_answer()
             return
@@ -218,6 +291,11 @@ class HttpConnection(asyncio.Protocol):
                 timer.cancel()
         self._deadline = self._idle = None
 
+    def _cancel_unread_check(self) -> None:
+        if self._unread_check is not None:
+            self._unread_check.cancel()
+            self._unread_check = None
+
     def _on_deadline(self) -> None:
         self._deadline = None
         if not self.busy and not self._closed:
@@ -237,8 +315,15 @@ class HttpConnection(asyncio.Protocol):
             self._closed = True
             self._cancel_timers()
             self._connections.discard(self)
-            if self.transport is not None:
-                self.transport.close()
+            transport = self.transport
+            if transport is not None:
+                transport.close()
+                if transport.get_write_buffer_size() and self._unread_check is None:
+                    # asyncio keeps a closed transport until its buffer is written: a peer
+                    # that never reads must not hold it (and its descriptor) forever.
+                    self._unread_check = self._loop.call_later(
+                        self.api.hub.settings.out_soft_seconds, self._check_unread
+                    )
 
     def _close_after_answer(self) -> None:
         """Half-close once the answer is written, discard input for up to ``HTTP_LINGER``

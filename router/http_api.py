@@ -16,7 +16,12 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from common import messages as m
-from common.limits import MAX_LINE_BYTES, MAX_TEXT_CHARS, POLL_TIMEOUT, SESSION_TTL
+from common.limits import (
+    MAX_LINE_BYTES,
+    MAX_TEXT_CHARS,
+    POLL_TIMEOUT,
+    SESSION_TTL,
+)
 from common.names import (
     ROOM_RULE,
     USERNAME_RULE,
@@ -67,6 +72,7 @@ METHOD_NOT_ALLOWED = "method_not_allowed"
 UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 RATE_LIMITED = "rate_limited"
 TOO_MANY_SESSIONS = "too_many_sessions"
+TOO_MANY_SESSIONS_FOR_ADDRESS = "too_many_sessions_for_address"
 INTERNAL_ERROR = "internal_error"
 
 #: HTTP status of each refusal code that comes from the hub or a shard.
@@ -155,8 +161,10 @@ class Exchange:
     """One request in flight: the API answers through it exactly once. The transport
     calls :meth:`cancel` if the client goes away first; a later answer is ignored."""
 
-    def __init__(self, send: Callable[[Response], None]) -> None:
+    def __init__(self, send: Callable[[Response], None], address: str = "") -> None:
         self._send = send
+        #: The per-address limits' key of the client (``router.policy.address_key``).
+        self.address = address
         self._on_cancel: Optional[Callable[[], None]] = None
         self.finished = False
         #: True for a request that only waits (a poll): if the client closes its side,
@@ -299,10 +307,7 @@ class HttpApi:
     def _admit(self, session: Optional[HttpSession], action: str) -> None:
         wait = self.admit(session, action)
         if wait is not None:
-            seconds = str(max(1, int(wait + 0.999)))
-            raise ApiError(
-                429, RATE_LIMITED, "too many requests", headers=(("Retry-After", seconds),)
-            )
+            _too_fast(wait)
 
     def _reply_failure(self, exchange: Exchange, failure: Failure) -> None:
         exchange.respond(failure_error(failure).response())
@@ -345,9 +350,13 @@ class HttpApi:
         }
         exchange.respond(json_response(200, payload))
 
-    def _session_for_join(self, request: Request, username: str) -> Tuple[HttpSession, bool]:
+    def _session_for_join(
+        self, request: Request, username: str, address: str
+    ) -> Tuple[HttpSession, bool]:
         """The session a join acts for, and whether it is new. A session in no room that
-        asks for another name is replaced; one in a room keeps its name."""
+        asks for another name is replaced; one in a room keeps its name. Every join takes
+        a token of the session's bucket (if it has one) and of its address's join bucket;
+        a new session also passes the address's session cap and creation bucket."""
         session = self.sessions.get(cookie_value(request, COOKIE_NAME))
         if session is not None and session.username != username:
             if session.rooms or session.pending_joins:
@@ -355,17 +364,30 @@ class HttpApi:
             self.sessions.end(session)
             session = None
         self._admit(session, "join")
+        now = self.hub.loop.time()
+        _too_fast(self.hub.addresses.join_wait(address, now))
         if session is not None:
             return session, False
-        created = self.sessions.create(username)
-        if created is None:
+        if len(self.sessions) >= self.hub.settings.max_sessions:
             raise ApiError(503, TOO_MANY_SESSIONS, "too many sessions, try again later")
-        return created, True
+        wait = self.hub.addresses.session_refusal(address, now)
+        if wait == float("inf"):
+            limit = self.hub.settings.max_sessions_per_address
+            retry = (("Retry-After", str(max(1, int(self.sessions.ttl)))),)
+            raise ApiError(
+                429,
+                TOO_MANY_SESSIONS_FOR_ADDRESS,
+                f"too many sessions from your address (at most {limit})",
+                headers=retry,
+            )
+        _too_fast(wait)
+        return self.sessions.create(username, address), True
 
     def _join(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
         body = _json_object(request)
         room = _room_field(body)
-        joined, new = self._session_for_join(request, _username_field(body))
+        username = _username_field(body)
+        joined, new = self._session_for_join(request, username, exchange.address)
 
         def done(result: Any) -> None:
             if isinstance(result, Failure):
@@ -442,7 +464,8 @@ class HttpApi:
         def respond(status: int, payload: Dict[str, Any]) -> None:
             exchange.respond(Response(status, encode_poll_payload(payload), JSON_HEADERS))
 
-        poll = Poll(self.hub, session, cursors, self.poll_timeout, respond)
+        max_bytes = self.hub.settings.poll_max_bytes
+        poll = Poll(self.hub, session, cursors, self.poll_timeout, respond, max_bytes)
         exchange.on_cancel(poll.cancel, abandon_on_eof=True)
         poll.start()
 
@@ -474,6 +497,13 @@ class HttpApi:
 
 
 # --- request checks ----------------------------------------------------------------------
+
+
+def _too_fast(wait: Optional[float]) -> None:
+    """Raise ``429 rate_limited`` with ``Retry-After`` if *wait* (seconds) is positive."""
+    if wait:
+        seconds = str(max(1, int(wait + 0.999)))
+        raise ApiError(429, RATE_LIMITED, "too many requests", headers=(("Retry-After", seconds),))
 
 
 def _method_not_allowed(allowed: Sequence[str]) -> ApiError:

@@ -8,6 +8,11 @@ the shard (``SINCE``). When a room's answer cannot continue the client's stream 
 hole (the cursor is older than the shard's history, or from another epoch, or from the
 future) the room is marked ``missed`` and the answer is everything still available. With
 nothing new, the poll waits (woken by the session) up to the poll timeout.
+
+An answer holds about ``max_bytes`` of messages at most (``MAX_POLL_ANSWER_BYTES``, rooms
+in the order polled); a room with more waiting says ``"more": true`` and its cursor stops at
+the last message sent, so the next poll goes on from there. Shard fetches ask for their
+share of the same budget, so one poll never makes the router hold more than about that.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from common import messages as m
-from common.limits import MAX_ROOMS_PER_CLIENT, POLL_LINGER
+from common.limits import MAX_POLL_ANSWER_BYTES, MAX_ROOMS_PER_CLIENT, POLL_LINGER
 from common.names import is_valid_room, normalize
 from router.http_session import HttpSession, Waiter
 from router.hub import Failure, Hub
@@ -43,6 +48,7 @@ class RoomResult(NamedTuple):
     missed: bool = False
     first: Optional[int] = None
     left: bool = False
+    more: bool = False  # entries after these are waiting (the answer was full)
 
 
 def _number(text: str) -> Optional[int]:
@@ -154,6 +160,8 @@ def poll_payload(cursors: List[Cursor], results: Dict[str, RoomResult]) -> Dict[
         }
         if result.first is not None:
             state["first"] = result.first
+        if result.more:
+            state["more"] = True
         if result.left:
             state["left"] = True
         else:
@@ -163,6 +171,7 @@ def poll_payload(cursors: List[Cursor], results: Dict[str, RoomResult]) -> Dict[
         "messages": messages,
         "rooms": rooms,
         "missed": any(state["missed"] for state in rooms.values()),
+        "more": any(state.get("more", False) for state in rooms.values()),
         "cursors": ",".join(tokens),
     }
     if len(cursors) == 1:
@@ -191,16 +200,19 @@ class Poll(Waiter):
         cursors: List[Cursor],
         timeout: float,
         respond: Respond,
+        max_bytes: int = MAX_POLL_ANSWER_BYTES,
     ) -> None:
         self.hub = hub
         self.session = session
         self.cursors = cursors
         self.rooms: Dict[str, Cursor] = {cursor.room: cursor for cursor in cursors}
         self.timeout = timeout
+        self.max_bytes = max_bytes
         self._respond = respond
         self._timer: Optional[asyncio.TimerHandle] = None
         self._wake_scheduled = False
         self._fetching = False
+        self._budget_left = max_bytes  # what the feeds left of max_bytes (see _collect)
         self.finished = False
 
     # --- lifecycle -------------------------------------------------------------------
@@ -261,7 +273,7 @@ class Poll(Waiter):
         results, fetches = self._collect()
         if fetches:
             self._fetch(results, fetches)
-        elif any(r.entries or r.missed or r.left for r in results.values()):
+        elif any(r.entries or r.missed or r.left or r.more for r in results.values()):
             self._finish(results)
         else:
             self.session.add_poll(self)
@@ -269,11 +281,13 @@ class Poll(Waiter):
                 self._timer = self.hub.loop.call_later(self.timeout, self._on_timeout)
 
     def _collect(self) -> Tuple[Dict[str, RoomResult], List[Tuple[Cursor, int, bool]]]:
-        """What the session's feeds can answer, and the ``(cursor, after, forced_missed)``
-        rooms that need the shard."""
+        """What the session's feeds can answer (within the byte budget, which then goes
+        down by what they used), and the ``(cursor, after, forced_missed)`` rooms that need
+        the shard."""
         session = self.session
         results: Dict[str, RoomResult] = {}
         fetches: List[Tuple[Cursor, int, bool]] = []
+        budget = self.max_bytes
         for cursor in self.cursors:
             room = cursor.room
             epoch = self.session.epoch_of(room)
@@ -287,9 +301,11 @@ class Poll(Waiter):
             elif not feed.covers(cursor.after):
                 fetches.append((cursor, cursor.after, False))
             else:
-                entries = feed.take_after(cursor.after)
+                entries, more = feed.take_after(cursor.after, budget)
+                budget -= sum(map(m.entry_size, entries))
                 after = entries[-1][0] if entries else cursor.after
-                results[room] = RoomResult(entries, after, epoch)
+                results[room] = RoomResult(entries, after, epoch, more=more)
+        self._budget_left = budget
         return results, fetches
 
     def _fetch(
@@ -298,6 +314,8 @@ class Poll(Waiter):
         self._fetching = True
         remaining = len(fetches)
         failures: List[Failure] = []
+        # Each fetch gets its share of what the feeds left (the shard sends at least one).
+        share = max(1, self._budget_left // len(fetches))
 
         def fetched(cursor: Cursor, after: int, forced: bool, result: Any) -> None:
             try:
@@ -316,7 +334,7 @@ class Poll(Waiter):
                 else:
                     failures.append(result)
             else:
-                results[cursor.room] = self._since_result(cursor, after, forced, result)
+                results[cursor.room] = self._since_result(cursor, after, forced, result, share)
             if remaining == 0:
                 self._fetching = False
                 self._fetched(results, failures)
@@ -326,6 +344,7 @@ class Poll(Waiter):
                 self.session,
                 cursor.room,
                 after,
+                share,
                 lambda result, c=cursor, a=after, f=forced: fetched(c, a, f, result),
             )
 
@@ -339,16 +358,25 @@ class Poll(Waiter):
             self._finish(results)
 
     def _since_result(
-        self, cursor: Cursor, after: int, forced: bool, result: Tuple[Any, int, int]
+        self,
+        cursor: Cursor,
+        after: int,
+        forced: bool,
+        result: Tuple[Any, int, int],
+        max_bytes: int,
     ) -> RoomResult:
         entries, first, last = result
         entries = list(entries)
+        more = bool(entries) and entries[-1][0] < last  # the shard kept to its share
         feed = self.session.feeds.get(cursor.room)
-        if feed is not None:
+        if feed is not None and not more:
             # Events that reached the session after the shard answered are not in `entries`.
-            entries.extend(entry for entry in feed.entries if entry[0] > last)
+            newer = [entry for entry in feed.entries if entry[0] > last]
+            if newer:
+                left = max_bytes - sum(map(m.entry_size, entries))
+                extra, more = m.take_within(newer, left) if left > 0 else ([], True)
+                entries.extend(extra)
         missed = forced or after < first - 1
         new_after = entries[-1][0] if entries else (after if not forced else last)
-        return RoomResult(
-            entries, new_after, self.session.epoch_of(cursor.room), missed=missed, first=first
-        )
+        epoch = self.session.epoch_of(cursor.room)
+        return RoomResult(entries, new_after, epoch, missed=missed, first=first, more=more)

@@ -14,10 +14,10 @@ import logging
 import secrets
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 from common import messages as m
-from common.limits import MAX_HTTP_SESSIONS, MAX_POLLS_PER_SESSION, MAX_SESSION_BACKLOG
+from common.limits import MAX_POLLS_PER_SESSION, MAX_SESSION_BACKLOG
 from router.hub import Client, Failure, Hub
 
 log = logging.getLogger(__name__)
@@ -70,13 +70,17 @@ class RoomFeed:
         """True if every event after *after* that this session has seen is held here."""
         return self.covered_after <= after <= self.last_seq
 
-    def take_after(self, after: int) -> List[m.Entry]:
-        """The entries with ``seq > after``; those up to *after* are acknowledged and go."""
+    def take_after(self, after: int, max_bytes: int) -> Tuple[List[m.Entry], bool]:
+        """The entries with ``seq > after``, oldest first, about *max_bytes* of them (at
+        least one, unless *max_bytes* is 0), and whether more are waiting. Those up to
+        *after* are acknowledged and go."""
         entries = self.entries
         while entries and entries[0][0] <= after:
             entries.popleft()
         self.covered_after = max(self.covered_after, after)
-        return list(entries)
+        if max_bytes <= 0:
+            return [], bool(entries)
+        return m.take_within(entries, max_bytes)
 
 
 class Waiter:
@@ -117,11 +121,15 @@ class HttpSession(Client):
 
     username_fixed = True
 
-    def __init__(self, hub: Hub, token: str, username: str, epoch_of: Epochs) -> None:
+    def __init__(
+        self, hub: Hub, token: str, username: str, epoch_of: Epochs, address: str = ""
+    ) -> None:
         super().__init__()
         self.hub = hub
         self.epoch_of = epoch_of
         self.token = token
+        #: The per-address key it was created from (it counts against that address).
+        self.address = address
         self.username = username
         self.feeds: Dict[str, RoomFeed] = {}
         self.polls: List[Waiter] = []
@@ -246,13 +254,12 @@ class SessionStore:
             session.touch()
         return session
 
-    def create(self, username: str) -> Optional[HttpSession]:
-        """A new session for *username*, registered with the hub; None if the store is
-        full (``MAX_HTTP_SESSIONS``)."""
-        if len(self.sessions) >= MAX_HTTP_SESSIONS:
-            return None
+    def create(self, username: str, address: str = "") -> HttpSession:
+        """A new session for *username*, registered with the hub. The caller has checked
+        the caps (``MAX_HTTP_SESSIONS``, and counted it for *address* with
+        ``hub.addresses.session_refusal``); :meth:`end` gives the address's slot back."""
         token = secrets.token_urlsafe(32)
-        session = HttpSession(self.hub, token, username, self.epoch_of)
+        session = HttpSession(self.hub, token, username, self.epoch_of, address)
         self.sessions[token] = session
         self.hub.add(session)
         if self._sweeper is None:
@@ -265,6 +272,7 @@ class SessionStore:
             return
         session.ended = True
         self.sessions.pop(session.token, None)
+        self.hub.addresses.session_ended(session.address)
         session.end_polls(status, code, "the session has ended")
         self.hub.drop(session)
 

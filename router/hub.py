@@ -21,8 +21,10 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 from common import messages as m
 from common.limits import DROP_TIMEOUT, MAX_ROOMS_PER_CLIENT, REQUEST_TIMEOUT
 from common.protocol import user_joined_line, user_left_line
-from router.policy import ConnectionLimiter, Settings
+from router.output import OutputBudget
+from router.policy import AddressLimits, ConnectionLimiter, Settings
 from router.shards import ShardPool
+from shard.core import busiest_rooms
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,12 @@ class Hub:
         self.limiter = limiter or ConnectionLimiter(
             self.settings.max_connections, self.settings.max_connections_per_ip
         )
+        #: Unsent output of every connection, per address and in total.
+        self.output = OutputBudget(
+            self.settings.output_budget_total, self.settings.output_budget_per_address
+        )
+        #: Per-address session caps and join/session-creation buckets (both transports).
+        self.addresses = AddressLimits(self.settings)
         self.pool: Optional[ShardPool] = None
         self.clients: Dict[int, Client] = {}
         self.members: Dict[str, Dict[int, Client]] = {}  # the mirror: room -> cid -> client
@@ -205,19 +213,36 @@ class Hub:
     def leave(self, client: Client, room: str, callback: Optional[Callback] = None) -> None:
         self._send(client, room, m.LEAVE, callback, room)
 
-    def names(self, client: Client, room: str, callback: Callback) -> None:
-        self._send(client, room, m.NAMES, callback, room)
+    def names(
+        self, client: Client, room: str, callback: Callback, timeout: float = REQUEST_TIMEOUT
+    ) -> None:
+        self._send(client, room, m.NAMES, callback, room, timeout=timeout)
 
-    def history(self, client: Client, room: str, n: int, callback: Callback) -> None:
-        self._send(client, room, m.HISTORY, callback, room, n)
+    def history(
+        self,
+        client: Client,
+        room: str,
+        n: int,
+        callback: Callback,
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
+        self._send(client, room, m.HISTORY, callback, room, n, timeout=timeout)
 
-    def since(self, client: Client, room: str, after: int, callback: Callback) -> None:
-        self._send(client, room, m.SINCE, callback, room, after)
+    def since(
+        self, client: Client, room: str, after: int, max_bytes: int, callback: Callback
+    ) -> None:
+        """The entries of *room* after seq *after*, oldest first, about *max_bytes* of them
+        (at least one): ``(entries, first_seq, last_seq)``, or a :class:`Failure`."""
+        self._send(client, room, m.SINCE, callback, room, after, max_bytes)
 
     def rooms(
-        self, callback: Callable[[List[Tuple[str, int]]], None], asker: Optional[Client] = None
+        self,
+        callback: Callable[[List[Tuple[str, int]]], None],
+        asker: Optional[Client] = None,
+        timeout: float = REQUEST_TIMEOUT,
     ) -> None:
-        """Every room with members, from every shard, sorted by name. A shard that does not
+        """The rooms with members, from every shard, sorted by name: at most
+        ``MAX_ROOMS_LISTED``, the ones with the most members. A shard that does not
         answer in time contributes nothing. With *asker*, the request counts as that
         client's (its QUIT waits for the answer)."""
         assert self.pool is not None
@@ -233,10 +258,10 @@ class Hub:
                 found.extend(result)
             remaining -= 1
             if remaining == 0:
-                callback(sorted(found))
+                callback(sorted(busiest_rooms(found)))
 
         for link in links:
-            link.send((m.ROOMS, self._expect(one_done, link.index), 0))
+            link.send((m.ROOMS, self._expect(one_done, link.index, timeout), 0))
 
     def epoch_of(self, room: str) -> int:
         """The epoch of the shard that owns *room* (bumped each time it restarts)."""
@@ -246,12 +271,18 @@ class Hub:
     # --- plumbing --------------------------------------------------------------------
 
     def _send(
-        self, client: Client, room: str, op: int, callback: Optional[Callback], *args: Any
+        self,
+        client: Client,
+        room: str,
+        op: int,
+        callback: Optional[Callback],
+        *args: Any,
+        timeout: float = REQUEST_TIMEOUT,
     ) -> None:
         assert self.pool is not None
         index = self.pool.index_of(room)
         client.shards.add(index)
-        req = 0 if callback is None else self._expect(callback, index)
+        req = 0 if callback is None else self._expect(callback, index, timeout)
         self.pool.links[index].send((op, req, client.cid, *args))
 
     def _send_to(self, index: int, command: tuple) -> None:
@@ -272,6 +303,8 @@ class Hub:
     def _sweep(self) -> None:
         """Fail requests whose shard did not answer in time (stopped or dead shard)."""
         self._sweeper = self.loop.call_later(0.5, self._sweep)
+        self.output.refresh()
+        self.addresses.prune(self.loop.time())
         now = time.monotonic()
         expired = [req for req, (_, deadline, _) in self._pending.items() if deadline <= now]
         self._fail_pending(expired, m.ERR_TIMEOUT)

@@ -7,6 +7,7 @@ field can be changed with a ``start_cluster.py`` flag (see ``docs/LIMITS.md``).
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ from common import limits as L
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
-    """Per-client limits and timeouts. ``rate_limit == 0`` turns flood control off."""
+    """Per-client and per-address limits and timeouts, immutable, built once from the
+    command line (tests build their own). A rate of 0 turns that token bucket off."""
 
     rate_limit: float = L.RATE_LIMIT
     rate_burst: int = L.RATE_BURST
@@ -32,6 +34,16 @@ class Settings:
     join_timeout: float = L.JOIN_TIMEOUT_SECONDS
     max_connections: int = L.MAX_CONNECTIONS
     max_connections_per_ip: int = L.MAX_CONNECTIONS_PER_IP
+    output_pause: int = L.OUTPUT_PAUSE_BYTES
+    output_budget_total: int = L.OUTPUT_BUDGET_TOTAL
+    output_budget_per_address: int = L.OUTPUT_BUDGET_PER_ADDRESS
+    max_sessions_per_address: int = L.MAX_SESSIONS_PER_ADDRESS
+    session_rate: float = L.SESSION_RATE
+    session_burst: int = L.SESSION_BURST
+    join_rate: float = L.JOIN_RATE
+    join_burst: int = L.JOIN_BURST
+    poll_max_bytes: int = L.MAX_POLL_ANSWER_BYTES
+    max_sessions: int = L.MAX_HTTP_SESSIONS
 
 
 class TokenBucket:
@@ -80,6 +92,115 @@ class SessionRateLimit:
             bucket = session.rate_bucket = TokenBucket(self.rate, self.burst, now)
         wait = bucket.take(now)
         return wait if wait > 0.0 else None
+
+
+def address_key(ip: str) -> str:
+    """The key the per-address limits count *ip* under: an IPv4 address as it is, an
+    IPv6 address as its ``IPV6_PREFIX_BITS`` prefix (``2001:db8:1:2::/64``), an
+    IPv4-mapped IPv6 address as the IPv4 address. Anything unparseable (a Unix socket's
+    empty name) is its own key."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if address.version == 4:
+        return ip
+    mapped = address.ipv4_mapped  # type: ignore[union-attr]
+    if mapped is not None:
+        return str(mapped)
+    network = ipaddress.ip_network(f"{address}/{L.IPV6_PREFIX_BITS}", strict=False)
+    return str(network)
+
+
+class _AddressState:
+    """What the per-address limits remember about one address."""
+
+    __slots__ = ("sessions", "session_bucket", "join_bucket")
+
+    def __init__(self) -> None:
+        self.sessions = 0
+        self.session_bucket: Optional[TokenBucket] = None
+        self.join_bucket: Optional[TokenBucket] = None
+
+
+class AddressLimits:
+    """Per-address caps and token buckets for what is expensive to create: browser
+    sessions (a cap on live ones and a bucket on creating them) and joins (a bucket shared
+    by an address's TCP connections and sessions). Keys come from :func:`address_key`.
+
+    Memory is bounded: an address is remembered only while it has live sessions or a
+    bucket that is not full again; :meth:`prune` (called from a periodic sweep) forgets
+    the rest. Times are the caller's clock.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._states: Dict[str, _AddressState] = {}
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def sessions_of(self, key: str) -> int:
+        state = self._states.get(key)
+        return state.sessions if state is not None else 0
+
+    def session_refusal(self, key: str, now: float) -> Optional[float]:
+        """None if *key* may create a session now (and the creation is counted), else the
+        seconds to wait: ``inf`` when it holds ``max_sessions_per_address`` already."""
+        settings = self.settings
+        state = self._state(key)
+        if state.sessions >= settings.max_sessions_per_address:
+            return float("inf")
+        if settings.session_rate > 0:
+            if state.session_bucket is None:
+                state.session_bucket = TokenBucket(
+                    settings.session_rate, settings.session_burst, now
+                )
+            wait = state.session_bucket.take(now)
+            if wait > 0.0:
+                return wait
+        state.sessions += 1
+        return None
+
+    def session_ended(self, key: str) -> None:
+        """One session created under *key* (after :meth:`session_refusal` said None) ended."""
+        state = self._states.get(key)
+        if state is not None and state.sessions > 0:
+            state.sessions -= 1
+
+    def join_wait(self, key: str, now: float) -> float:
+        """Take a join token for *key*: 0.0 if taken, else the seconds until one is free."""
+        settings = self.settings
+        if settings.join_rate <= 0:
+            return 0.0
+        state = self._state(key)
+        if state.join_bucket is None:
+            state.join_bucket = TokenBucket(settings.join_rate, settings.join_burst, now)
+        return state.join_bucket.take(now)
+
+    def prune(self, now: float) -> None:
+        """Forget addresses with no live session whose buckets have filled up again."""
+        idle = [
+            key
+            for key, state in self._states.items()
+            if state.sessions == 0
+            and _full(state.session_bucket, now)
+            and _full(state.join_bucket, now)
+        ]
+        for key in idle:
+            del self._states[key]
+
+    def _state(self, key: str) -> _AddressState:
+        state = self._states.get(key)
+        if state is None:
+            state = self._states[key] = _AddressState()
+        return state
+
+
+def _full(bucket: Optional[TokenBucket], now: float) -> bool:
+    if bucket is None:
+        return True
+    return bucket.tokens + (now - bucket.stamp) * bucket.rate >= bucket.burst
 
 
 class ConnectionLimiter:

@@ -19,19 +19,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Set
+from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set
 
 from common import messages as m
 from common import protocol as p
 from common.limits import (
     HISTORY_SIZE,
     MAX_LINE_BYTES,
+    MAX_QUEUED_COMMANDS,
     MAX_ROOMS_PER_CLIENT,
+    REQUEST_TIMEOUT,
     SLOW_CONSUMER_CLOSE_GRACE,
     TIMER_SWEEP_INTERVAL,
 )
 from router.hub import Client, Failure, Hub
-from router.policy import Settings, TokenBucket
+from router.policy import Settings, TokenBucket, address_key
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,16 @@ SLOW_CONSUMER = p.error_line("slow consumer")
 EXCESS_FLOOD = p.error_line("excess flood")
 SERVER_FULL = p.error_line("server full")
 
-#: The most that requested replies may add on top of the output limits: one full HISTORY
-#: of the longest possible lines.
+#: The most that one requested reply may add on top of the output limits: one full HISTORY
+#: of the longest possible lines. Granted for one reply at a time: the next command that
+#: asks for a reply waits until this one is answered and the client has read it down to
+#: the pause mark, so allowances never add up.
 MAX_REPLY_ALLOWANCE = HISTORY_SIZE * (MAX_LINE_BYTES + 200)
+
+#: Lines queued in one loop turn after which the connection flushes at once, so that the
+#: pause mark is seen while a burst of commands (each answered locally, e.g. usage errors)
+#: is being handled, not only after it.
+FLUSH_EVERY_LINES = 256
 
 
 def failure_line(failure: Failure) -> bytes:
@@ -108,9 +117,10 @@ class TcpConnection(asyncio.Protocol, Client):
 
     __slots__ = (
         "listener", "hub", "settings", "_loop", "_coalescer", "_parser", "_out", "transport",
-        "ip", "_counted", "_closing", "_closed", "_bucket", "_waiting", "_resume", "_eof",
-        "_blocked", "connected_at", "last_heard", "_ping_sent_at", "_joined_once",
-        "_over_soft_since", "_reply_allowance",
+        "ip", "address", "_counted", "_closing", "_closed", "_bucket", "_waiting", "_resume",
+        "_eof", "_blocked", "_reply_pending", "_output_paused", "connected_at", "last_heard",
+        "_ping_sent_at", "_joined_once", "_over_soft_since", "_reply_allowance",
+        "_received_at",
     )  # fmt: skip
 
     def __init__(self, listener: TcpListener) -> None:
@@ -124,6 +134,7 @@ class TcpConnection(asyncio.Protocol, Client):
         self._out: List[bytes] = []
         self.transport: Optional[asyncio.Transport] = None
         self.ip = ""
+        self.address = ""  # the per-address limits' key of self.ip
         self._counted = False  # holds a slot in the connection limiter
         self._closing = False  # QUIT, EOF or an error: no more input is handled
         self._closed = False  # the transport is gone or going: nothing more is written
@@ -134,6 +145,12 @@ class TcpConnection(asyncio.Protocol, Client):
         self._eof = False  # the peer half-closed: finish the waiting commands, then close
         # A JOIN under another name waits for the first JOIN's outcome (see _join).
         self._blocked = False
+        # A command that asks for a reply (HISTORY, NAMES, ROOMS) is being answered: the
+        # commands after it wait, so one reply at a time can be outstanding.
+        self._reply_pending = False
+        # The transport holds more than settings.output_pause unsent bytes: no command is
+        # handled (and nothing read) until the client has taken its output.
+        self._output_paused = False
         # timers (loop.time())
         self.connected_at = self.last_heard = 0.0
         self._ping_sent_at: Optional[float] = None
@@ -141,6 +158,7 @@ class TcpConnection(asyncio.Protocol, Client):
         # slow consumer
         self._over_soft_since: Optional[float] = None
         self._reply_allowance = 0  # bytes of replies the client asked for (HISTORY)
+        self._received_at: Optional[float] = None  # of the queued reply command being handled
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -149,7 +167,8 @@ class TcpConnection(asyncio.Protocol, Client):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.ip = str(peer[0]) if peer else ""
-        if not self.hub.limiter.acquire(self.ip):
+        self.address = address_key(self.ip)
+        if not self.hub.limiter.acquire(self.address):
             self._closing = self._closed = True
             transport.write(SERVER_FULL)
             transport.close()
@@ -158,6 +177,7 @@ class TcpConnection(asyncio.Protocol, Client):
         self.listener.connections.add(self)
         self.connected_at = self.last_heard = self._loop.time()
         settings = self.settings
+        transport.set_write_buffer_limits(high=settings.output_pause)
         if settings.rate_limit > 0:
             self._bucket = TokenBucket(settings.rate_limit, settings.rate_burst, self.last_heard)
         self.hub.add(self)
@@ -169,15 +189,22 @@ class TcpConnection(asyncio.Protocol, Client):
         self.last_heard = self._loop.time()
         self._ping_sent_at = None
         events = self._parser.receive_data(data)
-        if self._bucket is None and not self._blocked:
-            dispatch = _DISPATCH
-            for event in events:
-                dispatch[type(event)](self, event)
-                if self._closing:
-                    break
-        else:
-            self._waiting.extend(events)
+        if self._bucket is not None or self._waiting or self._held():
+            self._queue(events)
             self._work_off()
+            return
+        dispatch, out = _DISPATCH, self._out
+        for index, event in enumerate(events):
+            dispatch[type(event)](self, event)
+            if self._closing:
+                return
+            if len(out) > FLUSH_EVERY_LINES:
+                self.flush()  # may pause output: checked next
+            if self._held():
+                # The rest waits its turn (a reply, a JOIN's outcome, the client reading).
+                self._queue(events[index + 1 :])
+                self._work_off()
+                return
 
     def eof_received(self) -> bool:
         # The peer will send no more, but may still read (`nc -N`, a piped client):
@@ -194,11 +221,12 @@ class TcpConnection(asyncio.Protocol, Client):
         self._closed = True
         self._out.clear()
         self._waiting.clear()
+        self.hub.output.forget(self)
         if self._resume is not None:
             self._resume.cancel()
         if self._counted:
             self._counted = False
-            self.hub.limiter.release(self.ip)
+            self.hub.limiter.release(self.address)
             self.listener.connections.discard(self)
         if not self._closing:
             self._closing = True
@@ -206,13 +234,52 @@ class TcpConnection(asyncio.Protocol, Client):
         elif self.cid in self.hub.clients:
             self.hub.drop(self)  # a QUIT still waiting for its shards: stop waiting
 
-    # --- flood control ---------------------------------------------------------------
+    # --- flood control and backpressure -----------------------------------------------
+
+    def _held(self) -> bool:
+        """True while the next command must wait: for a JOIN's outcome, for a reply, for
+        the client to read its output, or for a token (a resume timer is set)."""
+        return (
+            self._blocked
+            or self._reply_pending
+            or self._output_paused
+            or (self._resume is not None)
+        )
+
+    def _waiting_on_shard_only(self) -> bool:
+        """True if the only hold is a shard's answer (a JOIN's outcome, a reply): then
+        reading goes on (up to ``MAX_QUEUED_COMMANDS``) and local commands are handled."""
+        return (self._blocked or self._reply_pending) and not (
+            self._output_paused or self._resume is not None
+        )
+
+    def _queue(self, events: List[p.Event]) -> None:
+        """Queue *events* behind the waiting ones. While the only hold is a shard's answer,
+        local commands (PING, PONG, usage errors) are handled at once instead: their
+        replies may overtake (docs/PROTOCOL.md), so a client whose NAMES waits on a slow
+        shard can still PING. They still take a token of the flood-control bucket."""
+        waiting = self._waiting
+        if not self._waiting_on_shard_only():
+            waiting.extend(events)
+            return
+        dispatch, bucket, now = _DISPATCH, self._bucket, self._loop.time()
+        for event in events:
+            kind = type(event)
+            if kind in _LOCAL and not self._closing and (bucket is None or bucket.take(now) == 0.0):
+                dispatch[kind](self, event)
+            elif kind in _REPLY_COMMANDS:
+                # Its request deadline counts from now, not from when it gets its turn.
+                waiting.append(_Received(event, now))
+            else:
+                waiting.append(event)
 
     def _work_off(self) -> None:
-        """Handle waiting commands as far as the token bucket allows."""
-        self._resume = None
+        """Handle waiting commands as far as the token bucket and the holds allow."""
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
         waiting, dispatch, bucket = self._waiting, _DISPATCH, self._bucket
-        while waiting and not (self._closing or self._blocked):
+        while waiting and not (self._closing or self._held()):
             if bucket is not None:
                 wait = bucket.take(self._loop.time())
                 if wait > 0.0:
@@ -220,11 +287,21 @@ class TcpConnection(asyncio.Protocol, Client):
                     return
             event = waiting.popleft()
             dispatch[type(event)](self, event)
+            if len(self._out) > FLUSH_EVERY_LINES:
+                self.flush()
         if self._closing:
             return
-        if self._blocked:
+        if self._held():
             assert self.transport is not None
-            self.transport.pause_reading()
+            if self._waiting_on_shard_only():
+                # The local commands already read need not wait for the shard either.
+                rest = list(waiting)
+                waiting.clear()
+                self._queue(rest)
+            if self._waiting_on_shard_only() and len(waiting) < MAX_QUEUED_COMMANDS:
+                self.transport.resume_reading()  # a PING may still come and be answered
+            else:
+                self.transport.pause_reading()
             return
         if self._eof:
             self._finish(bye=False)
@@ -239,6 +316,16 @@ class TcpConnection(asyncio.Protocol, Client):
             return
         self.transport.pause_reading()
         self._resume = self._loop.call_later(wait, self._work_off)
+
+    def pause_writing(self) -> None:
+        # asyncio: the transport holds more than settings.output_pause unsent bytes.
+        self._output_paused = True
+
+    def resume_writing(self) -> None:
+        # asyncio: the client has read its output down to a quarter of the pause mark.
+        self._output_paused = False
+        if not self._closing:
+            self._work_off()
 
     # --- output ----------------------------------------------------------------------
 
@@ -259,6 +346,10 @@ class TcpConnection(asyncio.Protocol, Client):
         transport.write(out[0] if len(out) == 1 else b"".join(out))
         out.clear()
         buffered = transport.get_write_buffer_size()
+        if buffered or self.hub.output.holds(self):
+            self.hub.output.update(self, buffered)
+            if self._closed:
+                return  # cut off: a budget was over
         if buffered > self.settings.out_soft:
             self._check_backlog(buffered, self._loop.time())
         elif self._over_soft_since is not None or self._reply_allowance:
@@ -281,6 +372,27 @@ class TcpConnection(asyncio.Protocol, Client):
                 self._cut_off(SLOW_CONSUMER)
         else:
             self._over_soft_since = None
+
+    def unsent_bytes(self) -> int:
+        """Bytes the transport holds that the client has not read (for the budget)."""
+        transport = self.transport
+        if transport is None or self._closed and transport.is_closing():
+            return 0
+        return transport.get_write_buffer_size()
+
+    def cut_off_over_budget(self) -> None:
+        """The output budget is full and this client holds the most: drop it now. Its
+        buffered bytes are freed at once (abort); it is far behind, an ERROR line queued
+        behind them would not reach it anyway."""
+        transport = self.transport
+        if not self._closing:
+            self._closing = True
+            self._waiting.clear()
+            self.hub.drop(self)
+        self._closed = True
+        self._out.clear()
+        if transport is not None:
+            transport.abort()
 
     def _cut_off(self, reason: bytes) -> None:
         """Best effort: queue *reason* behind what is unread, stop serving this client,
@@ -383,6 +495,16 @@ class TcpConnection(asyncio.Protocol, Client):
         self.hub.say(self, command.room, command.text)
 
     def _join(self, command: p.Join) -> None:
+        wait = self.hub.addresses.join_wait(self.address, self._loop.time())
+        if wait > 0.0:
+            # This address joins faster than its bucket allows: the JOIN (and everything
+            # after it, to keep their order) waits for a token. Not a flood of this
+            # connection's own, so no excess-flood cut-off.
+            assert self.transport is not None
+            self._waiting.appendleft(command)
+            self.transport.pause_reading()
+            self._resume = self._loop.call_later(wait, self._work_off)
+            return
         if (
             self.username is not None
             and command.username != self.username
@@ -418,31 +540,63 @@ class TcpConnection(asyncio.Protocol, Client):
 
         self.hub.drop(self, on_done=done)
 
+    def _received(self, item: _Received) -> None:
+        """A reply command that waited behind another: handle it with the time it has
+        left of its request deadline (or fail it now if it has none left)."""
+        self._received_at = item.at
+        try:
+            _DISPATCH[type(item.command)](self, item.command)
+        finally:
+            self._received_at = None
+
+    def _reply_timeout(self, room: str) -> Optional[float]:
+        """Seconds left for the reply command being handled; None (and its ERROR written)
+        if it waited past its whole request deadline."""
+        if self._received_at is None:
+            return REQUEST_TIMEOUT
+        left = REQUEST_TIMEOUT - (self._loop.time() - self._received_at)
+        if left > 0:
+            return left
+        self.write(failure_line(Failure(m.ERR_TIMEOUT, room)))
+        return None
+
     def _names(self, command: p.Names) -> None:
         room = command.room
+        timeout = self._reply_timeout(room)
+        if timeout is None:
+            return
 
         def reply(result: Any) -> None:
             if isinstance(result, Failure):
-                self.write(failure_line(result))
+                self._write_reply([failure_line(result)])
             else:
-                self.write(p.names_line(room, result))
+                self._write_reply([p.names_line(room, result)])
 
-        self.hub.names(self, room, reply)
+        self._reply_pending = True
+        self.hub.names(self, room, reply, timeout)
 
     def _rooms(self, command: p.Rooms) -> None:
+        timeout = self._reply_timeout("")
+        if timeout is None:
+            return
+
         def reply(listing: List[Any]) -> None:
             lines = [p.room_line(room, count) for room, count in listing]
             lines.append(p.rooms_end_line(len(listing)))
             self._write_reply(lines)
 
-        self.hub.rooms(reply, asker=self)
+        self._reply_pending = True
+        self.hub.rooms(reply, asker=self, timeout=timeout)
 
     def _history(self, command: p.History) -> None:
         room = command.room
+        timeout = self._reply_timeout(room)
+        if timeout is None:
+            return
 
         def reply(result: Any) -> None:
             if isinstance(result, Failure):
-                self.write(failure_line(result))
+                self._write_reply([failure_line(result)])
                 return
             lines = [
                 p.history_line(room, seq, ts, username if kind == m.KIND_CHAT else "*", text)
@@ -451,14 +605,22 @@ class TcpConnection(asyncio.Protocol, Client):
             lines.append(p.history_end_line(room, len(result)))
             self._write_reply(lines)
 
-        self.hub.history(self, room, command.n, reply)
+        self._reply_pending = True
+        self.hub.history(self, room, command.n, reply, timeout)
 
     def _write_reply(self, lines: List[bytes]) -> None:
-        """A (possibly large) reply the client asked for: allowed on top of the output
-        limits, so a full HISTORY never trips the slow-consumer cut-off."""
+        """The answer to the one outstanding reply command (HISTORY, NAMES, ROOMS): allowed
+        on top of the output limits, so a full HISTORY never trips the slow-consumer
+        cut-off. The allowance is this reply's size, not added to an earlier one's: the
+        next reply command waits until this is answered and read down to the pause mark.
+        Then the commands that waited behind it go on."""
         data = b"".join(lines)
-        self._reply_allowance = min(self._reply_allowance + len(data), MAX_REPLY_ALLOWANCE)
+        self._reply_allowance = min(len(data), MAX_REPLY_ALLOWANCE)
         self.write(data)
+        self.flush()  # now: a big reply pauses the commands behind it before they run
+        self._reply_pending = False
+        if not self._closing:
+            self._work_off()
 
     def _ping(self, command: p.Ping) -> None:
         self.write(p.pong_line(command.token))
@@ -475,6 +637,19 @@ def _ignore(connection: TcpConnection, command: Any) -> None:
     pass
 
 
+#: Commands answered by the router alone, whose replies may overtake the others'.
+_LOCAL = frozenset({p.Ping, p.Pong, p.PeerError})
+#: Commands that ask a shard for a reply; one is outstanding at a time per connection.
+_REPLY_COMMANDS = frozenset({p.Names, p.Rooms, p.History})
+
+
+class _Received(NamedTuple):
+    """A reply command queued behind another, with the loop time it was read at."""
+
+    command: Any
+    at: float
+
+
 #: Command type -> handler. One table for all connections (not a dict of bound methods per
 #: connection: with thousands of connections that is memory for nothing).
 _DISPATCH: Dict[type, Callable[[TcpConnection, Any], None]] = {
@@ -488,6 +663,7 @@ _DISPATCH: Dict[type, Callable[[TcpConnection, Any], None]] = {
     p.Ping: TcpConnection._ping,
     p.Pong: _ignore,
     p.PeerError: TcpConnection._peer_error,
+    _Received: TcpConnection._received,
 }
 
 

@@ -61,7 +61,12 @@ HOST = "127.0.0.1"
 
 # The cluster logs its ports and shard PIDs at INFO (nothing else is logged at INFO per
 # message or per connection), so INFO costs nothing measurable and tells us the ports.
-CLUSTER_FLAGS = ("--rate-limit", "0", "--max-connections-per-ip", "100000", "--log-level", "INFO")
+#: Flood control and the per-address limits off: the load generator is one address that
+#: opens thousands of connections and sessions and joins them all at once.
+CLUSTER_FLAGS = (
+    "--rate-limit", "0", "--max-connections-per-ip", "100000", "--join-rate", "0",
+    "--session-rate", "0", "--max-sessions-per-address", "100000", "--log-level", "INFO",
+)  # fmt: skip
 LISTENING = re.compile(r"listening (tcp|http) (\S+):(\d+)")
 SHARD_PIDS = re.compile(r"started \d+ shard processes \(pids \[([\d, ]*)\]\)")
 

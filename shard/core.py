@@ -9,12 +9,13 @@ thin shell around it; tests drive it directly.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 from common import messages as m
-from common.limits import HISTORY_SIZE, MAX_EMPTY_ROOMS_PER_SHARD
+from common.limits import HISTORY_SIZE, MAX_EMPTY_ROOMS_PER_SHARD, MAX_ROOMS_LISTED
 from common.names import name_key
 from common.protocol import msg_line
 
@@ -43,6 +44,14 @@ class Room:
     def first_seq(self) -> int:
         """The oldest seq still held (``seq + 1`` when the history is empty)."""
         return self.history[0][0] if self.history else self.seq + 1
+
+
+def busiest_rooms(listing: List[Tuple[str, int]]) -> List[Tuple[str, int]]:
+    """At most ``MAX_ROOMS_LISTED`` of ``(room, members)``: the most members first, ties
+    by name (so every shard and the router agree on which ones make the cut)."""
+    if len(listing) <= MAX_ROOMS_LISTED:
+        return listing
+    return heapq.nsmallest(MAX_ROOMS_LISTED, listing, key=lambda item: (-item[1], item[0]))
 
 
 class ShardCore:
@@ -157,7 +166,7 @@ class ShardCore:
     def _rooms(self, events: List[Any], command: tuple) -> None:
         _, req, cid = command
         listing = [(name, len(room.members)) for name, room in self.rooms.items()]
-        events.append((m.DONE, req, cid, listing))
+        events.append((m.DONE, req, cid, busiest_rooms(listing)))
 
     def _history(self, events: List[Any], command: tuple) -> None:
         _, req, cid, name, n = command
@@ -168,7 +177,7 @@ class ShardCore:
             events.append((m.DONE, req, cid, [history[i] for i in range(start, len(history))]))
 
     def _since(self, events: List[Any], command: tuple) -> None:
-        _, req, cid, name, after = command
+        _, req, cid, name, after, max_bytes = command
         room = self._member_room(events, command[0], req, cid, name)
         if room is None:
             return
@@ -176,7 +185,8 @@ class ShardCore:
         # Entries are consecutive, so the ones after `after` are the last (seq - after).
         wanted = max(0, min(room.seq - after, len(room.history)))
         history = room.history
-        entries = [history[i] for i in range(len(history) - wanted, len(history))]
+        newer = (history[i] for i in range(len(history) - wanted, len(history)))
+        entries, _ = m.take_within(newer, max_bytes)
         events.append((m.DONE, req, cid, (entries, first, room.seq)))
 
     # --- helpers ---------------------------------------------------------------------

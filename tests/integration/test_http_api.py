@@ -28,11 +28,10 @@ from common.limits import (
     MAX_TEXT_CHARS,
 )
 from router import http as http_adapter
-from router import http_session
 from router.http_api import FAILURE_STATUS, HttpApi, failure_error
 from router.http_static import StaticFiles
 from router.hub import Failure, Hub
-from router.policy import ConnectionLimiter
+from router.policy import ConnectionLimiter, Settings
 from tests.cluster import Cluster, LineClient
 from web import WEB_ROOT
 
@@ -879,7 +878,11 @@ def test_waiting_polls_hear_the_server_shut_down() -> None:
 
 
 def run_in_process(
-    monkeypatch: pytest.MonkeyPatch, body: Any, admit: Any = None, max_connections: int = 10
+    monkeypatch: pytest.MonkeyPatch,
+    body: Any,
+    admit: Any = None,
+    max_connections: int = 10,
+    settings: Optional[Settings] = None,
 ) -> Any:
     """Run coroutine function *body(port, api)* against an in-process HTTP adapter (no
     shards) with the request deadline and keep-alive idle shortened to 0.3 s."""
@@ -889,7 +892,7 @@ def run_in_process(
     async def main() -> Any:
         loop = asyncio.get_running_loop()
         limiter = ConnectionLimiter(max_connections, max_connections)
-        api = HttpApi(Hub(loop, limiter=limiter), StaticFiles(WEB_ROOT))
+        api = HttpApi(Hub(loop, settings, limiter=limiter), StaticFiles(WEB_ROOT))
         if admit is not None:
             api.admit = admit
         connections: set = set()
@@ -978,7 +981,6 @@ def test_admission_hook_answers_429(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_session_cap_answers_503(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(http_session, "MAX_HTTP_SESSIONS", 0)
 
     async def body(port: int, api: HttpApi) -> bytes:
         payload = b'{"room":"lobby","username":"alice"}'
@@ -988,7 +990,7 @@ def test_session_cap_answers_503(monkeypatch: pytest.MonkeyPatch) -> None:
         )
         return await read_all(port, request)
 
-    raw = run_in_process(monkeypatch, body)
+    raw = run_in_process(monkeypatch, body, settings=Settings(max_sessions=0))
     assert status_of(raw) == 503 and b"too_many_sessions" in raw
 
 

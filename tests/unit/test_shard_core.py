@@ -61,8 +61,10 @@ def history(core: ShardCore, cid: int, room: str, n: int = HISTORY_SIZE) -> List
     return done(core, (m.HISTORY, 9, cid, room, n))  # type: ignore[return-value]
 
 
-def since(core: ShardCore, cid: int, room: str, after: int) -> Tuple[list, int, int]:
-    return done(core, (m.SINCE, 9, cid, room, after))  # type: ignore[return-value]
+def since(
+    core: ShardCore, cid: int, room: str, after: int, max_bytes: int = 1 << 30
+) -> Tuple[list, int, int]:
+    return done(core, (m.SINCE, 9, cid, room, after, max_bytes))  # type: ignore[return-value]
 
 
 # --- join --------------------------------------------------------------------------------
@@ -321,7 +323,7 @@ def test_since_after_eviction(core: ShardCore) -> None:
 
 
 def test_since_when_not_in_room(core: ShardCore) -> None:
-    assert core.apply([(m.SINCE, 2, 1, "lobby", 0)]) == [
+    assert core.apply([(m.SINCE, 2, 1, "lobby", 0, 1 << 30)]) == [
         (m.FAIL, 2, 1, m.SINCE, m.ERR_NOT_IN_ROOM, "lobby")
     ]
 
@@ -480,15 +482,26 @@ class ShardModel(RuleBasedStateMachine):
             expected = [(m.DONE, 3, cid, self.entries[room][-n:])]
         self.check((m.HISTORY, 3, cid, room, n), expected)
 
-    @rule(cid=CIDS, room=ROOMS, after=st.integers(min_value=0, max_value=30))
-    def since(self, cid: int, room: str, after: int) -> None:
+    @rule(
+        cid=CIDS,
+        room=ROOMS,
+        after=st.integers(min_value=0, max_value=30),
+        max_bytes=st.sampled_from([1, 150, 400, 1 << 30]),
+    )
+    def since(self, cid: int, room: str, after: int, max_bytes: int) -> None:
         if self.not_member(cid, room):
             expected = [(m.FAIL, 4, cid, m.SINCE, m.ERR_NOT_IN_ROOM, room)]
         else:
             entries = self.entries[room]
-            result = ([e for e in entries if e[0] > after], 1, len(entries))
+            newer = [e for e in entries if e[0] > after]
+            taken = []
+            for entry in newer:  # oldest first, within max_bytes, at least one
+                if taken and sum(map(m.entry_size, taken + [entry])) > max_bytes:
+                    break
+                taken.append(entry)
+            result = (taken, 1, len(entries))
             expected = [(m.DONE, 4, cid, result)]
-        self.check((m.SINCE, 4, cid, room, after), expected)
+        self.check((m.SINCE, 4, cid, room, after, max_bytes), expected)
 
     @rule(room=ROOMS)
     def names(self, room: str) -> None:

@@ -35,6 +35,8 @@ ROOMS = ["lobby", "Lobby", "zoë-room"]
 #: Usernames collide ignoring case (casefold: "straße" and "STRASSE" are one name).
 USERNAMES = ["alice", "Alice", "ALICE", "bob", "zoë", "ZOË", "straße", "STRASSE"]
 TEXTS = st.text(st.characters(exclude_categories=("Cc", "Cs")), min_size=1, max_size=12)
+#: Byte budgets of SINCE: one entry, a few, and no limit in practice.
+MAX_BYTES = st.sampled_from([1, 250, 1000, 1 << 30])
 
 Entry = Tuple[int, float, str, str, str]
 #: A delivery to a client: (room, shard epoch, seq). Seqs start again after a restart.
@@ -118,14 +120,20 @@ class Model:
         fail = self.not_in_room(req, cid, m.HISTORY, room)
         return [fail] if fail else [(m.DONE, req, cid, list(self.entries[room])[-n:])]
 
-    def since(self, req: int, cid: int, room: str, after: int) -> List[tuple]:
+    def since(self, req: int, cid: int, room: str, after: int, max_bytes: int) -> List[tuple]:
         fail = self.not_in_room(req, cid, m.SINCE, room)
         if fail:
             return [fail]
         held = list(self.entries[room])
         first = held[0][0] if held else self.seq[room] + 1
         newer = [e for e in held if e[0] > after]
-        return [(m.DONE, req, cid, (newer, first, self.seq[room]))]
+        size, cut = 0, len(newer)
+        for index, entry in enumerate(newer):  # oldest first, within max_bytes, at least one
+            size += m.entry_size(entry)
+            if index and size > max_bytes:
+                cut = index
+                break
+        return [(m.DONE, req, cid, (newer[:cut], first, self.seq[room]))]
 
     def restart(self) -> None:
         """The shard died and came back empty; members are put back, history is gone."""
@@ -242,10 +250,15 @@ class ShardCoreMachine(RuleBasedStateMachine):
     def history(self, cid: int, room: str, n: int) -> None:
         self.one((m.HISTORY, self.req(True), cid, room, n))
 
-    @rule(cid=st.sampled_from(CIDS), room=st.sampled_from(ROOMS), back=st.integers(-3, 600))
-    def since(self, cid: int, room: str, back: int) -> None:
+    @rule(
+        cid=st.sampled_from(CIDS),
+        room=st.sampled_from(ROOMS),
+        back=st.integers(-3, 600),
+        max_bytes=MAX_BYTES,
+    )
+    def since(self, cid: int, room: str, back: int, max_bytes: int) -> None:
         after = self.model.seq[room] - back
-        self.one((m.SINCE, self.req(True), cid, room, after))
+        self.one((m.SINCE, self.req(True), cid, room, after, max_bytes))
 
     def draw_member(self, data: st.DataObject) -> Tuple[int, str]:
         room = data.draw(st.sampled_from(sorted(self.model.members)))
@@ -258,10 +271,15 @@ class ShardCoreMachine(RuleBasedStateMachine):
         self.one((m.HISTORY, self.req(True), cid, room, n))
 
     @precondition(lambda self: bool(self.model.members))
-    @rule(data=st.data(), back=st.one_of(st.integers(-2, 3), st.integers(4, 600)))
-    def member_since(self, data: st.DataObject, back: int) -> None:
+    @rule(
+        data=st.data(),
+        back=st.one_of(st.integers(-2, 3), st.integers(4, 600)),
+        max_bytes=MAX_BYTES,
+    )
+    def member_since(self, data: st.DataObject, back: int, max_bytes: int) -> None:
         cid, room = self.draw_member(data)
-        self.one((m.SINCE, self.req(True), cid, room, self.model.seq[room] - back))
+        after = self.model.seq[room] - back
+        self.one((m.SINCE, self.req(True), cid, room, after, max_bytes))
 
     @precondition(lambda self: bool(self.model.members))
     @rule(data=st.data(), text=TEXTS)
