@@ -161,7 +161,7 @@ class Router:
                 "or by an IP address get 421 until you pass it, e.g. --allowed-hosts "
                 "%s,chat.example.org,192.0.2.10 (or '*' to accept any host, which turns "
                 "off the DNS-rebinding protection)",
-                ",".join(sorted(hosts.names)),
+                hosts.as_flag(),
             )
 
     def close_listeners(self) -> None:

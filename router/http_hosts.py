@@ -62,6 +62,12 @@ class AllowedHosts:
         """True if *host* (already in Authority form) may be named by a request."""
         return self.any_host or host in self.names
 
+    def as_flag(self) -> str:
+        """The list as an ``--allowed-hosts`` value (IPv6 without brackets: no shell globs)."""
+        if self.any_host:
+            return "*"
+        return ",".join(sorted(name.strip("[]") for name in self.names))
+
     def describe(self) -> str:
         """The list for the startup log."""
         return (

@@ -73,6 +73,12 @@ def test_parse(text: str, names: set) -> None:
     assert AllowedHosts.parse(text) == AllowedHosts(frozenset(names))
 
 
+def test_as_flag_round_trips() -> None:
+    assert DEFAULT.as_flag() == "127.0.0.1,::1,localhost"
+    assert AllowedHosts.parse(DEFAULT.as_flag()) == DEFAULT
+    assert ANY.as_flag() == "*"
+
+
 def test_parse_star() -> None:
     assert ANY.any_host and ANY.allows("anything.example")
     assert AllowedHosts.parse("a.example,*").any_host
