@@ -359,9 +359,7 @@ def request_authority(
     field's (RFC 9112 3.2.2); None for HTTP/1.0 without either. HTTP/1.1 needs exactly one
     ``Host``, and any ``Host`` must be ``host[:port]`` (RFC 9112 3.2: 400 otherwise); an
     empty one (allowed for targets without an authority) names the host ``""``."""
-    if http11 and len(hosts) != 1:
-        return ERR_NO_HOST
-    if len(hosts) > 1:
+    if len(hosts) > 1 or (http11 and not hosts):
         return ERR_NO_HOST
     from_header: Optional[Authority] = None
     if hosts:

@@ -40,9 +40,6 @@ class Authority(NamedTuple):
     host: str
     port: Optional[int]
 
-    def __str__(self) -> str:
-        return self.host if self.port is None else f"{self.host}:{self.port}"
-
 
 class Target(NamedTuple):
     """A split request target: ``path`` (``*`` for asterisk-form) and ``query`` (without
