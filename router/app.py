@@ -22,6 +22,7 @@ from common.limits import (
     SHARD_STOP_TIMEOUT,
     SHUTDOWN_TIMEOUT,
 )
+from router.http_hosts import WILDCARD_ADDRESSES, AllowedHosts
 from router.hub import Hub
 from router.policy import ConnectionLimiter, Settings, connection_cap, raise_fd_limit
 from router.shards import ShardPool
@@ -50,9 +51,18 @@ class Config:
     settings: Settings = field(default_factory=Settings)
     poll_timeout: float = POLL_TIMEOUT  # HTTP long-poll wait, seconds
     session_ttl: float = SESSION_TTL  # HTTP session lifetime without a request, seconds
+    #: Hosts HTTP requests may name (``--allowed-hosts``); None: the default for ``host``.
+    allowed_hosts: Optional[AllowedHosts] = None
 
     def shard_count(self) -> int:
         return self.shards or default_shard_count()
+
+    def http_hosts(self) -> AllowedHosts:
+        """The allowed hosts in force: ``--allowed-hosts``, else the default for ``host``
+        (see :meth:`AllowedHosts.default_for`)."""
+        if self.allowed_hosts is not None:
+            return self.allowed_hosts
+        return AllowedHosts.default_for(self.host)
 
 
 class PortInUse(Exception):
@@ -96,6 +106,8 @@ class Router:
         if config.http_port is not None:
             from router.http import start_http_server
 
+            hosts = config.http_hosts()
+
             def start_http(hub: Hub, host: str, port: int) -> Awaitable[asyncio.AbstractServer]:
                 return start_http_server(
                     hub,
@@ -103,6 +115,7 @@ class Router:
                     port,
                     poll_timeout=config.poll_timeout,
                     session_ttl=config.session_ttl,
+                    allowed_hosts=hosts,
                 )
 
             listeners.append(("http", config.http_port, start_http))
@@ -135,6 +148,21 @@ class Router:
             for sock in server.sockets:
                 host, port = sock.getsockname()[:2]
                 log.info("listening %s %s:%d", kind, host, port)
+        if len(self.servers) > 1:
+            self._log_allowed_hosts()
+
+    def _log_allowed_hosts(self) -> None:
+        config = self.config
+        hosts = config.http_hosts()
+        log.info("http answers requests for hosts: %s", hosts.describe())
+        if config.allowed_hosts is None and config.host in WILDCARD_ADDRESSES:
+            log.info(
+                "http on every interface: browsers that reach this machine by another name "
+                "or by an IP address get 421 until you pass it, e.g. --allowed-hosts "
+                "%s,chat.example.org,192.0.2.10 (or '*' to accept any host, which turns "
+                "off the DNS-rebinding protection)",
+                hosts.as_flag(),
+            )
 
     def close_listeners(self) -> None:
         for server in self.servers:

@@ -10,6 +10,7 @@ from typing import Any, Callable, List, Optional
 
 from common.limits import MAX_SHARDS, POLL_TIMEOUT, SESSION_TTL
 from router.app import Config, default_shard_count, run
+from router.http_hosts import AllowedHosts
 from router.policy import Settings
 
 
@@ -25,6 +26,13 @@ def _shards(text: str) -> int:
     if not 1 <= count <= MAX_SHARDS:
         raise argparse.ArgumentTypeError(f"shards must be 1-{MAX_SHARDS}, got {count}")
     return count
+
+
+def _allowed_hosts(text: str) -> AllowedHosts:
+    try:
+        return AllowedHosts.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +173,16 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help=f"seconds a browser session lives without a request (default {SESSION_TTL:g})",
     )
+    http.add_argument(
+        "--allowed-hosts",
+        type=_allowed_hosts,
+        default=None,
+        metavar="HOST[,HOST...]",
+        help="host names HTTP requests may name in Host (ports do not matter); others get "
+        "421. Default: the --host address, localhost, 127.0.0.1 and ::1, and for --host "
+        "0.0.0.0 or :: also this machine's hostname. '*' accepts any host and so turns off "
+        "the protection against DNS rebinding",
+    )
     parser.add_argument(
         "--pipe-io",
         choices=["selector", "threads"],
@@ -193,6 +211,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         settings=settings_from_args(args),
         poll_timeout=args.poll_timeout,
         session_ttl=args.session_ttl,
+        allowed_hosts=args.allowed_hosts,
     )
 
 

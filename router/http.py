@@ -31,9 +31,12 @@ from common.limits import (
     SESSION_TTL,
 )
 from router.http_api import SECURITY_HEADERS, ApiError, Exchange, HttpApi, Response
+from router.http_hosts import AllowedHosts
 from router.http_parser import (
     CLOSED,
+    CONTINUE_RESPONSE,
     NEED_DATA,
+    Continue,
     HttpRequestParser,
     ProtocolError,
     Request,
@@ -220,9 +223,26 @@ class HttpConnection(asyncio.Protocol):
             self.close()
         elif isinstance(event, ProtocolError):
             self._refuse(event)
+        elif isinstance(event, Continue):
+            self._continue(event.request)
         else:
             assert isinstance(event, Request)
             self._start(event)
+
+    def _continue(self, head: Request) -> None:
+        """The client waits for ``100 Continue`` before sending the body: send it, unless
+        the head alone is refused (bad host or origin, unknown path...). Then the refusal
+        is the answer and the connection closes: the body is never read."""
+        assert self.transport is not None
+        refusal = self.api.refusal(head)
+        if refusal is None:
+            self.transport.write(CONTINUE_RESPONSE)
+            return
+        headers = refusal.headers + SECURITY_HEADERS
+        head_only = head.method == "HEAD"
+        data = format_response(refusal.status, headers, refusal.body, False, head_only)
+        self.transport.write(data)
+        self._close_after_answer()
 
     def _start(self, request: Request) -> None:
         self._cancel_timers()
@@ -403,12 +423,15 @@ async def start_http_server(
     start_serving: bool = False,
     poll_timeout: float = POLL_TIMEOUT,
     session_ttl: float = SESSION_TTL,
+    allowed_hosts: Optional[AllowedHosts] = None,
 ) -> asyncio.AbstractServer:
     """Bind the HTTP listener (browser UI and JSON API), not yet accepting unless
     *start_serving*. Raises ``OSError`` if the port cannot be bound. The returned server
-    owns the API state (sessions); closing it ends the connections."""
+    owns the API state (sessions); closing it ends the connections. *allowed_hosts* are
+    the hosts requests may name (default: :meth:`AllowedHosts.default_for` *host*)."""
     loop = asyncio.get_running_loop()
-    api = HttpApi(hub, StaticFiles(WEB_ROOT), poll_timeout, session_ttl)
+    hosts = allowed_hosts if allowed_hosts is not None else AllowedHosts.default_for(host)
+    api = HttpApi(hub, StaticFiles(WEB_ROOT), poll_timeout, session_ttl, hosts)
     api.admit = SessionRateLimit(hub.settings.rate_limit, hub.settings.rate_burst)
     connections: Set[HttpConnection] = set()
     server = await loop.create_server(

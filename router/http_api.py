@@ -13,7 +13,7 @@ import json
 import logging
 import re
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote
 
 from common import messages as m
 from common.limits import (
@@ -30,6 +30,7 @@ from common.names import (
     name_key,
     normalize,
 )
+from router.http_hosts import AllowedHosts, host_allowed, origin_allowed
 from router.http_parser import Request
 from router.http_poll import Poll, encode_poll_payload, parse_cursors
 from router.http_session import COOKIE_NAME, HttpSession, SessionStore
@@ -67,6 +68,7 @@ INVALID_CURSOR = "invalid_cursor"
 TEXT_TOO_LONG = "text_too_long"
 NO_SESSION = "no_session"
 BAD_ORIGIN = "bad_origin"
+MISDIRECTED_REQUEST = "misdirected_request"
 NOT_FOUND = "not_found"
 METHOD_NOT_ALLOWED = "method_not_allowed"
 UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
@@ -223,6 +225,8 @@ class _Anonymous(Client):
 
 
 Handler = Callable[[Request, Exchange, Dict[str, Any]], None]
+#: What a request resolved to: call it with the exchange to answer.
+Action = Callable[[Exchange], None]
 
 
 class HttpApi:
@@ -234,10 +238,12 @@ class HttpApi:
         static: StaticFiles,
         poll_timeout: float = POLL_TIMEOUT,
         session_ttl: float = SESSION_TTL,
+        allowed_hosts: AllowedHosts = AllowedHosts(),
     ) -> None:
         self.hub = hub
         self.static = static
         self.poll_timeout = poll_timeout
+        self.allowed_hosts = allowed_hosts
         self.sessions = SessionStore(hub, hub.loop, session_ttl)
         self.admit: Admit = admit_everything
         self._anonymous = _Anonymous()
@@ -264,10 +270,30 @@ class HttpApi:
             log.error("error handling %s %s", request.method, request.target, exc_info=True)
             exchange.respond(ApiError(500, INTERNAL_ERROR, "internal error").response())
 
+    def refusal(self, request: Request) -> Optional[Response]:
+        """The answer to *request* if its head alone refuses it (host, origin, path,
+        method, content type), else None. For a head whose body has not been read yet
+        (``Expect: 100-continue``): *request* has an empty body. Never raises."""
+        try:
+            self._resolve(request)
+        except ApiError as error:
+            return error.response()
+        except Exception:
+            log.error("error checking %s %s", request.method, request.target, exc_info=True)
+            return ApiError(500, INTERNAL_ERROR, "internal error").response()
+        return None
+
     def _dispatch(self, request: Request, exchange: Exchange) -> None:
-        split = urlsplit(request.target)
-        path = split.path
+        self._resolve(request)(exchange)
+
+    def _resolve(self, request: Request) -> Action:
+        """What answers *request*, from its head alone; raises :class:`ApiError` for a
+        refusal. Every request, the page and ``/healthz`` too, must name an allowed host."""
+        self._check_host(request)
+        path = request.path
         method = "GET" if request.method == "HEAD" else request.method
+        if path == "*":  # OPTIONS * asks what the server supports
+            raise _method_not_allowed(("GET", "HEAD", "POST"))
         handlers, params = self._route(path)
         if handlers is None:
             static = self.static.lookup(path)
@@ -275,15 +301,38 @@ class HttpApi:
                 raise ApiError(404, NOT_FOUND, f"no such resource {path}")
             if method != "GET":
                 raise _method_not_allowed(("GET", "HEAD"))
-            self._static(request, exchange, static)
-            return
+            return lambda exchange: self._static(request, exchange, static)
         handler = handlers.get(method)
         if handler is None:
             raise _method_not_allowed(tuple(handlers) + (("HEAD",) if "GET" in handlers else ()))
         if method == "POST":
-            _check_post(request)
-        params["query"] = split.query
-        handler(request, exchange, params)
+            self._check_post(request)
+        params["query"] = request.query
+        return lambda exchange: handler(request, exchange, params)
+
+    def _check_host(self, request: Request) -> None:
+        """The host the request names must be allowed (DNS rebinding, see
+        :mod:`router.http_hosts`): ``421 misdirected_request`` otherwise."""
+        if not host_allowed(self.allowed_hosts, request.authority):
+            host = request.authority.host if request.authority is not None else ""
+            raise ApiError(
+                421,
+                MISDIRECTED_REQUEST,
+                f"this server does not answer for host {host!r}; to allow it, start the "
+                "router with --allowed-hosts naming it",
+            )
+
+    def _check_post(self, request: Request) -> None:
+        """From this origin, and JSON only: a cross-site script's fetch carries a foreign
+        ``Origin`` (compared with the allowed hosts and the request's own host and port,
+        never with ``Host`` alone), and a cross-site form cannot send JSON."""
+        if not origin_allowed(
+            self.allowed_hosts, request.header_values("origin"), request.authority
+        ):
+            raise ApiError(403, BAD_ORIGIN, "cross-origin requests are not accepted")
+        content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise ApiError(415, UNSUPPORTED_MEDIA_TYPE, "send Content-Type: application/json")
 
     def _route(self, path: str) -> Tuple[Optional[Dict[str, Handler]], Dict[str, Any]]:
         handlers = self._routes.get(path)
@@ -413,10 +462,9 @@ class HttpApi:
         body = _json_object(request)
         room = _room_field(body)
         text = _text_field(body, room)
-        claimed = body.get("username")
-        if claimed is not None and (
-            not isinstance(claimed, str)
-            or name_key(normalize(claimed)) != name_key(session.username or "")
+        # Optional, but when present it must be a valid name (400) and the session's (403).
+        if "username" in body and name_key(_username_field(body)) != name_key(
+            session.username or ""
         ):
             raise ApiError(403, m.ERR_WRONG_USERNAME, "username does not match the session")
         if room not in session.rooms:
@@ -434,7 +482,7 @@ class HttpApi:
     def _leave(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
         session = self._session(request)
         body = _json_object(request)
-        if body.get("room") is None:
+        if "room" not in body:  # only {} ends the session; "room": null is a bad room
             self.sessions.end(session)
             payload = {"ok": True, "ended": True}
             exchange.respond(json_response(200, payload, (expired_cookie(),)))
@@ -509,18 +557,6 @@ def _too_fast(wait: Optional[float]) -> None:
 def _method_not_allowed(allowed: Sequence[str]) -> ApiError:
     allow = ", ".join(dict.fromkeys(allowed))
     return ApiError(405, METHOD_NOT_ALLOWED, f"allowed: {allow}", headers=(("Allow", allow),))
-
-
-def _check_post(request: Request) -> None:
-    """JSON only, and from this origin: a cross-site form cannot send JSON, and a
-    cross-site script's fetch carries a foreign ``Origin``."""
-    content_type = (request.header("content-type") or "").split(";")[0].strip().lower()
-    if content_type != "application/json":
-        raise ApiError(415, UNSUPPORTED_MEDIA_TYPE, "send Content-Type: application/json")
-    origin = request.header("origin")
-    host = request.header("host")
-    if origin is not None and origin not in (f"http://{host}", f"https://{host}"):
-        raise ApiError(403, BAD_ORIGIN, "cross-origin requests are not accepted")
 
 
 def _json_object(request: Request) -> Dict[str, Any]:

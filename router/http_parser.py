@@ -4,7 +4,11 @@ Nothing here touches a socket or a loop. A transport feeds what it read to
 :meth:`HttpRequestParser.receive_data` (``b""`` at end of stream) and asks
 :meth:`HttpRequestParser.next_event` for the next complete request. Only what this server
 needs is supported: ``Content-Length`` bodies (no chunked request bodies), keep-alive,
-pipelining (requests are handed out one at a time, in order). Every limit comes from
+pipelining (requests are handed out one at a time, in order), ``Expect: 100-continue``
+(the :class:`Continue` event says when to send ``100 Continue``). The request target is
+split and checked here (:func:`router.http_target.split_target`), so the API gets a path
+and a query that are well formed, and the host the request names
+(:attr:`Request.authority`). Every limit comes from
 :mod:`common.limits`; a peer that crosses one, or sends something malformed, gets a
 :class:`ProtocolError` carrying the status and stable code to answer with, after which the
 parser is dead and the transport closes the connection once the answer is out.
@@ -21,13 +25,18 @@ from common.limits import (
     MAX_HTTP_HEADERS,
     MAX_HTTP_REQUEST_LINE_BYTES,
 )
+from router.http_target import Authority, Target, parse_authority, split_target
 
 Headers = List[Tuple[str, str]]
 
 
 class Request(NamedTuple):
     """One complete request. Header names are lower-case; values are ISO-8859-1 decoded
-    and stripped of surrounding whitespace."""
+    and stripped of surrounding whitespace. ``path`` and ``query`` are the split target
+    (still percent-encoded, every ``%`` starting a ``%XX``; ``path`` is ``*`` for
+    ``OPTIONS *``); ``authority`` is the host the request names: the absolute-form
+    target's if it has one (RFC 9112 3.2.2), else the ``Host`` field's, None only for
+    HTTP/1.0 without ``Host``."""
 
     method: str
     target: str
@@ -35,6 +44,9 @@ class Request(NamedTuple):
     headers: Headers
     body: bytes
     keep_alive: bool
+    path: str = "/"
+    query: str = ""
+    authority: Optional[Authority] = None
 
     def header(self, name: str) -> Optional[str]:
         """The value of the first field called *name* (lower-case), or None."""
@@ -42,6 +54,19 @@ class Request(NamedTuple):
             if key == name:
                 return value
         return None
+
+    def header_values(self, name: str) -> List[str]:
+        """The values of every field called *name* (lower-case), in order."""
+        return [value for key, value in self.headers if key == name]
+
+
+class Continue(NamedTuple):
+    """The head of ``request`` (its body still empty) is complete, asks for
+    ``Expect: 100-continue``, and its body has not all arrived: send ``100 Continue``
+    (:data:`CONTINUE_RESPONSE`) now, or refuse the request on its head alone. Given at
+    most once per request; the :class:`Request` follows when its body is complete."""
+
+    request: Request
 
 
 class ProtocolError(NamedTuple):
@@ -67,7 +92,10 @@ NEED_DATA = _NeedData()
 #: :meth:`HttpRequestParser.next_event`: the peer closed the stream between requests.
 CLOSED = _Closed()
 
-Event = Union[Request, ProtocolError, _NeedData, _Closed]
+Event = Union[Request, Continue, ProtocolError, _NeedData, _Closed]
+
+#: The interim response a :class:`Continue` event asks for.
+CONTINUE_RESPONSE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _VERSION = re.compile(rb"HTTP/(\d)\.(\d)\Z")
@@ -94,11 +122,19 @@ ERR_CL_AND_TE = ProtocolError(
 )
 ERR_BAD_LENGTH = ProtocolError(400, "bad_request", "invalid Content-Length")
 ERR_NO_HOST = ProtocolError(400, "bad_request", "HTTP/1.1 request without exactly one Host")
+ERR_BAD_HOST = ProtocolError(400, "bad_request", "invalid Host field (host[:port] expected)")
+ERR_EXPECTATION = ProtocolError(
+    417, "expectation_failed", "the only expectation supported is Expect: 100-continue"
+)
 ERR_TRUNCATED = ProtocolError(400, "bad_request", "connection closed mid-request")
 
 
 def _header_error(why: str) -> ProtocolError:
     return ProtocolError(400, "bad_request", f"malformed header field: {why}")
+
+
+def _target_error(why: str) -> ProtocolError:
+    return ProtocolError(400, "bad_request", f"malformed request target: {why}")
 
 
 class HttpRequestParser:
@@ -113,8 +149,9 @@ class HttpRequestParser:
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._scanned = 0  # bytes of the head already searched for its end
-        self._head: Optional[Tuple[str, str, str, Headers, bool]] = None
+        self._head: Optional[Request] = None  # a parsed head waiting for its body
         self._body_length = 0
+        self._continue = False  # the head asked for 100-continue and was not told yet
         self._eof = False
         self._dead = False
 
@@ -149,6 +186,9 @@ class HttpRequestParser:
                 return self._take_request()
             if self._eof:
                 return self._fail(ERR_TRUNCATED)
+            if self._continue:
+                self._continue = False
+                return Continue(self._head)
         return NEED_DATA
 
     # --- internals -------------------------------------------------------------------
@@ -228,13 +268,16 @@ class HttpRequestParser:
             return ERR_BAD_REQUEST_LINE
         if match.group(1) != b"1" or match.group(2) not in (b"0", b"1"):
             return ERR_BAD_VERSION
+        split = split_target(method.decode("ascii"), target.decode("ascii"))
+        if isinstance(split, str):
+            return _target_error(split)
         headers = parse_header_block(field_block)
         if isinstance(headers, ProtocolError):
             return headers
-        return self._frame(method.decode("ascii"), target.decode("ascii"), version, headers)
+        return self._frame(method.decode("ascii"), target.decode("ascii"), split, version, headers)
 
     def _frame(
-        self, method: str, target: str, version: bytes, headers: Headers
+        self, method: str, target: str, split: Target, version: bytes, headers: Headers
     ) -> Union[ProtocolError, Request, None]:
         fields: Dict[str, List[str]] = {}
         for name, value in headers:
@@ -247,27 +290,42 @@ class HttpRequestParser:
         if length > MAX_HTTP_BODY_BYTES:
             return ERR_BODY_TOO_LARGE
         http11 = version == b"HTTP/1.1"
-        if http11 and len(fields.get("host", ())) != 1:
-            return ERR_NO_HOST
+        authority = request_authority(split, fields.get("host", ()), http11)
+        if isinstance(authority, ProtocolError):
+            return authority
+        wants_continue = expects_continue(fields.get("expect", ()), http11)
+        if isinstance(wants_continue, ProtocolError):
+            return wants_continue
         tokens = {
             token.strip().lower()
             for value in fields.get("connection", ())
             for token in value.split(",")
         }
         keep_alive = "close" not in tokens if http11 else "keep-alive" in tokens
-        self._head = (method, target, version.decode("ascii"), headers, keep_alive)
+        self._head = Request(
+            method,
+            target,
+            version.decode("ascii"),
+            headers,
+            b"",
+            keep_alive,
+            split.path,
+            split.query,
+            authority,
+        )
         self._body_length = length
+        self._continue = wants_continue and length > 0
         return None
 
     def _take_request(self) -> Request:
         assert self._head is not None
-        method, target, version, headers, keep_alive = self._head
         length = self._body_length
-        body = bytes(self._buffer[:length])
+        request = self._head._replace(body=bytes(self._buffer[:length]))
         del self._buffer[:length]
         self._head = None
         self._body_length = 0
-        return Request(method, target, version, headers, body, keep_alive)
+        self._continue = False
+        return request
 
 
 def parse_header_block(block: bytes) -> Union[Headers, ProtocolError]:
@@ -294,6 +352,35 @@ def parse_header_block(block: bytes) -> Union[Headers, ProtocolError]:
     return headers
 
 
+def request_authority(
+    target: Target, hosts: Sequence[str], http11: bool
+) -> Union[Optional[Authority], ProtocolError]:
+    """The host a request names: its absolute-form target's authority, else its ``Host``
+    field's (RFC 9112 3.2.2); None for HTTP/1.0 without either. HTTP/1.1 needs exactly one
+    ``Host``, and any ``Host`` must be ``host[:port]`` (RFC 9112 3.2: 400 otherwise); an
+    empty one (allowed for targets without an authority) names the host ``""``."""
+    if len(hosts) > 1 or (http11 and not hosts):
+        return ERR_NO_HOST
+    from_header: Optional[Authority] = None
+    if hosts:
+        from_header = parse_authority(hosts[0]) if hosts[0] else Authority("", None)
+        if from_header is None:
+            return ERR_BAD_HOST
+    return target.authority if target.authority is not None else from_header
+
+
+def expects_continue(values: Sequence[str], http11: bool) -> Union[bool, ProtocolError]:
+    """Whether the ``Expect`` fields ask for ``100-continue`` (case-insensitive). Any other
+    expectation is ``417``. HTTP/1.0 has no expectations: ignored (RFC 9110 10.1.1)."""
+    if not http11:
+        return False
+    members = {item.strip().lower() for value in values for item in value.split(",")}
+    members.discard("")
+    if members - {"100-continue"}:
+        return ERR_EXPECTATION
+    return bool(members)
+
+
 def content_length(values: Sequence[str]) -> Union[int, ProtocolError]:
     """The body length from the ``Content-Length`` values (0 if none). Several fields, or a
     list, are accepted only if all agree (RFC 9110 8.6)."""
@@ -311,6 +398,7 @@ def content_length(values: Sequence[str]) -> Union[int, ProtocolError]:
 # --- responses ---------------------------------------------------------------------------
 
 REASONS = {
+    100: "Continue",
     200: "OK",
     204: "No Content",
     304: "Not Modified",
@@ -325,6 +413,8 @@ REASONS = {
     413: "Content Too Large",
     414: "URI Too Long",
     415: "Unsupported Media Type",
+    417: "Expectation Failed",
+    421: "Misdirected Request",
     429: "Too Many Requests",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",

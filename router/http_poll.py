@@ -72,21 +72,29 @@ def _cursor(room: str, after: str, epoch: Optional[str]) -> Union[Cursor, str]:
     return Cursor(room, seq, number)
 
 
+#: The query parameters of a poll.
+_POLL_PARAMETERS = ("room", "after", "epoch", "cursors")
+
+
 def parse_cursors(query: Dict[str, List[str]]) -> Union[List[Cursor], str]:
     """The cursors of a poll's query string (already split with ``parse_qs``): either
-    ``room=R&after=N[&epoch=E]`` or ``cursors=R1:N1[:E1],R2:N2[:E2]``. Returns the list,
-    or a message saying what is wrong."""
+    ``room=R&after=N[&epoch=E]`` or ``cursors=R1:N1[:E1],R2:N2[:E2]``, each parameter at
+    most once (other parameters, e.g. a cache buster, are ignored). Returns the list, or a
+    message saying what is wrong."""
+    for name in _POLL_PARAMETERS:
+        if len(query.get(name, ())) > 1:
+            return f"{name}= may be given once"
     single = query.get("room")
     several = query.get("cursors")
     if (single is None) == (several is None):
         return "give either room= (with after=) or cursors="
     if single is not None:
-        if len(single) != 1 or len(query.get("after", [""])) != 1:
-            return "room and after may be given once"
         epoch = query.get("epoch", [None])
-        return _single(single[0], query.get("after", [""])[0], epoch[-1])
+        return _single(single[0], query.get("after", [""])[0], epoch[0])
     assert several is not None
-    return _several(",".join(several))
+    if "after" in query or "epoch" in query:
+        return "after= and epoch= go with room=; cursors= carries its own"
+    return _several(several[0])
 
 
 def _single(room: str, after: str, epoch: Optional[str]) -> Union[List[Cursor], str]:

@@ -773,8 +773,8 @@ def test_keep_alive_reuses_the_connection(api: Api) -> None:
 
 
 def test_pipelined_requests_are_answered_in_order(cluster: Cluster) -> None:
-    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
-    closing = b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    closing = b"GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     raw = raw_exchange(cluster.http_port, request * 2 + closing)
     assert raw.count(b"HTTP/1.1 200 OK") == 2
     assert raw.rindex(b"HTTP/1.1 404") > raw.rindex(b"HTTP/1.1 200")
@@ -784,23 +784,27 @@ def test_pipelined_requests_are_answered_in_order(cluster: Cluster) -> None:
     "data, status, code",
     [
         (
-            b"POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Length: 999999\r\n\r\n",
+            b"POST /api/send HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 999999\r\n\r\n",
             413,
             b"body_too_large",
         ),
         (
-            b"POST /api/send HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"POST /api/send HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n{}",
             400,
             b"bad_request",
         ),
         (
-            b"POST /api/send HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST /api/send HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n",
             411,
             b"length_required",
         ),
         (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414, b"uri_too_long"),
-        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 101 + b"\r\n", 431, b"headers_too_large"),
+        (
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X: y\r\n" * 101 + b"\r\n",
+            431,
+            b"headers_too_large",
+        ),
         (b"GET / HTTP/3.0\r\n\r\n", 505, b"http_version_not_supported"),
         (b"NOT HTTP\r\n\r\n", 400, b"bad_request"),
     ],
@@ -943,7 +947,9 @@ def test_request_deadline_answers_408(monkeypatch: pytest.MonkeyPatch, data: byt
 
 
 def test_trickling_bytes_does_not_extend_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
-    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"z" * 100 + b"\r\n\r\n"
+    request = (
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: " + b"z" * 100 + b"\r\n\r\n"
+    )
 
     async def body(port: int, api: HttpApi) -> bytes:
         return await read_all(port, request, trickle=True)
@@ -954,7 +960,7 @@ def test_trickling_bytes_does_not_extend_the_deadline(monkeypatch: pytest.Monkey
 
 def test_idle_keep_alive_connection_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(port: int, api: HttpApi) -> bytes:
-        return await read_all(port, b"GET /style.css HTTP/1.1\r\nHost: x\r\n\r\n")
+        return await read_all(port, b"GET /style.css HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
 
     raw = run_in_process(monkeypatch, body)
     assert status_of(raw) == 200 and b"request_timeout" not in raw  # closed silently
@@ -970,7 +976,7 @@ def test_admission_hook_answers_429(monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(port: int, api: HttpApi) -> bytes:
         payload = b'{"room":"lobby","username":"alice"}'
         request = (
-            b"POST /api/join HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /api/join HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload)
         )
         return await read_all(port, request)
@@ -985,7 +991,7 @@ def test_session_cap_answers_503(monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(port: int, api: HttpApi) -> bytes:
         payload = b'{"room":"lobby","username":"alice"}'
         request = (
-            b"POST /api/join HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /api/join HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload)
         )
         return await read_all(port, request)
@@ -996,7 +1002,7 @@ def test_session_cap_answers_503(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_connection_cap_answers_503(monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(port: int, api: HttpApi) -> bytes:
-        return await read_all(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        return await read_all(port, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
 
     raw = run_in_process(monkeypatch, body, max_connections=0)
     assert status_of(raw) == 503 and b"server_full" in raw

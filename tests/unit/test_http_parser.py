@@ -14,12 +14,15 @@ from common.limits import (
 )
 from router.http_parser import (
     CLOSED,
+    CONTINUE_RESPONSE,
     NEED_DATA,
+    Continue,
     HttpRequestParser,
     ProtocolError,
     Request,
     format_response,
 )
+from router.http_target import Authority
 
 BODY = b'{"room": "lobby", "text": "h\xc3\xa9llo"}'
 SAMPLE = (
@@ -225,6 +228,21 @@ LONG_TARGET = b"/" + b"a" * MAX_HTTP_REQUEST_LINE_BYTES
         (b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: h\r\n\r\n", 400, "bad_request"),
         (b"GET  / HTTP/1.1\r\nHost: h\r\n\r\n", 400, "bad_request"),
         (b"G(T / HTTP/1.1\r\nHost: h\r\n\r\n", 400, "bad_request"),
+        (b"GET http://[::1/ HTTP/1.1\r\nHost: h\r\n\r\n", 400, "bad_request"),
+        (b"GET /a%zz HTTP/1.1\r\nHost: h\r\n\r\n", 400, "bad_request"),
+        (b"CONNECT h:443 HTTP/1.1\r\nHost: h\r\n\r\n", 400, "bad_request"),
+        (b"GET * HTTP/1.1\r\nHost: h\r\n\r\n", 400, "bad_request"),
+        (b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n", 400, "bad_request"),
+        (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400, "bad_request"),
+        (b"GET / HTTP/1.1\r\nHost: h:99999\r\n\r\n", 400, "bad_request"),
+        (b"GET / HTTP/1.0\r\nHost: h/x\r\n\r\n", 400, "bad_request"),
+        (b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", 400, "bad_request"),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nExpect: 200-ok\r\n\r\n", 417, "expectation_failed"),
+        (
+            b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue, x\r\nContent-Length: 1\r\n\r\n",
+            417,
+            "expectation_failed",
+        ),
     ],
     ids=[
         "request-line-unfinished",
@@ -248,6 +266,17 @@ LONG_TARGET = b"/" + b"a" * MAX_HTTP_REQUEST_LINE_BYTES
         "raw-utf8-target",
         "double-space",
         "bad-method",
+        "ipv6-target-unclosed",
+        "bad-percent-in-target",
+        "authority-form",
+        "asterisk-not-options",
+        "host-ipv6-unclosed",
+        "host-space",
+        "host-port-too-big",
+        "http10-host-path",
+        "http10-two-hosts",
+        "unknown-expectation",
+        "unknown-expectation-in-list",
     ],
 )
 def test_refusals(data: bytes, status: int, code: str) -> None:
@@ -278,6 +307,124 @@ def test_413_is_decided_before_the_body_arrives() -> None:
     parser.receive_data(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 999999\r\n\r\n")
     error = parser.next_event()
     assert isinstance(error, ProtocolError) and error.status == 413
+
+
+# --- targets and authorities -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "head, path, query, authority",
+    [
+        (b"GET /a?b=1 HTTP/1.1\r\nHost: Local:80\r\n", "/a", "b=1", Authority("local", 80)),
+        (b"GET //x/y HTTP/1.1\r\nHost: h\r\n", "//x/y", "", Authority("h", None)),
+        (b"GET http://[::1]:8/p?q HTTP/1.1\r\nHost: h\r\n", "/p", "q", Authority("[::1]", 8)),
+        (b"GET http://a.example HTTP/1.0\r\n", "/", "", Authority("a.example", 80)),
+        (b"OPTIONS * HTTP/1.1\r\nHost: h\r\n", "*", "", Authority("h", None)),
+        (b"GET / HTTP/1.1\r\nHost:\r\n", "/", "", Authority("", None)),
+        (b"GET / HTTP/1.0\r\n", "/", "", None),
+    ],
+    ids=[
+        "origin-form",
+        "double-slash-is-a-path",
+        "absolute-form-beats-host",
+        "absolute-form-http10",
+        "asterisk-options",
+        "empty-host",
+        "http10-no-host",
+    ],
+)
+def test_split_target_and_authority(
+    head: bytes, path: str, query: str, authority: Optional[Authority]
+) -> None:
+    request = only_request(feed(head + b"\r\n"))
+    assert (request.path, request.query, request.authority) == (path, query, authority)
+
+
+# --- Expect: 100-continue -------------------------------------------------------------------
+
+CONTINUE_BODY = b'{"room":"lobby"}'
+CONTINUE_HEAD = (
+    b"POST /api/leave HTTP/1.1\r\nHost: h\r\nExpect: 100-Continue\r\n"
+    b"Content-Length: %d\r\n\r\n" % len(CONTINUE_BODY)
+)
+
+
+@pytest.mark.parametrize("offset", range(len(CONTINUE_HEAD + CONTINUE_BODY) + 1))
+def test_continue_split_at_every_offset(offset: int) -> None:
+    """``Continue`` comes once, only when the first chunk holds the whole head but not the
+    whole body; then the request."""
+    stream = CONTINUE_HEAD + CONTINUE_BODY
+    events = feed(stream[:offset], stream[offset:])
+    asks = len(CONTINUE_HEAD) <= offset < len(stream)
+    assert len(events) == (2 if asks else 1), events
+    request = events[-1]
+    assert isinstance(request, Request) and request.body == CONTINUE_BODY
+    if asks:
+        head = events[0]
+        assert isinstance(head, Continue)
+        assert head.request.path == "/api/leave" and head.request.body == b""
+
+
+def test_continue_one_byte_at_a_time_comes_once() -> None:
+    stream = CONTINUE_HEAD + CONTINUE_BODY
+    events = feed(*[stream[i : i + 1] for i in range(len(stream))])
+    assert [type(event) for event in events] == [Continue, Request]
+
+
+def test_continue_for_each_pipelined_request() -> None:
+    parser = HttpRequestParser()
+    parser.receive_data(CONTINUE_HEAD)
+    assert isinstance(parser.next_event(), Continue)
+    assert parser.next_event() is NEED_DATA
+    parser.receive_data(CONTINUE_BODY + CONTINUE_HEAD)
+    assert isinstance(parser.next_event(), Request)
+    assert isinstance(parser.next_event(), Continue)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+        b"POST / HTTP/1.0\r\nExpect: something-else\r\nContent-Length: 5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: h\r\nExpect:\r\nContent-Length: 5\r\n\r\n",
+    ],
+    ids=["http10", "http10-other-expectation", "no-expect", "empty-expect"],
+)
+def test_no_continue(head: bytes) -> None:
+    assert feed(head) == []
+    assert only_request(feed(head, b"12345")).body == b"12345"
+
+
+def test_no_continue_without_a_body() -> None:
+    head = b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n"
+    assert only_request(feed(head + b"\r\n")).body == b""
+    assert only_request(feed(head + b"Content-Length: 0\r\n\r\n")).body == b""
+
+
+@pytest.mark.parametrize(
+    "head, status",
+    [
+        (b"Content-Length: %d\r\n" % (MAX_HTTP_BODY_BYTES + 1), 413),
+        (b"Transfer-Encoding: chunked\r\n", 411),
+        (b"Content-Length: x\r\n", 400),
+    ],
+    ids=["413", "411", "bad-length"],
+)
+def test_no_continue_when_the_head_is_refused(head: bytes, status: int) -> None:
+    data = b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n" + head + b"\r\n"
+    events = feed(data)
+    assert len(events) == 1 and isinstance(events[0], ProtocolError), events
+    assert events[0].status == status
+
+
+def test_end_of_stream_after_continue_is_truncated() -> None:
+    events = feed(CONTINUE_HEAD, CONTINUE_BODY[:3], EOF)
+    assert isinstance(events[0], Continue) and isinstance(events[1], ProtocolError)
+
+
+def test_continue_response_bytes() -> None:
+    assert CONTINUE_RESPONSE == b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 # --- responses ----------------------------------------------------------------------------
