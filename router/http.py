@@ -108,12 +108,22 @@ class HttpConnection(asyncio.Protocol):
             if self._deadline is None and self._parser.in_progress:
                 self._arm_deadline()
             self._process()
-        elif self._parser.buffered > MAX_PIPELINED_BYTES and not self._read_paused:
-            # Answering, or the client has not read the answers yet: keep at most one
-            # more request's worth of its input.
-            assert self.transport is not None
+        self._pace_reading()
+
+    def _pace_reading(self) -> None:
+        """Read only while less than one more full request is waiting unparsed: requests
+        are answered one at a time, and not while the answers are unread, so a client
+        pipelining faster than that must wait rather than fill the router's memory."""
+        transport = self.transport
+        if transport is None or self._closed or self._lingering:
+            return
+        over = self._parser.buffered > MAX_PIPELINED_BYTES
+        if over and not self._read_paused:
             self._read_paused = True
-            self.transport.pause_reading()
+            transport.pause_reading()
+        elif self._read_paused and not over:
+            self._read_paused = False
+            transport.resume_reading()
 
     def eof_received(self) -> bool:
         if self._lingering:
@@ -228,6 +238,7 @@ class HttpConnection(asyncio.Protocol):
         else:
             assert isinstance(event, Request)
             self._start(event)
+        self._pace_reading()  # a request left the parser: there may be room to read again
 
     def _continue(self, head: Request) -> None:
         """The client waits for ``100 Continue`` before sending the body: send it, unless
@@ -269,9 +280,6 @@ class HttpConnection(asyncio.Protocol):
         if not keep_alive:
             self._close_after_answer()
             return
-        if self._read_paused:
-            self._read_paused = False
-            self.transport.resume_reading()
         if not self._write_paused:
             self._ready_for_next()
 

@@ -382,6 +382,8 @@ class HttpApi:
             "shards_alive": alive,
             "sessions": len(sessions),
             "polls_waiting": sum(len(session.polls) for session in sessions),
+            "unsent_bytes": self.hub.output.total,
+            "output_cut_offs": self.hub.output.cut_offs,
         }
         exchange.respond(json_response(200 if ok else 503, payload))
 
