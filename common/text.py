@@ -18,16 +18,16 @@ import re
 from typing import List, Tuple, Union
 
 from common.limits import MAX_LINE_BYTES, MAX_TEXT_CHARS
-from common.names import is_invisible
+from common.names import BLANK_TEXT
 
 #: C0 controls but TAB, DEL and C1 controls: everything in Unicode category Cc except TAB.
 CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 LRE, RLE, PDF, LRO, RLO = "\u202a", "\u202b", "\u202c", "\u202d", "\u202e"
 LRI, RLI, FSI, PDI = "\u2066", "\u2067", "\u2068", "\u2069"
-_EMBEDDINGS = frozenset((LRE, RLE, LRO, RLO))
 _ISOLATES = frozenset((LRI, RLI, FSI))
 _BIDI_CONTROL = re.compile("[\u202a-\u202e\u2066-\u2069]")
+_BIDI_SPLIT = re.compile("([\u202a-\u202e\u2066-\u2069])")
 
 
 class TextProblem(enum.Enum):
@@ -57,7 +57,7 @@ def is_blank(text: str) -> bool:
     not only space and TAB) and invisible characters."""
     if text.isascii():
         return not text.strip()
-    return all(char.isspace() or is_invisible(char) for char in text)
+    return BLANK_TEXT.match(text) is not None
 
 
 def neutralize_bidi(text: str, room: str) -> str:
@@ -65,14 +65,14 @@ def neutralize_bidi(text: str, room: str) -> str:
     if those closers would push ``MSG <room> <text>`` over the limits, with the unclosed
     openers removed instead. The result has only matched pairs, so applying this again
     changes nothing."""
-    kept, still_open = _pair_bidi(text)
+    pieces, still_open = _pair_bidi(text)
     closers = "".join(PDI if isolate else PDF for isolate, _ in reversed(still_open))
-    closed = "".join(kept) + closers
+    closed = "".join(pieces) + closers
     if not closers or _fits(closed, room):
         return closed
     for _, index in still_open:
-        kept[index] = ""
-    return "".join(kept)
+        pieces[index] = ""
+    return "".join(pieces)
 
 
 def _pair_bidi(text: str) -> Tuple[List[str], List[Tuple[bool, int]]]:
@@ -81,29 +81,31 @@ def _pair_bidi(text: str) -> Tuple[List[str], List[Tuple[bool, int]]]:
     nothing with no isolate open; a PDF closes the innermost embedding, and does nothing if
     an isolate was opened after it (or nothing is open).
 
-    Returns the characters to keep (closers that close nothing are dropped) and the stack
-    of openers still open at the end, as ``(is_isolate, index in the kept list)``."""
-    kept: List[str] = []
+    Returns *text* in pieces, with the closers that close nothing emptied, and the stack
+    of openers still open at the end, as ``(is_isolate, index in the pieces)``."""
+    pieces = _BIDI_SPLIT.split(text)  # text, control, text, control, ..., text
     stack: List[Tuple[bool, int]] = []
     open_isolates = 0  # counted, so a PDI needs no scan of the stack
-    for char in text:
-        if char in _EMBEDDINGS or char in _ISOLATES:
+    for index in range(1, len(pieces), 2):
+        char = pieces[index]
+        if char == PDF:
+            if stack and not stack[-1][0]:
+                stack.pop()
+            else:
+                pieces[index] = ""  # closes nothing
+        elif char == PDI:
+            if open_isolates:
+                while not stack.pop()[0]:
+                    pass  # embeddings inside the isolate close with it
+                open_isolates -= 1
+            else:
+                pieces[index] = ""  # closes nothing
+        else:
             isolate = char in _ISOLATES
             if isolate:
                 open_isolates += 1
-            stack.append((isolate, len(kept)))
-        elif char == PDF:
-            if not stack or stack[-1][0]:
-                continue  # closes nothing
-            stack.pop()
-        elif char == PDI:
-            if not open_isolates:
-                continue  # closes nothing
-            while not stack.pop()[0]:
-                pass  # embeddings inside the isolate close with it
-            open_isolates -= 1
-        kept.append(char)
-    return kept, stack
+            stack.append((isolate, index))
+    return pieces, stack
 
 
 def _fits(text: str, room: str) -> bool:

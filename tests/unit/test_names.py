@@ -9,7 +9,13 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from common.limits import MAX_COMBINING_MARKS, MAX_ROOM_CHARS, MAX_USERNAME_CHARS
+from common import names
+from common.limits import (
+    MAX_COMBINING_MARKS,
+    MAX_ROOM_CHARS,
+    MAX_USERNAME_CHARS,
+    NAME_CACHE_SIZE,
+)
 from common.names import (
     INVISIBLE_RANGES,
     LOOKALIKES_BY_SCRIPT,
@@ -641,3 +647,17 @@ def test_a_name_collides_with_its_other_cases(name: str) -> None:
     for other in (name.lower(), name.upper(), name.swapcase()):
         if other.casefold() == name.casefold():
             assert collide(name, other)
+
+
+def test_the_check_cache_is_bounded() -> None:
+    remembered = names._check_remembered
+    remembered.cache_clear()
+    for number in range(NAME_CACHE_SIZE + 50):
+        assert check_username(f"zoë{number}") == f"zoë{number}"
+    assert remembered.cache_info().currsize == NAME_CACHE_SIZE
+    # Too long to be valid, and too long to be kept: checked, never remembered.
+    remembered.cache_clear()
+    assert problem("é" * (4 * MAX_USERNAME_CHARS + 1)) is NameProblem.RULE
+    assert remembered.cache_info().currsize == 0
+    assert problem("é" * (4 * MAX_USERNAME_CHARS)) is NameProblem.RULE
+    assert remembered.cache_info().currsize == 1
