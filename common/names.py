@@ -36,7 +36,7 @@ import enum
 import functools
 import re
 import unicodedata
-from typing import Dict, FrozenSet, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, FrozenSet, List, NamedTuple, Optional, Set, Tuple, Union
 
 from common.limits import (
     MAX_COMBINING_MARKS,
@@ -461,7 +461,7 @@ def _scan(name: str) -> Tuple[Optional[NameProblem], List[str]]:
     than MAX_COMBINING_MARKS on one), then MIXED_DIGITS (digits of two number systems,
     told apart by the code point of their zero)."""
     rule = marks = False
-    zeros = set()
+    zeros: Set[int] = set()  # the code points of the digits' zeros
     scripts: Dict[str, None] = {}  # an ordered set
     base: Optional[str] = None  # the script of the letter marks may go on, if any
     run = 0  # marks on it so far
@@ -469,7 +469,8 @@ def _scan(name: str) -> Tuple[Optional[NameProblem], List[str]]:
         if char < "\x80":
             run, base = 0, None
             if char.isalpha():
-                base = scripts[LATIN] = LATIN
+                base = LATIN
+                scripts[LATIN] = None
             elif char.isdigit():
                 zeros.add(0x30)
             elif char not in _PUNCTUATION:
