@@ -24,6 +24,18 @@ MAX_USERNAME_CHARS = 32
 #: Room name length, in characters (letters, digits, ``_ - .``).
 MAX_ROOM_CHARS = 64
 
+#: Combining marks in a row on one letter of a name (after NFKC). Two cover the names of
+#: the living scripts we tried (Devanagari, Thai, Arabic and Hebrew vowel points, Latin
+#: diacritics NFKC cannot precompose); more is mark stacking ("Zalgo") that draws over
+#: the neighbouring text.
+MAX_COMBINING_MARKS = 2
+
+#: Non-ASCII names whose check is remembered (most recently used first). The router checks
+#: the room of every ``MSG``; a long Korean or Japanese name costs ~0.2 ms to check, a
+#: remembered one ~1 us. Names longer than 4x the longest valid name are never kept, so
+#: the cache holds at most ~1 MiB.
+NAME_CACHE_SIZE = 1024
+
 #: How many rooms one connection or browser session may be in at once. Bounds the work a
 #: single client can make the router do on disconnect.
 MAX_ROOMS_PER_CLIENT = 100

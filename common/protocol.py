@@ -20,15 +20,9 @@ from common.limits import (
     MAX_HISTORY_REPLY,
     MAX_LINE_BYTES,
     MAX_PING_TOKEN_CHARS,
-    MAX_TEXT_CHARS,
 )
-from common.names import (
-    ROOM_RULE,
-    USERNAME_RULE,
-    is_valid_room,
-    is_valid_username,
-    normalize,
-)
+from common.names import NameKind, NameRefusal, check_room, check_username
+from common.text import CONTROL, TextProblem, clean_text
 
 # --- commands (client -> server) ---------------------------------------------------------
 
@@ -167,8 +161,8 @@ def ping_line(token: str) -> bytes:
 ERR_LINE_TOO_LONG = PeerError(error_line("line too long"), fatal=True)
 ERR_BAD_UTF8 = PeerError(error_line("invalid UTF-8"))
 ERR_CONTROL = PeerError(error_line("control characters are not allowed"))
-ERR_BAD_ROOM = PeerError(error_line(f"invalid room name: {ROOM_RULE}"))
-ERR_BAD_USERNAME = PeerError(error_line(f"invalid username: {USERNAME_RULE}"))
+ERR_BAD_ROOM = PeerError(error_line(f"invalid room name: {NameKind.ROOM.rule}"))
+ERR_BAD_USERNAME = PeerError(error_line(f"invalid username: {NameKind.USERNAME.rule}"))
 ERR_TEXT_TOO_LONG = PeerError(error_line("message too long"))
 USAGE = {
     "JOIN": PeerError(error_line("usage: JOIN <room> <username>")),
@@ -199,6 +193,12 @@ def wrong_username_error(username: str) -> bytes:
     return error_line(f"username is {username} on this connection")
 
 
+def name_error(refusal: NameRefusal) -> PeerError:
+    """The ``ERROR invalid username: ...`` / ``ERROR invalid room name: ...`` line for a
+    refused name (the same text HTTP puts in its error message)."""
+    return PeerError(error_line(refusal.message))
+
+
 def unknown_verb_error(verb: str) -> PeerError:
     shown = verb if len(verb) <= 32 else verb[:32] + "..."
     return PeerError(error_line(f"unknown command {shown}; commands: {' '.join(VERBS)}"))
@@ -206,8 +206,6 @@ def unknown_verb_error(verb: str) -> PeerError:
 
 # --- parsing -----------------------------------------------------------------------------
 
-# C0 controls but TAB, DEL and C1 controls: everything in Unicode category Cc except "\t".
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _WORD = re.compile("([^ \t]*)[ \t]?")
 
 
@@ -268,7 +266,7 @@ def parse_line(raw: bytes) -> Optional[Event]:
         line = raw.decode("utf-8")
     except UnicodeDecodeError:
         return ERR_BAD_UTF8
-    if _CONTROL.search(line):
+    if CONTROL.search(line):
         return ERR_CONTROL
     line = line.lstrip(" \t")
     if not line.strip(" \t"):
@@ -292,8 +290,8 @@ def _split_word(text: str) -> Tuple[str, str]:
 
 
 def _room_arg(text: str) -> Union[str, PeerError]:
-    room = normalize(text)
-    return room if is_valid_room(room) else ERR_BAD_ROOM
+    room = check_room(text)
+    return room if isinstance(room, str) else name_error(room)
 
 
 def _parse_join(rest: str) -> Event:
@@ -303,22 +301,29 @@ def _parse_join(rest: str) -> Event:
     room = _room_arg(args[0])
     if isinstance(room, PeerError):
         return room
-    username = normalize(args[1])
-    if not is_valid_username(username):
-        return ERR_BAD_USERNAME
+    username = check_username(args[1])
+    if isinstance(username, NameRefusal):
+        return name_error(username)
     return Join(room, username)
 
 
 def _parse_msg(rest: str) -> Event:
-    room, text = _split_word(rest)
-    if not room or not text.strip(" \t"):
+    word, text = _split_word(rest)
+    if not word:
         return USAGE["MSG"]
-    checked = _room_arg(room)
-    if isinstance(checked, PeerError):
-        return checked
-    if len(text) > MAX_TEXT_CHARS:
+    room = _room_arg(word)
+    # The same text rule as HTTP's. Blank text is a usage error, and is reported before a
+    # bad room name, as it always was.
+    cleaned = clean_text(text, word if isinstance(room, PeerError) else room)
+    if cleaned is TextProblem.BLANK:
+        return USAGE["MSG"]
+    if isinstance(room, PeerError):
+        return room
+    if cleaned is TextProblem.TOO_LONG:
         return ERR_TEXT_TOO_LONG
-    return Msg(checked, text)
+    if cleaned is TextProblem.CONTROL:  # not reached: parse_line refused the whole line
+        return ERR_CONTROL
+    return Msg(room, cleaned)
 
 
 def _one_room(verb: str, rest: str) -> Union[str, PeerError]:

@@ -11,25 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 from urllib.parse import parse_qs, unquote
 
 from common import messages as m
-from common.limits import (
-    MAX_LINE_BYTES,
-    MAX_TEXT_CHARS,
-    POLL_TIMEOUT,
-    SESSION_TTL,
-)
-from common.names import (
-    ROOM_RULE,
-    USERNAME_RULE,
-    is_valid_room,
-    is_valid_username,
-    name_key,
-    normalize,
-)
+from common.limits import MAX_TEXT_CHARS, POLL_TIMEOUT, SESSION_TTL
+from common.names import NameKind, NameRefusal, check_name, check_room, name_key
+from common.text import TextProblem, clean_text
 from router.http_hosts import AllowedHosts, host_allowed, origin_allowed
 from router.http_parser import Request
 from router.http_poll import Poll, encode_poll_payload, parse_cursors
@@ -88,9 +76,6 @@ FAILURE_STATUS = {
     m.ERR_UNAVAILABLE: 503,
     RATE_LIMITED: 429,
 }
-
-# Same rule as the line protocol: no C0/C1 control characters except TAB.
-_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 class Response(NamedTuple):
@@ -528,11 +513,12 @@ class HttpApi:
 
     def _members(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
         try:
-            room = normalize(unquote(params["room"], errors="strict"))
+            checked = check_room(unquote(params["room"], errors="strict"))
         except UnicodeDecodeError:
             raise ApiError(400, INVALID_ROOM, "room name is not UTF-8") from None
-        if not is_valid_room(room):
-            raise ApiError(400, INVALID_ROOM, "invalid room name: 1-64 letters, digits, _ - .")
+        if isinstance(checked, NameRefusal):
+            raise ApiError(400, INVALID_ROOM, checked.message)
+        room = checked
 
         def done(result: Any) -> None:
             if isinstance(result, Failure):
@@ -579,41 +565,49 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _name_field(
-    body: Dict[str, Any], key: str, is_valid: Callable[[str], bool], code: str, what: str
-) -> str:
-    """The normalised name in ``body[key]``; ``400 code`` unless it follows the name rules
-    (the same rules, and words, as the line protocol's)."""
+#: The HTTP error code of each kind of name.
+_NAME_CODES = {NameKind.ROOM: INVALID_ROOM, NameKind.USERNAME: INVALID_USERNAME}
+
+
+def _name_field(body: Dict[str, Any], key: str, kind: NameKind) -> str:
+    """The normalised name in ``body[key]``; ``400 invalid_room`` / ``invalid_username``
+    unless it follows the name rule, with the line protocol's text as the message."""
     value = body.get(key)
     if not isinstance(value, str) or not _encodable(value):
-        raise ApiError(400, code, f"{key} must be a string")
-    value = normalize(value)
-    if not is_valid(value):
-        raise ApiError(400, code, what)
-    return value
+        raise ApiError(400, _NAME_CODES[kind], f"{key} must be a string")
+    checked = check_name(value, kind)
+    if isinstance(checked, NameRefusal):
+        raise ApiError(400, _NAME_CODES[kind], checked.message)
+    return checked
 
 
 def _room_field(body: Dict[str, Any]) -> str:
-    return _name_field(body, "room", is_valid_room, INVALID_ROOM, f"invalid room name: {ROOM_RULE}")
+    return _name_field(body, "room", NameKind.ROOM)
 
 
 def _username_field(body: Dict[str, Any]) -> str:
-    return _name_field(
-        body, "username", is_valid_username, INVALID_USERNAME, f"invalid username: {USERNAME_RULE}"
-    )
+    return _name_field(body, "username", NameKind.USERNAME)
+
+
+#: The answer to each refused text (the line protocol's rule: common.text.clean_text).
+_TEXT_ERRORS = {
+    TextProblem.CONTROL: (400, INVALID_TEXT, "control characters (newlines too) are not allowed"),
+    TextProblem.BLANK: (400, INVALID_TEXT, "text is blank: only spaces or invisible characters"),
+    TextProblem.TOO_LONG: (
+        413,
+        TEXT_TOO_LONG,
+        f"message too long (at most {MAX_TEXT_CHARS} characters)",
+    ),
+}
 
 
 def _text_field(body: Dict[str, Any], room: str) -> str:
+    """The chat text in ``body["text"]``, bidi controls neutralised; ``400 invalid_text``
+    or ``413 text_too_long`` as the line protocol refuses it."""
     text = body.get("text")
     if not isinstance(text, str) or not text or not _encodable(text):
         raise ApiError(400, INVALID_TEXT, "text must be a non-empty string")
-    if _CONTROL.search(text):
-        raise ApiError(400, INVALID_TEXT, "control characters (newlines too) are not allowed")
-    # The same limits as the line protocol's "MSG <room> <text>": line-protocol members
-    # receive this text on one line.
-    line_bytes = len(f"MSG {room} {text}".encode())
-    if len(text) > MAX_TEXT_CHARS or line_bytes > MAX_LINE_BYTES:
-        raise ApiError(
-            413, TEXT_TOO_LONG, f"message too long (at most {MAX_TEXT_CHARS} characters)"
-        )
-    return text
+    cleaned = clean_text(text, room)
+    if isinstance(cleaned, TextProblem):
+        raise ApiError(*_TEXT_ERRORS[cleaned])
+    return cleaned

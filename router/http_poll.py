@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from common import messages as m
 from common.limits import MAX_POLL_ANSWER_BYTES, MAX_ROOMS_PER_CLIENT, POLL_LINGER
-from common.names import is_valid_room, normalize
+from common.names import NameRefusal, check_room
 from router.http_session import HttpSession, Waiter
 from router.hub import Failure, Hub
 
@@ -58,9 +58,10 @@ def _number(text: str) -> Optional[int]:
 
 
 def _cursor(room: str, after: str, epoch: Optional[str]) -> Union[Cursor, str]:
-    room = normalize(room)
-    if not is_valid_room(room):
-        return f"invalid room name {room!r} in cursor"
+    checked = check_room(room)
+    if isinstance(checked, NameRefusal):
+        return f"{checked.message} (in cursor {room!r})"
+    room = checked
     seq = _number(after) if after else 0
     if seq is None:
         return f"after must be a whole number, got {after!r}"

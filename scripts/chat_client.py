@@ -94,16 +94,22 @@ HELP_LINES = (
 
 
 def normalize_name(name: str) -> str:
-    """Return ``name`` in NFC form, as the server stores it (``zoe`` + U+0308 -> ``zoë``)."""
-    return unicodedata.normalize("NFC", name)
+    """Return ``name`` in NFKC form, as the server stores it (``zoe`` + U+0308 -> ``zoë``,
+    fullwidth ``ｌｏｂｂｙ`` -> ``lobby``)."""
+    return unicodedata.normalize("NFKC", name)
 
 
 def is_valid_name(name: str, max_chars: int) -> bool:
-    """Return True if ``name`` is 1..max_chars letters, digits, ``_``, ``-`` or ``.``.
+    """Return True if ``name`` is 1..max_chars letters, digits, combining marks, ``_``,
+    ``-`` or ``.``.
 
-    A little more lenient than the server (any ``str.isalnum`` character), never stricter.
+    More lenient than the server (any ``str.isalnum`` character or mark; no script, mark or
+    look-alike checks), never stricter: the server's error line says what is wrong.
     """
-    return 0 < len(name) <= max_chars and all(ch.isalnum() or ch in NAME_PUNCTUATION for ch in name)
+    return 0 < len(name) <= max_chars and all(
+        ch.isalnum() or ch in NAME_PUNCTUATION or unicodedata.category(ch) in ("Mn", "Mc")
+        for ch in name
+    )
 
 
 @dataclass(frozen=True)

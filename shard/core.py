@@ -16,7 +16,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tu
 
 from common import messages as m
 from common.limits import HISTORY_SIZE, MAX_EMPTY_ROOMS_PER_SHARD, MAX_ROOMS_LISTED
-from common.names import name_key
+from common.names import name_key, name_keys
 from common.protocol import msg_line
 
 Clock = Callable[[], float]
@@ -30,9 +30,16 @@ class Room:
     def __init__(self, name: str) -> None:
         self.name = name
         self.members: Dict[int, str] = {}  # cid -> username
-        self.keys: Dict[str, int] = {}  # name_key(username) -> cid
+        # name_keys(username) -> cid: one or two keys per member, none shared.
+        self.keys: Dict[str, int] = {}
         self.seq = 0
         self.history: Deque[m.Entry] = deque(maxlen=HISTORY_SIZE)
+
+    def add(self, cid: int, username: str, keys: Tuple[str, ...]) -> None:
+        """Make *cid* a member as *username*, holding *keys* (none of them taken)."""
+        self.members[cid] = username
+        for key in keys:
+            self.keys[key] = cid
 
     def record(self, ts: float, kind: str, username: str, text: str) -> m.Entry:
         """Append an entry with the next sequence number and return it."""
@@ -104,14 +111,13 @@ class ShardCore:
         if cid in room.members:
             events.append((m.FAIL, req, cid, m.JOIN, m.ERR_ALREADY_IN_ROOM, name))
             return
-        key = name_key(username)
-        if key in room.keys:
+        keys = name_keys(username)
+        if any(key in room.keys for key in keys):
             events.append((m.FAIL, req, cid, m.JOIN, m.ERR_NAME_TAKEN, name))
             if not room.members:
                 self._retire(room)
             return
-        room.members[cid] = username
-        room.keys[key] = cid
+        room.add(cid, username, keys)
         self._client_rooms.setdefault(cid, set()).add(name)
         entry = room.record(self._clock(), m.KIND_JOIN, username, f"{username} joined {name}")
         events.append((m.JOINED, name, cid, entry))
@@ -121,10 +127,9 @@ class ShardCore:
     def _rejoin(self, events: List[Any], command: tuple) -> None:
         _, req, cid, name, username = command
         room = self.rooms.get(name) or self._revive(name)
-        key = name_key(username)
-        if cid not in room.members and key not in room.keys:
-            room.members[cid] = username
-            room.keys[key] = cid
+        keys = name_keys(username)
+        if cid not in room.members and not any(key in room.keys for key in keys):
+            room.add(cid, username, keys)
             self._client_rooms.setdefault(cid, set()).add(name)
         elif not room.members:
             self._retire(room)
@@ -202,7 +207,8 @@ class ShardCore:
 
     def _remove_member(self, events: List[Any], room: Room, cid: int, explicit: bool) -> None:
         username = room.members.pop(cid)
-        del room.keys[name_key(username)]
+        for key in name_keys(username):
+            del room.keys[key]
         rooms = self._client_rooms[cid]
         rooms.discard(room.name)
         if not rooms:

@@ -2,7 +2,10 @@
 //
 // Security: every piece of user text goes into the page with textContent, never innerHTML,
 // and the server's Content-Security-Policy forbids inline script, so a message such as
-// <img src=x onerror=alert(1)> is only ever text.
+// <img src=x onerror=alert(1)> is only ever text. Every username, room name and message
+// text is also bidi-isolated (<bdi dir="auto">, or FSI...PDI inside plain strings), so
+// right-to-left letters cannot pull a timestamp, a "#" or the next username around; the
+// server already closes any bidi override or embedding a message opens.
 //
 // One long poll per page covers every room it is in (GET /api/poll?cursors=...). When the
 // set of rooms changes the poll is aborted and a new one starts with the new cursors.
@@ -97,6 +100,23 @@
     return data;
   }
 
+  // --- bidi isolation ------------------------------------------------------------------
+
+  // A <bdi dir="auto"> holding user-chosen text: its direction comes from its own first
+  // strong letter, and it cannot reorder what is around it.
+  function isolated(text, className) {
+    const node = document.createElement("bdi");
+    node.dir = "auto";
+    if (className) node.className = className;
+    node.textContent = text;
+    return node;
+  }
+
+  // The same for a plain string (placeholders, labels, notices): FSI ... PDI.
+  function isolate(text) {
+    return "\u2068" + text + "\u2069";
+  }
+
   function roomPath(room) {
     return "/api/rooms/" + encodeURIComponent(room) + "/members";
   }
@@ -132,7 +152,7 @@
     el.joinView.hidden = true;
     el.chatView.hidden = false;
     el.me.hidden = false;
-    el.meName.textContent = state.username;
+    el.meName.replaceChildren(isolated(state.username));
   }
 
   // --- rooms ----------------------------------------------------------------------------
@@ -152,8 +172,8 @@
     localStorage.setItem(STORAGE_ROOM, name);
     const room = state.rooms.get(name);
     room.unread = 0;
-    el.roomTitle.textContent = "#" + name;
-    el.composerInput.placeholder = "Message #" + name;
+    el.roomTitle.replaceChildren("#", isolated(name));
+    el.composerInput.placeholder = "Message #" + isolate(name);
     showError(el.sendError, "");
     renderRoomList();
     renderLog();
@@ -217,15 +237,17 @@
     const body = document.createElement("span");
     body.className = "body";
     if (message.type === "chat") {
-      const user = document.createElement("span");
-      user.className = "user";
-      user.textContent = message.username;
-      body.append(user, ": ");
+      body.append(isolated(message.username, "user"), ": ", isolated(message.text, "text"));
+    } else if ((message.kind === "join" || message.kind === "leave") && message.username) {
+      // "alice joined lobby", built here so that both names are isolated.
+      const verb = message.kind === "join" ? " joined " : " left ";
+      const text = document.createElement("span");
+      text.className = "text";
+      text.append(isolated(message.username), verb, isolated(message.room || state.current));
+      body.append(text);
+    } else {
+      body.append(isolated(message.text, "text"));
     }
-    const text = document.createElement("span");
-    text.className = "text";
-    text.textContent = message.text;
-    body.append(text);
     item.append(body);
     return item;
   }
@@ -268,10 +290,7 @@
       hash.className = "hash";
       hash.setAttribute("aria-hidden", "true");
       hash.textContent = "#";
-      const name = document.createElement("span");
-      name.className = "name";
-      name.textContent = room.name;
-      button.append(hash, name);
+      button.append(hash, isolated(room.name, "name"));
       if (room.unread) {
         const badge = document.createElement("span");
         badge.className = "badge";
@@ -291,7 +310,7 @@
     const members = room ? room.members : [];
     const items = members.map((name) => {
       const item = document.createElement("li");
-      item.textContent = name;
+      item.append(isolated(name));
       if (name === state.username) item.classList.add("me-member");
       return item;
     });
@@ -317,13 +336,13 @@
         button.className = "room-button";
         const name = document.createElement("span");
         name.className = "name";
-        name.textContent = "#" + info.room;
+        name.append("#", isolated(info.room));
         const count = document.createElement("span");
         count.className = "count";
         count.textContent = String(info.members);
         count.setAttribute("aria-label", info.members + " members");
         button.append(name, count);
-        button.setAttribute("aria-label", "Join #" + info.room);
+        button.setAttribute("aria-label", "Join #" + isolate(info.room));
         button.addEventListener("click", () => addRoomFromUi(info.room));
         item.append(button);
         return item;
@@ -388,7 +407,7 @@
       const room = state.rooms.get(name);
       if (!room) continue;
       if (info.left) {
-        removeRoom(name, "You are no longer in #" + name + ".");
+        removeRoom(name, "You are no longer in #" + isolate(name) + ".");
         continue;
       }
       const added = [];
@@ -486,7 +505,7 @@
       await joinRoom(name);
     } catch (error) {
       if (error.code !== "already_in_room") {
-        removeRoom(name, "You are no longer in #" + name + ".");
+        removeRoom(name, "You are no longer in #" + isolate(name) + ".");
       }
     }
   }

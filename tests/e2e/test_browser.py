@@ -228,3 +228,40 @@ def test_page_reconnects_after_a_server_restart(browser: Browser) -> None:
     finally:
         second.stop()
         first.stop()
+
+
+def left_to_right(*locators) -> bool:  # noqa: ANN002
+    """True if the elements' boxes come one after the other from left to right."""
+    lefts = [locator.bounding_box()["x"] for locator in locators]
+    return lefts == sorted(lefts) and len(set(lefts)) == len(lefts)
+
+
+@pytest.mark.timeout(60)
+def test_right_to_left_names_and_overrides_stay_in_their_places(
+    browser: Browser, cluster: Cluster
+) -> None:
+    alice = open_chat(browser, cluster, viewport={"width": 1200, "height": 760})
+    join(alice, "alice", "bidi")
+    tcp = cluster.connect()
+    try:
+        tcp.join("bidi", "محمد")  # an Arabic name saying something in Hebrew
+        tcp.send("MSG bidi שלום 123")
+        tcp.expect("MSG bidi محمد שלום 123")
+        tcp.send("MSG bidi \u202eevil")  # an override left open...
+        tcp.expect("MSG bidi محمد \u202eevil\u202c")  # ...is closed by the server
+        tcp.send("MSG bidi after")
+        tcp.expect("MSG bidi محمد after")
+        expect_line(alice, "محمد: after")
+    finally:
+        tcp.close()
+    chats = alice.page.locator("#log li.chat")
+    expect(chats).to_have_count(3)
+    for index in range(3):
+        item = chats.nth(index)
+        # Without isolation the Arabic name, ": " and the Hebrew text would form one
+        # right-to-left run, the text drawn left of the name.
+        assert left_to_right(item.locator("time"), item.locator(".user"), item.locator(".text"))
+    evil = chats.nth(1).locator(".text")
+    assert evil.evaluate("node => node.tagName") == "BDI"
+    assert evil.evaluate("node => node.textContent") == "\u202eevil\u202c"
+    assert alice.errors == []

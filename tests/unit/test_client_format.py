@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) from the checkout
     sys.path.insert(0, str(ROOT))
 
+from common.names import check_username, normalize  # noqa: E402
 from scripts.chat_client import (  # noqa: E402
     HELP_LINES,
     ClientState,
@@ -19,6 +20,7 @@ from scripts.chat_client import (  # noqa: E402
     expects_reply,
     format_server_line,
     is_valid_name,
+    normalize_name,
     reply_matches,
     reply_to_server_line,
     user_line_to_command,
@@ -374,8 +376,31 @@ def test_apply_server_line(
         ("a b", False),
         ("bob!", False),
         ("x" * 33, False),
+        ("नमस्ते", True),
     ],
-    ids=["ascii", "accent", "cjk", "punctuation", "longest", "empty", "space", "bang", "long"],
+    ids=[
+        "ascii",
+        "accent",
+        "cjk",
+        "punctuation",
+        "longest",
+        "empty",
+        "space",
+        "bang",
+        "long",
+        "marks",
+    ],
 )
 def test_is_valid_name(name: str, valid: bool) -> None:
     assert is_valid_name(name, 32) is valid
+
+
+def test_the_client_never_refuses_a_name_the_server_takes() -> None:
+    for name in ["नमस्ते", "q\u0301", "ᏣᎳᎩ", "Ἀθῆναι", "山田たろう", "محمد٣"]:
+        assert check_username(name) == name
+        assert is_valid_name(name, 32)
+
+
+@pytest.mark.parametrize(("raw", "normal"), [("zoe\u0308", "zoë"), ("ｌｏｂｂｙ", "lobby")])
+def test_normalize_name_is_the_servers(raw: str, normal: str) -> None:
+    assert normalize_name(raw) == normalize(raw) == normal

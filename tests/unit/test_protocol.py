@@ -437,10 +437,87 @@ def test_join_checks_the_room_before_the_username() -> None:
     assert parse("JOIN bad* bad*") == [BAD_ROOM]
 
 
-def test_names_are_nfc_normalised() -> None:
+def test_names_are_nfkc_normalised() -> None:
     decomposed = "zoe\u0308"  # e + combining diaeresis
     assert parse(f"JOIN {decomposed} {decomposed}") == [p.Join("zoë", "zoë")]
     assert parse(f"MSG {decomposed} hi") == [p.Msg("zoë", "hi")]
+    # Compatibility forms are the plain name: fullwidth, mathematical alphanumerics.
+    assert parse("JOIN ｌｏｂｂｙ 𝐚𝐥𝐢𝐜𝐞") == [p.Join("lobby", "alice")]
+    for verb in ("LEAVE", "NAMES"):
+        (event,) = parse(f"{verb} ｌｏｂｂｙ")
+        assert event.room == "lobby"
+
+
+def name_error(text: str) -> p.PeerError:
+    return p.PeerError(f"ERROR {text}\n".encode())
+
+
+INVISIBLE_USERNAME = name_error("invalid username: invisible or filler characters are not allowed")
+INVISIBLE_ROOM = name_error("invalid room name: invisible or filler characters are not allowed")
+
+NAME_LINES = [
+    ("JOIN lobby \u0430lice", name_error("invalid username: mixes Cyrillic and Latin scripts")),
+    ("JOIN lobby alice\u3164", INVISIBLE_USERNAME),
+    ("JOIN lobby \u3164", INVISIBLE_USERNAME),
+    ("JOIN lobby al\u200bice", INVISIBLE_USERNAME),
+    ("JOIN lobby \u2800", INVISIBLE_USERNAME),
+    (
+        "JOIN lobby 0\u0661",
+        name_error("invalid username: mixes digits of different number systems"),
+    ),
+    (
+        "JOIN lobby q\u0301\u0301\u0301",
+        name_error("invalid username: accents and other marks go on a letter, at most 2 in a row"),
+    ),
+    ("JOIN l\u043ebby alice", name_error("invalid room name: mixes Latin and Cyrillic scripts")),
+    (
+        "JOIN \u0441\u043e\u0435 alice",
+        name_error("invalid room name: uses look-alikes of Latin letters"),
+    ),
+    ("JOIN lobby\ufeff alice", INVISIBLE_ROOM),
+    ("MSG l\u03bfbby hi", name_error("invalid room name: mixes Latin and Greek scripts")),
+    ("LEAVE \u3164", INVISIBLE_ROOM),
+    ("NAMES lobby\u200d", INVISIBLE_ROOM),
+    (
+        "HISTORY \u1d00\u029f\u026a 5",
+        name_error("invalid room name: uses look-alikes of Latin letters"),
+    ),
+]
+
+
+@pytest.mark.parametrize(("line", "error"), NAME_LINES, ids=[line for line, _ in NAME_LINES])
+def test_refused_names_get_their_reason(line: str, error: p.PeerError) -> None:
+    assert parse(line) == [error]
+
+
+def test_usernames_in_one_non_latin_script_join() -> None:
+    for name in ("Дмитрий", "李雷", "محمد", "नमस्ते", "山田たろう"):
+        assert parse(f"JOIN lobby {name}") == [p.Join("lobby", name)]
+
+
+@pytest.mark.parametrize(
+    "text", [" ", "\u3000", "\u00a0", "\u200b", "\u3164", "\u2800 \u200b", "\u202e"], ids=repr
+)
+def test_blank_msg_text_is_a_usage_error(text: str) -> None:
+    assert parse(f"MSG lobby {text}") == [usage("MSG <room> <text>")]
+    assert parse(f"MSG bad* {text}") == [usage("MSG <room> <text>")]  # before the room
+
+
+def test_msg_text_bidi_controls_are_neutralised() -> None:
+    assert parse("MSG lobby \u202eevil") == [p.Msg("lobby", "\u202eevil\u202c")]
+    assert parse("MSG lobby \u2067x") == [p.Msg("lobby", "\u2067x\u2069")]
+    assert parse("MSG lobby a\u202cb\u2069c") == [p.Msg("lobby", "abc")]
+    assert parse("MSG lobby \u2066ok\u2069") == [p.Msg("lobby", "\u2066ok\u2069")]
+
+
+def test_msg_text_bidi_opener_is_dropped_at_the_line_limit() -> None:
+    # A line of exactly MAX_LINE_BYTES: no room to close the override, so it goes.
+    head = "MSG lobby \u202e"
+    room_left = MAX_LINE_BYTES - len(head.encode())
+    text = "€" * (room_left // 3) + "x" * (room_left % 3)
+    assert len((head + text).encode()) == MAX_LINE_BYTES
+    assert parse(head + text) == [p.Msg("lobby", text)]
+    assert parse(head + text[1:]) == [p.Msg("lobby", "\u202e" + text[1:] + "\u202c")]
 
 
 def test_length_is_counted_after_normalisation() -> None:

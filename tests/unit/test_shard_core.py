@@ -93,8 +93,30 @@ def test_join_with_a_req_is_answered_done_after_joined(core: ShardCore) -> None:
 
 @pytest.mark.parametrize(
     ("first", "second"),
-    [("alice", "alice"), ("Alice", "alice"), ("ZOË", "zoë"), ("STRASSE", "straße")],
-    ids=["same", "case", "unicode-case", "casefold"],
+    [
+        ("alice", "alice"),
+        ("Alice", "alice"),
+        ("ZOË", "zoë"),
+        ("STRASSE", "straße"),
+        ("ape", "\u0430\u0440\u0435"),  # all-Cyrillic look-alike
+        ("\u0430\u0440\u0435", "APE"),
+        ("alice", "\u1d00\u029f\u026a\u1d04\u1d07"),  # Latin small capitals
+        ("al\u0131ce", "alice"),  # dotless i
+        ("\u039d\u0399\u039a\u0395", "nike"),  # Greek capitals: the key read as written
+        ("vox", "\u03bd\u03bf\u03c7"),  # Greek small nu looks like v
+    ],
+    ids=[
+        "same",
+        "case",
+        "unicode-case",
+        "casefold",
+        "cyrillic",
+        "cyrillic-case",
+        "small-caps",
+        "dotless-i",
+        "greek-capitals",
+        "greek-small",
+    ],
 )
 def test_name_taken_ignoring_case(core: ShardCore, first: str, second: str) -> None:
     join(core, 1, "lobby", first)
@@ -103,6 +125,16 @@ def test_name_taken_ignoring_case(core: ShardCore, first: str, second: str) -> N
     ]
     assert core.rooms_of(2) == set()
     assert history(core, 1, "lobby") == [(1, T0 + 1, m.KIND_JOIN, first, f"{first} joined lobby")]
+
+
+def test_leaving_frees_every_key_of_a_name(core: ShardCore) -> None:
+    # "ΝΙΚΕ" holds two keys: its case-folded form and "nike" (its look-alikes as written).
+    join(core, 1, "lobby", "\u039d\u0399\u039a\u0395")
+    assert join(core, 2, "lobby", "nike")[0][1:5] == (0, 2, m.JOIN, m.ERR_NAME_TAKEN)
+    assert join(core, 2, "lobby", "\u03bd\u03b9\u03ba\u03b5")[0][4] == m.ERR_NAME_TAKEN
+    core.apply([(m.LEAVE, 0, 1, "lobby")])
+    assert join(core, 2, "lobby", "nike")[0][0] == m.JOINED
+    assert join(core, 3, "lobby", "\u03bd\u03b9\u03ba\u03b5")[0][0] == m.JOINED  # not nike
 
 
 def test_same_name_in_another_room_is_fine(core: ShardCore) -> None:
@@ -402,7 +434,18 @@ def test_unknown_opcode_is_a_router_bug(core: ShardCore) -> None:
 
 CIDS = st.integers(min_value=1, max_value=4)
 ROOMS = st.sampled_from(["a", "b", "B"])
-USERS = st.sampled_from(["ann", "Ann", "bob", "cy"])
+USERS = st.sampled_from(["ann", "Ann", "bob", "cy", "ΝΙΚΕ", "nike", "νικε", "vike"])
+#: The pairs of USERS that are one name in a room, written out by hand: case, and Greek
+#: look-alikes read either as case-folded (ΝΙΚΕ ~ νικε) or as written (ΝΙΚΕ ~ nike,
+#: νικε ~ vike). Not transitive: nike and vike are two names.
+SAME_USERS = {
+    frozenset(pair)
+    for pair in [("ann", "Ann"), ("ΝΙΚΕ", "nike"), ("ΝΙΚΕ", "νικε"), ("νικε", "vike")]
+}
+
+
+def same_user(a: str, b: str) -> bool:
+    return a == b or frozenset((a, b)) in SAME_USERS
 
 
 class ShardModel(RuleBasedStateMachine):
@@ -434,7 +477,7 @@ class ShardModel(RuleBasedStateMachine):
         members = self.members.setdefault(room, {})
         if cid in members:
             expected = [(m.FAIL, req, cid, m.JOIN, m.ERR_ALREADY_IN_ROOM, room)]
-        elif any(name_key(u) == name_key(user) for u in members.values()):
+        elif any(same_user(u, user) for u in members.values()):
             expected = [(m.FAIL, req, cid, m.JOIN, m.ERR_NAME_TAKEN, room)]
         else:
             members[cid] = user
