@@ -403,7 +403,7 @@ def check_name(raw: str, kind: NameKind) -> Union[str, NameRefusal]:
     Never raises.
     """
     if raw.isascii():
-        if 0 < len(raw) <= kind.max_chars and _ASCII_NAME.match(raw):
+        if len(raw) <= kind.max_chars and _ASCII_NAME.match(raw):
             return raw  # ASCII is NFKC, one script, and looks like itself
         return NameRefusal(kind, NameProblem.RULE)
     if len(raw) <= 4 * kind.max_chars:  # bounds what the cache holds
@@ -433,11 +433,15 @@ def _check_unicode(raw: str, kind: NameKind) -> Union[str, NameRefusal]:
 
 def check_username(raw: str) -> Union[str, NameRefusal]:
     """:func:`check_name` for a username."""
+    if raw.isascii() and len(raw) <= MAX_USERNAME_CHARS and _ASCII_NAME.match(raw):
+        return raw  # the usual case, without touching the enum (slow to hash and look up)
     return check_name(raw, NameKind.USERNAME)
 
 
 def check_room(raw: str) -> Union[str, NameRefusal]:
     """:func:`check_name` for a room name."""
+    if raw.isascii() and len(raw) <= MAX_ROOM_CHARS and _ASCII_NAME.match(raw):
+        return raw  # every MSG names its room: keep this path short
     return check_name(raw, NameKind.ROOM)
 
 

@@ -12,6 +12,7 @@ See ``docs/PROTOCOL.md`` for the contract these functions implement.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from typing import NamedTuple, Optional, Tuple, Union
@@ -201,6 +202,12 @@ def name_error(refusal: NameRefusal) -> PeerError:
 
 def unknown_verb_error(verb: str) -> PeerError:
     shown = verb if len(verb) <= 32 else verb[:32] + "..."
+    return _unknown_verb(shown)
+
+
+@functools.lru_cache(maxsize=256)
+def _unknown_verb(shown: str) -> PeerError:
+    # Shared: a line of garbage repeated a thousand times is one object, not a thousand.
     return PeerError(error_line(f"unknown command {shown}; commands: {' '.join(VERBS)}"))
 
 
@@ -315,6 +322,8 @@ def _parse_msg(rest: str) -> Event:
     # The same text rule as HTTP's. Blank text is a usage error, and is reported before a
     # bad room name, as it always was.
     cleaned = clean_text(text, word if isinstance(room, PeerError) else room)
+    if type(cleaned) is str and type(room) is str:
+        return Msg(room, cleaned)  # the usual case first: enum members are slow to reach
     if cleaned is TextProblem.BLANK:
         return USAGE["MSG"]
     if isinstance(room, PeerError):

@@ -43,6 +43,12 @@ def clean_text(text: str, room: str) -> Union[str, TextProblem]:
     it with its bidi controls neutralised, or the :class:`TextProblem`. Never raises."""
     if CONTROL.search(text):
         return TextProblem.CONTROL
+    if text.isascii():  # the usual case: no bidi controls, one byte per character
+        if not text.strip():
+            return TextProblem.BLANK
+        if len(text) > MAX_TEXT_CHARS or _line_bytes(text, room) > MAX_LINE_BYTES:
+            return TextProblem.TOO_LONG
+        return text
     if is_blank(text):
         return TextProblem.BLANK
     if not _fits(text, room):
@@ -106,6 +112,11 @@ def _pair_bidi(text: str) -> Tuple[List[str], List[Tuple[bool, int]]]:
                 open_isolates += 1
             stack.append((isolate, index))
     return pieces, stack
+
+
+def _line_bytes(ascii_text: str, room: str) -> int:
+    """Bytes of ``MSG <room> <text>`` for an ASCII *ascii_text*."""
+    return len(ascii_text) + 5 + (len(room) if room.isascii() else len(room.encode()))
 
 
 def _fits(text: str, room: str) -> bool:

@@ -47,6 +47,11 @@ SERVER_FULL = p.error_line("server full")
 #: the pause mark, so allowances never add up.
 MAX_REPLY_ALLOWANCE = HISTORY_SIZE * (MAX_LINE_BYTES + 200)
 
+#: Bytes of input parsed at once. A read can bring 256 KiB of two-byte lines; parsed in
+#: one go that is 130,000 command objects waiting at once. In slices, the next is parsed
+#: only when the commands of the last one are done.
+PARSE_SLICE_BYTES = 16 * 1024
+
 #: Lines queued in one loop turn after which the connection flushes at once, so that the
 #: pause mark is seen while a burst of commands (each answered locally, e.g. usage errors)
 #: is being handled, not only after it.
@@ -120,7 +125,7 @@ class TcpConnection(asyncio.Protocol, Client):
         "ip", "address", "_counted", "_closing", "_closed", "_bucket", "_waiting", "_resume",
         "_eof", "_blocked", "_reply_pending", "_output_paused", "connected_at", "last_heard",
         "_ping_sent_at", "_joined_once", "_over_soft_since", "_reply_allowance",
-        "_received_at",
+        "_received_at", "_unparsed", "_parsing", "_input_done",
     )  # fmt: skip
 
     def __init__(self, listener: TcpListener) -> None:
@@ -159,6 +164,10 @@ class TcpConnection(asyncio.Protocol, Client):
         self._over_soft_since: Optional[float] = None
         self._reply_allowance = 0  # bytes of replies the client asked for (HISTORY)
         self._received_at: Optional[float] = None  # of the queued reply command being handled
+        # input read but not parsed yet (see _parse_more)
+        self._unparsed = bytearray()
+        self._parsing = False
+        self._input_done = False  # the end of the input has been fed to the parser
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -188,7 +197,37 @@ class TcpConnection(asyncio.Protocol, Client):
             return  # after QUIT or an error: ignored
         self.last_heard = self._loop.time()
         self._ping_sent_at = None
-        events = self._parser.receive_data(data)
+        if self._unparsed or len(data) > PARSE_SLICE_BYTES:
+            self._unparsed += data
+            self._parse_more()
+        else:
+            self._handle(self._parser.receive_data(data))
+
+    def _parse_more(self) -> None:
+        """Parse the input kept back, a slice at a time, while nothing holds the commands
+        up: a read of thousands of short lines never turns into thousands of waiting
+        command objects (up to 100 times the bytes they came from). What is kept back
+        stops the reading until it is parsed."""
+        if self._parsing:
+            return  # called back from inside the loop below; it goes on by itself
+        self._parsing = True
+        try:
+            unparsed = self._unparsed
+            while unparsed and not (self._closing or self._waiting or self._held()):
+                chunk = bytes(unparsed[:PARSE_SLICE_BYTES])
+                del unparsed[:PARSE_SLICE_BYTES]
+                self._handle(self._parser.receive_data(chunk))
+        finally:
+            self._parsing = False
+        if self._closing or self.transport is None:
+            return
+        if self._unparsed:
+            self.transport.pause_reading()
+        else:
+            self._work_off()  # all parsed: resume reading, or finish after end of input
+
+    def _handle(self, events: List[p.Event]) -> None:
+        """Dispatch parsed *events* now, or queue them behind what waits."""
         if self._bucket is not None or self._waiting or self._held():
             self._queue(events)
             self._work_off()
@@ -213,14 +252,25 @@ class TcpConnection(asyncio.Protocol, Client):
         if self._closed:
             return False  # we had closed our side too: the transport may go
         if not self._closing:
-            self._waiting.extend(self._parser.receive_data(b""))
-            self._work_off()
+            if self._unparsed:
+                self._parse_more()  # the last line is parsed once the rest has been
+            else:
+                self._end_of_input()
         return True
+
+    def _end_of_input(self) -> None:
+        """The peer's input is all parsed but an unterminated last line: parse it, finish
+        the waiting commands, then close (``_work_off``)."""
+        if not self._input_done:
+            self._input_done = True
+            self._waiting.extend(self._parser.receive_data(b""))
+        self._work_off()
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._closed = True
         self._out.clear()
         self._waiting.clear()
+        self._unparsed.clear()
         self.hub.output.forget(self)
         if self._resume is not None:
             self._resume.cancel()
@@ -303,8 +353,13 @@ class TcpConnection(asyncio.Protocol, Client):
             else:
                 self.transport.pause_reading()
             return
-        if self._eof:
-            self._finish(bye=False)
+        if self._unparsed:
+            self._parse_more()
+        elif self._eof:
+            if self._input_done:
+                self._finish(bye=False)
+            else:
+                self._end_of_input()
         elif self.transport is not None:
             self.transport.resume_reading()
 

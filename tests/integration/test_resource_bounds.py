@@ -177,6 +177,31 @@ def test_amplifying_errors_wait_for_the_client_to_read(cluster: Cluster) -> None
     client.close()
 
 
+@needs_proc
+def test_reads_of_many_short_commands_are_parsed_as_they_are_answered(cluster: Cluster) -> None:
+    """40 clients that do not read each send 50,000 ``PING`` lines: the router parses them a
+    slice at a time as their PONGs are taken, never a whole read at once (before: a read's
+    worth of command objects each, 6 MB here), and every PONG arrives, in order."""
+    count = 50_000
+    payload = b"".join(b"PING %d\n" % index for index in range(count))
+    clients = [line_client(cluster, rcvbuf=4096) for _ in range(40)]
+    before = router_rss_kb(cluster)
+    senders = [
+        threading.Thread(target=client.send_raw, args=(payload,), daemon=True) for client in clients
+    ]
+    for sender in senders:
+        sender.start()
+    time.sleep(2.0)
+    growth = router_rss_kb(cluster) - before
+    assert growth < 3 * 1024, f"router RSS grew by {growth} KiB"
+    for client in clients:
+        for index in range(count):
+            assert client.readline(10.0) == f"PONG {index}"
+        client.close()
+    for sender in senders:
+        sender.join(10)
+
+
 def test_many_reply_commands_are_answered_in_order(cluster: Cluster) -> None:
     """Reply commands go one at a time; pipelined ones are all answered, in order, with
     the commands between them in their place."""
