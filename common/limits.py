@@ -108,6 +108,11 @@ FD_RESERVE = 100
 #: covers an office behind one NAT; one address can then hold at most 1/390 of
 #: MAX_HTTP_SESSIONS, so it cannot lock others out (configurable).
 MAX_SESSIONS_PER_ADDRESS = 256
+#: Rooms the clients of one address are in (or joining) together, counted per client:
+#: what one address can make the shards keep (each room up to HISTORY_SIZE entries) and
+#: the router fan out. Past it: ``ERROR too many rooms for one address`` /
+#: HTTP ``429 too_many_rooms_for_address`` (configurable).
+MAX_ROOMS_PER_ADDRESS = 1000
 #: Token bucket on creating browser sessions, per address: a burst of SESSION_BURST, then
 #: SESSION_RATE per second (a page load makes one; configurable, 0 = off).
 SESSION_RATE = 2.0

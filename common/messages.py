@@ -79,6 +79,7 @@ ERR_ALREADY_IN_ROOM = "already_in_room"
 # From the router itself:
 ERR_WRONG_USERNAME = "wrong_username"
 ERR_TOO_MANY_ROOMS = "too_many_rooms"
+ERR_TOO_MANY_ROOMS_FOR_ADDRESS = "too_many_rooms_for_address"
 ERR_TIMEOUT = "shard_timeout"
 ERR_UNAVAILABLE = "room_unavailable"
 

@@ -126,6 +126,8 @@ LIMIT_FLAGS = [
     ("--max-sessions", "max_sessions", COUNT, "N", "browser sessions in total"),
     ("--max-sessions-per-address", "max_sessions_per_address", COUNT, "N",
      "live browser sessions created from one address"),
+    ("--max-rooms-per-address", "max_rooms_per_address", COUNT, "N",
+     "rooms the clients of one address may be in together"),
     ("--session-rate", "session_rate", RATE, "N",
      "browser sessions one address may create per second; 0: no limit"),
     ("--session-burst", "session_burst", COUNT, "N",

@@ -62,10 +62,13 @@ class Client:
     username_fixed = False
 
     # Slots, not a __dict__: there may be 10,000 clients (subclasses may add a __dict__).
-    __slots__ = ("cid", "username", "rooms", "pending_joins", "shards")
+    __slots__ = ("cid", "username", "rooms", "pending_joins", "shards", "address")
 
     def __init__(self) -> None:
         self.cid = 0
+        #: The per-address limits' key of the client's peer (``router.policy.address_key``);
+        #: set by the transport before :meth:`Hub.add`.
+        self.address = ""
         self.username: Optional[str] = None
         self.rooms: Set[str] = set()
         self.pending_joins: Set[str] = set()
@@ -122,6 +125,7 @@ class Hub:
         self.addresses = AddressLimits(self.settings)
         self.pool: Optional[ShardPool] = None
         self.clients: Dict[int, Client] = {}
+        self._by_address: Dict[str, Set[Client]] = {}  # address -> its clients
         self.members: Dict[str, Dict[int, Client]] = {}  # the mirror: room -> cid -> client
         self._pending: Dict[int, Tuple[Callback, float, int]] = {}  # req -> (cb, deadline, shard)
         self._cids = itertools.count(1)
@@ -149,6 +153,7 @@ class Hub:
         """Register *client*; returns its new ``cid``."""
         client.cid = next(self._cids)
         self.clients[client.cid] = client
+        self._by_address.setdefault(client.address, set()).add(client)
         return client.cid
 
     def drop(self, client: Client, on_done: Optional[Callable[[], None]] = None) -> None:
@@ -158,7 +163,7 @@ class Hub:
         Without it, the client is removed now."""
         shards = sorted(client.shards)
         if on_done is None or not shards:
-            self.clients.pop(client.cid, None)
+            self._remove(client)
             for index in shards:
                 self._send_to(index, (m.DROP, 0, client.cid))
             if on_done is not None:
@@ -170,12 +175,28 @@ class Hub:
             nonlocal remaining
             remaining -= 1
             if remaining == 0:
-                self.clients.pop(client.cid, None)
+                self._remove(client)
                 on_done()
 
         for index in shards:
             req = self._expect(one_done, index, DROP_TIMEOUT)
             self._send_to(index, (m.DROP, req, client.cid))
+
+    def _remove(self, client: Client) -> None:
+        if self.clients.pop(client.cid, None) is None:
+            return
+        same = self._by_address.get(client.address)
+        if same is not None:
+            same.discard(client)
+            if not same:
+                del self._by_address[client.address]
+
+    def rooms_of_address(self, address: str) -> int:
+        """Rooms the clients of *address* are in or joining, counted once per client."""
+        return sum(
+            len(client.rooms) + len(client.pending_joins)
+            for client in self._by_address.get(address, ())
+        )
 
     def shutdown(self) -> None:
         """Tell every client the server is going away."""
@@ -199,6 +220,8 @@ class Hub:
         # this JOIN in the pipe, and the replies must come back in command order.
         if len(client.rooms) + len(client.pending_joins) >= MAX_ROOMS_PER_CLIENT:
             return m.ERR_TOO_MANY_ROOMS
+        if self.rooms_of_address(client.address) >= self.settings.max_rooms_per_address:
+            return m.ERR_TOO_MANY_ROOMS_FOR_ADDRESS
         client.username = username
         client.pending_joins.add(room)
         self._send(client, room, m.JOIN, callback, room, username)

@@ -44,6 +44,7 @@ class Settings:
     join_burst: int = L.JOIN_BURST
     poll_max_bytes: int = L.MAX_POLL_ANSWER_BYTES
     max_sessions: int = L.MAX_HTTP_SESSIONS
+    max_rooms_per_address: int = L.MAX_ROOMS_PER_ADDRESS
 
 
 class TokenBucket:

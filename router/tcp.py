@@ -69,6 +69,8 @@ def failure_line(failure: Failure) -> bytes:
         return p.already_in_room_error(room)
     if code == m.ERR_TOO_MANY_ROOMS:
         return p.error_line(f"too many rooms (at most {MAX_ROOMS_PER_CLIENT})")
+    if code == m.ERR_TOO_MANY_ROOMS_FOR_ADDRESS:
+        return p.error_line("too many rooms for one address")
     if code == m.ERR_UNAVAILABLE:
         return p.error_line("room unavailable")
     if code == m.ERR_TIMEOUT:
@@ -122,7 +124,7 @@ class TcpConnection(asyncio.Protocol, Client):
 
     __slots__ = (
         "listener", "hub", "settings", "_loop", "_coalescer", "_parser", "_out", "transport",
-        "ip", "address", "_counted", "_closing", "_closed", "_bucket", "_waiting", "_resume",
+        "ip", "_counted", "_closing", "_closed", "_bucket", "_waiting", "_resume",
         "_eof", "_blocked", "_reply_pending", "_output_paused", "connected_at", "last_heard",
         "_ping_sent_at", "_joined_once", "_over_soft_since", "_reply_allowance",
         "_received_at", "_unparsed", "_parsing", "_input_done",
@@ -139,7 +141,6 @@ class TcpConnection(asyncio.Protocol, Client):
         self._out: List[bytes] = []
         self.transport: Optional[asyncio.Transport] = None
         self.ip = ""
-        self.address = ""  # the per-address limits' key of self.ip
         self._counted = False  # holds a slot in the connection limiter
         self._closing = False  # QUIT, EOF or an error: no more input is handled
         self._closed = False  # the transport is gone or going: nothing more is written

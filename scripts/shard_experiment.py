@@ -65,7 +65,8 @@ HOST = "127.0.0.1"
 #: opens thousands of connections and sessions and joins them all at once.
 CLUSTER_FLAGS = (
     "--rate-limit", "0", "--max-connections-per-ip", "100000", "--join-rate", "0",
-    "--session-rate", "0", "--max-sessions-per-address", "100000", "--log-level", "INFO",
+    "--session-rate", "0", "--max-sessions-per-address", "100000",
+    "--max-rooms-per-address", "1000000", "--log-level", "INFO",
 )  # fmt: skip
 LISTENING = re.compile(r"listening (tcp|http) (\S+):(\d+)")
 SHARD_PIDS = re.compile(r"started \d+ shard processes \(pids \[([\d, ]*)\]\)")

@@ -368,6 +368,31 @@ def test_sessions_per_address_are_capped_and_freed_when_they_end() -> None:
             browser.close()
 
 
+def test_rooms_per_address_are_capped_across_its_clients() -> None:
+    """The rooms one address's clients are in together are capped (what it can make the
+    shards keep); a leave frees a place; another address is not affected."""
+    args = ["--max-rooms-per-address", "5", "--join-rate", "0"]
+    with Cluster(shards=2, extra_args=args) as cluster:
+        first, second = line_client(cluster), line_client(cluster)
+        for n in range(3):
+            first.join(f"cap{n}", "first")
+        for n in range(2):
+            second.join(f"cap{n}", "second")
+        second.send("JOIN cap9 second")
+        assert second.readline(5.0) == "ERROR too many rooms for one address"
+        browser = Browser(cluster)
+        status, payload, _ = browser.join("cap9", "webby")
+        assert status == 429 and payload["error"]["code"] == "too_many_rooms_for_address"
+        other = line_client(cluster, source=OTHER)
+        other.join("cap9", "other")
+        first.send("LEAVE cap2")
+        first.read_until(lambda line: line == "INFO left room cap2", 5.0)
+        second.join("cap9", "second")
+        for client in (first, second, other):
+            client.close()
+        browser.close()
+
+
 def test_joins_from_one_address_are_throttled_not_lost() -> None:
     """TCP joins past the address's bucket wait for tokens (none is refused, every one is
     answered); HTTP joins past it get 429; another address joins at once meanwhile."""
