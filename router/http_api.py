@@ -498,11 +498,15 @@ class HttpApi:
                 raise failure_error(Failure(m.ERR_NOT_IN_ROOM, cursor.room))
         self._admit(session, "poll")
 
-        def respond(status: int, payload: Dict[str, Any]) -> None:
-            exchange.respond(Response(status, encode_poll_payload(payload), JSON_HEADERS))
+        def respond(status: int, payload: Dict[str, Any], headers: HeaderList) -> None:
+            body = encode_poll_payload(payload)
+            exchange.respond(Response(status, body, JSON_HEADERS + headers))
+
+        def charge() -> Optional[float]:
+            return self.admit(session, "fetch")
 
         max_bytes = self.hub.settings.poll_max_bytes
-        poll = Poll(self.hub, session, cursors, self.poll_timeout, respond, max_bytes)
+        poll = Poll(self.hub, session, cursors, self.poll_timeout, respond, max_bytes, charge)
         exchange.on_cancel(poll.cancel, abandon_on_eof=True)
         poll.start()
 

@@ -31,8 +31,12 @@ from router.hub import Failure, Hub
 
 log = logging.getLogger(__name__)
 
-#: ``respond(status, payload)``: the poll's answer (a JSON object, or an error object).
-Respond = Callable[[int, Dict[str, Any]], None]
+#: ``respond(status, payload, headers)``: the poll's answer (a JSON object, or an error
+#: object) with any extra headers (``Retry-After``).
+Respond = Callable[[int, Dict[str, Any], Tuple[Tuple[str, str], ...]], None]
+#: ``charge()``: take one token of the session's flood control for a poll that must ask
+#: the shards at once; None to go on, or the seconds to wait (the poll answers ``429``).
+Charge = Callable[[], Optional[float]]
 
 
 class Cursor(NamedTuple):
@@ -210,9 +214,14 @@ class Poll(Waiter):
         timeout: float,
         respond: Respond,
         max_bytes: int = MAX_POLL_ANSWER_BYTES,
+        charge: Optional[Charge] = None,
     ) -> None:
         self.hub = hub
         self.session = session
+        # A poll answered from the shards at once (a cursor its feed does not cover: after=0,
+        # an old or foreign one) costs the router a fetch and an answer however often it is
+        # asked, unlike one that waits for news; so such a poll takes a flood-control token.
+        self._charge = charge
         self.cursors = cursors
         self.rooms: Dict[str, Cursor] = {cursor.room: cursor for cursor in cursors}
         self.timeout = timeout
@@ -240,10 +249,12 @@ class Poll(Waiter):
         if not self.finished:
             self._stop()
 
-    def end(self, status: int, code: str, message: str) -> None:
+    def end(
+        self, status: int, code: str, message: str, headers: Tuple[Tuple[str, str], ...] = ()
+    ) -> None:
         if not self.finished:
             self._stop()
-            self._respond(status, {"error": {"code": code, "message": message}})
+            self._respond(status, {"error": {"code": code, "message": message}}, headers)
 
     def _stop(self) -> None:
         self.finished = True
@@ -254,7 +265,7 @@ class Poll(Waiter):
 
     def _finish(self, results: Dict[str, RoomResult]) -> None:
         self._stop()
-        self._respond(200, poll_payload(self.cursors, results))
+        self._respond(200, poll_payload(self.cursors, results), ())
 
     def evict(self) -> None:
         self._answer_now()
@@ -280,6 +291,13 @@ class Poll(Waiter):
         if self.finished:
             return
         results, fetches = self._collect()
+        charge, self._charge = self._charge, None  # only the first look at the cursors
+        if fetches and charge is not None:
+            wait = charge()
+            if wait is not None:
+                retry = str(max(1, int(wait + 0.999)))
+                self.end(429, "rate_limited", "too many requests", (("Retry-After", retry),))
+                return
         if fetches:
             self._fetch(results, fetches)
         elif any(r.entries or r.missed or r.left or r.more for r in results.values()):

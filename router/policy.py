@@ -75,8 +75,9 @@ class TokenBucket:
 
 class SessionRateLimit:
     """Flood control for browser sessions: one :class:`TokenBucket` per session, taken by
-    every command (join of another room, send, leave); polls are free (they are how a
-    session waits). Call it as the HTTP API's admission hook: returns None to go on, or the
+    every command (join of another room, send, leave) and by a poll that the shards must
+    answer at once (``"fetch"``); polls that wait for news are free (they are how a session
+    waits). Call it as the HTTP API's admission hook: returns None to go on, or the
     seconds to wait (answered ``429`` with ``Retry-After``)."""
 
     def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):

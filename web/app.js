@@ -61,11 +61,12 @@
   // --- API ------------------------------------------------------------------------------
 
   class ApiError extends Error {
-    constructor(status, code, message, room) {
+    constructor(status, code, message, room, retryAfter) {
       super(message);
       this.status = status;
       this.code = code;
       this.room = room;
+      this.retryAfter = retryAfter || 0; // seconds, from a 429's Retry-After
     }
   }
 
@@ -95,6 +96,7 @@
         info.code || "http_" + response.status,
         info.message || response.statusText,
         info.room,
+        Number(response.headers.get("Retry-After")) || 0,
       );
     }
     return data;
@@ -491,6 +493,9 @@
       await resumeSession();
     } else if (error.status === 403 && error.code === "not_in_room" && error.room) {
       await rejoin(error.room);
+    } else if (error.status === 429) {
+      // Asked too often (the server says when to come back): not offline, just wait.
+      await sleep(Math.max(1, error.retryAfter) * 1000);
     } else {
       state.failures += 1;
       const delay = backoffDelay();

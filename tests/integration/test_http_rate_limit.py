@@ -9,7 +9,7 @@ import pytest
 
 from router.policy import SessionRateLimit
 from tests.cluster import Cluster
-from tests.integration.test_http_api import Api, assert_error
+from tests.integration.test_http_api import Api, Background, assert_error
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,3 +49,30 @@ def test_http_sends_past_the_burst_get_429_with_retry_after() -> None:
         time.sleep(float(reply.headers["Retry-After"]))
         assert api.post("/api/send", {"room": "flood", "text": "later"}).status == 200
         api.close()
+
+
+def test_polls_answered_from_the_shards_at_once_take_a_token() -> None:
+    """A poll whose cursor the session's feed does not cover (after=0 in a room with older
+    history) is answered by the shards at once, however often it is asked: it takes a
+    token. A poll that waits for news does not."""
+    with Cluster(shards=1, extra_args=["--rate-limit", "1", "--rate-burst", "3"]) as cluster:
+        bob = Api(cluster)
+        bob.join("fetchy", "bob")  # creates the session: not counted
+        bob.send("fetchy", "before alice")
+        api = Api(cluster)
+        joined = api.join("fetchy", "alice")
+        statuses = [api.get("/api/poll?room=fetchy&after=0").status for _ in range(3)]
+        assert statuses == [200, 200, 200]
+        reply = api.get("/api/poll?room=fetchy&after=0")
+        assert_error(reply, 429, "rate_limited")
+        assert int(reply.headers["Retry-After"]) >= 1
+        # A poll from the current cursor waits for news and costs nothing, even now.
+        cursor = f"room=fetchy&after={joined['id']}&epoch={joined['epoch']}"
+        waiting = Background(api, cursor)
+        time.sleep(0.3)
+        bob.send("fetchy", "news")
+        answer = waiting.join()
+        assert answer.status == 200
+        assert [msg["text"] for msg in answer.json["messages"]] == ["news"]
+        api.close()
+        bob.close()
