@@ -66,6 +66,11 @@ OUTPUT_PAUSE_BYTES = 64 * 1024
 OUTPUT_BUDGET_TOTAL = 256 * 1024 * 1024
 OUTPUT_BUDGET_PER_ADDRESS = 64 * 1024 * 1024
 
+#: Bytes of TCP input parsed at once. A read can bring 256 KiB of two-byte lines; parsed in
+#: one go that is 130,000 command objects waiting at once. In slices, the next is parsed
+#: only when the commands of the last one are done.
+PARSE_SLICE_BYTES = 16 * 1024
+
 #: Seconds a cut-off slow consumer gets to take its last bytes before the socket is aborted.
 SLOW_CONSUMER_CLOSE_GRACE = 1.0
 
@@ -137,6 +142,12 @@ HISTORY_SIZE = 500
 #: Default and largest ``n`` of ``HISTORY <room> [n]``.
 MAX_HISTORY_REPLY = HISTORY_SIZE
 
+#: The most that one reply a TCP client asked for (HISTORY, NAMES, ROOMS) may add on top
+#: of the output limits: one full HISTORY of the longest lines. Granted for one reply at a
+#: time: the next such command waits until this one is answered and the client has read
+#: it down to the pause mark, so allowances never add up.
+MAX_REPLY_ALLOWANCE = HISTORY_SIZE * (MAX_LINE_BYTES + 200)
+
 #: Rooms with no members that a shard keeps (with their history) for people coming back;
 #: past this the longest-empty room is forgotten, so creating rooms cannot exhaust memory.
 MAX_EMPTY_ROOMS_PER_SHARD = 1000
@@ -206,6 +217,11 @@ MAX_HTTP_HEADER_BYTES = 16 * 1024
 #: ``MAX_TEXT_CHARS`` characters of text; ``413`` is decided on ``Content-Length`` alone,
 #: before any of the body is read.
 MAX_HTTP_BODY_BYTES = 16 * 1024
+
+#: Bytes of later (pipelined) requests an HTTP connection buffers while one is being
+#: answered or its answers are unread, before reading pauses: one complete request of the
+#: largest size.
+MAX_PIPELINED_BYTES = MAX_HTTP_REQUEST_LINE_BYTES + MAX_HTTP_HEADER_BYTES + MAX_HTTP_BODY_BYTES
 
 #: Seconds from connect (or from the first byte of a later request) until the whole request
 #: must have arrived: an absolute deadline, so a client sending one byte at a time

@@ -24,9 +24,7 @@ from common.limits import (
     HTTP_KEEPALIVE_IDLE,
     HTTP_LINGER,
     HTTP_REQUEST_TIMEOUT,
-    MAX_HTTP_BODY_BYTES,
-    MAX_HTTP_HEADER_BYTES,
-    MAX_HTTP_REQUEST_LINE_BYTES,
+    MAX_PIPELINED_BYTES,
     POLL_TIMEOUT,
     SESSION_TTL,
 )
@@ -48,10 +46,6 @@ from router.policy import SessionRateLimit, address_key
 from web import WEB_ROOT
 
 log = logging.getLogger(__name__)
-
-#: Bytes of later (pipelined) requests buffered while one is being answered before reading
-#: pauses: one complete request of the largest size.
-MAX_PIPELINED_BYTES = MAX_HTTP_REQUEST_LINE_BYTES + MAX_HTTP_HEADER_BYTES + MAX_HTTP_BODY_BYTES
 
 
 class HttpConnection(asyncio.Protocol):

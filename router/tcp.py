@@ -24,10 +24,10 @@ from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set
 from common import messages as m
 from common import protocol as p
 from common.limits import (
-    HISTORY_SIZE,
-    MAX_LINE_BYTES,
     MAX_QUEUED_COMMANDS,
+    MAX_REPLY_ALLOWANCE,
     MAX_ROOMS_PER_CLIENT,
+    PARSE_SLICE_BYTES,
     REQUEST_TIMEOUT,
     SLOW_CONSUMER_CLOSE_GRACE,
     TIMER_SWEEP_INTERVAL,
@@ -40,17 +40,6 @@ log = logging.getLogger(__name__)
 SLOW_CONSUMER = p.error_line("slow consumer")
 EXCESS_FLOOD = p.error_line("excess flood")
 SERVER_FULL = p.error_line("server full")
-
-#: The most that one requested reply may add on top of the output limits: one full HISTORY
-#: of the longest possible lines. Granted for one reply at a time: the next command that
-#: asks for a reply waits until this one is answered and the client has read it down to
-#: the pause mark, so allowances never add up.
-MAX_REPLY_ALLOWANCE = HISTORY_SIZE * (MAX_LINE_BYTES + 200)
-
-#: Bytes of input parsed at once. A read can bring 256 KiB of two-byte lines; parsed in
-#: one go that is 130,000 command objects waiting at once. In slices, the next is parsed
-#: only when the commands of the last one are done.
-PARSE_SLICE_BYTES = 16 * 1024
 
 #: Lines queued in one loop turn after which the connection flushes at once, so that the
 #: pause mark is seen while a burst of commands (each answered locally, e.g. usage errors)
