@@ -321,7 +321,7 @@ def _parse_msg(rest: str) -> Event:
     room = _room_arg(word)
     # The same text rule as HTTP's. Blank text is a usage error, and is reported before a
     # bad room name, as it always was.
-    cleaned = clean_text(text, word if isinstance(room, PeerError) else room)
+    cleaned = clean_text(text, word if isinstance(room, PeerError) else room, True)
     if type(cleaned) is str and type(room) is str:
         return Msg(room, cleaned)  # the usual case first: enum members are slow to reach
     if cleaned is TextProblem.BLANK:

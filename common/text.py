@@ -38,15 +38,20 @@ class TextProblem(enum.Enum):
     TOO_LONG = "too_long"
 
 
-def clean_text(text: str, room: str) -> Union[str, TextProblem]:
+def clean_text(text: str, room: str, controls_checked: bool = False) -> Union[str, TextProblem]:
     """Check chat *text* for *room* (the room as stored, for the line length) and return
-    it with its bidi controls neutralised, or the :class:`TextProblem`. Never raises."""
-    if CONTROL.search(text):
+    it with its bidi controls neutralised, or the :class:`TextProblem`. With
+    *controls_checked* the caller has already refused control characters (the line
+    parser checks the whole line). Never raises."""
+    if not controls_checked and CONTROL.search(text):
         return TextProblem.CONTROL
     if text.isascii():  # the usual case: no bidi controls, one byte per character
         if not text.strip():
             return TextProblem.BLANK
-        if len(text) > MAX_TEXT_CHARS or _line_bytes(text, room) > MAX_LINE_BYTES:
+        if len(text) > MAX_TEXT_CHARS:
+            return TextProblem.TOO_LONG
+        room_bytes = len(room) if room.isascii() else len(room.encode())
+        if len(text) + room_bytes + 5 > MAX_LINE_BYTES:  # "MSG " and " "
             return TextProblem.TOO_LONG
         return text
     if is_blank(text):
@@ -112,11 +117,6 @@ def _pair_bidi(text: str) -> Tuple[List[str], List[Tuple[bool, int]]]:
                 open_isolates += 1
             stack.append((isolate, index))
     return pieces, stack
-
-
-def _line_bytes(ascii_text: str, room: str) -> int:
-    """Bytes of ``MSG <room> <text>`` for an ASCII *ascii_text*."""
-    return len(ascii_text) + 5 + (len(room) if room.isascii() else len(room.encode()))
 
 
 def _fits(text: str, room: str) -> bool:
