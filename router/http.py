@@ -21,6 +21,7 @@ from common.limits import (
     HTTP_KEEPALIVE_IDLE,
     HTTP_LINGER,
     HTTP_REQUEST_TIMEOUT,
+    LISTEN_BACKLOG,
     MAX_HTTP_BODY_BYTES,
     MAX_HTTP_HEADER_BYTES,
     MAX_HTTP_REQUEST_LINE_BYTES,
@@ -38,7 +39,7 @@ from router.http_parser import (
 )
 from router.http_static import StaticFiles
 from router.hub import Hub
-from router.policy import SessionRateLimit
+from router.policy import SessionRateLimit, close_refused
 from web import WEB_ROOT
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,17 @@ log = logging.getLogger(__name__)
 #: Bytes of later (pipelined) requests buffered while one is being answered before reading
 #: pauses: one complete request of the largest size.
 MAX_PIPELINED_BYTES = MAX_HTTP_REQUEST_LINE_BYTES + MAX_HTTP_HEADER_BYTES + MAX_HTTP_BODY_BYTES
+
+
+def _server_full_response() -> bytes:
+    response = ApiError(503, "server_full", "too many connections").response()
+    headers = response.headers + SECURITY_HEADERS
+    return format_response(503, headers, response.body, False)
+
+
+#: The answer to a connection refused at accept (over a connection cap or out of
+#: descriptors to spare), formatted once.
+SERVER_FULL_RESPONSE = _server_full_response()
 
 
 class HttpConnection(asyncio.Protocol):
@@ -59,6 +71,7 @@ class HttpConnection(asyncio.Protocol):
         self.transport: Optional[asyncio.Transport] = None
         self.peer: Any = None
         self.ip = ""
+        self._socket_counted = False  # its descriptor is counted in the limiter's budget
         self._counted = False  # holds a slot in the hub's connection limiter
         self._exchange: Optional[Exchange] = None  # the request being answered
         self._request: Optional[Request] = None
@@ -83,8 +96,10 @@ class HttpConnection(asyncio.Protocol):
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
         self.ip = str(self.peer[0]) if self.peer else ""
-        if not self.api.hub.limiter.acquire(self.ip):  # TCP and HTTP share the caps
-            self._refuse(ProtocolError(503, "server_full", "too many connections"))
+        self._socket_counted = True
+        if not self.api.hub.limiter.open(self.ip):  # TCP and HTTP share the caps
+            self._closed = True
+            close_refused(transport, SERVER_FULL_RESPONSE)
             return
         self._counted = True
         self._connections.add(self)
@@ -122,9 +137,10 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._closed = True
         self._connections.discard(self)
-        if self._counted:
+        if self._socket_counted:
+            self._socket_counted = False
+            self.api.hub.limiter.close(self.ip, self._counted)
             self._counted = False
-            self.api.hub.limiter.release(self.ip)
         self._cancel_timers()
         exchange, self._exchange = self._exchange, None
         if exchange is not None:
@@ -252,7 +268,12 @@ class HttpConnection(asyncio.Protocol):
             return
         self._cancel_timers()
         self._lingering = True
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError as error:  # the peer is gone already (ENOTCONN): nothing to wait for
+            log.debug("http %s: %s", self.peer, error)
+            self.close()
+            return
         if self._read_paused:
             self._read_paused = False
             transport.resume_reading()
@@ -327,6 +348,10 @@ async def start_http_server(
     api.admit = SessionRateLimit(hub.settings.rate_limit, hub.settings.rate_burst)
     connections: Set[HttpConnection] = set()
     server = await loop.create_server(
-        lambda: HttpConnection(api, connections), host, port, start_serving=start_serving
+        lambda: HttpConnection(api, connections),
+        host,
+        port,
+        start_serving=start_serving,
+        backlog=LISTEN_BACKLOG,
     )
     return HttpServer(server, api, connections)

@@ -25,13 +25,14 @@ from common import messages as m
 from common import protocol as p
 from common.limits import (
     HISTORY_SIZE,
+    LISTEN_BACKLOG,
     MAX_LINE_BYTES,
     MAX_ROOMS_PER_CLIENT,
     SLOW_CONSUMER_CLOSE_GRACE,
     TIMER_SWEEP_INTERVAL,
 )
 from router.hub import Client, Failure, Hub
-from router.policy import Settings, TokenBucket
+from router.policy import Settings, TokenBucket, close_refused
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,9 @@ class TcpConnection(asyncio.Protocol, Client):
 
     __slots__ = (
         "listener", "hub", "settings", "_loop", "_coalescer", "_parser", "_out", "transport",
-        "ip", "_counted", "_closing", "_closed", "_bucket", "_waiting", "_resume", "_eof",
-        "_blocked", "connected_at", "last_heard", "_ping_sent_at", "_joined_once",
-        "_over_soft_since", "_reply_allowance",
+        "ip", "_socket_counted", "_counted", "_closing", "_closed", "_bucket", "_waiting",
+        "_resume", "_eof", "_blocked", "connected_at", "last_heard", "_ping_sent_at",
+        "_joined_once", "_over_soft_since", "_reply_allowance",
     )  # fmt: skip
 
     def __init__(self, listener: TcpListener) -> None:
@@ -124,6 +125,7 @@ class TcpConnection(asyncio.Protocol, Client):
         self._out: List[bytes] = []
         self.transport: Optional[asyncio.Transport] = None
         self.ip = ""
+        self._socket_counted = False  # its descriptor is counted in the limiter's budget
         self._counted = False  # holds a slot in the connection limiter
         self._closing = False  # QUIT, EOF or an error: no more input is handled
         self._closed = False  # the transport is gone or going: nothing more is written
@@ -149,10 +151,10 @@ class TcpConnection(asyncio.Protocol, Client):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.ip = str(peer[0]) if peer else ""
-        if not self.hub.limiter.acquire(self.ip):
+        self._socket_counted = True
+        if not self.hub.limiter.open(self.ip):
             self._closing = self._closed = True
-            transport.write(SERVER_FULL)
-            transport.close()
+            close_refused(transport, SERVER_FULL)
             return
         self._counted = True
         self.listener.connections.add(self)
@@ -196,9 +198,11 @@ class TcpConnection(asyncio.Protocol, Client):
         self._waiting.clear()
         if self._resume is not None:
             self._resume.cancel()
+        if self._socket_counted:
+            self._socket_counted = False
+            self.hub.limiter.close(self.ip, self._counted)
         if self._counted:
             self._counted = False
-            self.hub.limiter.release(self.ip)
             self.listener.connections.discard(self)
         if not self._closing:
             self._closing = True
@@ -498,5 +502,5 @@ async def start_tcp_server(
     loop = asyncio.get_running_loop()
     listener = TcpListener(hub, loop)
     return await loop.create_server(
-        listener.new_connection, host, port, start_serving=start_serving, backlog=1024
+        listener.new_connection, host, port, start_serving=start_serving, backlog=LISTEN_BACKLOG
     )
