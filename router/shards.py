@@ -163,19 +163,27 @@ class ShardLink:
         be created (EMFILE, ENFILE, ENOMEM, EAGAIN...). Whatever was half-created is closed
         first: a failed start leaves no descriptor and no process behind."""
         self._forget_process()
+        forked = self._context.get_start_method() == "fork"
+        before = open_descriptors() if forked else None
         ends: List[Connection] = []
+        failure: Optional[ShardStartError] = None
         try:
             commands_in, commands_out = self._context.Pipe(duplex=False)
             ends += (commands_in, commands_out)
             events_in, events_out = self._context.Pipe(duplex=False)
             ends += (events_in, events_out)
-            process = self._spawn(commands_in, events_out)
+            process = self._spawn(commands_in, events_out, forked)
         except OSError as error:
             for end in ends:
                 end.close()
-            # "from None": the traceback would keep multiprocessing's half-made Popen (and
-            # the descriptors its finalizer closes) alive as long as the error is kept.
-            raise ShardStartError(self.index, error) from None
+            failure = ShardStartError(self.index, error)
+        if failure is not None:
+            # Raised out here, with the OSError and its traceback gone: they kept
+            # multiprocessing's half-made Popen alive, whose finalizer closes its pipes
+            # (spawn). What a failed fork leaves behind belongs to nobody: close it.
+            if before is not None:
+                _close_orphaned_pipes(before)
+            raise failure
         # Our copies of the shard's ends must go, or we would never see end-of-file.
         commands_in.close()
         events_out.close()
@@ -186,13 +194,14 @@ class ShardLink:
             process.kill()  # reaped with the other exited children (_forget_process)
             commands_out.close()
             events_in.close()
-            raise ShardStartError(self.index, error) from None
+            failure = ShardStartError(self.index, error)
+        if failure is not None:
+            raise failure
         self.state = ShardState.RUNNING
         self.epoch += 1
 
-    def _spawn(self, commands_in: Connection, events_out: Connection) -> Any:
+    def _spawn(self, commands_in: Connection, events_out: Connection, forked: bool) -> Any:
         """Create and start the shard process (raises ``OSError``)."""
-        forked = self._context.get_start_method() == "fork"
         process = self._context.Process(
             target=run_shard,
             args=(commands_in, events_out, self.index, forked, self._log_level),
@@ -200,13 +209,7 @@ class ShardLink:
             name=f"shardchat-shard-{self.index}",
             daemon=True,
         )
-        before = open_descriptors() if forked else None
-        try:
-            process.start()
-        except OSError:
-            if before is not None:
-                _close_orphaned_pipes(before)
-            raise
+        process.start()
         return process
 
     def _connect(self, process: Any, commands_out: Connection, events_in: Connection) -> None:
@@ -287,8 +290,9 @@ def _close_orphaned_pipes(before: Set[int]) -> None:
     """Close the pipes a failed fork start left open: ``multiprocessing``'s fork Popen
     makes two pipes before ``os.fork()`` and hands them to its finalizer only once the
     fork succeeded (CPython 3.9-3.13 ``popen_fork._launch``), so when the second pipe or
-    the fork fails they belong to nobody. Only pipes that were not open in *before* are
-    closed; only the loop thread creates descriptors meanwhile."""
+    the fork fails they belong to nobody. Only pipes that were not open in *before* (taken
+    before the start) are closed, once our own pipe ends are: only the loop thread
+    creates descriptors meanwhile."""
     after = open_descriptors()
     for fd in sorted((after or set()) - before):
         try:
@@ -367,7 +371,8 @@ class ShardPool:
         if self.stopping:
             return
         self._listener.on_shard_down(link.index)
-        self._schedule_restart(link, f"died (exit code {link.exit_code})")
+        code = link.exit_code
+        self._schedule_restart(link, "died" if code is None else f"died (exit code {code})")
 
     def _schedule_restart(self, link: ShardLink, what: str) -> None:
         """The shard is down (*what* says how): start it again after the backoff, or give
