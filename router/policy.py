@@ -220,12 +220,17 @@ class ConnectionLimiter:
 
 
 def close_refused(transport: asyncio.Transport, reply: bytes) -> None:
-    """Refuse a connection at once: write *reply* without waiting, drop what the peer has
-    already sent (closing over unread input would reset the connection and could destroy
-    the reply before the peer reads it), and close, all in this loop turn's call. No timer,
-    no lingering: the descriptor is released in the next loop turn. A peer that is already
-    gone is not an error."""
+    """Refuse a connection at once: write *reply* without waiting, end it with a FIN, drop
+    what the peer has already sent, and close, all in this call: no timer, no lingering;
+    the descriptor is released in the next loop turn. Closing over unread input resets the
+    connection, which can destroy the reply before the peer reads it: the FIN goes first
+    (a reset after it no longer hides the reply) and the waiting input is read away. A peer
+    that is already gone is a debug line, not an error."""
     transport.write(reply)  # a fresh socket's send buffer takes it whole; never blocks
+    try:
+        transport.write_eof()
+    except OSError as error:  # ENOTCONN: the peer is gone already
+        log.debug("refused connection: %s", error)
     _discard_received(transport)
     transport.abort()  # like close() once the reply is out; drops it if the peer stalls
 
