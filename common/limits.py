@@ -73,10 +73,19 @@ MAX_CONNECTIONS_PER_IP = 64
 
 # --- descriptors (router/policy.py FdBudget) ---------------------------------------------
 
-#: The listen() backlog of each listener. asyncio also accepts up to this many connections
-#: per loop wake-up, before any of them is refused: kept small so that the descriptors of
-#: accepted-but-not-yet-closed refusals stay inside FD_RESERVE.
+#: The backlog the router passes to create_server under an open-file limit. asyncio
+#: accepts up to this many connections per loop wake-up before any of them can be refused:
+#: kept small so that the descriptors of accepted-but-not-yet-closed refusals stay inside
+#: FD_RESERVE. (asyncio also passes it to listen(); the router lengthens that queue to
+#: LISTEN_QUEUE once the listener is serving.)
 LISTEN_BACKLOG = 16
+
+#: The kernel's queue of connections waiting for accept() on each listener (listen()).
+#: Long, so that a burst of connects waits there: Linux drops the handshake of a connection
+#: that finds the queue full, and with SYN cookies the client then believes it is connected
+#: to a server that never heard of it (measured: 2000 connects at once, 256 in flight, with
+#: a queue of 16: 7% of the clients never got the welcome line; with 1024 none).
+LISTEN_QUEUE = 1024
 
 #: Descriptors one running shard holds in the router: its two pipe ends, the process
 #: sentinel and multiprocessing's end of the start pipe. Measured (counting /proc/self/fd

@@ -13,10 +13,13 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Dict, List, Optional
 
 from common.limits import (
+    LISTEN_BACKLOG,
+    LISTEN_QUEUE,
     MIN_DEFAULT_SHARDS,
     POLL_TIMEOUT,
     SESSION_TTL,
@@ -90,11 +93,19 @@ class Router:
         self.servers: List[asyncio.AbstractServer] = []
         self.stop_requested = asyncio.Event()  # set it (or send SIGINT/SIGTERM) to stop
         self._recounter: Optional[asyncio.TimerHandle] = None
+        #: Connections asyncio accepts per wake-up: few under an open-file limit (they
+        #: must fit in the reserve until refused); without one, a whole queue's worth.
+        self.accept_batch = LISTEN_BACKLOG if self.fds.limit is not None else LISTEN_QUEUE
 
     async def bind(self) -> None:
         """Bind every listener (not yet accepting). Raises :class:`PortInUse`."""
         config = self.config
-        listeners = [("tcp", config.tcp_port, start_tcp_server)]
+        batch = self.accept_batch
+
+        def start_tcp(hub: Hub, host: str, port: int) -> Awaitable[asyncio.AbstractServer]:
+            return start_tcp_server(hub, host, port, backlog=batch)
+
+        listeners = [("tcp", config.tcp_port, start_tcp)]
         if config.http_port is not None:
             from router.http import start_http_server
 
@@ -105,6 +116,7 @@ class Router:
                     port,
                     poll_timeout=config.poll_timeout,
                     session_ttl=config.session_ttl,
+                    backlog=batch,
                 )
 
             listeners.append(("http", config.http_port, start_http))
@@ -156,6 +168,8 @@ class Router:
         for kind, server in zip(kinds, self.servers):
             await server.start_serving()
             for sock in server.sockets:
+                if self.accept_batch < LISTEN_QUEUE:
+                    _lengthen_listen_queue(sock)
                 host, port = sock.getsockname()[:2]
                 log.info("listening %s %s:%d", kind, host, port)
 
@@ -209,6 +223,21 @@ async def serve(config: Config, ready: Optional[Callable[[Router], None]] = None
         log.warning("shutdown took longer than %.1fs", SHUTDOWN_TIMEOUT)
     log.info("stopped")
     return 0
+
+
+def _lengthen_listen_queue(wrapped: Any) -> None:
+    """Set the kernel's accept queue of a serving listener to ``LISTEN_QUEUE``. asyncio
+    passed its per-wake-up accept batch to listen(); calling listen() again on a listening
+    socket only changes the queue length (Windows ignores it; it has no batch to keep
+    small). asyncio's wrapper has no listen(): a socket object on the same descriptor,
+    detached afterwards, calls it."""
+    raw = socket.socket(fileno=wrapped.fileno())
+    try:
+        raw.listen(LISTEN_QUEUE)
+    except OSError as error:
+        log.warning("could not lengthen the listen queue: %s", describe_error(error))
+    finally:
+        raw.detach()
 
 
 def start_failure_message(error: ShardStartError) -> str:

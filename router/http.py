@@ -21,7 +21,7 @@ from common.limits import (
     HTTP_KEEPALIVE_IDLE,
     HTTP_LINGER,
     HTTP_REQUEST_TIMEOUT,
-    LISTEN_BACKLOG,
+    LISTEN_QUEUE,
     MAX_HTTP_BODY_BYTES,
     MAX_HTTP_HEADER_BYTES,
     MAX_HTTP_REQUEST_LINE_BYTES,
@@ -339,9 +339,11 @@ async def start_http_server(
     start_serving: bool = False,
     poll_timeout: float = POLL_TIMEOUT,
     session_ttl: float = SESSION_TTL,
+    backlog: int = LISTEN_QUEUE,
 ) -> asyncio.AbstractServer:
     """Bind the HTTP listener (browser UI and JSON API), not yet accepting unless
-    *start_serving*. Raises ``OSError`` if the port cannot be bound. The returned server
+    *start_serving*; asyncio accepts up to *backlog* connections per loop wake-up and
+    listens with it. Raises ``OSError`` if the port cannot be bound. The returned server
     owns the API state (sessions); closing it ends the connections."""
     loop = asyncio.get_running_loop()
     api = HttpApi(hub, StaticFiles(WEB_ROOT), poll_timeout, session_ttl)
@@ -352,6 +354,6 @@ async def start_http_server(
         host,
         port,
         start_serving=start_serving,
-        backlog=LISTEN_BACKLOG,
+        backlog=backlog,
     )
     return HttpServer(server, api, connections)

@@ -25,7 +25,7 @@ from common import messages as m
 from common import protocol as p
 from common.limits import (
     HISTORY_SIZE,
-    LISTEN_BACKLOG,
+    LISTEN_QUEUE,
     MAX_LINE_BYTES,
     MAX_ROOMS_PER_CLIENT,
     SLOW_CONSUMER_CLOSE_GRACE,
@@ -496,11 +496,12 @@ _DISPATCH: Dict[type, Callable[[TcpConnection, Any], None]] = {
 
 
 async def start_tcp_server(
-    hub: Hub, host: str, port: int, start_serving: bool = False
+    hub: Hub, host: str, port: int, start_serving: bool = False, backlog: int = LISTEN_QUEUE
 ) -> asyncio.AbstractServer:
-    """Bind the line-protocol listener (not yet accepting unless *start_serving*)."""
+    """Bind the line-protocol listener (not yet accepting unless *start_serving*). asyncio
+    accepts up to *backlog* connections per loop wake-up and listens with it."""
     loop = asyncio.get_running_loop()
     listener = TcpListener(hub, loop)
     return await loop.create_server(
-        listener.new_connection, host, port, start_serving=start_serving, backlog=LISTEN_BACKLOG
+        listener.new_connection, host, port, start_serving=start_serving, backlog=backlog
     )

@@ -12,6 +12,7 @@ Linux only: the limit is set with ``preexec_fn`` and descriptors are counted in 
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -24,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Any, Deque, Dict, List, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -185,13 +186,24 @@ def wait_for(condition: Any, timeout: float, what: str) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("victims", [[0], [0, 1]], ids=["one-shard", "both-shards"])
-@pytest.mark.parametrize("start_method", START_METHODS)
+@pytest.mark.parametrize(
+    "start_method, pipe_io, victims",
+    [
+        ("spawn", "selector", [0]),
+        ("spawn", "selector", [0, 1]),
+        ("fork", "selector", [0]),
+        ("fork", "selector", [0, 1]),
+        ("spawn", "threads", [0, 1]),
+        ("fork", "threads", [0]),
+    ],
+    ids=lambda value: "-".join(map(str, value)) if isinstance(value, list) else str(value),
+)
 def test_shards_killed_at_the_descriptor_limit_come_back(
-    start_method: str, victims: List[int]
+    start_method: str, pipe_io: str, victims: List[int]
 ) -> None:
+    flags = [*FLAGS, "--pipe-io", pipe_io]
     with Cluster(
-        shards=SHARDS, start_method=start_method, fd_limit=FD_LIMIT, extra_args=FLAGS
+        shards=SHARDS, start_method=start_method, fd_limit=FD_LIMIT, extra_args=flags
     ) as cluster:
         assert cluster.proc is not None
         router = cluster.proc.pid
@@ -258,6 +270,42 @@ def test_shards_killed_at_the_descriptor_limit_come_back(
         monitor.close()
         for c in [*held, *members.values()]:
             c.close()
+
+
+async def burst(host: str, port: int, count: int) -> List[str]:
+    """Open *count* connections at once; the first line each gets ("" if none in 20 s)."""
+
+    async def one() -> str:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 20)
+        except (OSError, asyncio.TimeoutError) as error:
+            return repr(error)
+        try:
+            return (await asyncio.wait_for(reader.readline(), 20)).decode().strip()
+        except (OSError, asyncio.TimeoutError):
+            return ""
+        finally:
+            writer.close()
+
+    return await asyncio.gather(*[one() for _ in range(count)])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fd_limit", [None, FD_LIMIT], ids=["no-limit", "limit-256"])
+def test_a_burst_of_connects_gets_an_answer_each(fd_limit: Optional[int]) -> None:
+    """1500 connects at once: with the accept batch small (under a limit) the kernel's
+    queue must still hold the burst, so that every client gets its first line (welcome,
+    or server full) instead of hanging on a handshake the server dropped."""
+    with Cluster(shards=SHARDS, fd_limit=fd_limit, extra_args=FLAGS) as cluster:
+        lines = asyncio.run(burst(cluster.host, cluster.tcp_port, 1500))
+        welcomed = [line for line in lines if line.startswith("INFO welcome")]
+        refused = [line for line in lines if line == "ERROR server full"]
+        assert len(welcomed) + len(refused) == len(lines), sorted(set(lines))[:5]
+        if fd_limit is None:
+            assert not refused
+        else:
+            assert 0 < len(welcomed) < FD_LIMIT
+        assert "Traceback" not in cluster.log and "cannot accept" not in cluster.log
 
 
 @pytest.mark.timeout(60)

@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections import deque
 from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
@@ -361,6 +362,40 @@ def test_a_failed_start_leaves_no_descriptor(method: str, step: str) -> None:
 
 
 @pytest.mark.skipif(not LINUX, reason="reads /proc/self/fd")
+@pytest.mark.parametrize("method", START_METHODS)
+def test_no_thread_for_the_pipes_is_a_failed_start(
+    monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """``--pipe-io threads``: the process started but its pipe threads cannot (the thread
+    limit): the process is killed, every descriptor closed, the link usable again."""
+    context = FlakyContext(method)
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        link = ShardLink(0, context, loop, Recorder(), lambda _: None, pipe_io="threads")  # type: ignore[arg-type]
+        before = settled_descriptors()
+        with monkeypatch.context() as patch:
+            patch.setattr(threading.Thread, "start", no_thread)
+            with pytest.raises(ShardStartError) as raised:
+                link.start()
+        assert raised.value.reason == "RuntimeError: can't start new thread"
+        process = link.process
+        assert process is not None and link.state is ShardState.STOPPED
+        await asyncio.to_thread(process.join, 5.0)
+        assert process.exitcode is not None  # killed, not left running
+        link.start()
+        link.close()
+        await asyncio.to_thread(link.join, 5.0)
+        link._forget_process()
+        assert settled_descriptors() == before
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(not LINUX, reason="reads /proc/self/fd")
 @pytest.mark.parametrize("code", [errno.EAGAIN, errno.ENOMEM], ids=["EAGAIN", "ENOMEM"])
 @pytest.mark.skipif("fork" not in START_METHODS, reason="no fork")
 def test_a_failed_fork_leaves_no_descriptor(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
@@ -476,7 +511,7 @@ def test_real_descriptor_exhaustion_fails_cleanly_and_shard_start_fds_is_enough(
     leaves the descriptor table as it was (with the resource tracker already running: a
     cold spawn start keeps the tracker it launched); with SHARD_START_FDS free it works."""
     code = (
-        "import json, sys; from tests.unit.test_shard_restart import probe_real_limits; "
+        "import json, sys; from tests.integration.test_shard_restart import probe_real_limits; "
         f"print(json.dumps(probe_real_limits({method!r}, {warm!r})))"
     )
     done = subprocess.run(
