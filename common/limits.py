@@ -101,11 +101,51 @@ PING_TIMEOUT_SECONDS = 30.0
 JOIN_TIMEOUT_SECONDS = 600.0
 
 #: Open client connections (TCP and HTTP together), in total and per IP address. Over
-#: either: ``ERROR server full`` / HTTP 503, then close. The total is also kept FD_RESERVE
-#: below the process's open-file limit, so the router never fails on ``accept``.
+#: either: ``ERROR server full`` / HTTP 503, then close. Connections are also refused while
+#: they would eat into FD_RESERVE (see the descriptor budget below).
 MAX_CONNECTIONS = 10_000
 MAX_CONNECTIONS_PER_IP = 64
-FD_RESERVE = 100
+
+# --- descriptors (router/policy.py FdBudget) ---------------------------------------------
+
+#: The backlog the router passes to create_server under an open-file limit. asyncio
+#: accepts up to this many connections per loop wake-up before any of them can be refused:
+#: kept small so that the descriptors of accepted-but-not-yet-closed refusals stay inside
+#: FD_RESERVE. (asyncio also passes it to listen(); the router lengthens that queue to
+#: LISTEN_QUEUE once the listener is serving.)
+LISTEN_BACKLOG = 16
+
+#: The kernel's queue of connections waiting for accept() on each listener (listen()).
+#: Long, so that a burst of connects waits there: Linux drops the handshake of a connection
+#: that finds the queue full, and with SYN cookies the client then believes it is connected
+#: to a server that never heard of it (measured: 2000 connects at once, 256 in flight, with
+#: a queue of 16: 7% of the clients never got the welcome line; with 1024 none).
+LISTEN_QUEUE = 1024
+
+#: Descriptors one running shard holds in the router: its two pipe ends, the process
+#: sentinel and multiprocessing's end of the start pipe. Measured (counting /proc/self/fd
+#: before and after ShardLink.start, Python 3.9-3.13, spawn and fork, both --pipe-io): 4.
+SHARD_FDS = 4
+
+#: Free descriptors one shard start needs while it runs (the least free descriptors with
+#: which ShardLink.start succeeds, found by lowering RLIMIT_NOFILE step by step; Python
+#: 3.9-3.13): fork 8 (two pipes of ours, two of multiprocessing's), spawn 10 (and the
+#: fork_exec error pipe), 11 for the first spawn, which also starts the resource tracker.
+SHARD_START_FDS = 11
+
+#: Descriptors kept free for what the budget does not see coming: a log file rotated, the
+#: descriptor-table listing itself, a recount taken while sockets are being accepted.
+FD_SPARE = 21
+
+#: Descriptors the router never hands to client connections: a refused socket lives three
+#: loop turns after accept (task, connection_made, connection_lost) while each turn may
+#: accept LISTEN_BACKLOG more on each of the 2 listeners (3 x 2 x 16 = 96), plus one shard
+#: start (restarts run one at a time), plus FD_SPARE: 128.
+FD_RESERVE = 3 * 2 * LISTEN_BACKLOG + SHARD_START_FDS + FD_SPARE
+
+#: Seconds between recounts of the router's real descriptor table while far from the limit
+#: (near it: every second). A recount lists /proc/self/fd on the loop: ~12 ms at 10,000.
+FD_RECOUNT_INTERVAL = 30.0
 
 #: Per-address limits. An *address* is an IPv4 address, or an IPv6 /64 prefix (one
 #: customer's network: an attacker gets a /64 for free). Live browser sessions created from

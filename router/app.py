@@ -8,24 +8,29 @@ the server is going away.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, List, Optional
+from typing import Any, Awaitable, Callable, Dict, List, Optional
 
 from common.limits import (
+    LISTEN_BACKLOG,
+    LISTEN_QUEUE,
     MIN_DEFAULT_SHARDS,
     POLL_TIMEOUT,
     SESSION_TTL,
     SHARD_STOP_TIMEOUT,
     SHUTDOWN_TIMEOUT,
+    TIMER_SWEEP_INTERVAL,
 )
 from router.http_hosts import WILDCARD_ADDRESSES, AllowedHosts
 from router.hub import Hub
-from router.policy import ConnectionLimiter, Settings, connection_cap, raise_fd_limit
-from router.shards import ShardPool
+from router.policy import ConnectionLimiter, FdBudget, Settings, raise_fd_limit
+from router.shards import ShardPool, ShardStartError, describe_error
 from router.tcp import start_tcp_server
 
 log = logging.getLogger(__name__)
@@ -85,24 +90,32 @@ class Router:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.loop = asyncio.get_running_loop()
+        self.loop.set_exception_handler(_log_loop_error)
         settings = config.settings
-        cap = connection_cap(settings.max_connections, raise_fd_limit())
-        if cap < settings.max_connections:
-            log.warning(
-                "open-file limit allows only %d connections (asked for %d)",
-                cap,
-                settings.max_connections,
-            )
-        limiter = ConnectionLimiter(cap, settings.max_connections_per_ip)
+        #: Every descriptor the router holds, against its open-file limit (raised to the
+        #: hard limit first); client connections are admitted only inside it.
+        self.fds = FdBudget(raise_fd_limit())
+        limiter = ConnectionLimiter(
+            settings.max_connections, settings.max_connections_per_ip, self.fds
+        )
         self.hub = Hub(self.loop, settings, limiter)
         self.pool: Optional[ShardPool] = None
         self.servers: List[asyncio.AbstractServer] = []
         self.stop_requested = asyncio.Event()  # set it (or send SIGINT/SIGTERM) to stop
+        self._recounter: Optional[asyncio.TimerHandle] = None
+        #: Connections asyncio accepts per wake-up: few under an open-file limit (they
+        #: must fit in the reserve until refused); without one, a whole queue's worth.
+        self.accept_batch = LISTEN_BACKLOG if self.fds.limit is not None else LISTEN_QUEUE
 
     async def bind(self) -> None:
         """Bind every listener (not yet accepting). Raises :class:`PortInUse`."""
         config = self.config
-        listeners = [("tcp", config.tcp_port, start_tcp_server)]
+        batch = self.accept_batch
+
+        def start_tcp(hub: Hub, host: str, port: int) -> Awaitable[asyncio.AbstractServer]:
+            return start_tcp_server(hub, host, port, backlog=batch)
+
+        listeners = [("tcp", config.tcp_port, start_tcp)]
         if config.http_port is not None:
             from router.http import start_http_server
 
@@ -116,6 +129,7 @@ class Router:
                     poll_timeout=config.poll_timeout,
                     session_ttl=config.session_ttl,
                     allowed_hosts=hosts,
+                    backlog=batch,
                 )
 
             listeners.append(("http", config.http_port, start_http))
@@ -127,6 +141,8 @@ class Router:
                 raise PortInUse(port_in_use_message(kind, config.host, port, error)) from error
 
     def start_shards(self) -> None:
+        """Start the shard processes. Raises :class:`ShardStartError` (the ones already
+        started are closed again; join them with ``pool.join``)."""
         context = multiprocessing.get_context(self.config.start_method)
         self.pool = ShardPool(
             self.config.shard_count(),
@@ -135,17 +151,38 @@ class Router:
             self.hub,
             self.config.log_level,
             self.config.pipe_io,
+            self.fds,
         )
         if self.config.crash_shard is not None:
             self.pool.links[self.config.crash_shard].crash_at_start = True
         self.pool.start()
         self.hub.attach(self.pool)
+        self.fds.reconcile()
+        self._warn_if_few_connections()
+        self._recounter = self.loop.call_later(TIMER_SWEEP_INTERVAL, self._recount)
+
+    def _warn_if_few_connections(self) -> None:
+        capacity = self.fds.capacity()
+        wanted = self.config.settings.max_connections
+        if capacity is not None and capacity < wanted:
+            log.warning(
+                "open-file limit %d allows only about %d connections (asked for %d)",
+                self.fds.limit,
+                capacity,
+                wanted,
+            )
+
+    def _recount(self) -> None:
+        self._recounter = self.loop.call_later(TIMER_SWEEP_INTERVAL, self._recount)
+        self.fds.sweep(self.loop.time())
 
     async def start_serving(self) -> None:
         kinds = ["tcp", "http"]
         for kind, server in zip(kinds, self.servers):
             await server.start_serving()
             for sock in server.sockets:
+                if self.accept_batch < LISTEN_QUEUE:
+                    _lengthen_listen_queue(sock)
                 host, port = sock.getsockname()[:2]
                 log.info("listening %s %s:%d", kind, host, port)
         if len(self.servers) > 1:
@@ -172,6 +209,8 @@ class Router:
         """Stop accepting, tell everyone, let the writes go out, stop the shards."""
         if self.pool is not None:
             self.pool.stopping = True
+        if self._recounter is not None:
+            self._recounter.cancel()
         self.close_listeners()
         self.hub.shutdown()
         await asyncio.sleep(0.05)  # one or two loop turns: the goodbyes get flushed
@@ -192,7 +231,14 @@ async def serve(config: Config, ready: Optional[Callable[[Router], None]] = None
     except PortInUse as error:
         log.error("%s", error)
         return 1
-    router.start_shards()
+    try:
+        router.start_shards()
+    except ShardStartError as error:
+        log.error("cannot start shard %s", start_failure_message(error))
+        router.close_listeners()
+        if router.pool is not None:
+            await asyncio.to_thread(router.pool.join, SHARD_STOP_TIMEOUT)
+        return 1
     await router.start_serving()
     _install_signal_handlers(router.loop, router.stop_requested.set)
     if ready is not None:
@@ -205,6 +251,44 @@ async def serve(config: Config, ready: Optional[Callable[[Router], None]] = None
         log.warning("shutdown took longer than %.1fs", SHUTDOWN_TIMEOUT)
     log.info("stopped")
     return 0
+
+
+def _lengthen_listen_queue(wrapped: Any) -> None:
+    """Set the kernel's accept queue of a serving listener to ``LISTEN_QUEUE``. asyncio
+    passed its per-wake-up accept batch to listen(); calling listen() again on a listening
+    socket only changes the queue length (Windows ignores it; it has no batch to keep
+    small). asyncio's wrapper has no listen(): a socket object on the same descriptor,
+    detached afterwards, calls it."""
+    raw = socket.socket(fileno=wrapped.fileno())
+    try:
+        raw.listen(LISTEN_QUEUE)
+    except OSError as error:
+        log.warning("could not lengthen the listen queue: %s", describe_error(error))
+    finally:
+        raw.detach()
+
+
+def start_failure_message(error: ShardStartError) -> str:
+    """``0 (EMFILE: Too many open files): raise the open-file limit...`` for the boot log."""
+    hint = ""
+    if error.errno in (errno.EMFILE, errno.ENFILE):
+        hint = ": raise the open-file limit (ulimit -n) or use fewer --shards"
+    elif error.errno in (errno.EAGAIN, errno.ENOMEM):
+        hint = ": the system is out of processes or memory; try fewer --shards"
+    return f"{error.index} ({error.reason}){hint}"
+
+
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
+    """The loop's exception handler: asyncio's own accept() running out of descriptors
+    (the budget keeps the router below its limit, but the whole system's table can still
+    fill up) is one warning line, not a traceback; anything else goes to the default."""
+    error = context.get("exception")
+    if context.get("message") == "socket.accept() out of system resource" and isinstance(
+        error, OSError
+    ):
+        log.warning("cannot accept connections (%s); trying again in 1s", describe_error(error))
+        return
+    loop.default_exception_handler(context)
 
 
 def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> None:

@@ -24,6 +24,7 @@ from common.limits import (
     HTTP_KEEPALIVE_IDLE,
     HTTP_LINGER,
     HTTP_REQUEST_TIMEOUT,
+    LISTEN_QUEUE,
     MAX_PIPELINED_BYTES,
     POLL_TIMEOUT,
     SESSION_TTL,
@@ -42,10 +43,21 @@ from router.http_parser import (
 )
 from router.http_static import StaticFiles
 from router.hub import Hub
-from router.policy import SessionRateLimit, address_key
+from router.policy import SessionRateLimit, address_key, close_refused
 from web import WEB_ROOT
 
 log = logging.getLogger(__name__)
+
+
+def _server_full_response() -> bytes:
+    response = ApiError(503, "server_full", "too many connections").response()
+    headers = response.headers + SECURITY_HEADERS
+    return format_response(503, headers, response.body, False)
+
+
+#: The answer to a connection refused at accept (over a connection cap or out of
+#: descriptors to spare), formatted once.
+SERVER_FULL_RESPONSE = _server_full_response()
 
 
 class HttpConnection(asyncio.Protocol):
@@ -61,6 +73,7 @@ class HttpConnection(asyncio.Protocol):
         self.ip = ""
         self.address = ""  # the per-address limits' key of self.ip
         self._unread_check: Optional[asyncio.TimerHandle] = None  # slow-consumer timer
+        self._socket_counted = False  # its descriptor is counted in the limiter's budget
         self._counted = False  # holds a slot in the hub's connection limiter
         self._exchange: Optional[Exchange] = None  # the request being answered
         self._request: Optional[Request] = None
@@ -86,8 +99,10 @@ class HttpConnection(asyncio.Protocol):
         self.peer = transport.get_extra_info("peername")
         self.ip = str(self.peer[0]) if self.peer else ""
         self.address = address_key(self.ip)
-        if not self.api.hub.limiter.acquire(self.address):  # TCP and HTTP share the caps
-            self._refuse(ProtocolError(503, "server_full", "too many connections"))
+        self._socket_counted = True
+        if not self.api.hub.limiter.open(self.address):  # TCP and HTTP share the caps
+            self._closed = True
+            close_refused(transport, SERVER_FULL_RESPONSE)
             return
         self._counted = True
         self._connections.add(self)
@@ -139,9 +154,10 @@ class HttpConnection(asyncio.Protocol):
         self._closed = True
         self._connections.discard(self)
         self.api.hub.output.forget(self)
-        if self._counted:
+        if self._socket_counted:
+            self._socket_counted = False
+            self.api.hub.limiter.close(self.address, self._counted)
             self._counted = False
-            self.api.hub.limiter.release(self.address)
         self._cancel_timers()
         self._cancel_unread_check()
         exchange, self._exchange = self._exchange, None
@@ -359,7 +375,12 @@ class HttpConnection(asyncio.Protocol):
             return
         self._cancel_timers()
         self._lingering = True
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError as error:  # the peer is gone already (ENOTCONN): nothing to wait for
+            log.debug("http %s: %s", self.peer, error)
+            self.close()
+            return
         if self._read_paused:
             self._read_paused = False
             transport.resume_reading()
@@ -426,9 +447,11 @@ async def start_http_server(
     poll_timeout: float = POLL_TIMEOUT,
     session_ttl: float = SESSION_TTL,
     allowed_hosts: Optional[AllowedHosts] = None,
+    backlog: int = LISTEN_QUEUE,
 ) -> asyncio.AbstractServer:
     """Bind the HTTP listener (browser UI and JSON API), not yet accepting unless
-    *start_serving*. Raises ``OSError`` if the port cannot be bound. The returned server
+    *start_serving*; asyncio accepts up to *backlog* connections per loop wake-up and
+    listens with it. Raises ``OSError`` if the port cannot be bound. The returned server
     owns the API state (sessions); closing it ends the connections. *allowed_hosts* are
     the hosts requests may name (default: :meth:`AllowedHosts.default_for` *host*)."""
     loop = asyncio.get_running_loop()
@@ -437,6 +460,10 @@ async def start_http_server(
     api.admit = SessionRateLimit(hub.settings.rate_limit, hub.settings.rate_burst)
     connections: Set[HttpConnection] = set()
     server = await loop.create_server(
-        lambda: HttpConnection(api, connections), host, port, start_serving=start_serving
+        lambda: HttpConnection(api, connections),
+        host,
+        port,
+        start_serving=start_serving,
+        backlog=backlog,
     )
     return HttpServer(server, api, connections)

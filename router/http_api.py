@@ -24,6 +24,7 @@ from router.http_poll import Poll, encode_poll_payload, parse_cursors
 from router.http_session import COOKIE_NAME, HttpSession, SessionStore
 from router.http_static import StaticFiles
 from router.hub import Client, Failure, Hub
+from router.shards import ShardState
 
 log = logging.getLogger(__name__)
 
@@ -363,14 +364,21 @@ class HttpApi:
         alive = sum(1 for link in links if link.alive)
         ok = bool(links) and alive == len(links)
         sessions = self.sessions.sessions.values()
+        limiter = self.hub.limiter
         payload = {
             "ok": ok,
             "shards": len(links),
             "shards_alive": alive,
+            "shards_restarting": pool.in_state(ShardState.RESTARTING) if pool else [],
+            "shards_given_up": pool.in_state(ShardState.GIVEN_UP) if pool else [],
             "sessions": len(sessions),
             "polls_waiting": sum(len(session.polls) for session in sessions),
             "unsent_bytes": self.hub.output.total,
             "output_cut_offs": self.hub.output.cut_offs,
+            "connections": limiter.total,
+            "connections_refused": limiter.refused,
+            "fds_in_use": limiter.fds.in_use,
+            "fd_limit": limiter.fds.limit,
         }
         exchange.respond(json_response(200 if ok else 503, payload))
 

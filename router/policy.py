@@ -1,5 +1,6 @@
 """What the router allows clients: the tunable limits (:class:`Settings`), flood control
-(:class:`TokenBucket`) and connection caps (:class:`ConnectionLimiter`).
+(:class:`TokenBucket`), connection caps (:class:`ConnectionLimiter`) and the descriptor
+budget they live in (:class:`FdBudget`).
 
 The defaults come from :mod:`common.limits`, where each one's reason is written down; every
 field can be changed with a ``start_cluster.py`` flag (see ``docs/LIMITS.md``).
@@ -7,13 +8,16 @@ field can be changed with a ``start_cluster.py`` flag (see ``docs/LIMITS.md``).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 from common import limits as L
+from router.descriptors import count_open_descriptors
 
 log = logging.getLogger(__name__)
 
@@ -205,19 +209,126 @@ def _full(bucket: Optional[TokenBucket], now: float) -> bool:
     return bucket.tokens + (now - bucket.stamp) * bucket.rate >= bucket.burst
 
 
-class ConnectionLimiter:
-    """Counts open client connections (TCP and HTTP together), in total and per IP."""
+class FdBudget:
+    """The router's open descriptors against its open-file limit: one per router process.
 
-    def __init__(self, max_total: int, max_per_ip: int) -> None:
+    What is in use has three parts:
+
+    - **client sockets**, accepted or being refused, from ``connection_made`` to
+      ``connection_lost`` (:meth:`socket_opened` / :meth:`socket_closed`);
+    - **shard descriptors** (``SHARD_FDS`` per running shard, kept up to date by the shard
+      pool in :attr:`shard_fds`); what all shards hold when they all run
+      (:attr:`shard_fds_set_aside`) stays set aside even while one is dead, so that its
+      restart finds its descriptors free;
+    - **the rest** (stdio, the loop's selector and wake-up pipe, the listeners, the
+      resource tracker...), measured by :meth:`reconcile` from the real descriptor table
+      (run in the periodic sweep, not per accept).
+
+    A new connection is admitted only while, with it, ``reserve`` descriptors stay free
+    (:meth:`has_room`): the reserve covers sockets asyncio accepted but the router has not
+    refused yet, one shard start and some spare (``FD_RESERVE`` in common/limits.py).
+    Without a limit (Windows, ``RLIM_INFINITY``) everything fits; ``--max-connections``
+    is then the only cap.
+    """
+
+    def __init__(
+        self,
+        limit: Optional[int],
+        reserve: int = L.FD_RESERVE,
+        counter: Callable[[], Optional[int]] = count_open_descriptors,
+    ) -> None:
+        self.limit = limit
+        self.reserve = reserve
+        self._counter = counter
+        self.sockets = 0
+        self.shard_fds = 0
+        self.shard_fds_set_aside = 0
+        self.other = 0
+        self._next_recount = 0.0
+
+    @property
+    def in_use(self) -> int:
+        """Descriptors open now (as of the last recount, plus the sockets since)."""
+        return self.sockets + self.shard_fds + self.other
+
+    @property
+    def committed(self) -> int:
+        """In use, with every shard's descriptors counted whether it runs or not."""
+        return self.sockets + max(self.shard_fds, self.shard_fds_set_aside) + self.other
+
+    def has_room(self) -> bool:
+        """True if the sockets open now (the newest included) leave the reserve free."""
+        return self.limit is None or self.committed + self.reserve <= self.limit
+
+    def capacity(self) -> Optional[int]:
+        """How many client sockets fit at once beside everything else; None: no limit."""
+        if self.limit is None:
+            return None
+        fixed = max(self.shard_fds, self.shard_fds_set_aside) + self.other
+        return max(0, self.limit - self.reserve - fixed)
+
+    def socket_opened(self) -> None:
+        self.sockets += 1
+
+    def socket_closed(self) -> None:
+        self.sockets -= 1
+
+    def sweep(self, now: float) -> None:
+        """Called about once a second (*now*: the loop's clock): :meth:`reconcile` when
+        due. A recount reads the whole table on the loop (about 1 ms per 1000 descriptors
+        on Linux), so it runs every call only near the limit (less than twice the reserve
+        to spare), otherwise every ``FD_RECOUNT_INTERVAL`` seconds."""
+        if self.limit is None:
+            return
+        near = self.limit - self.committed < 2 * self.reserve
+        if near or now >= self._next_recount:
+            self.reconcile()
+            self._next_recount = now + L.FD_RECOUNT_INTERVAL
+
+    def reconcile(self) -> None:
+        """Recount the real descriptor table: whatever is not a client socket or a shard's
+        becomes :attr:`other`. A no-op where the table cannot be read."""
+        real = self._counter()
+        if real is not None:
+            self.other = max(0, real - self.sockets - self.shard_fds)
+
+
+class ConnectionLimiter:
+    """Counts open client connections (TCP and HTTP together), in total and per IP, inside
+    the descriptor budget :attr:`fds`.
+
+    The transports call :meth:`open` for every socket they are handed and :meth:`close`
+    when it is gone, refused or not: a refused socket holds a descriptor too."""
+
+    def __init__(self, max_total: int, max_per_ip: int, fds: Optional[FdBudget] = None) -> None:
         self.max_total = max_total
         self.max_per_ip = max_per_ip
+        self.fds = fds if fds is not None else FdBudget(None)
         self.total = 0
+        self.refused = 0  # since start, for /healthz
         self._per_ip: Dict[str, int] = {}
+
+    def open(self, ip: str) -> bool:
+        """A socket from *ip* was accepted: count its descriptor, and return True if it may
+        be served, False if it must be refused (over a cap, or no descriptors to spare)."""
+        self.fds.socket_opened()
+        if self.acquire(ip):
+            return True
+        self.refused += 1
+        return False
+
+    def close(self, ip: str, admitted: bool) -> None:
+        """The socket of one :meth:`open` is closed; *admitted* is what :meth:`open` said."""
+        self.fds.socket_closed()
+        if admitted:
+            self.release(ip)
 
     def acquire(self, ip: str) -> bool:
         """Count a new connection from *ip*; False (and nothing counted) if over a cap."""
         count = self._per_ip.get(ip, 0)
         if self.total >= self.max_total or count >= self.max_per_ip:
+            return False
+        if not self.fds.has_room():
             return False
         self.total += 1
         self._per_ip[ip] = count + 1
@@ -229,6 +340,45 @@ class ConnectionLimiter:
         count = self._per_ip.pop(ip) - 1
         if count:
             self._per_ip[ip] = count
+
+
+def close_refused(transport: asyncio.Transport, reply: bytes) -> None:
+    """Refuse a connection at once: write *reply* without waiting, end it with a FIN, drop
+    what the peer has already sent, and close, all in this call: no timer, no lingering;
+    the descriptor is released in the next loop turn. Closing over unread input resets the
+    connection, which can destroy the reply before the peer reads it: the FIN goes first
+    (a reset after it no longer hides the reply) and the waiting input is read away. A peer
+    that is already gone is a debug line, not an error."""
+    transport.write(reply)  # a fresh socket's send buffer takes it whole; never blocks
+    try:
+        transport.write_eof()
+    except OSError as error:  # ENOTCONN: the peer is gone already
+        log.debug("refused connection: %s", error)
+    _discard_received(transport)
+    transport.abort()  # like close() once the reply is out; drops it if the peer stalls
+
+
+def _discard_received(transport: asyncio.BaseTransport) -> None:
+    """Read and drop (non-blocking) what is waiting in *transport*'s socket."""
+    wrapped = transport.get_extra_info("socket")
+    if wrapped is None:
+        return
+    # asyncio's socket wrapper has no recv(): a socket object on the same descriptor reads
+    # it, and is detached afterwards so that it never closes the descriptor.
+    raw: Optional[socket.socket] = None
+    try:
+        raw = socket.socket(fileno=wrapped.fileno())
+        raw.setblocking(False)
+        for _ in range(4):  # bounded: a peer cannot keep this loop turn busy
+            if not raw.recv(65536):
+                break
+    except BlockingIOError:
+        pass  # nothing (more) waiting
+    except OSError as error:  # the peer is gone already (ECONNRESET, ENOTCONN...)
+        log.debug("refused connection: %s", error)
+    finally:
+        if raw is not None:
+            raw.detach()
 
 
 def raise_fd_limit() -> Optional[int]:
@@ -247,10 +397,3 @@ def raise_fd_limit() -> Optional[int]:
         except (ValueError, OSError) as error:
             log.warning("could not raise the open-file limit from %d: %s", soft, error)
     return None if soft == resource.RLIM_INFINITY else soft
-
-
-def connection_cap(configured: int, fd_limit: Optional[int]) -> int:
-    """*configured*, lowered to stay ``FD_RESERVE`` below the open-file limit."""
-    if fd_limit is None:
-        return configured
-    return max(1, min(configured, fd_limit - L.FD_RESERVE))

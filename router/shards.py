@@ -14,21 +14,28 @@ as one pipe message.
 
 Supervision (:class:`ShardPool`): a shard whose event pipe reaches end-of-file has died.
 It is restarted after a backoff (``RESTART_BACKOFF_MIN`` doubling to ``RESTART_BACKOFF_MAX``);
-after more than ``MAX_RESTARTS`` restarts within ``RESTART_WINDOW`` seconds the pool gives up
-on that shard and its rooms answer ``room_unavailable``. Commands that arrive while a shard
-is down are refused at once (never silently dropped).
+a restart that fails (no descriptors, no memory, no processes: any ``OSError`` from the
+pipes or the process start) counts as one more attempt and is tried again the same way.
+After more than ``MAX_RESTARTS`` attempts within ``RESTART_WINDOW`` seconds the pool gives
+up on that shard and its rooms answer ``room_unavailable``. Commands that arrive while a
+shard is down are refused at once (never silently dropped).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import errno
 import logging
 import multiprocessing
+import os
 import pickle
+import stat
 import time
 from collections import deque
+from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, Deque, Dict, List, Optional, Protocol
+from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Set
 
 from common import messages as m
 from common.hashing import room_to_shard
@@ -38,8 +45,11 @@ from common.limits import (
     RESTART_BACKOFF_MAX,
     RESTART_BACKOFF_MIN,
     RESTART_WINDOW,
+    SHARD_FDS,
 )
+from router.descriptors import open_descriptors
 from router.pipes import SelectorPipes, ThreadedPipes, default_pipe_io
+from router.policy import FdBudget
 from shard.process import run_shard
 
 log = logging.getLogger(__name__)
@@ -55,6 +65,34 @@ class ShardListener(Protocol):
     def on_shard_restarted(self, index: int) -> None: ...
 
     def on_shard_lost(self, index: int) -> None: ...
+
+
+class ShardState(enum.Enum):
+    """Where one shard is in its life, as the router sees it."""
+
+    STOPPED = "stopped"  # not started yet, or closed at shutdown
+    RUNNING = "running"
+    RESTARTING = "restarting"  # died, or a start failed: the next attempt is scheduled
+    GIVEN_UP = "given_up"  # too many attempts: its rooms are unavailable until the router restarts
+
+
+class ShardStartError(Exception):
+    """A shard process could not be started. ``reason`` is one line, e.g.
+    ``EMFILE: Too many open files``; ``errno`` is the ``OSError``'s, if there was one."""
+
+    def __init__(self, index: int, error: BaseException) -> None:
+        self.index = index
+        self.errno: Optional[int] = getattr(error, "errno", None)
+        self.reason = describe_error(error)
+        super().__init__(f"shard {index}: {self.reason}")
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for *error*: ``EMFILE: Too many open files`` for an ``OSError``."""
+    code = getattr(error, "errno", None)
+    if isinstance(error, OSError) and code is not None:
+        return f"{errno.errorcode.get(code, code)}: {error.strerror or error}"
+    return f"{type(error).__name__}: {error}"
 
 
 def refuse(batch: List[tuple], code: str) -> List[tuple]:
@@ -97,11 +135,21 @@ class ShardLink:
         self._pipes: Optional[Any] = None
         self._pending: List[tuple] = []
         self._flush_scheduled = False
-        self.alive = False
+        self.state = ShardState.STOPPED
         #: How many times this shard has been started; a restart loses its rooms' history,
         #: so clients that resume from a seq must also compare the epoch.
         self.epoch = 0
+        self.exit_code: Optional[int] = None  # of the last incarnation, once it died
         self.crash_at_start = False  # for the supervision tests
+
+    @property
+    def alive(self) -> bool:
+        return self.state is ShardState.RUNNING
+
+    @property
+    def fds_held(self) -> int:
+        """Descriptors this shard holds in the router (``SHARD_FDS`` while it runs)."""
+        return SHARD_FDS if self.state is ShardState.RUNNING else 0
 
     @property
     def backlog_bytes(self) -> int:
@@ -109,11 +157,52 @@ class ShardLink:
         return self._pipes.backlog_bytes if self._pipes is not None else 0
 
     def start(self) -> None:
-        """Start (or restart) the shard process and connect its pipes to the loop."""
-        commands_in, commands_out = self._context.Pipe(duplex=False)
-        events_in, events_out = self._context.Pipe(duplex=False)
+        """Start (or restart) the shard process and connect its pipes to the loop.
+
+        Raises :class:`ShardStartError` if a pipe, the process or the pipes' threads cannot
+        be created (EMFILE, ENFILE, ENOMEM, EAGAIN...). Whatever was half-created is closed
+        first: a failed start leaves no descriptor and no process behind."""
+        self._forget_process()
         forked = self._context.get_start_method() == "fork"
-        process = self.process = self._context.Process(
+        before = open_descriptors() if forked else None
+        ends: List[Connection] = []
+        failure: Optional[ShardStartError] = None
+        try:
+            commands_in, commands_out = self._context.Pipe(duplex=False)
+            ends += (commands_in, commands_out)
+            events_in, events_out = self._context.Pipe(duplex=False)
+            ends += (events_in, events_out)
+            process = self._spawn(commands_in, events_out, forked)
+        except OSError as error:
+            for end in ends:
+                end.close()
+            failure = ShardStartError(self.index, error)
+        if failure is not None:
+            # Raised out here, with the OSError and its traceback gone: they kept
+            # multiprocessing's half-made Popen alive, whose finalizer closes its pipes
+            # (spawn). What a failed fork leaves behind belongs to nobody: close it.
+            if before is not None:
+                _close_orphaned_pipes(before)
+            raise failure
+        # Our copies of the shard's ends must go, or we would never see end-of-file.
+        commands_in.close()
+        events_out.close()
+        self.process = process
+        try:
+            self._connect(process, commands_out, events_in)
+        except (OSError, RuntimeError) as error:  # RuntimeError: no thread (ThreadedPipes)
+            process.kill()  # reaped with the other exited children (_forget_process)
+            commands_out.close()
+            events_in.close()
+            failure = ShardStartError(self.index, error)
+        if failure is not None:
+            raise failure
+        self.state = ShardState.RUNNING
+        self.epoch += 1
+
+    def _spawn(self, commands_in: Connection, events_out: Connection, forked: bool) -> Any:
+        """Create and start the shard process (raises ``OSError``)."""
+        process = self._context.Process(
             target=run_shard,
             args=(commands_in, events_out, self.index, forked, self._log_level),
             kwargs={"crash_at_start": self.crash_at_start},
@@ -121,9 +210,9 @@ class ShardLink:
             daemon=True,
         )
         process.start()
-        # Our copies of the shard's ends must go, or we would never see end-of-file.
-        commands_in.close()
-        events_out.close()
+        return process
+
+    def _connect(self, process: Any, commands_out: Connection, events_in: Connection) -> None:
         index, on_events = self.index, self._listener.on_shard_events
         self._pipes = self._pipes_class(
             self._loop,
@@ -132,8 +221,14 @@ class ShardLink:
             lambda events: on_events(index, events),
             lambda: self._exited(process),
         )
-        self.alive = True
-        self.epoch += 1
+
+    def _forget_process(self) -> None:
+        """Let go of the previous incarnation: once it has exited, close its handle (the
+        sentinel and the start pipe, two descriptors). One not reaped yet is left to
+        ``multiprocessing``'s own reaping of exited children."""
+        process, self.process = self.process, None
+        if process is not None and process.exitcode is not None:
+            process.close()
 
     def send(self, command: tuple) -> None:
         """Queue *command* for this shard; it leaves in this loop turn's batch."""
@@ -156,33 +251,62 @@ class ShardLink:
     def close(self) -> None:
         """Close the command pipe after what is queued: the shard sees EOF and exits."""
         self._flush()
-        self.alive = False
+        self.state = ShardState.STOPPED
         if self._pipes is not None:
             self._pipes.close()
 
     def _exited(self, process: Any) -> None:
         if process is not self.process:
             return  # a previous incarnation
-        self.alive = False
+        if self.state is ShardState.RUNNING:
+            self.state = ShardState.RESTARTING  # the pool decides: restart or give up
         if self._pipes is not None:
             self._pipes.close()
-        process.join(0)  # reap it if it is already gone (never wait on the loop)
+        # Reading exitcode reaps it if it is already gone, without waiting and without a
+        # descriptor (join(0) would open a selector, which can fail with EMFILE).
+        self.exit_code = process.exitcode
         self._on_exit(self)
 
     def join(self, timeout: float) -> None:
         """Wait for the process to end; kill it if it has not after *timeout* seconds.
         Blocking: call from a worker thread or at exit, not from the loop."""
-        if self.process is None:
+        process = self.process
+        if process is None:
             return
-        self.process.join(timeout)
-        if self.process.is_alive():
+        try:
+            process.join(timeout)
+        except OSError as error:  # join waits with a selector: out of descriptors
+            log.warning("shard %d: cannot wait for it (%s)", self.index, describe_error(error))
+        if process.is_alive():
             log.warning("shard %d did not stop in %.1fs; killing it", self.index, timeout)
-            self.process.kill()
-            self.process.join(1.0)
+            process.kill()
+            try:
+                process.join(1.0)
+            except OSError:
+                pass  # killed; reaped at exit
+
+
+def _close_orphaned_pipes(before: Set[int]) -> None:
+    """Close the pipes a failed fork start left open: ``multiprocessing``'s fork Popen
+    makes two pipes before ``os.fork()`` and hands them to its finalizer only once the
+    fork succeeded (CPython 3.9-3.13 ``popen_fork._launch``), so when the second pipe or
+    the fork fails they belong to nobody. Only pipes that were not open in *before* (taken
+    before the start) are closed, once our own pipe ends are: only the loop thread
+    creates descriptors meanwhile."""
+    after = open_descriptors()
+    for fd in sorted((after or set()) - before):
+        try:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                os.close(fd)
+        except OSError:
+            pass  # closed meanwhile
 
 
 class ShardPool:
-    """All shards, the room -> shard routing (cached stable hash) and their supervision."""
+    """All shards, the room -> shard routing (cached stable hash) and their supervision.
+
+    With *fds*, the pool keeps the descriptor budget told what the shards hold, and sets
+    aside what they all hold when running, so a dead shard's descriptors wait for it."""
 
     def __init__(
         self,
@@ -192,6 +316,7 @@ class ShardPool:
         listener: ShardListener,
         log_level: str = "WARNING",
         pipe_io: str = "",
+        fds: Optional[FdBudget] = None,
     ) -> None:
         self._loop = loop
         self._listener = listener
@@ -202,14 +327,29 @@ class ShardPool:
         self._room_shard: Dict[str, int] = {}
         self._restarts: Dict[int, Deque[float]] = {i: deque() for i in range(count)}
         self.stopping = False
+        self._fds = fds
+        if fds is not None:
+            fds.shard_fds_set_aside = count * SHARD_FDS
 
     def start(self) -> None:
-        for link in self.links:
-            link.start()
+        """Start every shard. Raises :class:`ShardStartError` if one cannot start; the
+        ones already started are then closed (join them with :meth:`join`)."""
+        try:
+            for link in self.links:
+                link.start()
+        except ShardStartError:
+            self.close()
+            raise
+        finally:
+            self._count_fds()
         log.info("started %d shard processes (pids %s)", len(self.links), self.pids())
 
     def pids(self) -> List[int]:
         return [link.process.pid for link in self.links if link.process is not None]
+
+    def in_state(self, state: ShardState) -> List[int]:
+        """The indexes of the shards in *state*."""
+        return [link.index for link in self.links if link.state is state]
 
     def index_of(self, room: str) -> int:
         index = self._room_shard.get(room)
@@ -222,21 +362,31 @@ class ShardPool:
     def link_for(self, room: str) -> ShardLink:
         return self.links[self.index_of(room)]
 
+    def _count_fds(self) -> None:
+        if self._fds is not None:
+            self._fds.shard_fds = sum(link.fds_held for link in self.links)
+
     def _on_exit(self, link: ShardLink) -> None:
+        self._count_fds()
         if self.stopping:
             return
-        code = link.process.exitcode if link.process is not None else None
         self._listener.on_shard_down(link.index)
+        code = link.exit_code
+        self._schedule_restart(link, "died" if code is None else f"died (exit code {code})")
+
+    def _schedule_restart(self, link: ShardLink, what: str) -> None:
+        """The shard is down (*what* says how): start it again after the backoff, or give
+        up once it has been (re)started ``MAX_RESTARTS`` times within ``RESTART_WINDOW``."""
         now = time.monotonic()
         history = self._restarts[link.index]
         while history and history[0] < now - RESTART_WINDOW:
             history.popleft()
         if len(history) >= MAX_RESTARTS:
+            link.state = ShardState.GIVEN_UP
             log.error(
-                "shard %d died (exit code %s) after %d restarts in %.0fs; giving up: its "
-                "rooms are unavailable",
+                "shard %d %s after %d restarts in %.0fs; giving up: its rooms are unavailable",
                 link.index,
-                code,
+                what,
                 len(history),
                 RESTART_WINDOW,
             )
@@ -244,14 +394,21 @@ class ShardPool:
             return
         delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN * 2 ** len(history))
         history.append(now)
-        log.error("shard %d died (exit code %s); restarting in %.1fs", link.index, code, delay)
+        link.state = ShardState.RESTARTING
+        log.error("shard %d %s; restarting in %.1fs", link.index, what, delay)
         self._loop.call_later(delay, self._restart, link)
 
     def _restart(self, link: ShardLink) -> None:
         if self.stopping:
             return
         multiprocessing.active_children()  # reap any exited shard not reaped yet
-        link.start()
+        try:
+            link.start()
+        except ShardStartError as error:
+            self._schedule_restart(link, f"could not be restarted ({error.reason})")
+            return
+        finally:
+            self._count_fds()
         log.info("shard %d restarted (pid %s, epoch %d)", link.index, link.process.pid, link.epoch)
         self._listener.on_shard_restarted(link.index)
 
@@ -259,6 +416,7 @@ class ShardPool:
         self.stopping = True
         for link in self.links:
             link.close()
+        self._count_fds()
 
     def join(self, timeout: float) -> None:
         for link in self.links:

@@ -24,6 +24,7 @@ from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set
 from common import messages as m
 from common import protocol as p
 from common.limits import (
+    LISTEN_QUEUE,
     MAX_QUEUED_COMMANDS,
     MAX_REPLY_ALLOWANCE,
     MAX_ROOMS_PER_CLIENT,
@@ -33,7 +34,7 @@ from common.limits import (
     TIMER_SWEEP_INTERVAL,
 )
 from router.hub import Client, Failure, Hub
-from router.policy import Settings, TokenBucket, address_key
+from router.policy import Settings, TokenBucket, address_key, close_refused
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,9 @@ class TcpConnection(asyncio.Protocol, Client):
 
     __slots__ = (
         "listener", "hub", "settings", "_loop", "_coalescer", "_parser", "_out", "transport",
-        "ip", "_counted", "_closing", "_closed", "_bucket", "_waiting", "_resume",
-        "_eof", "_blocked", "_reply_pending", "_output_paused", "connected_at", "last_heard",
-        "_ping_sent_at", "_joined_once", "_over_soft_since", "_reply_allowance",
+        "ip", "_socket_counted", "_counted", "_closing", "_closed", "_bucket", "_waiting",
+        "_resume", "_eof", "_blocked", "_reply_pending", "_output_paused", "connected_at",
+        "last_heard", "_ping_sent_at", "_joined_once", "_over_soft_since", "_reply_allowance",
         "_received_at", "_unparsed", "_parsing", "_input_done",
     )  # fmt: skip
 
@@ -130,6 +131,7 @@ class TcpConnection(asyncio.Protocol, Client):
         self._out: List[bytes] = []
         self.transport: Optional[asyncio.Transport] = None
         self.ip = ""
+        self._socket_counted = False  # its descriptor is counted in the limiter's budget
         self._counted = False  # holds a slot in the connection limiter
         self._closing = False  # QUIT, EOF or an error: no more input is handled
         self._closed = False  # the transport is gone or going: nothing more is written
@@ -167,10 +169,10 @@ class TcpConnection(asyncio.Protocol, Client):
         peer = transport.get_extra_info("peername")
         self.ip = str(peer[0]) if peer else ""
         self.address = address_key(self.ip)
-        if not self.hub.limiter.acquire(self.address):
+        self._socket_counted = True
+        if not self.hub.limiter.open(self.address):
             self._closing = self._closed = True
-            transport.write(SERVER_FULL)
-            transport.close()
+            close_refused(transport, SERVER_FULL)
             return
         self._counted = True
         self.listener.connections.add(self)
@@ -264,9 +266,11 @@ class TcpConnection(asyncio.Protocol, Client):
         self.hub.output.forget(self)
         if self._resume is not None:
             self._resume.cancel()
+        if self._socket_counted:
+            self._socket_counted = False
+            self.hub.limiter.close(self.address, self._counted)
         if self._counted:
             self._counted = False
-            self.hub.limiter.release(self.address)
             self.listener.connections.discard(self)
         if not self._closing:
             self._closing = True
@@ -713,11 +717,12 @@ _DISPATCH: Dict[type, Callable[[TcpConnection, Any], None]] = {
 
 
 async def start_tcp_server(
-    hub: Hub, host: str, port: int, start_serving: bool = False
+    hub: Hub, host: str, port: int, start_serving: bool = False, backlog: int = LISTEN_QUEUE
 ) -> asyncio.AbstractServer:
-    """Bind the line-protocol listener (not yet accepting unless *start_serving*)."""
+    """Bind the line-protocol listener (not yet accepting unless *start_serving*). asyncio
+    accepts up to *backlog* connections per loop wake-up and listens with it."""
     loop = asyncio.get_running_loop()
     listener = TcpListener(hub, loop)
     return await loop.create_server(
-        listener.new_connection, host, port, start_serving=start_serving, backlog=1024
+        listener.new_connection, host, port, start_serving=start_serving, backlog=backlog
     )

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 START_CLUSTER = ROOT / "scripts" / "start_cluster.py"
@@ -36,7 +36,9 @@ class Cluster:
 
     Its stderr is collected in :attr:`log_lines` (read by a thread, so the pipe never
     fills up). With *new_session* the router leads its own process group, so a test can
-    signal the whole group the way a terminal's Ctrl+C does (:meth:`signal_group`).
+    signal the whole group the way a terminal's Ctrl+C does (:meth:`signal_group`). With
+    *fd_limit* (POSIX) the cluster runs under ``RLIMIT_NOFILE`` = *fd_limit* for both the
+    soft and the hard limit (so the router cannot raise it), like ``ulimit -n``.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class Cluster:
         tcp_port: int = 0,
         http_port: int = 0,
         new_session: bool = False,
+        fd_limit: Optional[int] = None,
     ) -> None:
         self.args = [
             sys.executable,
@@ -69,6 +72,7 @@ class Cluster:
         self.host = "127.0.0.1"
         self.marker = uuid.uuid4().hex
         self.new_session = new_session
+        self.fd_limit = fd_limit
         self._ready = threading.Event()
         self._reader: Optional[threading.Thread] = None
 
@@ -99,6 +103,7 @@ class Cluster:
             env=self.env,
             cwd=str(ROOT),
             start_new_session=self.new_session,
+            preexec_fn=limit_open_files(self.fd_limit) if self.fd_limit is not None else None,
         )
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
@@ -185,6 +190,22 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def limit_open_files(limit: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that sets the child's open-file limit (soft and hard) to *limit*."""
+
+    def preexec() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return preexec
+
+
+def open_fd_count(pid: int) -> int:
+    """How many descriptors process *pid* has open (Linux: from /proc)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 class LineClient:

@@ -1,19 +1,24 @@
-"""Flood control and connection caps (router/policy.py), driven by a hand-held clock.
+"""Flood control, connection caps and the descriptor budget (router/policy.py), driven by
+a hand-held clock and a hand-held descriptor count.
 
-:class:`TokenBucket` takes the caller's clock, so every test here says exactly what time it
-is; nothing sleeps.
+:class:`TokenBucket` takes the caller's clock and :class:`FdBudget` the caller's counter, so
+every test here says exactly what time it is and how many descriptors are open; nothing
+sleeps.
 """
 
 from __future__ import annotations
 
-from typing import List
+import os
+import sys
+from typing import List, Optional
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common import limits as L
-from router.policy import ConnectionLimiter, Settings, TokenBucket, connection_cap
+from router.descriptors import count_open_descriptors, open_descriptors
+from router.policy import ConnectionLimiter, FdBudget, Settings, TokenBucket
 
 # --- TokenBucket -------------------------------------------------------------------------
 
@@ -210,19 +215,196 @@ def test_settings_defaults_are_the_documented_limits() -> None:
     assert s.out_soft < s.out_hard
 
 
+# --- FdBudget ----------------------------------------------------------------------------
+
+
+class FakeTable:
+    """A descriptor table the test sets by hand; counts how often it was read."""
+
+    def __init__(self, count: Optional[int]) -> None:
+        self.count = count
+        self.reads = 0
+
+    def __call__(self) -> Optional[int]:
+        self.reads += 1
+        return self.count
+
+
+def budget(limit: Optional[int], other: int = 10, reserve: int = 20, shards: int = 0) -> FdBudget:
+    """A budget whose table holds *other* descriptors besides *shards* shard descriptors."""
+    fds = FdBudget(limit, reserve=reserve, counter=FakeTable(other + shards))
+    fds.shard_fds = fds.shard_fds_set_aside = shards
+    fds.reconcile()
+    assert fds.other == other
+    return fds
+
+
+def open_until_refused(limiter: ConnectionLimiter, ip: str = "10.0.0.1") -> int:
+    """Open sockets until one is refused (closing the refused one); how many were admitted."""
+    admitted = 0
+    while limiter.open(ip):
+        admitted += 1
+        assert admitted < 100_000
+    limiter.close(ip, admitted=False)
+    return admitted
+
+
 @pytest.mark.parametrize(
-    "configured, fd_limit, expected",
+    "limit, other, reserve, shards, expected",
     [
-        (10_000, None, 10_000),
-        (10_000, 1_048_576, 10_000),
-        (10_000, 1024, 1024 - L.FD_RESERVE),
-        (50, 1024, 50),
-        (10_000, L.FD_RESERVE, 1),
-        (10_000, 10, 1),
+        (256, 10, 128, 8, 256 - 10 - 128 - 8),
+        (256, 10, 20, 0, 226),
+        (1024, 40, 128, 16, 840),
+        (150, 10, 128, 8, 4),
+        (140, 10, 128, 8, 0),
+        (100, 10, 128, 8, 0),
     ],
-    ids=["no-limit", "high-limit", "lowered", "small-config", "at-reserve", "tiny-limit"],
+    ids=["default-256", "small-reserve", "1024", "nearly-none", "exactly-none", "below-fixed"],
 )
-def test_connection_cap_stays_below_the_fd_limit(
-    configured: int, fd_limit: object, expected: int
+def test_budget_admits_exactly_what_fits_beside_the_reserve(
+    limit: int, other: int, reserve: int, shards: int, expected: int
 ) -> None:
-    assert connection_cap(configured, fd_limit) == expected  # type: ignore[arg-type]
+    fds = budget(limit, other, reserve, shards)
+    assert fds.capacity() == expected
+    limiter = ConnectionLimiter(max_total=100_000, max_per_ip=100_000, fds=fds)
+    assert open_until_refused(limiter) == expected
+    assert limiter.total == expected and fds.sockets == expected
+    assert fds.committed + fds.reserve == max(limit, other + shards + reserve + expected)
+    assert limiter.refused == 1
+
+
+def test_refused_sockets_hold_descriptors_until_closed() -> None:
+    """A refused socket is open until the transport closes it: while refusals are in flight
+    nothing else is admitted, and closing them gives the room back."""
+    fds = budget(limit=40, other=10, reserve=20)  # room for 10 sockets
+    limiter = ConnectionLimiter(max_total=5, max_per_ip=100, fds=fds)
+    assert [limiter.open("a") for _ in range(8)] == [True] * 5 + [False] * 3
+    assert fds.sockets == 8 and limiter.total == 5 and limiter.refused == 3
+    # 2 more descriptors fit; the third would touch the reserve, whatever the caps say.
+    limiter.max_total = 1000
+    assert [limiter.open("b") for _ in range(3)] == [True, True, False]
+    assert fds.sockets == 11 and not fds.has_room()
+    for _ in range(4):  # the refused ones close
+        limiter.close("a", admitted=False)
+    assert fds.sockets == 7 and limiter.total == 7
+    assert [limiter.open("c") for _ in range(4)] == [True, True, True, False]
+
+
+def test_a_dead_shards_descriptors_stay_set_aside_for_its_restart() -> None:
+    fds = budget(limit=100, other=10, reserve=20, shards=8)  # two shards running
+    limiter = ConnectionLimiter(1000, 1000, fds)
+    assert open_until_refused(limiter) == 62
+    fds.shard_fds = 4  # one died: its 4 descriptors are free now...
+    assert not limiter.open("x")  # ...but not for clients
+    limiter.close("x", admitted=False)
+    assert fds.capacity() == 62
+    fds.shard_fds = 8  # it is back
+    assert fds.in_use == 10 + 8 + 62 and fds.committed == fds.in_use
+
+
+def test_reconcile_counts_the_rest_from_the_real_table() -> None:
+    table = FakeTable(30)
+    fds = FdBudget(200, reserve=20, counter=table)
+    fds.shard_fds = 8
+    for _ in range(5):
+        fds.socket_opened()
+    fds.reconcile()
+    assert fds.other == 30 - 5 - 8 and fds.in_use == 30
+    table.count = 25  # something untracked closed
+    fds.reconcile()
+    assert fds.other == 12 and fds.in_use == 25
+    table.count = 3  # fewer than counted (sockets accepted after the listing): never < 0
+    fds.reconcile()
+    assert fds.other == 0
+    table.count = None  # the table cannot be read: keep the last figure
+    fds.other = 7
+    fds.reconcile()
+    assert fds.other == 7
+
+
+def test_recount_runs_every_sweep_near_the_limit_and_seldom_far_from_it() -> None:
+    table = FakeTable(10)
+    fds = FdBudget(1000, reserve=100, counter=table)
+    now = 1000.0
+    for _ in range(10):
+        fds.sweep(now)
+        now += 1.0
+    assert table.reads == 1  # far from the limit: once per FD_RECOUNT_INTERVAL
+    fds.sweep(1000.0 + L.FD_RECOUNT_INTERVAL)
+    assert table.reads == 2
+    for _ in range(1000 - 2 * 100 - 10 + 1):
+        fds.socket_opened()  # now less than twice the reserve is left
+    table.count = 10 + fds.sockets
+    for i in range(5):
+        fds.sweep(now + i)
+    assert table.reads == 7
+
+
+def test_no_limit_means_only_the_connection_caps_count() -> None:
+    table = FakeTable(None)
+    fds = FdBudget(None, counter=table)
+    limiter = ConnectionLimiter(max_total=3, max_per_ip=3, fds=fds)
+    assert [limiter.open("a") for _ in range(4)] == [True, True, True, False]
+    assert fds.capacity() is None and fds.has_room()
+    fds.sweep(0.0)
+    assert table.reads == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    limit=st.integers(0, 50),
+    reserve=st.integers(0, 20),
+    steps=st.lists(
+        st.sampled_from(["open", "open", "open", "close", "die", "restart", "recount"]),
+        max_size=150,
+    ),
+)
+def test_admitted_sockets_never_touch_the_reserve(
+    limit: int, reserve: int, steps: List[str]
+) -> None:
+    """Random opens, closes, shard deaths/restarts and recounts against a model of the real
+    table: whenever a socket is admitted, the descriptors in use (every shard counted as
+    running) leave the reserve free."""
+    other, shard_fds = 5, 4
+    table = FakeTable(other + shard_fds)
+    fds = FdBudget(limit, reserve=reserve, counter=table)
+    fds.shard_fds_set_aside = fds.shard_fds = shard_fds
+    fds.reconcile()
+    limiter = ConnectionLimiter(1000, 1000, fds)
+    sockets: List[bool] = []
+    for step in steps:
+        if step == "open":
+            admitted = limiter.open("ip")
+            sockets.append(admitted)
+            if admitted:
+                assert len(sockets) + other + shard_fds + reserve <= limit
+        elif step == "close" and sockets:
+            limiter.close("ip", sockets.pop(0))
+        elif step == "die":
+            fds.shard_fds = 0
+        elif step == "restart":
+            fds.shard_fds = shard_fds
+        table.count = other + len(sockets) + fds.shard_fds
+        if step == "recount":
+            fds.reconcile()
+        assert fds.sockets == len(sockets) and limiter.total == sum(sockets)
+        assert fds.in_use == table.count
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith(("linux", "darwin")), reason="no descriptor table to read"
+)
+def test_the_real_descriptor_table_is_read_without_the_listing_itself() -> None:
+    before_count, before = count_open_descriptors(), open_descriptors()
+    assert before_count is not None and before is not None and len(before) == before_count
+    read_end, write_end = os.pipe()
+    try:
+        assert count_open_descriptors() == before_count + 2
+        assert open_descriptors() == before | {read_end, write_end}
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert open_descriptors() == before
+    fds = FdBudget(10_000)
+    fds.reconcile()
+    assert fds.in_use == fds.other == before_count
