@@ -107,8 +107,13 @@ def take_within(entries: Iterable[Entry], max_bytes: int) -> Tuple[List[Entry], 
     taken: List[Entry] = []
     used = 0
     for entry in entries:
-        used += entry_size(entry)
+        used += len(entry[4]) + len(entry[3]) + ENTRY_OVERHEAD  # entry_size, inlined
         if taken and used > max_bytes:
             return taken, True
         taken.append(entry)
     return taken, False
+
+
+def size_of(entries: Iterable[Entry]) -> int:
+    """The sum of :func:`entry_size` over *entries*."""
+    return sum(len(entry[4]) + len(entry[3]) + ENTRY_OVERHEAD for entry in entries)

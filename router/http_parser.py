@@ -372,7 +372,7 @@ def request_authority(
 def expects_continue(values: Sequence[str], http11: bool) -> Union[bool, ProtocolError]:
     """Whether the ``Expect`` fields ask for ``100-continue`` (case-insensitive). Any other
     expectation is ``417``. HTTP/1.0 has no expectations: ignored (RFC 9110 10.1.1)."""
-    if not http11:
+    if not http11 or not values:
         return False
     members = {item.strip().lower() for value in values for item in value.split(",")}
     members.discard("")

@@ -329,7 +329,7 @@ class Poll(Waiter):
                 fetches.append((cursor, cursor.after, False))
             else:
                 entries, more = feed.take_after(cursor.after, budget)
-                budget -= sum(map(m.entry_size, entries))
+                budget -= m.size_of(entries)
                 after = entries[-1][0] if entries else cursor.after
                 results[room] = RoomResult(entries, after, epoch, more=more)
         self._budget_left = budget
@@ -400,7 +400,7 @@ class Poll(Waiter):
             # Events that reached the session after the shard answered are not in `entries`.
             newer = [entry for entry in feed.entries if entry[0] > last]
             if newer:
-                left = max_bytes - sum(map(m.entry_size, entries))
+                left = max_bytes - m.size_of(entries)
                 extra, more = m.take_within(newer, left) if left > 0 else ([], True)
                 entries.extend(extra)
         missed = forced or after < first - 1

@@ -18,6 +18,7 @@ brackets in its compressed form, the port as a number or None.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import NamedTuple, Optional, Union
@@ -96,6 +97,7 @@ def _path_and_query(text: str) -> Union[Target, str]:
     return Target(path, query)
 
 
+@functools.lru_cache(maxsize=256)
 def parse_authority(text: str) -> Optional[Authority]:
     """``host[:port]`` (``[v6]:port`` for IPv6) -> :class:`Authority`, or None if it is
     not one (no host, a bad character, a port over 65535, a zone or IPvFuture literal)."""
