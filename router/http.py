@@ -123,10 +123,12 @@ class HttpConnection(asyncio.Protocol):
         """Read only while less than one more full request is waiting unparsed: requests
         are answered one at a time, and not while the answers are unread, so a client
         pipelining faster than that must wait rather than fill the router's memory."""
+        over = self._parser.buffered > MAX_PIPELINED_BYTES
+        if over is self._read_paused:
+            return  # the usual case: nothing to change
         transport = self.transport
         if transport is None or self._closed or self._lingering:
             return
-        over = self._parser.buffered > MAX_PIPELINED_BYTES
         if over and not self._read_paused:
             self._read_paused = True
             transport.pause_reading()
@@ -192,11 +194,12 @@ class HttpConnection(asyncio.Protocol):
     def _account_unsent(self) -> None:
         """Tell the budget what is unread; arm the slow-consumer check while it is over the
         soft limit (an answer nobody reads must not hold its bytes and socket forever)."""
-        settings = self.api.hub.settings
         unsent = self.unsent_bytes()
         output = self.api.hub.output
-        if unsent or output.holds(self):
-            output.update(self, unsent)
+        if not unsent and not output.holds(self):
+            return  # the usual case: the answer went straight to the socket
+        output.update(self, unsent)
+        settings = self.api.hub.settings
         if unsent > settings.out_soft and self._unread_check is None and not self._closed:
             self._unread_check = self._loop.call_later(
                 settings.out_soft_seconds, self._check_unread

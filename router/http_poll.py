@@ -328,8 +328,8 @@ class Poll(Waiter):
             elif not feed.covers(cursor.after):
                 fetches.append((cursor, cursor.after, False))
             else:
-                entries, more = feed.take_after(cursor.after, budget)
-                budget -= m.size_of(entries)
+                entries, more, used = feed.take_after(cursor.after, budget)
+                budget -= used
                 after = entries[-1][0] if entries else cursor.after
                 results[room] = RoomResult(entries, after, epoch, more=more)
         self._budget_left = budget

@@ -52,35 +52,49 @@ class RoomFeed:
     ``epoch`` is the owning shard's epoch the feed belongs to.
     """
 
-    __slots__ = ("entries", "covered_after", "last_seq", "epoch")
+    __slots__ = ("entries", "covered_after", "last_seq", "epoch", "size")
 
     def __init__(self, epoch: int, covered_after: int) -> None:
         self.entries: Deque[m.Entry] = deque()
         self.covered_after = covered_after
         self.last_seq = covered_after
         self.epoch = epoch
+        #: The ``entry_size`` sum of ``entries``, kept as they come and go, so a poll
+        #: whose answer fits needs no sizing.
+        self.size = 0
 
     def push(self, entry: m.Entry) -> None:
-        if len(self.entries) >= MAX_SESSION_BACKLOG:
-            self.covered_after = self.entries.popleft()[0]
-        self.entries.append(entry)
+        entries = self.entries
+        if len(entries) >= MAX_SESSION_BACKLOG:
+            self.covered_after = self._drop_oldest()
+        entries.append(entry)
+        self.size += len(entry[4]) + len(entry[3]) + m.ENTRY_OVERHEAD
         self.last_seq = entry[0]
 
     def covers(self, after: int) -> bool:
         """True if every event after *after* that this session has seen is held here."""
         return self.covered_after <= after <= self.last_seq
 
-    def take_after(self, after: int, max_bytes: int) -> Tuple[List[m.Entry], bool]:
+    def take_after(self, after: int, max_bytes: int) -> Tuple[List[m.Entry], bool, int]:
         """The entries with ``seq > after``, oldest first, about *max_bytes* of them (at
-        least one, unless *max_bytes* is 0), and whether more are waiting. Those up to
-        *after* are acknowledged and go."""
+        least one, unless *max_bytes* is 0), whether more are waiting, and their size.
+        Those up to *after* are acknowledged and go."""
         entries = self.entries
         while entries and entries[0][0] <= after:
-            entries.popleft()
+            self._drop_oldest()
         self.covered_after = max(self.covered_after, after)
         if max_bytes <= 0:
-            return [], bool(entries)
-        return m.take_within(entries, max_bytes)
+            return [], bool(entries), 0
+        if self.size <= max_bytes:
+            return list(entries), False, self.size
+        taken, more = m.take_within(entries, max_bytes)
+        return taken, more, m.size_of(taken)
+
+    def _drop_oldest(self) -> int:
+        """Drop the oldest entry; return its seq."""
+        entry = self.entries.popleft()
+        self.size -= len(entry[4]) + len(entry[3]) + m.ENTRY_OVERHEAD
+        return entry[0]
 
 
 class Waiter:
