@@ -117,7 +117,8 @@ class HttpConnection(asyncio.Protocol):
             if self._deadline is None and self._parser.in_progress:
                 self._arm_deadline()
             self._process()
-        self._pace_reading()
+        if (self._parser.buffered > MAX_PIPELINED_BYTES) is not self._read_paused:
+            self._pace_reading()
 
     def _pace_reading(self) -> None:
         """Read only while less than one more full request is waiting unparsed: requests
@@ -251,7 +252,8 @@ class HttpConnection(asyncio.Protocol):
         else:
             assert isinstance(event, Request)
             self._start(event)
-        self._pace_reading()  # a request left the parser: there may be room to read again
+        if self._read_paused:
+            self._pace_reading()  # a request left the parser: there may be room to read again
 
     def _continue(self, head: Request) -> None:
         """The client waits for ``100 Continue`` before sending the body: send it, unless
