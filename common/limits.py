@@ -214,6 +214,12 @@ MAX_SHARDS = 64
 #: clients waiting forever.
 REQUEST_TIMEOUT = 5.0
 
+#: Seconds past a command's deadline before the router answers it ``shard_timeout`` by
+#: itself. The shard refuses every command past its deadline, so a command the router
+#: gave up on is not applied later; the grace covers the time between a shard applying a
+#: batch and its answer arriving (a busy or paused shard).
+DEADLINE_GRACE = 1.0
+
 #: Seconds the router waits for shards to answer a connection's final ``drop`` before it
 #: closes the connection anyway (a stopped shard must not keep a socket open forever).
 DROP_TIMEOUT = 2.0

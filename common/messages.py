@@ -1,11 +1,14 @@
 """The messages between the router and the shards, all in one place.
 
-The router sends each shard a *batch*: a list of command tuples, pickled as one pipe
-message per event-loop turn. The shard answers with a list of event tuples, one pipe
-message per batch it applied. Every tuple starts with an int opcode; the rest is plain
-ints, floats and strs (and one ``bytes``), so pickling stays cheap and nothing needs a class
-on the other side. The field layouts are documented next to each opcode and in
-``docs/ARCHITECTURE.md``.
+The router sends each shard a *batch*: a list of commands, pickled as one pipe message per
+event-loop turn. The shard answers with a list of events, one pipe message per group of
+batches it applied. Both are plain tuples whose first field is an opcode: pickling a
+tuple of ints, floats and strs costs a tenth of a named tuple's or a class's
+(docs/PERFORMANCE.md measures it on the fan-out), and the hot path carries one command and
+one event per chat message. In exchange every message has **one constructor and one
+layout, here**: build them only with the functions below, read them only with the
+``*_FIELDS`` positions documented with each, and no opcode is used twice (commands are
+1-19, events 101-119).
 
 Identifiers:
 
@@ -13,82 +16,168 @@ Identifiers:
     The router's id of a client: one TCP connection or one browser session. Unique for
     the life of the router process. Shards key membership by ``cid``.
 ``req``
-    A request number chosen by the router when it wants an answer (``DONE``/``FAIL``
-    with the same ``req``); ``0`` means "no answer wanted unless it fails".
+    The router's number for one command, unique for the life of the router process. Every
+    command gets exactly one *completion*: the event that answers it, carrying its
+    ``req`` (see below). Because a shard applies commands in order and answers in order,
+    the router matches completions to commands in first-in first-out order.
+``deadline``
+    ``time.monotonic()`` seconds (one clock for every process of a machine) after which
+    the shard must not apply the command: it completes it with :func:`fail` and
+    ``shard_timeout`` instead. ``0.0`` means none (a ``DROP`` or a ``REJOIN`` is always
+    applied). So when the router tells a client "busy, try again" after the deadline, the
+    command was not applied and never will be.
 ``entry``
     One history entry, the unit of a room's event stream:
     ``(seq, ts, kind, username, text)`` with ``seq`` the room's sequence number (1, 2, ...),
     ``ts`` seconds since the epoch, ``kind`` one of :data:`KIND_CHAT`, :data:`KIND_JOIN`,
     :data:`KIND_LEAVE`, ``username`` the sender / joiner / leaver, and ``text`` the chat text
     or, for joins and leaves, ``"<username> joined <room>"`` / ``"<username> left <room>"``.
+``epoch``
+    An integer naming one unbroken history of a room: seqs mean something only together
+    with it. It changes when a room's history was lost (an in-memory shard restarted).
+
+Completions: ``JOIN`` -> ``JOINED`` or ``FAIL``; ``MSG`` -> ``CHAT`` or ``FAIL``; ``LEAVE``
+-> ``LEFT`` (with the ``req``) or ``FAIL``; ``DROP`` -> ``LEFT`` events without a ``req``,
+then ``DONE``; ``NAMES``, ``ROOMS``, ``HISTORY``, ``SINCE``, ``REJOIN`` -> ``DONE`` or
+``FAIL``. Events with ``req == 0`` complete nothing.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, List, Tuple
+from typing import Any, Iterable, List, Tuple
 
-# --- router -> shard commands ------------------------------------------------------------
-#: ``(JOIN, req, cid, room, username)``: add the client to the room (creating it);
-#: with a ``req``, ``DONE`` (result: the join's seq) follows the ``JOINED``.
-JOIN = 1
-#: ``(MSG, req, cid, room, text)``: a chat message from a member.
-MSG = 2
-#: ``(LEAVE, req, cid, room)``: the client leaves the room.
-LEAVE = 3
-#: ``(DROP, req, cid)``: the client is gone; leave every room it is in on this shard.
-#: Always answered with ``DONE`` (result ``None``) after the ``LEFT`` events.
-DROP = 4
-#: ``(NAMES, req, cid, room)``: member names; ``DONE`` result: sorted list of usernames.
-NAMES = 5
-#: ``(ROOMS, req, cid)``: ``DONE`` result: list of ``(room, member_count)`` of rooms with
-#: members on this shard.
-ROOMS = 6
-#: ``(HISTORY, req, cid, room, n)``: the last ``n`` entries of a room the client is in;
-#: ``DONE`` result: list of entries, oldest first.
-HISTORY = 7
-#: ``(SINCE, req, cid, room, after, max_bytes)``: entries with ``seq > after`` of a room the
-#: client is in, oldest first, as many as fit in *max_bytes* by :func:`entry_size` (at least
-#: one); ``DONE`` result: ``(entries, first_seq, last_seq)`` where ``first_seq`` is the
-#: oldest seq still held (entries before it are gone) and ``last_seq`` the newest (so
-#: ``entries[-1][0] < last_seq`` says more are waiting).
-SINCE = 8
-#: ``(REJOIN, req, cid, room, username)``: put a member back after the shard restarted
-#: (from the router's mirror). Silent: no entry, no event unless ``req`` (then ``DONE``).
-REJOIN = 9
-
-# --- shard -> router events --------------------------------------------------------------
-#: ``(JOINED, room, cid, entry)``: the client joined; tell it and the other members.
-JOINED = 1
-#: ``(CHAT, room, entry, wire)``: a chat message; ``wire`` is the encoded ``MSG`` line for
-#: line-protocol members (encoded once, in the shard).
-CHAT = 2
-#: ``(LEFT, room, cid, entry, explicit)``: the client left; ``explicit`` is True for a
-#: ``LEAVE`` (the leaver is told) and False for a ``DROP``.
-LEFT = 3
-#: ``(DONE, req, cid, result)``: the answer to a request.
-DONE = 4
-#: ``(FAIL, req, cid, op, code, room)``: command ``op`` was refused; ``code`` is one of the
-#: ``ERR_*`` strings below.
-FAIL = 5
-
-# --- failure codes (stable: HTTP clients match them) -------------------------------------
-# From a shard:
-ERR_NOT_IN_ROOM = "not_in_room"
-ERR_NAME_TAKEN = "name_taken"
-ERR_ALREADY_IN_ROOM = "already_in_room"
-# From the router itself:
-ERR_WRONG_USERNAME = "wrong_username"
-ERR_TOO_MANY_ROOMS = "too_many_rooms"
-ERR_TOO_MANY_ROOMS_FOR_ADDRESS = "too_many_rooms_for_address"
-ERR_TIMEOUT = "shard_timeout"
-ERR_UNAVAILABLE = "room_unavailable"
+Entry = Tuple[int, float, str, str, str]
+Command = Tuple[Any, ...]
+Event = Tuple[Any, ...]
 
 KIND_CHAT = "chat"
 KIND_JOIN = "join"
 KIND_LEAVE = "leave"
 
-Entry = Tuple[int, float, str, str, str]
+# --- router -> shard commands --------------------------------------------------------------
+# Every command starts (op, req, deadline, cid, ...).
+OP, REQ, DEADLINE, CID, ROOM = 0, 1, 2, 3, 4
 
+#: ``(JOIN, req, deadline, cid, room, username)``: add the client to the room (creating
+#: it). Completion: ``JOINED`` or ``FAIL`` (``name_taken``, ``already_in_room``).
+JOIN = 1
+#: ``(MSG, req, deadline, cid, room, text)``: a chat message from a member. Completion:
+#: ``CHAT`` or ``FAIL not_in_room``.
+MSG = 2
+#: ``(LEAVE, req, deadline, cid, room)``. Completion: ``LEFT`` or ``FAIL not_in_room``.
+LEAVE = 3
+#: ``(DROP, req, 0.0, cid)``: the client is gone; leave every room it is in on this shard.
+#: ``LEFT`` events (``req`` 0), then the completion ``DONE`` (result ``None``).
+DROP = 4
+#: ``(NAMES, req, deadline, cid, room)``: ``DONE`` with the member names, sorted.
+NAMES = 5
+#: ``(ROOMS, req, deadline, cid)``: ``DONE`` with ``[(room, members)]`` of this shard's
+#: rooms with members (the busiest ``MAX_ROOMS_LISTED``).
+ROOMS = 6
+#: ``(HISTORY, req, deadline, cid, room, n)``: ``DONE`` with the last ``n`` entries of a
+#: room the client is in, oldest first; or ``FAIL not_in_room``.
+HISTORY = 7
+#: ``(SINCE, req, deadline, cid, room, after, max_bytes)``: entries with ``seq > after`` of
+#: a room the client is in, oldest first, as many as fit in *max_bytes* by
+#: :func:`entry_size` (at least one); ``DONE`` with ``(entries, first_seq, last_seq,
+#: epoch)``: ``first_seq`` is the oldest seq still held, ``last_seq`` the newest (so
+#: ``entries[-1][0] < last_seq`` says more are waiting).
+SINCE = 8
+#: ``(REJOIN, req, 0.0, cid, room, username)``: put a member back after the shard
+#: restarted (from the router's membership). No entry, no event but the completion:
+#: ``DONE`` with the room's epoch (unchanged if its history survived).
+REJOIN = 9
+
+COMMANDS = frozenset({JOIN, MSG, LEAVE, DROP, NAMES, ROOMS, HISTORY, SINCE, REJOIN})
+
+# --- shard -> router events ----------------------------------------------------------------
+# Every event starts (op, req, ...); req is 0 when it completes no command.
+EVENT_REQ = 1
+
+#: ``(JOINED, req, room, cid, entry, epoch)``: the client joined (the completion of its
+#: JOIN); tell it and the other members. ``epoch`` is the room's.
+JOINED = 101
+#: ``(CHAT, req, room, entry, wire)``: a chat message (the completion of its MSG);
+#: ``wire`` is the encoded ``MSG`` line for line-protocol members (encoded once, here).
+CHAT = 102
+#: ``(LEFT, req, room, cid, entry)``: the client left: the completion of its LEAVE, or
+#: (``req`` 0) one of the rooms of a DROP.
+LEFT = 103
+#: ``(DONE, req, result)``: the completion of a request that asked for a result.
+DONE = 104
+#: ``(FAIL, req, code)``: the command was refused, not applied; ``code`` is one of the
+#: codes of :mod:`common.errors`. The router knows the rest from the command itself.
+FAIL = 105
+
+EVENTS = frozenset({JOINED, CHAT, LEFT, DONE, FAIL})
+assert not COMMANDS & EVENTS, "an opcode is used twice"
+
+
+# --- constructors: the only places that lay a message out --------------------------------
+
+
+def join(req: int, deadline: float, cid: int, room: str, username: str) -> Command:
+    return (JOIN, req, deadline, cid, room, username)
+
+
+def msg(req: int, deadline: float, cid: int, room: str, text: str) -> Command:
+    return (MSG, req, deadline, cid, room, text)
+
+
+def leave(req: int, deadline: float, cid: int, room: str) -> Command:
+    return (LEAVE, req, deadline, cid, room)
+
+
+def drop(req: int, cid: int) -> Command:
+    return (DROP, req, 0.0, cid)
+
+
+def names(req: int, deadline: float, cid: int, room: str) -> Command:
+    return (NAMES, req, deadline, cid, room)
+
+
+def rooms(req: int, deadline: float, cid: int) -> Command:
+    return (ROOMS, req, deadline, cid)
+
+
+def history(req: int, deadline: float, cid: int, room: str, n: int) -> Command:
+    return (HISTORY, req, deadline, cid, room, n)
+
+
+def since(req: int, deadline: float, cid: int, room: str, after: int, max_bytes: int) -> Command:
+    return (SINCE, req, deadline, cid, room, after, max_bytes)
+
+
+def rejoin(req: int, cid: int, room: str, username: str) -> Command:
+    return (REJOIN, req, 0.0, cid, room, username)
+
+
+def joined(req: int, room: str, cid: int, entry: Entry, epoch: int) -> Event:
+    return (JOINED, req, room, cid, entry, epoch)
+
+
+def chat(req: int, room: str, entry: Entry, wire: bytes) -> Event:
+    return (CHAT, req, room, entry, wire)
+
+
+def left(req: int, room: str, cid: int, entry: Entry) -> Event:
+    return (LEFT, req, room, cid, entry)
+
+
+def done(req: int, result: Any) -> Event:
+    return (DONE, req, result)
+
+
+def fail(req: int, code: str) -> Event:
+    return (FAIL, req, code)
+
+
+def command_room(command: Command) -> str:
+    """The room a command is about (``""`` for ``DROP`` and ``ROOMS``)."""
+    return command[ROOM] if len(command) > ROOM else ""
+
+
+# --- entry sizes (poll budgets) ------------------------------------------------------------
 
 #: What :func:`entry_size` adds to the text and username for the rest of an entry as the
 #: HTTP API shows it (``{"id":..,"room":..,"type":..,"kind":..,"ts":..}``).

@@ -14,7 +14,9 @@ import logging
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 from urllib.parse import parse_qs, unquote
 
+from common import errors
 from common import messages as m
+from common.errors import Refusal
 from common.limits import MAX_TEXT_CHARS, POLL_TIMEOUT, SESSION_TTL
 from common.names import NameKind, NameRefusal, check_name, check_room, name_key
 from common.text import TextProblem, clean_text
@@ -23,7 +25,7 @@ from router.http_parser import Request
 from router.http_poll import Poll, encode_poll_payload, parse_cursors
 from router.http_session import COOKIE_NAME, HttpSession, SessionStore
 from router.http_static import StaticFiles
-from router.hub import Client, Failure, Hub
+from router.hub import Client, Hub
 from router.shards import ShardState
 
 log = logging.getLogger(__name__)
@@ -47,37 +49,24 @@ JSON_HEADERS: HeaderList = (
     ("Cache-Control", "no-store"),
 )
 
-# Error codes of the HTTP API besides the hub's ERR_* (stable: clients match them).
-BAD_REQUEST = "bad_request"
-INVALID_JSON = "invalid_json"
-INVALID_ROOM = "invalid_room"
-INVALID_USERNAME = "invalid_username"
-INVALID_TEXT = "invalid_text"
-INVALID_CURSOR = "invalid_cursor"
-TEXT_TOO_LONG = "text_too_long"
-NO_SESSION = "no_session"
-BAD_ORIGIN = "bad_origin"
-MISDIRECTED_REQUEST = "misdirected_request"
-NOT_FOUND = "not_found"
-METHOD_NOT_ALLOWED = "method_not_allowed"
-UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
-RATE_LIMITED = "rate_limited"
-TOO_MANY_SESSIONS = "too_many_sessions"
-TOO_MANY_SESSIONS_FOR_ADDRESS = "too_many_sessions_for_address"
-INTERNAL_ERROR = "internal_error"
-
-#: HTTP status of each refusal code that comes from the hub or a shard.
-FAILURE_STATUS = {
-    m.ERR_NAME_TAKEN: 409,
-    m.ERR_ALREADY_IN_ROOM: 409,
-    m.ERR_TOO_MANY_ROOMS: 400,
-    m.ERR_TOO_MANY_ROOMS_FOR_ADDRESS: 429,
-    m.ERR_WRONG_USERNAME: 403,
-    m.ERR_NOT_IN_ROOM: 403,
-    m.ERR_TIMEOUT: 503,
-    m.ERR_UNAVAILABLE: 503,
-    RATE_LIMITED: 429,
-}
+# Codes of the HTTP API (stable: clients match them); all are in common.errors' catalogue.
+BAD_REQUEST = errors.BAD_REQUEST
+INVALID_JSON = errors.INVALID_JSON
+INVALID_ROOM = errors.INVALID_ROOM
+INVALID_USERNAME = errors.INVALID_USERNAME
+INVALID_TEXT = errors.INVALID_TEXT
+INVALID_CURSOR = errors.INVALID_CURSOR
+TEXT_TOO_LONG = errors.TEXT_TOO_LONG
+NO_SESSION = errors.NO_SESSION
+BAD_ORIGIN = errors.BAD_ORIGIN
+MISDIRECTED_REQUEST = errors.MISDIRECTED_REQUEST
+NOT_FOUND = errors.NOT_FOUND
+METHOD_NOT_ALLOWED = errors.METHOD_NOT_ALLOWED
+UNSUPPORTED_MEDIA_TYPE = errors.UNSUPPORTED_MEDIA_TYPE
+RATE_LIMITED = errors.RATE_LIMITED
+TOO_MANY_SESSIONS = errors.TOO_MANY_SESSIONS
+TOO_MANY_SESSIONS_FOR_ADDRESS = errors.TOO_MANY_SESSIONS_FOR_ADDRESS
+INTERNAL_ERROR = errors.INTERNAL_ERROR
 
 
 class Response(NamedTuple):
@@ -109,22 +98,11 @@ def json_response(status: int, payload: Dict[str, Any], headers: HeaderList = ()
     return Response(status, body, JSON_HEADERS + headers)
 
 
-def failure_error(failure: Failure) -> ApiError:
-    """The API error for a hub/shard refusal."""
-    code, room = failure
-    status = FAILURE_STATUS.get(code, 500)
-    messages = {
-        m.ERR_NAME_TAKEN: f"someone in {room} already has that name",
-        m.ERR_ALREADY_IN_ROOM: f"already in room {room}",
-        m.ERR_TOO_MANY_ROOMS: "too many rooms for one session",
-        m.ERR_TOO_MANY_ROOMS_FOR_ADDRESS: "too many rooms for one address",
-        m.ERR_WRONG_USERNAME: "this session has another username",
-        m.ERR_NOT_IN_ROOM: f"not in room {room}",
-        m.ERR_TIMEOUT: "server busy, try again",
-        m.ERR_UNAVAILABLE: f"room {room} unavailable" if room else "room unavailable",
-    }
-    extra = {"room": room} if room else {}
-    return ApiError(status, code, messages.get(code, code.replace("_", " ")), **extra)
+def failure_error(refusal: Refusal) -> ApiError:
+    """The API error for a refusal: status and message from the catalogue; errors about one
+    room also carry ``"room"``."""
+    extra = {"room": refusal.room} if refusal.room else {}
+    return ApiError(refusal.status, refusal.code, refusal.message, **extra)
 
 
 def session_cookie(token: str) -> Tuple[str, str]:
@@ -191,8 +169,9 @@ def admit_everything(session: Optional[HttpSession], action: str) -> Optional[fl
 
 
 def guarded(exchange: Exchange, callback: Callable[[Any], None]) -> Callable[[Any], None]:
-    """*callback* for a hub result, made safe to run inside the hub's event handling: a bug
-    in it is logged and answered 500 instead of interrupting the other clients' events."""
+    """*callback* for a hub outcome, made safe to run inside the hub's event handling: a
+    bug in it is logged and answered 500 instead of interrupting the other clients'
+    events."""
 
     def run(result: Any) -> None:
         try:
@@ -204,8 +183,13 @@ def guarded(exchange: Exchange, callback: Callable[[Any], None]) -> Callable[[An
     return run
 
 
+def answer_refusal(exchange: Exchange) -> Callable[[Refusal], None]:
+    """An ``on_fail`` handler that answers the request with the refusal."""
+    return guarded(exchange, lambda refusal: exchange.respond(failure_error(refusal).response()))
+
+
 class _Anonymous(Client):
-    """The client behind requests that need no session (``members``); never registered,
+    """The client behind requests that need no session (``members``): registered once,
     never a member of anything."""
 
     def deliver(self, room: str, entry: m.Entry, wire: bytes) -> None:
@@ -234,7 +218,7 @@ class HttpApi:
         self.allowed_hosts = allowed_hosts
         self.sessions = SessionStore(hub, hub.loop, session_ttl)
         self.admit: Admit = admit_everything
-        self._anonymous = _Anonymous()
+        self._anonymous = hub.add(_Anonymous())
         self._routes: Dict[str, Dict[str, Handler]] = {
             "/healthz": {"GET": self._healthz},
             "/api/session": {"GET": self._session_info},
@@ -346,9 +330,6 @@ class HttpApi:
         if wait is not None:
             _too_fast(wait)
 
-    def _reply_failure(self, exchange: Exchange, failure: Failure) -> None:
-        exchange.respond(failure_error(failure).response())
-
     # --- endpoints -------------------------------------------------------------------
 
     def _static(self, request: Request, exchange: Exchange, file: Any) -> None:
@@ -388,11 +369,11 @@ class HttpApi:
         if session is None:
             exchange.respond(json_response(200, {"username": None, "rooms": [], "epochs": {}}))
             return
-        rooms = sorted(session.rooms)
+        rooms = session.record.joined_rooms()
         payload = {
             "username": session.username,
             "rooms": rooms,
-            "epochs": {room: self.sessions.epoch_of(room) for room in rooms},
+            "epochs": {room: self.hub.epoch_of(room) for room in rooms},
         }
         exchange.respond(json_response(200, payload))
 
@@ -405,8 +386,8 @@ class HttpApi:
         a new session also passes the address's session cap and creation bucket."""
         session = self.sessions.get(cookie_value(request, COOKIE_NAME))
         if session is not None and session.username != username:
-            if session.rooms or session.pending_joins:
-                raise failure_error(Failure(m.ERR_WRONG_USERNAME, ""))
+            if session.record.rooms:
+                raise failure_error(Refusal(errors.WRONG_USERNAME, username=session.username))
             self.sessions.end(session)
             session = None
         self._admit(session, "join")
@@ -415,17 +396,13 @@ class HttpApi:
         if session is not None:
             return session, False
         if len(self.sessions) >= self.hub.settings.max_sessions:
-            raise ApiError(503, TOO_MANY_SESSIONS, "too many sessions, try again later")
+            raise failure_error(Refusal(errors.TOO_MANY_SESSIONS))
         wait = self.hub.addresses.session_refusal(address, now)
         if wait == float("inf"):
             limit = self.hub.settings.max_sessions_per_address
-            retry = (("Retry-After", str(max(1, int(self.sessions.ttl)))),)
-            raise ApiError(
-                429,
-                TOO_MANY_SESSIONS_FOR_ADDRESS,
-                f"too many sessions from your address (at most {limit})",
-                headers=retry,
-            )
+            error = failure_error(Refusal(errors.TOO_MANY_SESSIONS_FOR_ADDRESS, limit=limit))
+            error.headers = (("Retry-After", str(max(1, int(self.sessions.ttl)))),)
+            raise error
         _too_fast(wait)
         return self.sessions.create(username, address), True
 
@@ -435,24 +412,24 @@ class HttpApi:
         username = _username_field(body)
         joined, new = self._session_for_join(request, username, exchange.address)
 
-        def done(result: Any) -> None:
-            if isinstance(result, Failure):
-                if new and not (joined.rooms or joined.pending_joins):
-                    self.sessions.end(joined)
-                self._reply_failure(exchange, result)
-                return
+        def done(entry: m.Entry) -> None:
             payload = {
                 "ok": True,
                 "room": room,
                 "username": joined.username,
-                "id": result[0],
-                "epoch": self.sessions.epoch_of(room),
+                "id": entry[0],
+                "epoch": self.hub.epoch_of(room),
             }
             exchange.respond(json_response(200, payload, (session_cookie(joined.token),)))
 
-        code = joined.join(room, guarded(exchange, done))
-        if code is not None:
-            done(Failure(code, room))
+        def failed(refusal: Refusal) -> None:
+            if new and not joined.record.rooms:
+                self.sessions.end(joined)  # its first join failed: no session, no cookie
+            exchange.respond(failure_error(refusal).response())
+
+        refusal = joined.join(room, guarded(exchange, done), guarded(exchange, failed))
+        if refusal is not None:
+            failed(refusal)
 
     def _send(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
         session = self._session(request)
@@ -463,18 +440,15 @@ class HttpApi:
         if "username" in body and name_key(_username_field(body)) != name_key(
             session.username or ""
         ):
-            raise ApiError(403, m.ERR_WRONG_USERNAME, "username does not match the session")
-        if room not in session.rooms:
-            raise failure_error(Failure(m.ERR_NOT_IN_ROOM, room))
+            raise ApiError(403, errors.WRONG_USERNAME, "username does not match the session")
+        if not session.in_room(room):
+            raise failure_error(Refusal(errors.NOT_IN_ROOM, room))
         self._admit(session, "send")
 
-        def done(result: Any) -> None:
-            if isinstance(result, Failure):
-                self._reply_failure(exchange, result)
-            else:
-                exchange.respond(json_response(200, {"ok": True, "room": room, "id": result}))
+        def done(seq: int) -> None:
+            exchange.respond(json_response(200, {"ok": True, "room": room, "id": seq}))
 
-        self.hub.say(session, room, text, guarded(exchange, done))
+        self.hub.say(session.record, room, text, guarded(exchange, done), answer_refusal(exchange))
 
     def _leave(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
         session = self._session(request)
@@ -487,13 +461,13 @@ class HttpApi:
         room = _room_field(body)
         self._admit(session, "leave")
 
-        def done(result: Any) -> None:
-            if isinstance(result, Failure):
-                self._reply_failure(exchange, result)
-            else:
-                exchange.respond(json_response(200, {"ok": True, "room": room}))
+        def done(_result: Any) -> None:
+            exchange.respond(json_response(200, {"ok": True, "room": room}))
 
-        self.hub.leave(session, room, guarded(exchange, done))
+        failed = answer_refusal(exchange)
+        refusal = self.hub.leave(session.record, room, guarded(exchange, done), failed)
+        if refusal is not None:
+            failed(refusal)
 
     def _poll(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
         session = self._session(request)
@@ -501,8 +475,8 @@ class HttpApi:
         if isinstance(cursors, str):
             raise ApiError(400, INVALID_CURSOR, cursors)
         for cursor in cursors:
-            if cursor.room not in session.rooms:
-                raise failure_error(Failure(m.ERR_NOT_IN_ROOM, cursor.room))
+            if not session.in_room(cursor.room):
+                raise failure_error(Refusal(errors.NOT_IN_ROOM, cursor.room))
         self._admit(session, "poll")
 
         def respond(status: int, payload: Dict[str, Any], headers: HeaderList) -> None:
@@ -533,13 +507,10 @@ class HttpApi:
             raise ApiError(400, INVALID_ROOM, checked.message)
         room = checked
 
-        def done(result: Any) -> None:
-            if isinstance(result, Failure):
-                self._reply_failure(exchange, Failure(result.code, room))
-            else:
-                exchange.respond(json_response(200, {"room": room, "members": result}))
+        def done(names: List[str]) -> None:
+            exchange.respond(json_response(200, {"room": room, "members": names}))
 
-        self.hub.names(self._anonymous, room, guarded(exchange, done))
+        self.hub.names(self._anonymous, room, guarded(exchange, done), answer_refusal(exchange))
 
     def close(self) -> None:
         self.sessions.close()

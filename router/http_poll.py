@@ -23,11 +23,13 @@ import json
 import logging
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
+from common import errors
 from common import messages as m
+from common.errors import Refusal
 from common.limits import MAX_POLL_ANSWER_BYTES, MAX_ROOMS_PER_CLIENT, POLL_LINGER
 from common.names import NameRefusal, check_room
 from router.http_session import HttpSession, Waiter
-from router.hub import Failure, Hub
+from router.hub import Hub
 
 log = logging.getLogger(__name__)
 
@@ -317,9 +319,9 @@ class Poll(Waiter):
         budget = self.max_bytes
         for cursor in self.cursors:
             room = cursor.room
-            epoch = self.session.epoch_of(room)
+            epoch = self.hub.epoch_of(room)
             feed = session.feeds.get(room)
-            if feed is None or room not in session.rooms:
+            if feed is None or not session.in_room(room):
                 results[room] = RoomResult([], cursor.after, epoch, left=True)
             elif cursor.epoch not in (None, epoch) or feed.epoch != epoch:
                 fetches.append((cursor, 0, True))  # another epoch: its seqs mean nothing now
@@ -340,7 +342,7 @@ class Poll(Waiter):
     ) -> None:
         self._fetching = True
         remaining = len(fetches)
-        failures: List[Failure] = []
+        failures: List[Refusal] = []
         # Each fetch gets its share of what the feeds left (the shard sends at least one).
         share = max(1, self._budget_left // len(fetches))
 
@@ -354,9 +356,9 @@ class Poll(Waiter):
         def one_fetched(cursor: Cursor, after: int, forced: bool, result: Any) -> None:
             nonlocal remaining
             remaining -= 1
-            if isinstance(result, Failure):
-                if result.code == m.ERR_NOT_IN_ROOM:
-                    epoch = self.session.epoch_of(cursor.room)
+            if isinstance(result, Refusal):
+                if result.code == errors.NOT_IN_ROOM:
+                    epoch = self.hub.epoch_of(cursor.room)
                     results[cursor.room] = RoomResult([], cursor.after, epoch, left=True)
                 else:
                     failures.append(result)
@@ -367,15 +369,11 @@ class Poll(Waiter):
                 self._fetched(results, failures)
 
         for cursor, after, forced in fetches:
-            self.hub.since(
-                self.session,
-                cursor.room,
-                after,
-                share,
-                lambda result, c=cursor, a=after, f=forced: fetched(c, a, f, result),
-            )
+            # One handler for both outcomes: each fetch must count once towards the answer.
+            handler = functools.partial(fetched, cursor, after, forced)
+            self.hub.since(self.session.record, cursor.room, after, share, handler, handler)
 
-    def _fetched(self, results: Dict[str, RoomResult], failures: List[Failure]) -> None:
+    def _fetched(self, results: Dict[str, RoomResult], failures: List[Refusal]) -> None:
         if self.finished:
             return
         if failures:
@@ -389,10 +387,10 @@ class Poll(Waiter):
         cursor: Cursor,
         after: int,
         forced: bool,
-        result: Tuple[Any, int, int],
+        result: Tuple[Any, int, int, int],
         max_bytes: int,
     ) -> RoomResult:
-        entries, first, last = result
+        entries, first, last, _epoch = result
         entries = list(entries)
         more = bool(entries) and entries[-1][0] < last  # the shard kept to its share
         feed = self.session.feeds.get(cursor.room)
@@ -405,5 +403,5 @@ class Poll(Waiter):
                 entries.extend(extra)
         missed = forced or after < first - 1
         new_after = entries[-1][0] if entries else (after if not forced else last)
-        epoch = self.session.epoch_of(cursor.room)
+        epoch = self.hub.epoch_of(cursor.room)
         return RoomResult(entries, new_after, epoch, missed=missed, first=first, more=more)

@@ -14,33 +14,18 @@ import logging
 import secrets
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
+from common import errors
 from common import messages as m
+from common.errors import Refusal
 from common.limits import MAX_POLLS_PER_SESSION, MAX_SESSION_BACKLOG
-from router.hub import Client, Failure, Hub
+from router.hub import Client, ClientRecord, Hub, OnDone, OnFail
 
 log = logging.getLogger(__name__)
 
 #: The cookie holding the session token.
 COOKIE_NAME = "sc_session"
-
-#: What a join's *done* callback gets: the joiner's own entry, or a :class:`Failure`.
-JoinCallback = Callable[[Any], None]
-
-
-class Epochs:
-    """The epochs the HTTP API shows: the router's start time in milliseconds plus the
-    owning shard's restart count (``hub.epoch_of``). The shard's count alone starts at 1
-    again when the router restarts, so a browser's old cursor would look current and its
-    gap would go unnoticed; with the start time, every router run has its own epochs."""
-
-    def __init__(self, hub: Hub, boot_ms: Optional[int] = None) -> None:
-        self.hub = hub
-        self.boot = int(time.time() * 1000) if boot_ms is None else boot_ms
-
-    def __call__(self, room: str) -> int:
-        return self.boot + self.hub.epoch_of(room)
 
 
 class RoomFeed:
@@ -116,65 +101,42 @@ class Waiter:
         raise NotImplementedError
 
 
-class _JoinWait:
-    """One join waiting for its outcome; resolves once (the hub may also report a late
-    timeout for a join that already succeeded)."""
-
-    __slots__ = ("done",)
-
-    def __init__(self, done: JoinCallback) -> None:
-        self.done: Optional[JoinCallback] = done
-
-    def resolve(self, result: Any) -> None:
-        done, self.done = self.done, None
-        if done is not None:
-            done(result)
-
-
 class HttpSession(Client):
-    """One browser user (one cookie). Owned by the :class:`SessionStore`."""
+    """One browser user (one cookie). Owned by the :class:`SessionStore`; its rooms and
+    username are the hub's (:attr:`record`)."""
 
-    username_fixed = True
-
-    def __init__(
-        self, hub: Hub, token: str, username: str, epoch_of: Epochs, address: str = ""
-    ) -> None:
-        super().__init__()
+    def __init__(self, hub: Hub, token: str, username: str, address: str = "") -> None:
         self.hub = hub
-        self.epoch_of = epoch_of
         self.token = token
         #: The per-address key it was created from (it counts against that address).
         self.address = address
         self.username = username
+        #: The hub's record of this session: its username, fixed now, and its rooms.
+        self.record: ClientRecord = hub.add(self, address, username)
         self.feeds: Dict[str, RoomFeed] = {}
         self.polls: List[Waiter] = []
         self.last_seen = time.monotonic()
         self.ended = False
-        self._joins: Dict[str, _JoinWait] = {}
+
+    @property
+    def cid(self) -> int:
+        return self.record.cid
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()
 
+    def in_room(self, room: str) -> bool:
+        """True if the shard has this session in *room*."""
+        return self.record.is_member(room)
+
     # --- commands --------------------------------------------------------------------
 
-    def join(self, room: str, done: JoinCallback) -> Optional[str]:
-        """Join *room*; *done* gets the session's join entry or a :class:`Failure` (once).
-        Returns an ``ERR_*`` code instead if it is refused at once."""
-        if room in self.rooms or room in self._joins:
-            # Checked here, not left to the shard: one join per room may be in flight, so
-            # that its outcome reaches the request that asked for it.
-            return m.ERR_ALREADY_IN_ROOM
-        wait = _JoinWait(done)
-
-        def outcome(result: Any) -> None:
-            if self._joins.get(room) is wait:
-                del self._joins[room]
-            wait.resolve(result)
-
-        code = self.hub.join(self, room, self.username or "", outcome)
-        if code is None:
-            self._joins[room] = wait
-        return code
+    def join(self, room: str, on_done: OnDone, on_fail: OnFail) -> Optional[Refusal]:
+        """Join *room*: ``on_done(entry)`` (the session's join entry) or ``on_fail``, once.
+        Returns a :class:`Refusal` instead if it is refused at once (a room the session is
+        in or joining: one join per room in flight, so that its outcome reaches the
+        request that asked for it)."""
+        return self.hub.join(self.record, room, self.username, on_done, on_fail, True)
 
     # --- polls -----------------------------------------------------------------------
 
@@ -210,37 +172,29 @@ class HttpSession(Client):
             self._notify(room)
 
     def on_joined(self, room: str, entry: m.Entry) -> None:
-        feed = self.feeds[room] = RoomFeed(self.epoch_of(room), entry[0] - 1)
+        feed = self.feeds[room] = RoomFeed(self.hub.epoch_of(room), entry[0] - 1)
         feed.push(entry)
-        wait = self._joins.pop(room, None)
-        if wait is not None:
-            wait.resolve(entry)
         self._notify(room)
 
-    def on_left(self, room: str, entry: m.Entry) -> None:
+    def on_left(self, room: str) -> None:
         self.feeds.pop(room, None)
         self._notify(room)
 
-    def on_failure(self, op: int, failure: Failure) -> None:
-        room = failure.room
-        if op == m.JOIN:
-            wait = self._joins.pop(room, None)
-            if wait is not None:
-                wait.resolve(failure)
-        elif room and room not in self.rooms and room in self.feeds:
-            # The room is gone from under us (its shard was given up on).
-            del self.feeds[room]
-            self._notify(room)
-        else:
-            log.debug("session %d: %s refused: %s", self.cid, op, failure.code)
+    def on_refused(self, op: int, refusal: Refusal) -> None:
+        log.debug("session %d: %s refused: %s", self.cid, op, refusal.code)
+
+    def on_room_lost(self, room: str) -> None:
+        # The room is gone from under us (its shard was given up on).
+        self.feeds.pop(room, None)
+        self._notify(room)
 
     def on_room_restarted(self, room: str) -> None:
         # The shard restarted and put us back silently; its history (and seq) starts over.
-        self.feeds[room] = RoomFeed(self.epoch_of(room), 0)
+        self.feeds[room] = RoomFeed(self.hub.epoch_of(room), 0)
         self._notify(room)
 
     def on_shutdown(self) -> None:
-        self.end_polls(503, "shutting_down", "the server is shutting down")
+        self.end_polls(503, errors.SHUTTING_DOWN, "the server is shutting down")
 
 
 class SessionStore:
@@ -255,7 +209,6 @@ class SessionStore:
         self.hub = hub
         self.loop = loop
         self.ttl = ttl
-        self.epoch_of = Epochs(hub)
         self.sessions: Dict[str, HttpSession] = {}
         self._sweeper: Optional[asyncio.TimerHandle] = None
 
@@ -274,9 +227,8 @@ class SessionStore:
         the caps (``MAX_HTTP_SESSIONS``, and counted it for *address* with
         ``hub.addresses.session_refusal``); :meth:`end` gives the address's slot back."""
         token = secrets.token_urlsafe(32)
-        session = HttpSession(self.hub, token, username, self.epoch_of, address)
+        session = HttpSession(self.hub, token, username, address)
         self.sessions[token] = session
-        self.hub.add(session)
         if self._sweeper is None:
             self._sweeper = self.loop.call_later(self._interval(), self._sweep)
         return session
@@ -289,7 +241,7 @@ class SessionStore:
         self.sessions.pop(session.token, None)
         self.hub.addresses.session_ended(session.address)
         session.end_polls(status, code, "the session has ended")
-        self.hub.drop(session)
+        self.hub.drop(session.record)
 
     def _interval(self) -> float:
         return min(1.0, max(0.05, self.ttl / 4))

@@ -1,11 +1,24 @@
-"""The router's core: clients, the membership mirror, requests to shards, and fan-out.
+"""The router's core: one record per client, requests to shards with exactly one outcome
+each, the membership mirror, and fan-out.
 
-The hub owns every *client* (a TCP connection or a browser session, see :class:`Client`)
-and turns their commands into shard commands. Shards own the rooms; the hub keeps a
-*mirror* of each room's members, built only from the shards' own ``JOINED``/``LEFT``
-events, so it always agrees with the shard (the events come in the shard's order) and lets
-the hub fan a room's event out without asking the shard who is in it. The transports
-(:mod:`router.tcp`, :mod:`router.http`) are thin adapters on top.
+The hub owns a :class:`ClientRecord` for every client (a TCP connection or a browser
+session): its username, and for each room one :class:`Membership` state (``JOINING``,
+``JOINED``, ``LEAVING``). Only the hub changes it, only from the shards' completions (and
+from a shard's death). The transports (:mod:`router.tcp`, :mod:`router.http`) implement
+:class:`Client`: they render what the hub tells them and keep no copy of membership.
+
+**Requests.** Every command sent to a shard is a request (see :mod:`common.messages`):
+it carries a number, a deadline after which the shard will not apply it, and it gets
+exactly one outcome: *done* (applied, with its result) or *refused* (a
+:class:`~common.errors.Refusal`: not applied, now or later). Per shard the hub keeps the
+commands in flight in the order they went down the pipe; a shard answers in that order, so
+each completion is matched to the oldest command in flight. A command still unanswered
+``DEADLINE_GRACE`` after its deadline is refused ``shard_timeout`` (the shard will refuse
+it too when it gets to it). When a shard dies, every command in flight gets its outcome at
+once: a JOIN is refused (``room_unavailable``: the member is not there), a MSG is refused
+``not_delivered``, a LEAVE completes as left (and is not undone by the ``REJOIN``), a DROP
+is done. When the shard is back, ``REJOIN`` for every member goes down the pipe before any
+command queued meanwhile.
 
 Everything here runs on the event loop thread and never blocks.
 """
@@ -13,13 +26,16 @@ Everything here runs on the event loop thread and never blocks.
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
 import logging
-import time
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
+from common import errors
 from common import messages as m
-from common.limits import DROP_TIMEOUT, MAX_ROOMS_PER_CLIENT, REQUEST_TIMEOUT
+from common.errors import Refusal
+from common.limits import DEADLINE_GRACE, DROP_TIMEOUT, MAX_ROOMS_PER_CLIENT, REQUEST_TIMEOUT
 from common.protocol import user_joined_line, user_left_line
 from router.output import OutputBudget
 from router.policy import AddressLimits, ConnectionLimiter, Settings
@@ -28,51 +44,22 @@ from shard.core import busiest_rooms
 
 log = logging.getLogger(__name__)
 
-#: A request's callback gets the shard's result, or a :class:`Failure`.
-Callback = Callable[[Any], None]
+OnDone = Callable[[Any], None]
+OnFail = Callable[[Refusal], None]
 
 
-class Failure(Tuple[str, str]):
-    """A refused request: ``(code, room)``, ``code`` one of the ``ERR_*`` in messages."""
+class Membership(enum.Enum):
+    """One client's state in one room, as the hub knows it."""
 
-    __slots__ = ()
-
-    def __new__(cls, code: str, room: str) -> Failure:
-        return super().__new__(cls, (code, room))
-
-    @property
-    def code(self) -> str:
-        return self[0]
-
-    @property
-    def room(self) -> str:
-        return self[1]
+    JOINING = "joining"  # its JOIN is in flight
+    JOINED = "joined"  # the shard has it as a member
+    LEAVING = "leaving"  # its LEAVE is in flight (still a member until it completes)
 
 
 class Client:
-    """What the hub needs of a member. Transports subclass it.
-
-    The hub sets ``cid`` and maintains ``rooms`` (rooms the shard confirmed),
-    ``pending_joins`` and ``shards`` (shard indices this client has sent commands to);
-    the transport owns everything else.
-    """
-
-    #: True if the username was fixed before the first join (a browser session); False
-    #: if the first successful JOIN fixes it (a TCP connection).
-    username_fixed = False
-
-    # Slots, not a __dict__: there may be 10,000 clients (subclasses may add a __dict__).
-    __slots__ = ("cid", "username", "rooms", "pending_joins", "shards", "address")
-
-    def __init__(self) -> None:
-        self.cid = 0
-        #: The per-address limits' key of the client's peer (``router.policy.address_key``);
-        #: set by the transport before :meth:`Hub.add`.
-        self.address = ""
-        self.username: Optional[str] = None
-        self.rooms: Set[str] = set()
-        self.pending_joins: Set[str] = set()
-        self.shards: Set[int] = set()
+    """What the hub tells a client; transports implement it. Every method is called on
+    the loop thread, from inside the hub's handling of a shard's events: it must not
+    block, and a transport's own bugs must not escape (the hub logs them)."""
 
     def deliver(self, room: str, entry: m.Entry, wire: bytes) -> None:
         """A room event for this member (someone else's join/leave, or any chat message).
@@ -80,29 +67,88 @@ class Client:
         raise NotImplementedError
 
     def deliver_run(self, room: str, entries: List[m.Entry], wire: bytes) -> None:
-        """Several chat messages of one room in a row; *wire* is all their lines joined.
-        Transports that can, write *wire* in one go."""
+        """Several chat messages of one room in a row; *wire* is all their lines joined."""
         for entry in entries:
             self.deliver(room, entry, wire)
 
     def on_joined(self, room: str, entry: m.Entry) -> None:
-        """This client's own JOIN succeeded."""
+        """This client's JOIN of *room* succeeded (also for requests with callbacks)."""
 
-    def on_left(self, room: str, entry: m.Entry) -> None:
-        """This client's own LEAVE succeeded."""
+    def on_left(self, room: str) -> None:
+        """This client's LEAVE of *room* completed (also when the room's shard died with
+        the LEAVE in flight)."""
 
-    def on_failure(self, op: int, failure: Failure) -> None:
-        """A fire-and-forget command (``req == 0``) was refused."""
+    def on_refused(self, op: int, refusal: Refusal) -> None:
+        """A command of this client without a callback of its own was refused (not
+        applied). *op* is the command's opcode (``m.JOIN``, ``m.MSG``...)."""
+
+    def on_room_restarted(self, room: str) -> None:
+        """The shard of *room* restarted and lost its history; the client is still in it."""
+
+    def on_room_lost(self, room: str) -> None:
+        """The shard of *room* was given up on: the client is no longer in it."""
 
     def on_shutdown(self) -> None:
         """The server is shutting down."""
 
-    def on_room_restarted(self, room: str) -> None:
-        """The shard of *room* restarted: the client is still a member, history is lost."""
+
+class ClientRecord:
+    """What the hub knows of one client. Owned by the hub; transports may read it
+    (``rooms``, :attr:`busy`) but never change it."""
+
+    __slots__ = (
+        "cid", "client", "username", "username_fixed", "address", "rooms", "shards",
+        "changing", "gone",
+    )  # fmt: skip
+
+    def __init__(self, cid: int, client: Client, address: str, username: Optional[str]):
+        self.cid = cid
+        self.client = client
+        #: None until a JOIN claims it (TCP); a browser session's is fixed at once. A JOIN
+        #: in flight claims it; once one succeeds it is fixed, even after every LEAVE.
+        self.username = username
+        self.username_fixed = username is not None
+        self.address = address
+        self.rooms: Dict[str, Membership] = {}
+        self.shards: Set[int] = set()  # shard indexes it has sent commands to
+        #: JOINs and LEAVEs in flight (the TCP rule: the next command waits for them).
+        self.changing = 0
+        self.gone = False  # dropped: outcomes still arriving update the mirror only
+
+    @property
+    def busy(self) -> bool:
+        """True while a JOIN or a LEAVE of this client is in flight."""
+        return self.changing > 0
+
+    def joined_rooms(self) -> List[str]:
+        """The rooms the shard has this client in (``JOINED`` or ``LEAVING``), sorted."""
+        return sorted(room for room, state in self.rooms.items() if state is not JOINING)
+
+    def is_member(self, room: str) -> bool:
+        state = self.rooms.get(room)
+        return state is JOINED or state is LEAVING
+
+
+JOINING, JOINED, LEAVING = Membership.JOINING, Membership.JOINED, Membership.LEAVING
+
+
+class InFlight:
+    """The commands sent to one shard and not completed yet, in the order they went
+    down its pipe; with each command's outcome handlers (if it has its own) and the time
+    by which the router answers it anyway."""
+
+    __slots__ = ("commands", "timed_out")
+
+    def __init__(self) -> None:
+        #: ``(command, answer_by, on_done, on_fail)``, oldest first.
+        self.commands: Deque[Tuple[m.Command, float, Optional[OnDone], Optional[OnFail]]] = deque()
+        #: How many at the head were already refused ``shard_timeout`` (they stay until
+        #: the shard completes them, so completions keep matching).
+        self.timed_out = 0
 
 
 class Hub:
-    """Clients, mirror, pending requests. Create, then :meth:`attach` a shard pool."""
+    """Client records, requests, membership mirror. Create, then :meth:`attach` a pool."""
 
     def __init__(
         self,
@@ -111,7 +157,7 @@ class Hub:
         limiter: Optional[ConnectionLimiter] = None,
     ) -> None:
         self.loop = loop
-        #: Per-client limits, shared by the transports.
+        #: Every limit and timeout, shared by the transports.
         self.settings = settings or Settings()
         #: Open connections of every transport, counted against the caps.
         self.limiter = limiter or ConnectionLimiter(
@@ -124,24 +170,40 @@ class Hub:
         #: Per-address session caps and join/session-creation buckets (both transports).
         self.addresses = AddressLimits(self.settings)
         self.pool: Optional[ShardPool] = None
-        self.clients: Dict[int, Client] = {}
-        self._by_address: Dict[str, Set[Client]] = {}  # address -> its clients
-        self.members: Dict[str, Dict[int, Client]] = {}  # the mirror: room -> cid -> client
-        self._pending: Dict[int, Tuple[Callback, float, int]] = {}  # req -> (cb, deadline, shard)
+        self.records: Dict[int, ClientRecord] = {}
+        self._by_address: Dict[str, Set[ClientRecord]] = {}
+        #: The mirror: room -> cid -> client, for fan-out. Built only from completions.
+        self.members: Dict[str, Dict[int, Client]] = {}
+        #: The epoch of each room with members, as its shard last reported it.
+        self.epochs: Dict[str, int] = {}
+        self._in_flight: List[InFlight] = []
+        #: Outcome handlers of the commands that have their own, by req: set when a
+        #: command is queued, moved into its in-flight entry when it goes down the pipe.
+        self._handlers_of: Dict[int, Tuple[Optional[OnDone], Optional[OnFail]]] = {}
+        #: Per shard, the epochs its rooms had when it died: a REJOIN's answer says whether
+        #: the room's history survived the restart.
+        self._epochs_before: Dict[int, Dict[str, int]] = {}
         self._cids = itertools.count(1)
         self._reqs = itertools.count(1)
         self._sweeper: Optional[asyncio.TimerHandle] = None
-        self._handlers = {
-            m.CHAT: self._on_chat,
-            m.JOINED: self._on_joined,
-            m.LEFT: self._on_left,
-            m.DONE: self._on_done,
-            m.FAIL: self._on_fail,
+        self._handlers: Dict[int, Callable[..., None]] = {
+            m.JOIN: self._complete_join,
+            m.MSG: self._complete_msg,
+            m.LEAVE: self._complete_leave,
+            m.DROP: self._complete_drop,
+            m.NAMES: self._complete_request,
+            m.ROOMS: self._complete_request,
+            m.HISTORY: self._complete_request,
+            m.SINCE: self._complete_since,
+            m.REJOIN: self._complete_rejoin,
         }
 
     def attach(self, pool: ShardPool) -> None:
         self.pool = pool
-        self._sweeper = self.loop.call_later(1.0, self._sweep)
+        self._in_flight = [InFlight() for _ in pool.links]
+        for link in pool.links:
+            link.on_flush = self._sent
+        self._sweeper = self.loop.call_later(0.5, self._sweep)
 
     def close(self) -> None:
         if self._sweeper is not None:
@@ -149,23 +211,27 @@ class Hub:
 
     # --- clients ---------------------------------------------------------------------
 
-    def add(self, client: Client) -> int:
-        """Register *client*; returns its new ``cid``."""
-        client.cid = next(self._cids)
-        self.clients[client.cid] = client
-        self._by_address.setdefault(client.address, set()).add(client)
-        return client.cid
+    def add(
+        self, client: Client, address: str = "", username: Optional[str] = None
+    ) -> ClientRecord:
+        """Register *client* (from *address*; with *username* fixed from the start, as a
+        browser session's is). Returns its record; its ``cid`` names it to the shards."""
+        record = ClientRecord(next(self._cids), client, address, username)
+        self.records[record.cid] = record
+        self._by_address.setdefault(address, set()).add(record)
+        return record
 
-    def drop(self, client: Client, on_done: Optional[Callable[[], None]] = None) -> None:
-        """*client* is leaving: it leaves every room. With *on_done*, the client stays
-        registered (and gets the replies still on their way) until every shard it used has
-        answered or ``DROP_TIMEOUT`` passed, then *on_done* is called and it is removed.
-        Without it, the client is removed now."""
-        shards = sorted(client.shards)
+    def drop(self, record: ClientRecord, on_done: Optional[Callable[[], None]] = None) -> None:
+        """The client is going: it leaves every room. With *on_done*, its record stays (and
+        its replies still arrive) until every shard it used has answered, or
+        ``DROP_TIMEOUT`` passed; then *on_done* is called. Without, it is removed now."""
+        if record.gone:
+            return
+        shards = sorted(record.shards)
         if on_done is None or not shards:
-            self._remove(client)
+            self._remove(record)
             for index in shards:
-                self._send_to(index, (m.DROP, 0, client.cid))
+                self._send(index, m.drop(next(self._reqs), record.cid))
             if on_done is not None:
                 on_done()
             return
@@ -175,250 +241,375 @@ class Hub:
             nonlocal remaining
             remaining -= 1
             if remaining == 0:
-                self._remove(client)
+                self._remove(record)
                 on_done()
 
         for index in shards:
-            req = self._expect(one_done, index, DROP_TIMEOUT)
-            self._send_to(index, (m.DROP, req, client.cid))
+            self._send(index, m.drop(next(self._reqs), record.cid), one_done, one_done)
 
-    def _remove(self, client: Client) -> None:
-        if self.clients.pop(client.cid, None) is None:
+    def _remove(self, record: ClientRecord) -> None:
+        record.gone = True
+        if self.records.pop(record.cid, None) is None:
             return
-        same = self._by_address.get(client.address)
+        same = self._by_address.get(record.address)
         if same is not None:
-            same.discard(client)
+            same.discard(record)
             if not same:
-                del self._by_address[client.address]
+                del self._by_address[record.address]
 
     def rooms_of_address(self, address: str) -> int:
         """Rooms the clients of *address* are in or joining, counted once per client."""
-        return sum(
-            len(client.rooms) + len(client.pending_joins)
-            for client in self._by_address.get(address, ())
-        )
+        return sum(len(record.rooms) for record in self._by_address.get(address, ()))
 
     def shutdown(self) -> None:
         """Tell every client the server is going away."""
-        for client in list(self.clients.values()):
-            try:
-                client.on_shutdown()
-            except Exception:  # one broken client must not keep the others from hearing it
-                log.exception("telling client %d about the shutdown failed", client.cid)
+        for record in list(self.records.values()):
+            self._tell(record.client.on_shutdown)
 
     # --- commands --------------------------------------------------------------------
 
     def join(
-        self, client: Client, room: str, username: str, callback: Optional[Callback] = None
-    ) -> Optional[str]:
-        """Ask the room's shard to add *client* as *username*. Returns an error code
-        (``ERR_*``) if the router refuses at once; otherwise the outcome arrives as
-        ``on_joined`` / *callback* / ``on_failure``."""
-        if client.username is not None and username != client.username:
-            return m.ERR_WRONG_USERNAME
-        # "Already in the room" is the shard's to say: a LEAVE of the room may be ahead of
-        # this JOIN in the pipe, and the replies must come back in command order.
-        if len(client.rooms) + len(client.pending_joins) >= MAX_ROOMS_PER_CLIENT:
-            return m.ERR_TOO_MANY_ROOMS
-        if self.rooms_of_address(client.address) >= self.settings.max_rooms_per_address:
-            return m.ERR_TOO_MANY_ROOMS_FOR_ADDRESS
-        client.username = username
-        client.pending_joins.add(room)
-        self._send(client, room, m.JOIN, callback, room, username)
+        self,
+        record: ClientRecord,
+        room: str,
+        username: str,
+        on_done: Optional[OnDone] = None,
+        on_fail: Optional[OnFail] = None,
+        refuse_joining: bool = False,
+    ) -> Optional[Refusal]:
+        """Ask the room's shard to add the client as *username*. Returns a
+        :class:`Refusal` if the router refuses at once; otherwise the outcome comes as
+        ``on_done(entry)`` / ``on_fail(refusal)``, or ``client.on_joined`` /
+        ``client.on_refused``. With *refuse_joining*, a room the client is in or joining
+        is refused here (``already_in_room``); otherwise the shard says so, in order."""
+        if record.username is not None and username != record.username:
+            return Refusal(errors.WRONG_USERNAME, room, username=record.username)
+        state = record.rooms.get(room)
+        if state is not None and (refuse_joining or state is not JOINED):
+            return Refusal(errors.ALREADY_IN_ROOM, room)
+        if state is None:
+            if len(record.rooms) >= MAX_ROOMS_PER_CLIENT:
+                return Refusal(errors.TOO_MANY_ROOMS, room)
+            if self.rooms_of_address(record.address) >= self.settings.max_rooms_per_address:
+                return Refusal(errors.TOO_MANY_ROOMS_FOR_ADDRESS, room)
+            record.rooms[room] = JOINING
+            record.changing += 1
+        record.username = username
+        command = m.join(next(self._reqs), self._deadline(), record.cid, room, username)
+        self._send_for(record, room, command, on_done, on_fail)
         return None
 
     def say(
-        self, client: Client, room: str, text: str, callback: Optional[Callback] = None
+        self,
+        record: ClientRecord,
+        room: str,
+        text: str,
+        on_done: Optional[OnDone] = None,
+        on_fail: Optional[OnFail] = None,
     ) -> None:
-        """Send a chat message; the shard checks membership (it may still be joining)."""
-        self._send(client, room, m.MSG, callback, room, text)
+        """Send a chat message. The shard checks membership; the outcome is the message
+        itself (fan-out, ``on_done(seq)``) or a refusal."""
+        command = m.msg(next(self._reqs), self._deadline(), record.cid, room, text)
+        self._send_for(record, room, command, on_done, on_fail)
 
-    def leave(self, client: Client, room: str, callback: Optional[Callback] = None) -> None:
-        self._send(client, room, m.LEAVE, callback, room)
+    def leave(
+        self,
+        record: ClientRecord,
+        room: str,
+        on_done: Optional[OnDone] = None,
+        on_fail: Optional[OnFail] = None,
+    ) -> Optional[Refusal]:
+        """Leave *room*. Returns a :class:`Refusal` at once if a JOIN or a LEAVE of it is in
+        flight (``not_in_room`` while joining, for HTTP; TCP never gets there, its next
+        command waits for them)."""
+        state = record.rooms.get(room)
+        if state is JOINING or state is LEAVING:
+            return Refusal(errors.NOT_IN_ROOM, room)
+        if state is JOINED:
+            record.rooms[room] = LEAVING
+            record.changing += 1
+        command = m.leave(next(self._reqs), self._deadline(), record.cid, room)
+        self._send_for(record, room, command, on_done, on_fail)
+        return None
 
     def names(
-        self, client: Client, room: str, callback: Callback, timeout: float = REQUEST_TIMEOUT
-    ) -> None:
-        self._send(client, room, m.NAMES, callback, room, timeout=timeout)
+        self, record: ClientRecord, room: str, on_done: OnDone, on_fail: OnFail,
+        deadline: Optional[float] = None,
+    ) -> None:  # fmt: skip
+        command = m.names(next(self._reqs), self._deadline(deadline), record.cid, room)
+        self._send_for(record, room, command, on_done, on_fail)
 
     def history(
-        self,
-        client: Client,
-        room: str,
-        n: int,
-        callback: Callback,
-        timeout: float = REQUEST_TIMEOUT,
-    ) -> None:
-        self._send(client, room, m.HISTORY, callback, room, n, timeout=timeout)
+        self, record: ClientRecord, room: str, n: int, on_done: OnDone, on_fail: OnFail,
+        deadline: Optional[float] = None,
+    ) -> None:  # fmt: skip
+        command = m.history(next(self._reqs), self._deadline(deadline), record.cid, room, n)
+        self._send_for(record, room, command, on_done, on_fail)
 
     def since(
-        self, client: Client, room: str, after: int, max_bytes: int, callback: Callback
-    ) -> None:
+        self, record: ClientRecord, room: str, after: int, max_bytes: int,
+        on_done: OnDone, on_fail: OnFail,
+    ) -> None:  # fmt: skip
         """The entries of *room* after seq *after*, oldest first, about *max_bytes* of them
-        (at least one): ``(entries, first_seq, last_seq)``, or a :class:`Failure`."""
-        self._send(client, room, m.SINCE, callback, room, after, max_bytes)
+        (at least one): ``on_done((entries, first_seq, last_seq, epoch))``."""
+        deadline = self._deadline()
+        command = m.since(next(self._reqs), deadline, record.cid, room, after, max_bytes)
+        self._send_for(record, room, command, on_done, on_fail)
 
     def rooms(
         self,
-        callback: Callable[[List[Tuple[str, int]]], None],
-        asker: Optional[Client] = None,
-        timeout: float = REQUEST_TIMEOUT,
+        on_done: Callable[[List[Tuple[str, int]]], None],
+        asker: Optional[ClientRecord] = None,
+        deadline: Optional[float] = None,
     ) -> None:
         """The rooms with members, from every shard, sorted by name: at most
         ``MAX_ROOMS_LISTED``, the ones with the most members. A shard that does not
         answer in time contributes nothing. With *asker*, the request counts as that
         client's (its QUIT waits for the answer)."""
         assert self.pool is not None
-        links = self.pool.links
+        count = len(self.pool.links)
         if asker is not None:
-            asker.shards.update(range(len(links)))
-        remaining = len(links)
+            asker.shards.update(range(count))
+        remaining = count
         found: List[Tuple[str, int]] = []
+        cid = asker.cid if asker is not None else 0
 
         def one_done(result: Any) -> None:
             nonlocal remaining
-            if not isinstance(result, Failure):
+            if not isinstance(result, Refusal):
                 found.extend(result)
             remaining -= 1
             if remaining == 0:
-                callback(sorted(busiest_rooms(found)))
+                on_done(sorted(busiest_rooms(found)))
 
-        for link in links:
-            link.send((m.ROOMS, self._expect(one_done, link.index, timeout), 0))
+        deadline = self._deadline(deadline)
+        for index in range(count):
+            self._send(index, m.rooms(next(self._reqs), deadline, cid), one_done, one_done)
 
     def epoch_of(self, room: str) -> int:
-        """The epoch of the shard that owns *room* (bumped each time it restarts)."""
-        assert self.pool is not None
-        return self.pool.link_for(room).epoch
+        """The epoch of *room*'s history as its shard last reported it (0 if unknown)."""
+        return self.epochs.get(room, 0)
 
-    # --- plumbing --------------------------------------------------------------------
+    # --- sending -----------------------------------------------------------------------
 
-    def _send(
+    def _deadline(self, deadline: Optional[float] = None) -> float:
+        return self.loop.time() + REQUEST_TIMEOUT if deadline is None else deadline
+
+    def _send_for(
         self,
-        client: Client,
+        record: ClientRecord,
         room: str,
-        op: int,
-        callback: Optional[Callback],
-        *args: Any,
-        timeout: float = REQUEST_TIMEOUT,
+        command: m.Command,
+        on_done: Optional[OnDone],
+        on_fail: Optional[OnFail],
     ) -> None:
         assert self.pool is not None
         index = self.pool.index_of(room)
-        client.shards.add(index)
-        req = 0 if callback is None else self._expect(callback, index, timeout)
-        self.pool.links[index].send((op, req, client.cid, *args))
+        record.shards.add(index)
+        self._send(index, command, on_done, on_fail)
 
-    def _send_to(self, index: int, command: tuple) -> None:
+    def _send(
+        self,
+        index: int,
+        command: m.Command,
+        on_done: Optional[OnDone] = None,
+        on_fail: Optional[OnFail] = None,
+    ) -> None:
         assert self.pool is not None
+        if on_done is not None or on_fail is not None:
+            self._handlers_of[command[m.REQ]] = (on_done, on_fail)
         self.pool.links[index].send(command)
 
-    def _expect(self, callback: Callback, index: int, timeout: float = REQUEST_TIMEOUT) -> int:
-        req = next(self._reqs)
-        self._pending[req] = (callback, time.monotonic() + timeout, index)
-        return req
+    def _sent(self, index: int, batch: List[m.Command]) -> None:
+        """A shard link is about to write (or refuse) *batch*: they are in flight now, in
+        this order."""
+        now = self.loop.time()
+        commands = self._in_flight[index].commands
+        handlers_of = self._handlers_of
+        for command in batch:
+            deadline = command[m.DEADLINE]
+            answer_by = deadline + DEADLINE_GRACE if deadline else now + DROP_TIMEOUT
+            handlers = handlers_of.pop(command[m.REQ], None) if handlers_of else None
+            if handlers is None:
+                commands.append((command, answer_by, None, None))
+            else:
+                commands.append((command, answer_by, handlers[0], handlers[1]))
 
-    def _fail_pending(self, expired: List[int], code: str) -> None:
-        for req in expired:
-            entry = self._pending.pop(req, None)
-            if entry is not None:
-                entry[0](Failure(code, ""))
+    # --- timeouts -----------------------------------------------------------------------
 
     def _sweep(self) -> None:
-        """Fail requests whose shard did not answer in time (stopped or dead shard)."""
+        """Twice a second: refuse the commands whose shard has not answered in time (a
+        stopped shard: they will not be applied, the shard refuses them past their
+        deadline), re-read unsent output, forget idle addresses."""
         self._sweeper = self.loop.call_later(0.5, self._sweep)
         self.output.refresh()
-        self.addresses.prune(self.loop.time())
-        now = time.monotonic()
-        expired = [req for req, (_, deadline, _) in self._pending.items() if deadline <= now]
-        self._fail_pending(expired, m.ERR_TIMEOUT)
+        now = self.loop.time()
+        self.addresses.prune(now)
+        for flight in self._in_flight:
+            commands = flight.commands
+            while flight.timed_out < len(commands):
+                entry = commands[flight.timed_out]
+                if entry[1] > now:
+                    break
+                flight.timed_out += 1
+                self._resolve_timeout(entry)
+
+    def _resolve_timeout(self, entry: Tuple[m.Command, float, Any, Any]) -> None:
+        command, _, on_done, on_fail = entry
+        op = command[m.OP]
+        if op == m.DROP:
+            self._outcome(on_done, None)  # the client goes anyway; its LEFTs come later
+        elif op == m.REJOIN:
+            log.warning("a REJOIN of room %s got no answer in time", command[m.ROOM])
+        else:
+            self._refuse(command, on_fail, Refusal(errors.SHARD_TIMEOUT, m.command_room(command)))
 
     # --- shard supervision (ShardListener) -------------------------------------------
+
+    def on_shard_down(self, index: int) -> None:
+        """A shard died: every command in flight to it gets its outcome now (it will not
+        answer), in the order they were sent."""
+        flight = self._in_flight[index]
+        entries = list(flight.commands)[flight.timed_out :]
+        flight.commands.clear()
+        flight.timed_out = 0
+        for command, _, on_done, on_fail in entries:
+            op = command[m.OP]
+            room = m.command_room(command)
+            if op == m.LEAVE:
+                self._left(command[m.CID], room, None, command, on_done)
+            elif op == m.DROP:
+                self._outcome(on_done, None)
+            elif op == m.MSG:
+                self._refuse(command, on_fail, Refusal(errors.NOT_DELIVERED, room))
+            elif op != m.REJOIN:
+                self._refuse(command, on_fail, Refusal(errors.ROOM_UNAVAILABLE, room))
+
+    def on_shard_restarted(self, index: int) -> None:
+        """A shard is back: put every member it had back in its rooms, before anything
+        else goes down its pipe (REJOIN, silent); members hear of lost history when the
+        answers show the epoch changed."""
+        assert self.pool is not None
+        rejoins: List[m.Command] = []
+        rooms = self._rooms_on(index)
+        self._epochs_before[index] = {
+            room: self.epochs[room] for room in rooms if room in self.epochs
+        }
+        for room in rooms:
+            for cid in self.members[room]:
+                record = self.records.get(cid)
+                if record is not None and record.username is not None:
+                    rejoins.append(m.rejoin(next(self._reqs), cid, room, record.username))
+        self.pool.links[index].send_first(rejoins)
+
+    def on_shard_lost(self, index: int) -> None:
+        """The pool gave up on a shard: its rooms are gone; tell their members."""
+        for room in self._rooms_on(index):
+            for cid, client in self.members.pop(room).items():
+                record = self.records.get(cid)
+                if record is not None:
+                    self._forget_room(record, room)
+                self._tell(client.on_room_lost, room)
+            self.epochs.pop(room, None)
 
     def _rooms_on(self, index: int) -> List[str]:
         assert self.pool is not None
         return [room for room in self.members if self.pool.index_of(room) == index]
 
-    def on_shard_down(self, index: int) -> None:
-        """A shard died: fail what was waiting on it (it will not answer)."""
-        assert self.pool is not None
-        lost = [req for req, (_, _, shard) in self._pending.items() if shard == index]
-        self._fail_pending(lost, m.ERR_UNAVAILABLE)
-        for client in list(self.clients.values()):
-            for room in [r for r in client.pending_joins if self.pool.index_of(r) == index]:
-                self._join_failed(client, room)
-                client.on_failure(m.JOIN, Failure(m.ERR_UNAVAILABLE, room))
-
-    def on_shard_restarted(self, index: int) -> None:
-        """A shard is back, empty: put the members the mirror knows back in their rooms
-        (silently) and tell them the room's history is gone."""
-        assert self.pool is not None
-        link = self.pool.links[index]
-        for room in self._rooms_on(index):
-            members = self.members[room]
-            for cid in [cid for cid in members if cid not in self.clients]:
-                del members[cid]  # left while the shard was down
-            for cid, client in members.items():
-                link.send((m.REJOIN, 0, cid, room, client.username))
-            for client in list(members.values()):
-                client.on_room_restarted(room)
-            if not members:
-                del self.members[room]
-
-    def on_shard_lost(self, index: int) -> None:
-        """The pool gave up on a shard: its rooms are gone; tell their members."""
-        for room in self._rooms_on(index):
-            for client in self.members.pop(room).values():
-                client.rooms.discard(room)
-                client.on_failure(m.MSG, Failure(m.ERR_UNAVAILABLE, room))
-
     # --- shard events ----------------------------------------------------------------
 
-    def on_shard_events(self, index: int, events: List[tuple]) -> None:
-        """Called on the loop thread with one pipe message's worth of events."""
-        handlers = self._handlers
+    def on_shard_events(self, index: int, events: List[m.Event]) -> None:
+        """One pipe message's worth of events from shard *index* (loop thread)."""
+        commands = self._in_flight[index].commands
+        flight = self._in_flight[index]
         count = len(events)
         i = 0
         while i < count:
             event = events[i]
-            if event[0] != m.CHAT:
-                handlers[event[0]](event)
-                i += 1
+            op = event[0]
+            if op == m.CHAT:
+                end = i + 1
+                while end < count and events[end][0] == m.CHAT:
+                    end += 1
+                self._on_chats(flight, events[i:end])
+                i = end
                 continue
-            end = i + 1
-            while end < count and events[end][0] == m.CHAT:
-                end += 1
-            if end - i == 1:
-                self._on_chat(event)
-            else:
-                self._on_chats(events[i:end])
-            i = end
+            i += 1
+            if op == m.LEFT and not event[m.EVENT_REQ]:
+                self._left(event[3], event[2], event[4], None, None)  # part of a DROP
+                continue
+            entry = commands.popleft()
+            if entry[0][m.REQ] != event[m.EVENT_REQ]:
+                log.error("shard %d answered req %s, expected %s", index, event[1], entry[0][1])
+            if flight.timed_out:
+                flight.timed_out -= 1
+                self._late(entry, event)
+                continue
+            self._handlers[entry[0][m.OP]](entry, event)
 
-    def _on_chats(self, run: List[tuple]) -> None:
-        """A run of CHAT events (nothing else in between, so no membership changes): each
-        room's messages go to each member as one write, rooms in their own order."""
-        by_room: Dict[str, List[tuple]] = {}
+    def _late(self, entry: Tuple[m.Command, float, Any, Any], event: m.Event) -> None:
+        """A completion for a command already refused ``shard_timeout``: the shard refuses
+        commands past their deadline, so this is a ``FAIL`` and changes nothing. If the
+        shard applied it (it stalled between applying and answering, past the grace), the
+        membership follows the shard; the client was told otherwise: log it."""
+        command = entry[0]
+        op = event[0]
+        if op == m.FAIL:
+            return
+        log.warning("shard answered a timed-out %s late (applied)", command[m.OP])
+        if op == m.CHAT:
+            self._on_chat(event)
+        elif op == m.JOINED:
+            self._member_joined(event, self.records.get(command[m.CID]), None)
+        elif op == m.LEFT:
+            self._left(event[3], event[2], event[4], None, None)
+
+    def _on_chats(self, flight: InFlight, run: List[m.Event]) -> None:
+        """A run of CHAT events (completions of MSGs, nothing else in between, so no
+        membership changes): each room's messages go to each member as one write, rooms
+        in their own order; then each MSG's own handlers, if any."""
+        commands = flight.commands
+        by_room: Dict[str, List[m.Event]] = {}
         for event in run:
-            by_room.setdefault(event[1], []).append(event)
+            by_room.setdefault(event[2], []).append(event)
+            entry = commands.popleft()
+            if flight.timed_out:
+                flight.timed_out -= 1
+                log.warning("shard answered a timed-out MSG late (applied)")
+            elif entry[2] is not None:
+                self._outcome(entry[2], event[3][0])
         for room, events in by_room.items():
             if len(events) == 1:
                 self._on_chat(events[0])
                 continue
             members = self.members.get(room)
             if members:
-                entries = [event[2] for event in events]
-                wire = b"".join([event[3] for event in events])
+                entries = [event[3] for event in events]
+                wire = b"".join([event[4] for event in events])
                 for client in members.values():
                     client.deliver_run(room, entries, wire)
 
-    def _on_chat(self, event: tuple) -> None:
-        _, room, entry, wire = event
+    def _on_chat(self, event: m.Event) -> None:
+        _, _, room, entry, wire = event
         members = self.members.get(room)
         if members:
             for client in members.values():
                 client.deliver(room, entry, wire)
 
-    def _on_joined(self, event: tuple) -> None:
-        _, room, cid, entry = event
+    # --- completions: (in-flight entry, event) -------------------------------------------
+
+    def _complete_join(self, entry: Tuple[m.Command, float, Any, Any], event: m.Event) -> None:
+        command, _, on_done, on_fail = entry
+        record = self.records.get(command[m.CID])
+        if event[0] == m.FAIL:
+            self._refuse(command, on_fail, Refusal(event[2], command[m.ROOM]))
+            return
+        self._member_joined(event, record, on_done)
+
+    def _member_joined(
+        self, event: m.Event, record: Optional[ClientRecord], on_done: Optional[OnDone]
+    ) -> None:
+        _, _, room, cid, entry, epoch = event
         members = self.members.get(room)
         if members is None:
             members = self.members[room] = {}
@@ -426,52 +617,138 @@ class Hub:
             wire = user_joined_line(entry[3], room)
             for client in members.values():
                 client.deliver(room, entry, wire)
-        joiner = self.clients.get(cid)
-        if joiner is None:
+        self.epochs[room] = epoch
+        if record is None or record.gone:
             if not members:
                 del self.members[room]
             return  # gone already; its DROP is behind this in the pipe
-        members[cid] = joiner
-        joiner.pending_joins.discard(room)
-        joiner.rooms.add(room)
-        joiner.on_joined(room, entry)
+        if record.rooms.get(room) is JOINING:
+            record.changing -= 1
+        record.rooms[room] = JOINED
+        record.username_fixed = True  # a JOIN under it succeeded: the connection's for good
+        members[cid] = record.client
+        if on_done is not None:
+            self._outcome(on_done, entry)
+        self._tell(record.client.on_joined, room, entry)
 
-    def _on_left(self, event: tuple) -> None:
-        _, room, cid, entry, explicit = event
+    def _complete_msg(self, entry: Tuple[m.Command, float, Any, Any], event: m.Event) -> None:
+        command, _, on_done, on_fail = entry
+        self._refuse(command, on_fail, Refusal(event[2], command[m.ROOM]))  # a CHAT: _on_chats
+
+    def _complete_leave(self, entry: Tuple[m.Command, float, Any, Any], event: m.Event) -> None:
+        command, _, on_done, on_fail = entry
+        room = command[m.ROOM]
+        if event[0] == m.FAIL:
+            self._refuse(command, on_fail, Refusal(event[2], room))
+            return
+        self._left(event[3], room, event[4], command, on_done)
+
+    def _left(
+        self,
+        cid: int,
+        room: str,
+        entry: Optional[m.Entry],
+        command: Optional[m.Command],
+        on_done: Optional[OnDone],
+    ) -> None:
+        """*cid* is no longer in *room* (*entry* None: its shard died with the LEAVE in
+        flight). With *command*, it was that client's LEAVE: it is told."""
         members = self.members.get(room)
         if members is not None:
             members.pop(cid, None)
-            if members:
+            if members and entry is not None:
                 wire = user_left_line(entry[3], room)
                 for client in members.values():
                     client.deliver(room, entry, wire)
-            else:
+            if not members:
                 del self.members[room]
-        leaver = self.clients.get(cid)
-        if leaver is not None:
-            leaver.rooms.discard(room)
-            if explicit:
-                leaver.on_left(room, entry)
+                self.epochs.pop(room, None)
+        record = self.records.get(cid)
+        if record is None:
+            return
+        state = record.rooms.get(room)
+        if state is not None:
+            self._forget_room(record, room)
+        if command is not None:
+            if on_done is not None:
+                self._outcome(on_done, None)
+            self._tell(record.client.on_left, room)
 
-    @staticmethod
-    def _join_failed(client: Client, room: str) -> None:
-        client.pending_joins.discard(room)
-        if not (client.rooms or client.pending_joins or client.username_fixed):
-            client.username = None  # the first JOIN failed: the name is not taken yet
+    def _complete_drop(self, entry: Tuple[m.Command, float, Any, Any], event: m.Event) -> None:
+        self._outcome(entry[2], None)
 
-    def _on_done(self, event: tuple) -> None:
-        pending = self._pending.pop(event[1], None)
-        if pending is not None:
-            pending[0](event[3])
+    def _complete_request(self, entry: Tuple[m.Command, float, Any, Any], event: m.Event) -> None:
+        command, _, on_done, on_fail = entry
+        if event[0] == m.FAIL:
+            self._refuse(command, on_fail, Refusal(event[2], m.command_room(command)))
+        else:
+            self._outcome(on_done, event[2])
 
-    def _on_fail(self, event: tuple) -> None:
-        _, req, cid, op, code, room = event
-        client = self.clients.get(cid)
-        if op == m.JOIN and client is not None:
-            self._join_failed(client, room)
-        failure = Failure(code, room)
-        pending = self._pending.pop(req, None) if req else None
-        if pending is not None:
-            pending[0](failure)
-        elif client is not None:
-            client.on_failure(op, failure)
+    def _complete_since(self, entry: Tuple[m.Command, float, Any, Any], event: m.Event) -> None:
+        if event[0] == m.DONE:
+            room = entry[0][m.ROOM]
+            if room in self.members:
+                self.epochs[room] = event[2][3]
+        self._complete_request(entry, event)
+
+    def _complete_rejoin(self, entry: Tuple[m.Command, float, Any, Any], event: m.Event) -> None:
+        command = entry[0]
+        room, cid = command[m.ROOM], command[m.CID]
+        if event[0] != m.DONE:
+            return
+        epoch = event[2]
+        previous = self._epochs_before.get(self.pool.index_of(room) if self.pool else 0, {})
+        if room in self.members:
+            self.epochs[room] = epoch
+        if previous.get(room, epoch) != epoch:
+            client = self.members.get(room, {}).get(cid)
+            if client is not None:
+                self._tell(client.on_room_restarted, room)
+
+    # --- outcomes ------------------------------------------------------------------------
+
+    def _refuse(self, command: m.Command, on_fail: Optional[OnFail], refusal: Refusal) -> None:
+        """*command* was not applied: undo what the record expected of it (a JOIN's room
+        is not joined, a LEAVE's room is still joined), then tell whoever waits: its own
+        handler, or the client."""
+        op = command[m.OP]
+        if op == m.JOIN or op == m.LEAVE:
+            record = self.records.get(command[m.CID])
+            if record is not None:
+                self._undo(record, op, command[m.ROOM], refusal.code)
+        if on_fail is not None:
+            self._outcome(on_fail, refusal)
+            return
+        record = self.records.get(command[m.CID])
+        if record is not None and not record.gone:
+            self._tell(record.client.on_refused, command[m.OP], refusal)
+
+    def _undo(self, record: ClientRecord, op: int, room: str, code: str) -> None:
+        state = record.rooms.get(room)
+        if op == m.JOIN and state is JOINING:
+            self._forget_room(record, room)
+        elif op == m.LEAVE and state is LEAVING:
+            if code == errors.NOT_IN_ROOM:
+                self._forget_room(record, room)  # the shard had no such member
+            else:
+                record.changing -= 1
+                record.rooms[room] = JOINED  # not applied: still a member
+
+    def _forget_room(self, record: ClientRecord, room: str) -> None:
+        state = record.rooms.pop(room, None)
+        if state is JOINING or state is LEAVING:
+            record.changing -= 1
+        if not (record.rooms or record.username_fixed):
+            record.username = None  # its first JOIN failed: the name is not taken yet
+
+    def _outcome(self, handler: Optional[Callable[[Any], None]], result: Any) -> None:
+        if handler is not None:
+            self._tell(handler, result)
+
+    def _tell(self, handler: Callable[..., None], *args: Any) -> None:
+        """Call a client's or a request's handler from inside the event handling: a bug
+        in it is logged and must not keep the other clients from their events."""
+        try:
+            handler(*args)
+        except Exception:
+            log.exception("a client's handler failed")

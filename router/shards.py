@@ -37,6 +37,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from typing import Any, Callable, Deque, Dict, List, Optional, Protocol, Set
 
+from common import errors
 from common import messages as m
 from common.hashing import room_to_shard
 from common.limits import (
@@ -95,17 +96,18 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def refuse(batch: List[tuple], code: str) -> List[tuple]:
-    """The events a shard would have sent had it refused every command in *batch*."""
-    events: List[tuple] = []
+def refuse(batch: List[m.Command], code: str) -> List[m.Event]:
+    """The completions a shard would have sent had it refused every command in *batch*
+    (a DROP has nothing to leave, a ROOMS nothing to list)."""
+    events: List[m.Event] = []
     for command in batch:
-        op, req, cid = command[0], command[1], command[2]
+        op, req = command[m.OP], command[m.REQ]
         if op == m.DROP:
-            events.append((m.DONE, req, cid, None))  # nothing left to leave
+            events.append(m.done(req, None))
         elif op == m.ROOMS:
-            events.append((m.DONE, req, cid, []))
-        elif op != m.REJOIN:
-            events.append((m.FAIL, req, cid, op, code, command[3]))
+            events.append(m.done(req, []))
+        else:
+            events.append(m.fail(req, code))
     return events
 
 
@@ -133,11 +135,14 @@ class ShardLink:
         )
         self.process: Optional[Any] = None
         self._pipes: Optional[Any] = None
-        self._pending: List[tuple] = []
+        self._pending: List[m.Command] = []
         self._flush_scheduled = False
+        #: Called with (index, batch) as each batch goes down the pipe (or is refused
+        #: because the shard is down): the hub's record of the commands in flight.
+        self.on_flush: Callable[[int, List[m.Command]], None] = _nothing
         self.state = ShardState.STOPPED
-        #: How many times this shard has been started; a restart loses its rooms' history,
-        #: so clients that resume from a seq must also compare the epoch.
+        #: How many times this shard has been started (for the log; the epoch of a room's
+        #: history is the shard's to say).
         self.epoch = 0
         self.exit_code: Optional[int] = None  # of the last incarnation, once it died
         self.crash_at_start = False  # for the supervision tests
@@ -230,20 +235,30 @@ class ShardLink:
         if process is not None and process.exitcode is not None:
             process.close()
 
-    def send(self, command: tuple) -> None:
+    def send(self, command: m.Command) -> None:
         """Queue *command* for this shard; it leaves in this loop turn's batch."""
         self._pending.append(command)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def send_first(self, commands: List[m.Command]) -> None:
+        """Queue *commands* ahead of everything queued and not sent yet (the REJOINs of a
+        restarted shard must reach it before the commands that waited for it)."""
+        if commands:
+            self._pending[:0] = commands
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         batch, self._pending = self._pending, []
         if not batch:
             return
+        self.on_flush(self.index, batch)
         if not self.alive or self.backlog_bytes > MAX_SHARD_BACKLOG_BYTES:
-            self._listener.on_shard_events(self.index, refuse(batch, m.ERR_UNAVAILABLE))
+            self._listener.on_shard_events(self.index, refuse(batch, errors.ROOM_UNAVAILABLE))
             return
         assert self._pipes is not None
         self._pipes.write(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
@@ -284,6 +299,10 @@ class ShardLink:
                 process.join(1.0)
             except OSError:
                 pass  # killed; reaped at exit
+
+
+def _nothing(index: int, batch: List[m.Command]) -> None:
+    pass
 
 
 def _close_orphaned_pipes(before: Set[int]) -> None:

@@ -21,19 +21,20 @@ import logging
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set
 
+from common import errors
 from common import messages as m
 from common import protocol as p
+from common.errors import Refusal
 from common.limits import (
     LISTEN_QUEUE,
     MAX_QUEUED_COMMANDS,
     MAX_REPLY_ALLOWANCE,
-    MAX_ROOMS_PER_CLIENT,
     PARSE_SLICE_BYTES,
     REQUEST_TIMEOUT,
     SLOW_CONSUMER_CLOSE_GRACE,
     TIMER_SWEEP_INTERVAL,
 )
-from router.hub import Client, Failure, Hub
+from router.hub import Client, ClientRecord, Hub
 from router.policy import Settings, TokenBucket, address_key, close_refused
 
 log = logging.getLogger(__name__)
@@ -46,26 +47,6 @@ SERVER_FULL = p.error_line("server full")
 #: pause mark is seen while a burst of commands (each answered locally, e.g. usage errors)
 #: is being handled, not only after it.
 FLUSH_EVERY_LINES = 256
-
-
-def failure_line(failure: Failure) -> bytes:
-    """The ``ERROR`` line for a refused command."""
-    code, room = failure
-    if code == m.ERR_NOT_IN_ROOM:
-        return p.not_in_room_error(room)
-    if code == m.ERR_NAME_TAKEN:
-        return p.name_taken_error(room)
-    if code == m.ERR_ALREADY_IN_ROOM:
-        return p.already_in_room_error(room)
-    if code == m.ERR_TOO_MANY_ROOMS:
-        return p.error_line(f"too many rooms (at most {MAX_ROOMS_PER_CLIENT})")
-    if code == m.ERR_TOO_MANY_ROOMS_FOR_ADDRESS:
-        return p.error_line("too many rooms for one address")
-    if code == m.ERR_UNAVAILABLE:
-        return p.error_line("room unavailable")
-    if code == m.ERR_TIMEOUT:
-        return p.error_line("room busy, try again")
-    return p.error_line(code.replace("_", " "))
 
 
 class WriteCoalescer:
@@ -115,9 +96,9 @@ class TcpConnection(asyncio.Protocol, Client):
     __slots__ = (
         "listener", "hub", "settings", "_loop", "_coalescer", "_parser", "_out", "transport",
         "ip", "_socket_counted", "_counted", "_closing", "_closed", "_bucket", "_waiting",
-        "_resume", "_eof", "_blocked", "_reply_pending", "_output_paused", "connected_at",
+        "_resume", "_eof", "record", "_reply_pending", "_output_paused", "connected_at",
         "last_heard", "_ping_sent_at", "_joined_once", "_over_soft_since", "_reply_allowance",
-        "_received_at", "_unparsed", "_parsing", "_input_done",
+        "_received_at", "_unparsed", "_parsing", "_input_done", "_quit_queued",
     )  # fmt: skip
 
     def __init__(self, listener: TcpListener) -> None:
@@ -140,8 +121,9 @@ class TcpConnection(asyncio.Protocol, Client):
         self._waiting: Deque[p.Event] = deque()
         self._resume: Optional[asyncio.TimerHandle] = None
         self._eof = False  # the peer half-closed: finish the waiting commands, then close
-        # A JOIN under another name waits for the first JOIN's outcome (see _join).
-        self._blocked = False
+        #: The hub's record of this client (its rooms, its username); None until
+        #: connected. Read here, changed only by the hub.
+        self.record: Optional[ClientRecord] = None
         # A command that asks for a reply (HISTORY, NAMES, ROOMS) is being answered: the
         # commands after it wait, so one reply at a time can be outstanding.
         self._reply_pending = False
@@ -160,6 +142,7 @@ class TcpConnection(asyncio.Protocol, Client):
         self._unparsed = bytearray()
         self._parsing = False
         self._input_done = False  # the end of the input has been fed to the parser
+        self._quit_queued = False  # a QUIT waits in _waiting: no local command overtakes it
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -181,7 +164,7 @@ class TcpConnection(asyncio.Protocol, Client):
         transport.set_write_buffer_limits(high=settings.output_pause)
         if settings.rate_limit > 0:
             self._bucket = TokenBucket(settings.rate_limit, settings.rate_burst, self.last_heard)
-        self.hub.add(self)
+        self.record = self.hub.add(self, self.address)
         self.write(p.WELCOME)
 
     def data_received(self, data: bytes) -> None:
@@ -272,19 +255,19 @@ class TcpConnection(asyncio.Protocol, Client):
         if self._counted:
             self._counted = False
             self.listener.connections.discard(self)
-        if not self._closing:
+        if self.record is not None:
+            # Gone: leave every room now (a QUIT still waiting for its shards stops waiting).
             self._closing = True
-            self.hub.drop(self)
-        elif self.cid in self.hub.clients:
-            self.hub.drop(self)  # a QUIT still waiting for its shards: stop waiting
+            self.hub.drop(self.record)
 
     # --- flood control and backpressure -----------------------------------------------
 
     def _held(self) -> bool:
         """True while the next command must wait: for a JOIN's outcome, for a reply, for
         the client to read its output, or for a token (a resume timer is set)."""
+        record = self.record
         return (
-            self._blocked
+            (record is not None and record.changing > 0)
             or self._reply_pending
             or self._output_paused
             or (self._resume is not None)
@@ -293,7 +276,8 @@ class TcpConnection(asyncio.Protocol, Client):
     def _waiting_on_shard_only(self) -> bool:
         """True if the only hold is a shard's answer (a JOIN's outcome, a reply): then
         reading goes on (up to ``MAX_QUEUED_COMMANDS``) and local commands are handled."""
-        return (self._blocked or self._reply_pending) and not (
+        record = self.record
+        return ((record is not None and record.changing > 0) or self._reply_pending) and not (
             self._output_paused or self._resume is not None
         )
 
@@ -309,7 +293,13 @@ class TcpConnection(asyncio.Protocol, Client):
         dispatch, bucket, now = _DISPATCH, self._bucket, self._loop.time()
         for event in events:
             kind = type(event)
-            if kind in _LOCAL and not self._closing and (bucket is None or bucket.take(now) == 0.0):
+            if kind is p.Quit:
+                self._quit_queued = True  # nothing after it is answered, locals included
+            if (
+                kind in _LOCAL
+                and not (self._closing or self._quit_queued)
+                and (bucket is None or bucket.take(now) == 0.0)
+            ):
                 dispatch[kind](self, event)
             elif kind in _REPLY_COMMANDS:
                 # Its request deadline counts from now, not from when it gets its turn.
@@ -437,7 +427,7 @@ class TcpConnection(asyncio.Protocol, Client):
         if not self._closing:
             self._closing = True
             self._waiting.clear()
-            self.hub.drop(self)
+            self._drop()
         self._closed = True
         self._out.clear()
         if transport is not None:
@@ -451,7 +441,7 @@ class TcpConnection(asyncio.Protocol, Client):
         self._closing = True
         self._out.clear()
         self._waiting.clear()
-        self.hub.drop(self)
+        self._drop()
         self._out.append(reason)
         self.close()
 
@@ -500,7 +490,7 @@ class TcpConnection(asyncio.Protocol, Client):
     def _error_and_close(self, description: str) -> None:
         self._closing = True
         self.write(p.error_line(description))
-        self.hub.drop(self)
+        self._drop()
         self.close()
 
     # --- hub callbacks ---------------------------------------------------------------
@@ -514,20 +504,28 @@ class TcpConnection(asyncio.Protocol, Client):
     def on_joined(self, room: str, entry: m.Entry) -> None:
         self._joined_once = True
         self.write(p.joined_line(room))
-        self._unblock()
+        self._go_on()
 
-    def on_left(self, room: str, entry: m.Entry) -> None:
+    def on_left(self, room: str) -> None:
         self.write(p.left_line(room))
+        self._go_on()
 
-    def on_failure(self, op: int, failure: Failure) -> None:
-        self.write(failure_line(failure))
-        if op == m.JOIN:
-            self._unblock()
+    def on_refused(self, op: int, refusal: Refusal) -> None:
+        self.write(refusal.error_line())
+        if op == m.JOIN or op == m.LEAVE:
+            self._go_on()
 
-    def _unblock(self) -> None:
-        """A JOIN was answered: if commands wait on the name it claimed, go on with them."""
-        if self._blocked and not self.pending_joins:
-            self._blocked = False
+    def on_room_lost(self, room: str) -> None:
+        self.write(Refusal(errors.ROOM_UNAVAILABLE, room).error_line())
+
+    def _drop(self) -> None:
+        """Leave every room now (the connection is being closed)."""
+        if self.record is not None:
+            self.hub.drop(self.record)
+
+    def _go_on(self) -> None:
+        """A JOIN or LEAVE was answered: the commands that waited for it go on."""
+        if not self._closing:
             self._work_off()
 
     def on_shutdown(self) -> None:
@@ -541,7 +539,8 @@ class TcpConnection(asyncio.Protocol, Client):
     # --- commands --------------------------------------------------------------------
 
     def _msg(self, command: p.Msg) -> None:
-        self.hub.say(self, command.room, command.text)
+        assert self.record is not None
+        self.hub.say(self.record, command.room, command.text)
 
     def _join(self, command: p.Join) -> None:
         wait = self.hub.addresses.join_wait(self.address, self._loop.time())
@@ -554,26 +553,18 @@ class TcpConnection(asyncio.Protocol, Client):
             self.transport.pause_reading()
             self._resume = self._loop.call_later(wait, self._work_off)
             return
-        if (
-            self.username is not None
-            and command.username != self.username
-            and not self.rooms
-            and self.pending_joins
-        ):
-            # The name is only claimed by a JOIN still in flight, which may yet fail and
-            # free it: hold this command (and everything after it, to keep their order)
-            # until the shard has answered.
-            self._blocked = True
-            self._waiting.appendleft(command)
-            return
-        code = self.hub.join(self, command.room, command.username)
-        if code == m.ERR_WRONG_USERNAME:
-            self.write(p.wrong_username_error(self.username or ""))
-        elif code is not None:
-            self.write(failure_line(Failure(code, command.room)))
+        # No JOIN or LEAVE of ours is in flight (the commands after one wait for it), so
+        # the connection's username is settled: fixed by a JOIN that succeeded, or free.
+        assert self.record is not None
+        refusal = self.hub.join(self.record, command.room, command.username)
+        if refusal is not None:
+            self.write(refusal.error_line())
 
     def _leave(self, command: p.Leave) -> None:
-        self.hub.leave(self, command.room)
+        assert self.record is not None
+        refusal = self.hub.leave(self.record, command.room)
+        if refusal is not None:
+            self.write(refusal.error_line())
 
     def _quit(self, command: Optional[p.Quit] = None) -> None:
         self._finish(bye=True)
@@ -587,7 +578,8 @@ class TcpConnection(asyncio.Protocol, Client):
                 self.write(p.BYE)
             self.close()
 
-        self.hub.drop(self, on_done=done)
+        assert self.record is not None
+        self.hub.drop(self.record, on_done=done)
 
     def _received(self, item: _Received) -> None:
         """A reply command that waited behind another: handle it with the time it has
@@ -598,35 +590,37 @@ class TcpConnection(asyncio.Protocol, Client):
         finally:
             self._received_at = None
 
-    def _reply_timeout(self, room: str) -> Optional[float]:
-        """Seconds left for the reply command being handled; None (and its ERROR written)
-        if it waited past its whole request deadline."""
+    def _reply_deadline(self, room: str) -> Optional[float]:
+        """The deadline of the reply command being handled: its request timeout counted
+        from when it was read. None (and its ERROR written) if that has passed already."""
+        now = self._loop.time()
         if self._received_at is None:
-            return REQUEST_TIMEOUT
-        left = REQUEST_TIMEOUT - (self._loop.time() - self._received_at)
-        if left > 0:
-            return left
-        self.write(failure_line(Failure(m.ERR_TIMEOUT, room)))
+            return now + REQUEST_TIMEOUT
+        deadline = self._received_at + REQUEST_TIMEOUT
+        if deadline > now:
+            return deadline
+        self.write(Refusal(errors.SHARD_TIMEOUT, room).error_line())
         return None
+
+    def _refused_reply(self, refusal: Refusal) -> None:
+        self._write_reply([refusal.error_line()])
 
     def _names(self, command: p.Names) -> None:
         room = command.room
-        timeout = self._reply_timeout(room)
-        if timeout is None:
+        deadline = self._reply_deadline(room)
+        if deadline is None:
             return
 
-        def reply(result: Any) -> None:
-            if isinstance(result, Failure):
-                self._write_reply([failure_line(result)])
-            else:
-                self._write_reply([p.names_line(room, result)])
+        def reply(names: List[str]) -> None:
+            self._write_reply([p.names_line(room, names)])
 
+        assert self.record is not None
         self._reply_pending = True
-        self.hub.names(self, room, reply, timeout)
+        self.hub.names(self.record, room, reply, self._refused_reply, deadline)
 
     def _rooms(self, command: p.Rooms) -> None:
-        timeout = self._reply_timeout("")
-        if timeout is None:
+        deadline = self._reply_deadline("")
+        if deadline is None:
             return
 
         def reply(listing: List[Any]) -> None:
@@ -635,18 +629,15 @@ class TcpConnection(asyncio.Protocol, Client):
             self._write_reply(lines)
 
         self._reply_pending = True
-        self.hub.rooms(reply, asker=self, timeout=timeout)
+        self.hub.rooms(reply, asker=self.record, deadline=deadline)
 
     def _history(self, command: p.History) -> None:
         room = command.room
-        timeout = self._reply_timeout(room)
-        if timeout is None:
+        deadline = self._reply_deadline(room)
+        if deadline is None:
             return
 
-        def reply(result: Any) -> None:
-            if isinstance(result, Failure):
-                self._write_reply([failure_line(result)])
-                return
+        def reply(result: List[m.Entry]) -> None:
             lines = [
                 p.history_line(room, seq, ts, username if kind == m.KIND_CHAT else "*", text)
                 for seq, ts, kind, username, text in result
@@ -654,8 +645,9 @@ class TcpConnection(asyncio.Protocol, Client):
             lines.append(p.history_end_line(room, len(result)))
             self._write_reply(lines)
 
+        assert self.record is not None
         self._reply_pending = True
-        self.hub.history(self, room, command.n, reply, timeout)
+        self.hub.history(self.record, room, command.n, reply, self._refused_reply, deadline)
 
     def _write_reply(self, lines: List[bytes]) -> None:
         """The answer to the one outstanding reply command (HISTORY, NAMES, ROOMS): allowed
@@ -678,7 +670,7 @@ class TcpConnection(asyncio.Protocol, Client):
         self.write(error.reply)
         if error.fatal:
             self._closing = True
-            self.hub.drop(self)
+            self._drop()
             self.close()
 
 

@@ -1,10 +1,12 @@
 """The shard's state and logic as a pure object: no sockets, no pipes, no clock of its own.
 
 A :class:`ShardCore` owns the rooms that hash to its shard: for each room the members
-(client id -> username), the next sequence number and the last ``HISTORY_SIZE`` entries.
-:meth:`ShardCore.apply` takes a batch of command tuples (see :mod:`common.messages`) and
-returns the events they caused, in order. The process loop in :mod:`shard.process` is a
-thin shell around it; tests drive it directly.
+(client id -> username), the next sequence number, the epoch and the last
+``HISTORY_SIZE`` entries. :meth:`ShardCore.apply` takes a batch of commands (see
+:mod:`common.messages`) and returns the events they caused, in order: exactly one
+*completion* per command, carrying its ``req``. A command whose deadline has passed is
+not applied: it completes with ``FAIL shard_timeout``. The process loop in
+:mod:`shard.process` is a thin shell around it; tests drive it directly.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import heapq
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
+from common import errors
 from common import messages as m
 from common.limits import HISTORY_SIZE, MAX_EMPTY_ROOMS_PER_SHARD, MAX_ROOMS_LISTED
 from common.names import name_key, name_keys
@@ -25,10 +28,11 @@ Clock = Callable[[], float]
 class Room:
     """One room: members, sequence counter, bounded history."""
 
-    __slots__ = ("name", "members", "keys", "seq", "history")
+    __slots__ = ("name", "members", "keys", "seq", "history", "epoch")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, epoch: int) -> None:
         self.name = name
+        self.epoch = epoch
         self.members: Dict[int, str] = {}  # cid -> username
         # name_keys(username) -> cid: one or two keys per member, none shared.
         self.keys: Dict[str, int] = {}
@@ -64,17 +68,27 @@ def busiest_rooms(listing: List[Tuple[str, int]]) -> List[Tuple[str, int]]:
 class ShardCore:
     """All rooms of one shard. Not thread-safe; one owner (the shard process loop).
 
-    *clock* returns seconds since the epoch; inject a fake one in tests.
+    *clock* returns seconds since the epoch (entry times), *monotonic* the clock deadlines
+    are on (``time.monotonic``, shared by every process of a machine); inject fake ones in
+    tests. *epoch* names this incarnation's history: rooms created here get it (an
+    in-memory shard that restarts starts new histories under a new epoch).
     """
 
-    def __init__(self, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        clock: Clock = time.time,
+        epoch: Optional[int] = None,
+        monotonic: Clock = time.monotonic,
+    ) -> None:
         self._clock = clock
+        self._monotonic = monotonic
+        self.epoch = int(clock() * 1000) if epoch is None else epoch
         self.rooms: Dict[str, Room] = {}
         # Rooms nobody is in, kept (with their history) for someone coming back, oldest
         # first, at most MAX_EMPTY_ROOMS_PER_SHARD of them.
         self._empty: OrderedDict[str, Room] = OrderedDict()
         self._client_rooms: Dict[int, Set[str]] = {}
-        self._handlers: Dict[int, Callable[[List[Any], tuple], None]] = {
+        self._handlers: Dict[int, Callable[[List[m.Event], m.Command], None]] = {
             m.JOIN: self._join,
             m.MSG: self._msg,
             m.LEAVE: self._leave,
@@ -88,15 +102,22 @@ class ShardCore:
 
     # --- public ----------------------------------------------------------------------
 
-    def apply(self, batch: Iterable[tuple]) -> List[tuple]:
-        """Apply a batch of commands; return the resulting events in order.
+    def apply(self, batch: Iterable[m.Command]) -> List[m.Event]:
+        """Apply a batch of commands; return the resulting events in order, with exactly
+        one completion per command (see :mod:`common.messages`). A command past its
+        deadline is not applied: its completion is ``FAIL shard_timeout``.
 
         Raises ``KeyError`` for an unknown opcode (a router bug, not a peer error).
         """
-        events: List[tuple] = []
+        events: List[m.Event] = []
         handlers = self._handlers
+        now = self._monotonic()
         for command in batch:
-            handlers[command[0]](events, command)
+            deadline = command[m.DEADLINE]
+            if deadline and deadline < now:
+                events.append(m.fail(command[m.REQ], errors.SHARD_TIMEOUT))
+            else:
+                handlers[command[0]](events, command)
         return events
 
     def rooms_of(self, cid: int) -> Set[str]:
@@ -105,27 +126,25 @@ class ShardCore:
 
     # --- handlers --------------------------------------------------------------------
 
-    def _join(self, events: List[Any], command: tuple) -> None:
-        _, req, cid, name, username = command
+    def _join(self, events: List[m.Event], command: m.Command) -> None:
+        _, req, _, cid, name, username = command
         room = self.rooms.get(name) or self._revive(name)
         if cid in room.members:
-            events.append((m.FAIL, req, cid, m.JOIN, m.ERR_ALREADY_IN_ROOM, name))
+            events.append(m.fail(req, errors.ALREADY_IN_ROOM))
             return
         keys = name_keys(username)
         if any(key in room.keys for key in keys):
-            events.append((m.FAIL, req, cid, m.JOIN, m.ERR_NAME_TAKEN, name))
+            events.append(m.fail(req, errors.NAME_TAKEN))
             if not room.members:
                 self._retire(room)
             return
         room.add(cid, username, keys)
         self._client_rooms.setdefault(cid, set()).add(name)
         entry = room.record(self._clock(), m.KIND_JOIN, username, f"{username} joined {name}")
-        events.append((m.JOINED, name, cid, entry))
-        if req:
-            events.append((m.DONE, req, cid, entry[0]))
+        events.append(m.joined(req, name, cid, entry, room.epoch))
 
-    def _rejoin(self, events: List[Any], command: tuple) -> None:
-        _, req, cid, name, username = command
+    def _rejoin(self, events: List[m.Event], command: m.Command) -> None:
+        _, req, _, cid, name, username = command
         room = self.rooms.get(name) or self._revive(name)
         keys = name_keys(username)
         if cid not in room.members and not any(key in room.keys for key in keys):
@@ -133,57 +152,51 @@ class ShardCore:
             self._client_rooms.setdefault(cid, set()).add(name)
         elif not room.members:
             self._retire(room)
-        if req:
-            events.append((m.DONE, req, cid, None))
+        events.append(m.done(req, room.epoch))
 
-    def _msg(self, events: List[Any], command: tuple) -> None:
-        _, req, cid, name, text = command
-        room = self._member_room(events, command[0], req, cid, name)
+    def _msg(self, events: List[m.Event], command: m.Command) -> None:
+        _, req, _, cid, name, text = command
+        room = self._member_room(events, req, cid, name)
         if room is None:
             return
         username = room.members[cid]
         entry = room.record(self._clock(), m.KIND_CHAT, username, text)
-        events.append((m.CHAT, name, entry, msg_line(name, username, text)))
-        if req:
-            events.append((m.DONE, req, cid, entry[0]))
+        events.append(m.chat(req, name, entry, msg_line(name, username, text)))
 
-    def _leave(self, events: List[Any], command: tuple) -> None:
-        _, req, cid, name = command
-        room = self._member_room(events, command[0], req, cid, name)
-        if room is None:
-            return
-        self._remove_member(events, room, cid, explicit=True)
-        if req:
-            events.append((m.DONE, req, cid, None))
+    def _leave(self, events: List[m.Event], command: m.Command) -> None:
+        _, req, _, cid, name = command
+        room = self._member_room(events, req, cid, name)
+        if room is not None:
+            self._remove_member(events, room, cid, req)
 
-    def _drop(self, events: List[Any], command: tuple) -> None:
-        _, req, cid = command
+    def _drop(self, events: List[m.Event], command: m.Command) -> None:
+        _, req, _, cid = command
         for name in sorted(self._client_rooms.get(cid, ())):
-            self._remove_member(events, self.rooms[name], cid, explicit=False)
-        events.append((m.DONE, req, cid, None))
+            self._remove_member(events, self.rooms[name], cid, 0)
+        events.append(m.done(req, None))
 
-    def _names(self, events: List[Any], command: tuple) -> None:
-        _, req, cid, name = command
+    def _names(self, events: List[m.Event], command: m.Command) -> None:
+        _, req, _, _, name = command
         room = self.rooms.get(name)
         names = sorted(room.members.values(), key=name_key) if room else []
-        events.append((m.DONE, req, cid, names))
+        events.append(m.done(req, names))
 
-    def _rooms(self, events: List[Any], command: tuple) -> None:
-        _, req, cid = command
+    def _rooms(self, events: List[m.Event], command: m.Command) -> None:
+        req = command[m.REQ]
         listing = [(name, len(room.members)) for name, room in self.rooms.items()]
-        events.append((m.DONE, req, cid, busiest_rooms(listing)))
+        events.append(m.done(req, busiest_rooms(listing)))
 
-    def _history(self, events: List[Any], command: tuple) -> None:
-        _, req, cid, name, n = command
-        room = self._member_room(events, command[0], req, cid, name)
+    def _history(self, events: List[m.Event], command: m.Command) -> None:
+        _, req, _, cid, name, n = command
+        room = self._member_room(events, req, cid, name)
         if room is not None:
             history = room.history
             start = max(0, len(history) - n)
-            events.append((m.DONE, req, cid, [history[i] for i in range(start, len(history))]))
+            events.append(m.done(req, [history[i] for i in range(start, len(history))]))
 
-    def _since(self, events: List[Any], command: tuple) -> None:
-        _, req, cid, name, after, max_bytes = command
-        room = self._member_room(events, command[0], req, cid, name)
+    def _since(self, events: List[m.Event], command: m.Command) -> None:
+        _, req, _, cid, name, after, max_bytes = command
+        room = self._member_room(events, req, cid, name)
         if room is None:
             return
         first = room.first_seq()
@@ -192,20 +205,18 @@ class ShardCore:
         history = room.history
         newer = (history[i] for i in range(len(history) - wanted, len(history)))
         entries, _ = m.take_within(newer, max_bytes)
-        events.append((m.DONE, req, cid, (entries, first, room.seq)))
+        events.append(m.done(req, (entries, first, room.seq, room.epoch)))
 
     # --- helpers ---------------------------------------------------------------------
 
-    def _member_room(
-        self, events: List[Any], op: int, req: int, cid: int, name: str
-    ) -> Optional[Room]:
+    def _member_room(self, events: List[m.Event], req: int, cid: int, name: str) -> Optional[Room]:
         room = self.rooms.get(name)
         if room is None or cid not in room.members:
-            events.append((m.FAIL, req, cid, op, m.ERR_NOT_IN_ROOM, name))
+            events.append(m.fail(req, errors.NOT_IN_ROOM))
             return None
         return room
 
-    def _remove_member(self, events: List[Any], room: Room, cid: int, explicit: bool) -> None:
+    def _remove_member(self, events: List[m.Event], room: Room, cid: int, req: int) -> None:
         username = room.members.pop(cid)
         for key in name_keys(username):
             del room.keys[key]
@@ -214,12 +225,12 @@ class ShardCore:
         if not rooms:
             del self._client_rooms[cid]
         entry = room.record(self._clock(), m.KIND_LEAVE, username, f"{username} left {room.name}")
-        events.append((m.LEFT, room.name, cid, entry, explicit))
+        events.append(m.left(req, room.name, cid, entry))
         if not room.members:
             self._retire(room)
 
     def _revive(self, name: str) -> Room:
-        room = self._empty.pop(name, None) or Room(name)
+        room = self._empty.pop(name, None) or Room(name, self.epoch)
         self.rooms[name] = room
         return room
 

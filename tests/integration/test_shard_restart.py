@@ -25,6 +25,7 @@ from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Tuple
 
 import pytest
 
+from common import errors
 from common import messages as m
 from common.limits import MAX_RESTARTS, SHARD_FDS, SHARD_START_FDS
 from router import shards
@@ -290,9 +291,9 @@ def test_restarts_that_keep_failing_are_given_up(
         assert len(failed_restart_lines(caplog, 0)) == MAX_RESTARTS
         # Commands for the lost shard are refused at once, not queued.
         seen = len(recorder.events)
-        pool.links[0].send((m.NAMES, 9, 1, "room"))
+        pool.links[0].send(m.names(9, 0.0, 1, "room"))
         await until(lambda: len(recorder.events) > seen)
-        assert recorder.events[-1] == (0, [(m.FAIL, 9, 1, m.NAMES, m.ERR_UNAVAILABLE, "room")])
+        assert recorder.events[-1] == (0, [m.fail(9, errors.ROOM_UNAVAILABLE)])
 
     run_pool(context, body, fds=fds)
 

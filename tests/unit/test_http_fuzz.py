@@ -21,7 +21,6 @@ from typing import Any, Dict, List, Optional
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from common.hashing import room_to_shard
 from router.http_api import Exchange, HttpApi, Response
 from router.http_parser import (
     CLOSED,
@@ -34,47 +33,11 @@ from router.http_parser import (
 from router.http_static import StaticFiles
 from router.http_target import parse_authority, parse_host_name, parse_origin, split_target
 from router.hub import Hub
-from shard.core import ShardCore
+from tests.memory_shards import MemoryPool
 from web import WEB_ROOT
 
 FUZZ = settings(max_examples=200, deadline=None)
 SHARDS = 2
-
-# --- an in-memory shard pool ----------------------------------------------------------------
-
-
-class MemoryLink:
-    """A shard: a :class:`ShardCore` applying each command on the next loop turn, the way a
-    pipe answers (never inside the call that sent it)."""
-
-    def __init__(self, index: int, hub: Hub) -> None:
-        self.index = index
-        self.hub = hub
-        self.core = ShardCore(clock=lambda: 1_800_000_000.0)
-        self.alive = True
-        self.epoch = 1
-
-    def send(self, command: tuple) -> None:
-        self.hub.loop.call_soon(self._apply, command)
-
-    def _apply(self, command: tuple) -> None:
-        events = self.core.apply([command])
-        if events:
-            self.hub.on_shard_events(self.index, events)
-
-
-class MemoryPool:
-    def __init__(self, hub: Hub) -> None:
-        self.links = [MemoryLink(index, hub) for index in range(SHARDS)]
-
-    def index_of(self, room: str) -> int:
-        return room_to_shard(room, len(self.links))
-
-    def link_for(self, room: str) -> MemoryLink:
-        return self.links[self.index_of(room)]
-
-    def in_state(self, state: object) -> List[int]:
-        return []  # every shard runs
 
 
 class Errors(logging.Handler):
@@ -343,7 +306,7 @@ class Client:
 async def run_requests(templates: List[Dict[str, Any]]) -> Client:
     loop = asyncio.get_running_loop()
     hub = Hub(loop)
-    hub.attach(MemoryPool(hub))  # type: ignore[arg-type]
+    hub.attach(MemoryPool(hub, SHARDS))  # type: ignore[arg-type]
     api = HttpApi(hub, StaticFiles(WEB_ROOT), poll_timeout=60.0)
     client = Client(api)
     try:

@@ -1,4 +1,5 @@
-"""The shard's pure core (shard/core.py): rooms, membership, sequence numbers, history."""
+"""The shard's pure core (shard/core.py): rooms, membership, sequence numbers, history,
+epochs, deadlines; exactly one completion per command."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from common import errors
 from common import messages as m
 from common.limits import HISTORY_SIZE, MAX_EMPTY_ROOMS_PER_SHARD
 from common.names import name_key
@@ -37,34 +39,51 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+EPOCH = 77  # the core's epoch in these tests
+
+
 @pytest.fixture
 def core(clock: FakeClock) -> ShardCore:
-    return ShardCore(clock=clock)
+    return ShardCore(clock=clock, epoch=EPOCH, monotonic=lambda: 1000.0)
 
 
-def join(core: ShardCore, cid: int, room: str, username: str, req: int = 0) -> List[tuple]:
-    return core.apply([(m.JOIN, req, cid, room, username)])
+def join(core: ShardCore, cid: int, room: str, username: str, req: int = 1) -> List[tuple]:
+    return core.apply([m.join(req, 0.0, cid, room, username)])
 
 
-def say(core: ShardCore, cid: int, room: str, text: str, req: int = 0) -> List[tuple]:
-    return core.apply([(m.MSG, req, cid, room, text)])
+def say(core: ShardCore, cid: int, room: str, text: str, req: int = 1) -> List[tuple]:
+    return core.apply([m.msg(req, 0.0, cid, room, text)])
+
+
+def leave(core: ShardCore, cid: int, room: str, req: int = 1) -> List[tuple]:
+    return core.apply([m.leave(req, 0.0, cid, room)])
 
 
 def done(core: ShardCore, command: tuple) -> object:
     """Apply one request and return its DONE result."""
     (event,) = core.apply([command])
     assert event[0] == m.DONE and event[1] == command[1], event
-    return event[3]
+    return event[2]
+
+
+def names(core: ShardCore, room: str) -> object:
+    return done(core, m.names(1, 0.0, 0, room))
+
+
+def rooms(core: ShardCore) -> object:
+    return done(core, m.rooms(1, 0.0, 0))
 
 
 def history(core: ShardCore, cid: int, room: str, n: int = HISTORY_SIZE) -> List[m.Entry]:
-    return done(core, (m.HISTORY, 9, cid, room, n))  # type: ignore[return-value]
+    return done(core, m.history(9, 0.0, cid, room, n))  # type: ignore[return-value]
 
 
 def since(
     core: ShardCore, cid: int, room: str, after: int, max_bytes: int = 1 << 30
 ) -> Tuple[list, int, int]:
-    return done(core, (m.SINCE, 9, cid, room, after, max_bytes))  # type: ignore[return-value]
+    entries, first, last, epoch = done(core, m.since(9, 0.0, cid, room, after, max_bytes))  # type: ignore[misc]
+    assert epoch == EPOCH
+    return entries, first, last
 
 
 # --- join --------------------------------------------------------------------------------
@@ -72,23 +91,14 @@ def since(
 
 def test_first_join_creates_the_room(core: ShardCore) -> None:
     entry = (1, T0 + 1, m.KIND_JOIN, "alice", "alice joined lobby")
-    assert join(core, 1, "lobby", "alice") == [(m.JOINED, "lobby", 1, entry)]
+    assert join(core, 1, "lobby", "alice", req=5) == [m.joined(5, "lobby", 1, entry, EPOCH)]
     assert core.rooms_of(1) == {"lobby"}
 
 
 def test_second_join_gets_the_next_seq(core: ShardCore) -> None:
     join(core, 1, "lobby", "alice")
     entry = (2, T0 + 2, m.KIND_JOIN, "bob", "bob joined lobby")
-    assert join(core, 2, "lobby", "bob") == [(m.JOINED, "lobby", 2, entry)]
-
-
-def test_join_with_a_req_is_answered_done_after_joined(core: ShardCore) -> None:
-    # JOINED tells the members; the DONE that follows answers the request (its seq).
-    joined, done = join(core, 1, "lobby", "alice", req=5)
-    assert joined[0] == m.JOINED
-    assert done == (m.DONE, 5, 1, joined[3][0])
-    (only,) = join(core, 2, "lobby", "bob")  # no req: no DONE
-    assert only[0] == m.JOINED
+    assert join(core, 2, "lobby", "bob", req=6) == [m.joined(6, "lobby", 2, entry, EPOCH)]
 
 
 @pytest.mark.parametrize(
@@ -120,9 +130,7 @@ def test_join_with_a_req_is_answered_done_after_joined(core: ShardCore) -> None:
 )
 def test_name_taken_ignoring_case(core: ShardCore, first: str, second: str) -> None:
     join(core, 1, "lobby", first)
-    assert join(core, 2, "lobby", second, req=4) == [
-        (m.FAIL, 4, 2, m.JOIN, m.ERR_NAME_TAKEN, "lobby")
-    ]
+    assert join(core, 2, "lobby", second, req=4) == [m.fail(4, errors.NAME_TAKEN)]
     assert core.rooms_of(2) == set()
     assert history(core, 1, "lobby") == [(1, T0 + 1, m.KIND_JOIN, first, f"{first} joined lobby")]
 
@@ -130,9 +138,9 @@ def test_name_taken_ignoring_case(core: ShardCore, first: str, second: str) -> N
 def test_leaving_frees_every_key_of_a_name(core: ShardCore) -> None:
     # "ΝΙΚΕ" holds two keys: its case-folded form and "nike" (its look-alikes as written).
     join(core, 1, "lobby", "\u039d\u0399\u039a\u0395")
-    assert join(core, 2, "lobby", "nike")[0][1:5] == (0, 2, m.JOIN, m.ERR_NAME_TAKEN)
-    assert join(core, 2, "lobby", "\u03bd\u03b9\u03ba\u03b5")[0][4] == m.ERR_NAME_TAKEN
-    core.apply([(m.LEAVE, 0, 1, "lobby")])
+    assert join(core, 2, "lobby", "nike") == [m.fail(1, errors.NAME_TAKEN)]
+    assert join(core, 2, "lobby", "\u03bd\u03b9\u03ba\u03b5") == [m.fail(1, errors.NAME_TAKEN)]
+    leave(core, 1, "lobby")
     assert join(core, 2, "lobby", "nike")[0][0] == m.JOINED
     assert join(core, 3, "lobby", "\u03bd\u03b9\u03ba\u03b5")[0][0] == m.JOINED  # not nike
 
@@ -145,24 +153,20 @@ def test_same_name_in_another_room_is_fine(core: ShardCore) -> None:
 def test_room_names_are_case_sensitive(core: ShardCore) -> None:
     join(core, 1, "lobby", "alice")
     assert join(core, 2, "Lobby", "alice")[0][0] == m.JOINED
-    assert done(core, (m.NAMES, 1, 0, "lobby")) == ["alice"]
+    assert names(core, "lobby") == ["alice"]
 
 
 def test_already_in_room(core: ShardCore) -> None:
     join(core, 1, "lobby", "alice")
-    assert join(core, 1, "lobby", "alice") == [
-        (m.FAIL, 0, 1, m.JOIN, m.ERR_ALREADY_IN_ROOM, "lobby")
-    ]
-    assert join(core, 1, "lobby", "other") == [
-        (m.FAIL, 0, 1, m.JOIN, m.ERR_ALREADY_IN_ROOM, "lobby")
-    ]
+    assert join(core, 1, "lobby", "alice") == [m.fail(1, errors.ALREADY_IN_ROOM)]
+    assert join(core, 1, "lobby", "other") == [m.fail(1, errors.ALREADY_IN_ROOM)]
     assert len(history(core, 1, "lobby")) == 1
 
 
 def test_name_freed_by_leave_can_be_taken(core: ShardCore) -> None:
     join(core, 1, "lobby", "alice")
     join(core, 2, "lobby", "bob")
-    core.apply([(m.LEAVE, 0, 1, "lobby")])
+    leave(core, 1, "lobby")
     assert join(core, 3, "lobby", "ALICE")[0][0] == m.JOINED
 
 
@@ -174,14 +178,7 @@ def test_msg_to_members(core: ShardCore) -> None:
     entry = (2, T0 + 2, m.KIND_CHAT, "alice", " hi  there ")
     wire = msg_line("lobby", "alice", " hi  there ")
     assert wire == b"MSG lobby alice  hi  there \n"
-    assert say(core, 1, "lobby", " hi  there ") == [(m.CHAT, "lobby", entry, wire)]
-
-
-def test_msg_with_req_is_also_answered(core: ShardCore) -> None:
-    join(core, 1, "lobby", "alice")
-    events = say(core, 1, "lobby", "hi", req=7)
-    assert [e[0] for e in events] == [m.CHAT, m.DONE]
-    assert events[1] == (m.DONE, 7, 1, 2)  # the new entry's seq
+    assert say(core, 1, "lobby", " hi  there ", req=7) == [m.chat(7, "lobby", entry, wire)]
 
 
 @pytest.mark.parametrize("situation", ["no-room", "other-member-only", "after-leave"])
@@ -191,8 +188,8 @@ def test_msg_when_not_in_room(core: ShardCore, situation: str) -> None:
     elif situation == "after-leave":
         join(core, 1, "lobby", "alice")
         join(core, 2, "lobby", "bob")
-        core.apply([(m.LEAVE, 0, 1, "lobby")])
-    assert say(core, 1, "lobby", "hi", req=3) == [(m.FAIL, 3, 1, m.MSG, m.ERR_NOT_IN_ROOM, "lobby")]
+        leave(core, 1, "lobby")
+    assert say(core, 1, "lobby", "hi", req=3) == [m.fail(3, errors.NOT_IN_ROOM)]
 
 
 # --- leave and drop ----------------------------------------------------------------------
@@ -202,46 +199,37 @@ def test_leave(core: ShardCore) -> None:
     join(core, 1, "lobby", "alice")
     join(core, 2, "lobby", "bob")
     entry = (3, T0 + 3, m.KIND_LEAVE, "alice", "alice left lobby")
-    assert core.apply([(m.LEAVE, 8, 1, "lobby")]) == [
-        (m.LEFT, "lobby", 1, entry, True),
-        (m.DONE, 8, 1, None),
-    ]
+    assert leave(core, 1, "lobby", req=8) == [m.left(8, "lobby", 1, entry)]
     assert core.rooms_of(1) == set()
-    assert done(core, (m.NAMES, 1, 0, "lobby")) == ["bob"]
-
-
-def test_leave_without_req_is_not_answered(core: ShardCore) -> None:
-    join(core, 1, "lobby", "alice")
-    assert [e[0] for e in core.apply([(m.LEAVE, 0, 1, "lobby")])] == [m.LEFT]
+    assert names(core, "lobby") == ["bob"]
 
 
 @pytest.mark.parametrize("room_exists", [False, True], ids=["no-room", "room-exists"])
 def test_leave_when_not_in_room(core: ShardCore, room_exists: bool) -> None:
     if room_exists:
         join(core, 2, "lobby", "bob")
-    assert core.apply([(m.LEAVE, 0, 1, "lobby")]) == [
-        (m.FAIL, 0, 1, m.LEAVE, m.ERR_NOT_IN_ROOM, "lobby")
-    ]
+    assert leave(core, 1, "lobby") == [m.fail(1, errors.NOT_IN_ROOM)]
 
 
 def test_drop_leaves_every_room_in_name_order(core: ShardCore) -> None:
     for room in ("c", "a", "b"):
         join(core, 1, room, "alice")
     join(core, 2, "b", "bob")
-    events = core.apply([(m.DROP, 6, 1)])
-    assert [(e[0], e[1], e[2], e[4]) for e in events[:3]] == [
-        (m.LEFT, room, 1, False) for room in ("a", "b", "c")
+    events = core.apply([m.drop(6, 1)])
+    # The LEFTs of a DROP complete nothing (req 0); its DONE completes it.
+    assert [(e[0], e[1], e[2], e[3]) for e in events[:3]] == [
+        (m.LEFT, 0, room, 1) for room in ("a", "b", "c")
     ]
-    assert [e[3][2:] for e in events[:3]] == [
+    assert [e[4][2:] for e in events[:3]] == [
         (m.KIND_LEAVE, "alice", f"alice left {room}") for room in ("a", "b", "c")
     ]
-    assert events[3] == (m.DONE, 6, 1, None)
+    assert events[3] == m.done(6, None)
     assert core.rooms_of(1) == set()
-    assert done(core, (m.NAMES, 1, 0, "b")) == ["bob"]
+    assert names(core, "b") == ["bob"]
 
 
 def test_drop_of_unknown_client_is_answered(core: ShardCore) -> None:
-    assert core.apply([(m.DROP, 3, 42)]) == [(m.DONE, 3, 42, None)]
+    assert core.apply([m.drop(3, 42)]) == [m.done(3, None)]
 
 
 # --- names and rooms ---------------------------------------------------------------------
@@ -250,24 +238,24 @@ def test_drop_of_unknown_client_is_answered(core: ShardCore) -> None:
 def test_names_sorted_ignoring_case(core: ShardCore) -> None:
     for cid, name in enumerate(["carol", "Bob", "alice", "Dave", "émile"], start=1):
         join(core, cid, "lobby", name)
-    assert done(core, (m.NAMES, 1, 99, "lobby")) == ["alice", "Bob", "carol", "Dave", "émile"]
+    assert names(core, "lobby") == ["alice", "Bob", "carol", "Dave", "émile"]
 
 
 def test_names_of_unknown_or_empty_room(core: ShardCore) -> None:
-    assert done(core, (m.NAMES, 1, 0, "nowhere")) == []
+    assert names(core, "nowhere") == []
     join(core, 1, "lobby", "alice")
-    core.apply([(m.LEAVE, 0, 1, "lobby")])
-    assert done(core, (m.NAMES, 1, 0, "lobby")) == []
+    leave(core, 1, "lobby")
+    assert names(core, "lobby") == []
 
 
 def test_rooms_lists_rooms_with_members(core: ShardCore) -> None:
-    assert done(core, (m.ROOMS, 1, 0)) == []
+    assert rooms(core) == []
     join(core, 1, "a", "alice")
     join(core, 2, "a", "bob")
     join(core, 1, "b", "alice")
     join(core, 3, "c", "carol")
-    core.apply([(m.LEAVE, 0, 3, "c")])
-    assert sorted(done(core, (m.ROOMS, 1, 0))) == [("a", 2), ("b", 1)]
+    leave(core, 3, "c")
+    assert sorted(rooms(core)) == [("a", 2), ("b", 1)]
 
 
 # --- history -----------------------------------------------------------------------------
@@ -277,7 +265,7 @@ def test_history_has_joins_leaves_and_chat_oldest_first(core: ShardCore) -> None
     join(core, 1, "lobby", "alice")
     join(core, 2, "lobby", "bob")
     say(core, 2, "lobby", "hi")
-    core.apply([(m.LEAVE, 0, 2, "lobby")])
+    leave(core, 2, "lobby")
     assert history(core, 1, "lobby") == [
         (1, T0 + 1, m.KIND_JOIN, "alice", "alice joined lobby"),
         (2, T0 + 2, m.KIND_JOIN, "bob", "bob joined lobby"),
@@ -297,12 +285,8 @@ def test_history_n(core: ShardCore, n: int) -> None:
 
 def test_history_when_not_in_room(core: ShardCore) -> None:
     join(core, 2, "lobby", "bob")
-    assert core.apply([(m.HISTORY, 4, 1, "lobby", 10)]) == [
-        (m.FAIL, 4, 1, m.HISTORY, m.ERR_NOT_IN_ROOM, "lobby")
-    ]
-    assert core.apply([(m.HISTORY, 5, 1, "nowhere", 10)]) == [
-        (m.FAIL, 5, 1, m.HISTORY, m.ERR_NOT_IN_ROOM, "nowhere")
-    ]
+    assert core.apply([m.history(4, 0.0, 1, "lobby", 10)]) == [m.fail(4, errors.NOT_IN_ROOM)]
+    assert core.apply([m.history(5, 0.0, 1, "nowhere", 10)]) == [m.fail(5, errors.NOT_IN_ROOM)]
 
 
 def test_history_is_capped_and_seq_keeps_increasing(core: ShardCore) -> None:
@@ -310,7 +294,7 @@ def test_history_is_capped_and_seq_keeps_increasing(core: ShardCore) -> None:
     total = HISTORY_SIZE + 120
     for i in range(2, total + 1):
         (event,) = say(core, 1, "lobby", f"m{i}")
-        assert event[2][0] == i  # seq is never reused or reset
+        assert event[3][0] == i  # seq is never reused or reset
     entries = history(core, 1, "lobby")
     assert len(entries) == HISTORY_SIZE
     assert [e[0] for e in entries] == list(range(total - HISTORY_SIZE + 1, total + 1))
@@ -322,8 +306,8 @@ def test_seq_is_per_room(core: ShardCore) -> None:
     join(core, 1, "a", "alice")
     join(core, 1, "b", "alice")
     say(core, 1, "a", "x")
-    assert say(core, 1, "b", "y")[0][2][0] == 2
-    assert say(core, 1, "a", "z")[0][2][0] == 3
+    assert say(core, 1, "b", "y")[0][3][0] == 2
+    assert say(core, 1, "a", "z")[0][3][0] == 3
 
 
 # --- since -------------------------------------------------------------------------------
@@ -355,9 +339,7 @@ def test_since_after_eviction(core: ShardCore) -> None:
 
 
 def test_since_when_not_in_room(core: ShardCore) -> None:
-    assert core.apply([(m.SINCE, 2, 1, "lobby", 0, 1 << 30)]) == [
-        (m.FAIL, 2, 1, m.SINCE, m.ERR_NOT_IN_ROOM, "lobby")
-    ]
+    assert core.apply([m.since(2, 0.0, 1, "lobby", 0, 1 << 30)]) == [m.fail(2, errors.NOT_IN_ROOM)]
 
 
 # --- empty rooms -------------------------------------------------------------------------
@@ -366,10 +348,10 @@ def test_since_when_not_in_room(core: ShardCore) -> None:
 def test_empty_room_keeps_its_history_for_someone_coming_back(core: ShardCore) -> None:
     join(core, 1, "lobby", "alice")  # 1
     say(core, 1, "lobby", "remember me")  # 2
-    core.apply([(m.LEAVE, 0, 1, "lobby")])  # 3
-    assert done(core, (m.ROOMS, 1, 0)) == []
+    leave(core, 1, "lobby")  # 3
+    assert rooms(core) == []
     (event,) = join(core, 2, "lobby", "bob")
-    assert event[3][0] == 4
+    assert event[4][0] == 4
     assert [e[4] for e in history(core, 2, "lobby")][1] == "remember me"
 
 
@@ -378,8 +360,8 @@ def test_empty_rooms_are_bounded(core: ShardCore) -> None:
 
     def visit(room: str) -> int:
         (event,) = join(core, 1, room, "alice")
-        core.apply([(m.LEAVE, 0, 1, room)])
-        return event[3][0]
+        leave(core, 1, room)
+        return event[4][0]
 
     assert visit("r0") == 1
     for i in range(1, MAX_EMPTY_ROOMS_PER_SHARD + 1):
@@ -393,8 +375,8 @@ def test_empty_rooms_are_bounded(core: ShardCore) -> None:
 def test_failed_join_does_not_keep_a_room_alive(core: ShardCore) -> None:
     join(core, 1, "lobby", "alice")
     assert join(core, 2, "lobby", "ALICE")[0][0] == m.FAIL
-    core.apply([(m.LEAVE, 0, 1, "lobby")])
-    assert done(core, (m.ROOMS, 1, 0)) == []
+    leave(core, 1, "lobby")
+    assert rooms(core) == []
 
 
 # --- batches and clock -------------------------------------------------------------------
@@ -403,22 +385,55 @@ def test_failed_join_does_not_keep_a_room_alive(core: ShardCore) -> None:
 def test_batch_events_are_in_command_order(core: ShardCore) -> None:
     events = core.apply(
         [
-            (m.JOIN, 0, 1, "lobby", "alice"),
-            (m.MSG, 0, 1, "lobby", "one"),
-            (m.NAMES, 3, 1, "lobby"),
-            (m.MSG, 0, 2, "lobby", "not a member"),
-            (m.MSG, 0, 1, "lobby", "two"),
-            (m.LEAVE, 0, 1, "lobby"),
+            m.join(1, 0.0, 1, "lobby", "alice"),
+            m.msg(2, 0.0, 1, "lobby", "one"),
+            m.names(3, 0.0, 1, "lobby"),
+            m.msg(4, 0.0, 2, "lobby", "not a member"),
+            m.msg(5, 0.0, 1, "lobby", "two"),
+            m.leave(6, 0.0, 1, "lobby"),
         ]
     )
     assert [e[0] for e in events] == [m.JOINED, m.CHAT, m.DONE, m.FAIL, m.CHAT, m.LEFT]
-    assert [e[2][0] for e in events if e[0] == m.CHAT] == [2, 3]
-    assert events[2][3] == ["alice"]
+    assert [e[1] for e in events] == [1, 2, 3, 4, 5, 6]  # one completion each, in order
+    assert [e[3][0] for e in events if e[0] == m.CHAT] == [2, 3]
+    assert events[2][2] == ["alice"]
+
+
+def test_a_command_past_its_deadline_is_not_applied() -> None:
+    now = [1000.0]
+    core = ShardCore(clock=FakeClock(), epoch=EPOCH, monotonic=lambda: now[0])
+    events = core.apply(
+        [
+            m.join(1, 1001.0, 1, "lobby", "alice"),  # in time
+            m.msg(2, 999.0, 1, "lobby", "too late"),  # its deadline has passed
+            m.join(3, 999.0, 2, "lobby", "bob"),
+            m.leave(4, 999.0, 1, "lobby"),
+            m.drop(5, 3),  # never expires
+        ]
+    )
+    assert [e[0] for e in events[:1]] == [m.JOINED]
+    assert events[1:4] == [m.fail(req, errors.SHARD_TIMEOUT) for req in (2, 3, 4)]
+    assert events[4] == m.done(5, None)
+    assert names(core, "lobby") == ["alice"]  # bob's late JOIN did not happen
+    assert [e[2] for e in history(core, 1, "lobby")] == [m.KIND_JOIN]  # nor the MSG
+
+
+def test_rejoin_is_silent_and_answers_the_epoch(core: ShardCore) -> None:
+    assert core.apply([m.rejoin(7, 1, "lobby", "alice")]) == [m.done(7, EPOCH)]
+    assert names(core, "lobby") == ["alice"]
+    assert history(core, 1, "lobby") == []  # no entry
+    assert core.apply([m.rejoin(8, 2, "lobby", "ALICE")]) == [m.done(8, EPOCH)]  # name taken
+    assert names(core, "lobby") == ["alice"]
+
+
+def test_a_new_core_has_a_new_epoch() -> None:
+    first, second = ShardCore(clock=lambda: 1.0), ShardCore(clock=lambda: 2.0)
+    assert first.epoch != second.epoch
 
 
 def test_times_come_from_the_injected_clock() -> None:
     times = iter([10.0, 20.5, 33.25])
-    core = ShardCore(clock=lambda: next(times))
+    core = ShardCore(clock=lambda: next(times), epoch=1)
     join(core, 1, "lobby", "alice")
     say(core, 1, "lobby", "hi")
     join(core, 2, "lobby", "bob")
@@ -427,7 +442,7 @@ def test_times_come_from_the_injected_clock() -> None:
 
 def test_unknown_opcode_is_a_router_bug(core: ShardCore) -> None:
     with pytest.raises(KeyError):
-        core.apply([(999, 0, 1)])
+        core.apply([(999, 0, 0.0, 1)])
 
 
 # --- model-based -------------------------------------------------------------------------
@@ -454,7 +469,7 @@ class ShardModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = FakeClock()
-        self.core = ShardCore(clock=self.clock)
+        self.core = ShardCore(clock=self.clock, epoch=EPOCH, monotonic=lambda: 1000.0)
         self.now = T0  # the time the model expects the core's next entry to have
         self.members: Dict[str, Dict[int, str]] = {}
         self.entries: Dict[str, List[m.Entry]] = {}
@@ -472,40 +487,38 @@ class ShardModel(RuleBasedStateMachine):
     def not_member(self, cid: int, room: str) -> bool:
         return cid not in self.members.get(room, {})
 
-    @rule(cid=CIDS, room=ROOMS, user=USERS, req=st.sampled_from([0, 1]))
+    @rule(cid=CIDS, room=ROOMS, user=USERS, req=st.sampled_from([1, 2]))
     def join(self, cid: int, room: str, user: str, req: int) -> None:
         members = self.members.setdefault(room, {})
         if cid in members:
-            expected = [(m.FAIL, req, cid, m.JOIN, m.ERR_ALREADY_IN_ROOM, room)]
+            expected = [m.fail(req, errors.ALREADY_IN_ROOM)]
         elif any(same_user(u, user) for u in members.values()):
-            expected = [(m.FAIL, req, cid, m.JOIN, m.ERR_NAME_TAKEN, room)]
+            expected = [m.fail(req, errors.NAME_TAKEN)]
         else:
             members[cid] = user
             entry = self.record(room, m.KIND_JOIN, user, f"{user} joined {room}")
-            expected = [(m.JOINED, room, cid, entry)]
-            if req:
-                expected.append((m.DONE, req, cid, entry[0]))
-        self.check((m.JOIN, req, cid, room, user), expected)
+            expected = [m.joined(req, room, cid, entry, EPOCH)]
+        self.check(m.join(req, 0.0, cid, room, user), expected)
 
     @rule(cid=CIDS, room=ROOMS, text=st.sampled_from(["hi", " spaced  ", "é"]))
     def msg(self, cid: int, room: str, text: str) -> None:
         if self.not_member(cid, room):
-            expected = [(m.FAIL, 0, cid, m.MSG, m.ERR_NOT_IN_ROOM, room)]
+            expected = [m.fail(3, errors.NOT_IN_ROOM)]
         else:
             user = self.members[room][cid]
             entry = self.record(room, m.KIND_CHAT, user, text)
-            expected = [(m.CHAT, room, entry, msg_line(room, user, text))]
-        self.check((m.MSG, 0, cid, room, text), expected)
+            expected = [m.chat(3, room, entry, msg_line(room, user, text))]
+        self.check(m.msg(3, 0.0, cid, room, text), expected)
 
     @rule(cid=CIDS, room=ROOMS)
     def leave(self, cid: int, room: str) -> None:
         if self.not_member(cid, room):
-            expected = [(m.FAIL, 0, cid, m.LEAVE, m.ERR_NOT_IN_ROOM, room)]
+            expected = [m.fail(4, errors.NOT_IN_ROOM)]
         else:
             user = self.members[room].pop(cid)
             entry = self.record(room, m.KIND_LEAVE, user, f"{user} left {room}")
-            expected = [(m.LEFT, room, cid, entry, True)]
-        self.check((m.LEAVE, 0, cid, room), expected)
+            expected = [m.left(4, room, cid, entry)]
+        self.check(m.leave(4, 0.0, cid, room), expected)
 
     @rule(cid=CIDS)
     def drop(self, cid: int) -> None:
@@ -514,16 +527,16 @@ class ShardModel(RuleBasedStateMachine):
             if cid in self.members[room]:
                 user = self.members[room].pop(cid)
                 entry = self.record(room, m.KIND_LEAVE, user, f"{user} left {room}")
-                expected.append((m.LEFT, room, cid, entry, False))
-        self.check((m.DROP, 2, cid), [*expected, (m.DONE, 2, cid, None)])
+                expected.append(m.left(0, room, cid, entry))
+        self.check(m.drop(2, cid), [*expected, m.done(2, None)])
 
     @rule(cid=CIDS, room=ROOMS, n=st.integers(min_value=1, max_value=8))
     def history(self, cid: int, room: str, n: int) -> None:
         if self.not_member(cid, room):
-            expected = [(m.FAIL, 3, cid, m.HISTORY, m.ERR_NOT_IN_ROOM, room)]
+            expected = [m.fail(3, errors.NOT_IN_ROOM)]
         else:
-            expected = [(m.DONE, 3, cid, self.entries[room][-n:])]
-        self.check((m.HISTORY, 3, cid, room, n), expected)
+            expected = [m.done(3, self.entries[room][-n:])]
+        self.check(m.history(3, 0.0, cid, room, n), expected)
 
     @rule(
         cid=CIDS,
@@ -533,7 +546,7 @@ class ShardModel(RuleBasedStateMachine):
     )
     def since(self, cid: int, room: str, after: int, max_bytes: int) -> None:
         if self.not_member(cid, room):
-            expected = [(m.FAIL, 4, cid, m.SINCE, m.ERR_NOT_IN_ROOM, room)]
+            expected = [m.fail(4, errors.NOT_IN_ROOM)]
         else:
             entries = self.entries[room]
             newer = [e for e in entries if e[0] > after]
@@ -542,18 +555,18 @@ class ShardModel(RuleBasedStateMachine):
                 if taken and sum(map(m.entry_size, taken + [entry])) > max_bytes:
                     break
                 taken.append(entry)
-            result = (taken, 1, len(entries))
-            expected = [(m.DONE, 4, cid, result)]
-        self.check((m.SINCE, 4, cid, room, after, max_bytes), expected)
+            result = (taken, 1, len(entries), EPOCH)
+            expected = [m.done(4, result)]
+        self.check(m.since(4, 0.0, cid, room, after, max_bytes), expected)
 
     @rule(room=ROOMS)
     def names(self, room: str) -> None:
         names = sorted(self.members.get(room, {}).values(), key=name_key)
-        self.check((m.NAMES, 5, 0, room), [(m.DONE, 5, 0, names)])
+        self.check(m.names(5, 0.0, 0, room), [m.done(5, names)])
 
     @invariant()
     def rooms_match(self) -> None:
-        ((_, _, _, listing),) = self.core.apply([(m.ROOMS, 6, 0)])
+        ((_, _, listing),) = self.core.apply([m.rooms(6, 0.0, 0)])
         expected = [(room, len(members)) for room, members in self.members.items() if members]
         assert sorted(listing) == sorted(expected)
         for cid in range(1, 5):

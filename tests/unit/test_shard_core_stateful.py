@@ -25,6 +25,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from common import errors
 from common import messages as m
 from common.limits import HISTORY_SIZE
 from shard.core import ShardCore
@@ -64,33 +65,33 @@ class Model:
         self.entries[room].append(entry)
         return entry
 
-    def remove(self, room: str, cid: int, ts: float, explicit: bool) -> tuple:
+    def remove(self, room: str, cid: int, ts: float, req: int) -> tuple:
         username = self.members[room].pop(cid)
         if not self.members[room]:
             del self.members[room]
         entry = self.record(room, ts, m.KIND_LEAVE, username, f"{username} left {room}")
-        return (m.LEFT, room, cid, entry, explicit)
+        return m.left(req, room, cid, entry)
 
-    def not_in_room(self, req: int, cid: int, op: int, room: str) -> Optional[tuple]:
+    def not_in_room(self, req: int, cid: int, room: str) -> Optional[tuple]:
         if cid in self.members.get(room, {}):
             return None
-        return (m.FAIL, req, cid, op, m.ERR_NOT_IN_ROOM, room)
+        return m.fail(req, errors.NOT_IN_ROOM)
 
-    # One method per command: update the model, return the events the shard should send.
+    # One method per command: update the model, return the events the shard should send
+    # (exactly one of them completes the command: it carries its req).
 
     def join(self, ts: float, req: int, cid: int, room: str, username: str) -> List[tuple]:
         members = self.members.get(room, {})
         if cid in members:
-            return [(m.FAIL, req, cid, m.JOIN, m.ERR_ALREADY_IN_ROOM, room)]
+            return [m.fail(req, errors.ALREADY_IN_ROOM)]
         if any(name.casefold() == username.casefold() for name in members.values()):
-            return [(m.FAIL, req, cid, m.JOIN, m.ERR_NAME_TAKEN, room)]
+            return [m.fail(req, errors.NAME_TAKEN)]
         self.members.setdefault(room, {})[cid] = username
         entry = self.record(room, ts, m.KIND_JOIN, username, f"{username} joined {room}")
-        # With a req, DONE (result: the join's seq) follows the JOINED.
-        return [(m.JOINED, room, cid, entry)] + ([(m.DONE, req, cid, entry[0])] if req else [])
+        return [m.joined(req, room, cid, entry, self.epoch)]
 
     def msg(self, ts: float, req: int, cid: int, room: str, text: str) -> List[tuple]:
-        fail = self.not_in_room(req, cid, m.MSG, room)
+        fail = self.not_in_room(req, cid, room)
         if fail:
             return [fail]
         username = self.members[room][cid]
@@ -98,30 +99,26 @@ class Model:
         for member in self.members[room]:
             self.expected[member].append((room, self.epoch, entry[0]))
         wire = f"MSG {room} {username} {text}\n".encode()
-        return [(m.CHAT, room, entry, wire)] + ([(m.DONE, req, cid, entry[0])] if req else [])
+        return [m.chat(req, room, entry, wire)]
 
     def leave(self, ts: float, req: int, cid: int, room: str) -> List[tuple]:
-        fail = self.not_in_room(req, cid, m.LEAVE, room)
-        if fail:
-            return [fail]
-        return [self.remove(room, cid, ts, explicit=True)] + (
-            [(m.DONE, req, cid, None)] if req else []
-        )
+        fail = self.not_in_room(req, cid, room)
+        return [fail] if fail else [self.remove(room, cid, ts, req)]
 
     def drop(self, ts: float, req: int, cid: int) -> List[tuple]:
-        events = [self.remove(room, cid, ts, explicit=False) for room in sorted(self.rooms_of(cid))]
-        return events + [(m.DONE, req, cid, None)]
+        events = [self.remove(room, cid, ts, 0) for room in sorted(self.rooms_of(cid))]
+        return events + [m.done(req, None)]
 
     def names(self, req: int, cid: int, room: str) -> List[tuple]:
         names = sorted(self.members.get(room, {}).values(), key=str.casefold)
-        return [(m.DONE, req, cid, names)]
+        return [m.done(req, names)]
 
     def history(self, req: int, cid: int, room: str, n: int) -> List[tuple]:
-        fail = self.not_in_room(req, cid, m.HISTORY, room)
-        return [fail] if fail else [(m.DONE, req, cid, list(self.entries[room])[-n:])]
+        fail = self.not_in_room(req, cid, room)
+        return [fail] if fail else [m.done(req, list(self.entries[room])[-n:])]
 
     def since(self, req: int, cid: int, room: str, after: int, max_bytes: int) -> List[tuple]:
-        fail = self.not_in_room(req, cid, m.SINCE, room)
+        fail = self.not_in_room(req, cid, room)
         if fail:
             return [fail]
         held = list(self.entries[room])
@@ -133,7 +130,7 @@ class Model:
             if index and size > max_bytes:
                 cut = index
                 break
-        return [(m.DONE, req, cid, (newer[:cut], first, self.seq[room]))]
+        return [m.done(req, (newer[:cut], first, self.seq[room], self.epoch))]
 
     def restart(self) -> None:
         """The shard died and came back empty; members are put back, history is gone."""
@@ -146,8 +143,8 @@ class ShardCoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.now = 1_000_000.0
-        self.core = ShardCore(clock=lambda: self.now)
         self.model = Model()
+        self.core = ShardCore(clock=lambda: self.now, epoch=self.model.epoch)
         self.reqs = itertools.count(1)
         # The router's side: the mirror built from events only, and what each client got.
         self.mirror: Dict[str, Set[int]] = {}
@@ -155,13 +152,15 @@ class ShardCoreMachine(RuleBasedStateMachine):
 
     # --- plumbing --------------------------------------------------------------------
 
-    def req(self, wanted: bool) -> int:
-        return next(self.reqs) if wanted else 0
+    def req(self) -> int:
+        return next(self.reqs)
 
     def run(self, batch: List[tuple], expected: List[tuple]) -> None:
-        """Apply *batch* to the core, compare with *expected*, route the events."""
+        """Apply *batch* to the core, compare with *expected*, route the events; check that
+        every command got exactly one completion, in order."""
         events = self.core.apply(batch)
         assert events == expected
+        assert [e[1] for e in events if e[1]] == [command[m.REQ] for command in batch]
         for event in events:
             self.route(event)
         self.now += 1.0
@@ -169,20 +168,20 @@ class ShardCoreMachine(RuleBasedStateMachine):
     def route(self, event: tuple) -> None:
         """What router/hub.py does with an event, reduced to who receives a chat."""
         if event[0] == m.JOINED:
-            self.mirror.setdefault(event[1], set()).add(event[2])
+            self.mirror.setdefault(event[2], set()).add(event[3])
         elif event[0] == m.LEFT:
-            members = self.mirror[event[1]]
-            members.discard(event[2])
+            members = self.mirror[event[2]]
+            members.discard(event[3])
             if not members:
-                del self.mirror[event[1]]
+                del self.mirror[event[2]]
         elif event[0] == m.CHAT:
-            room, entry = event[1], event[2]
+            room, entry = event[2], event[3]
             for cid in self.mirror.get(room, ()):
                 self.received[cid].append((room, self.model.epoch, entry[0]))
 
     def expect(self, command: tuple) -> List[tuple]:
         """The model's events for one command (and the model updated)."""
-        op, req, cid, *args = command
+        op, req, _deadline, cid, *args = command
         model, ts = self.model, self.now
         if op == m.JOIN:
             return model.join(ts, req, cid, *args)
@@ -213,34 +212,33 @@ class ShardCoreMachine(RuleBasedStateMachine):
         cid=st.sampled_from(CIDS),
         room=st.sampled_from(ROOMS),
         username=st.sampled_from(USERNAMES),
-        wants=st.booleans(),
     )
-    def join(self, cid: int, room: str, username: str, wants: bool) -> None:
-        self.one((m.JOIN, self.req(wants), cid, room, username))
+    def join(self, cid: int, room: str, username: str) -> None:
+        self.one(m.join(self.req(), 0.0, cid, room, username))
 
-    @rule(cid=st.sampled_from(CIDS), room=st.sampled_from(ROOMS), text=TEXTS, wants=st.booleans())
-    def msg(self, cid: int, room: str, text: str, wants: bool) -> None:
-        self.one((m.MSG, self.req(wants), cid, room, text))
+    @rule(cid=st.sampled_from(CIDS), room=st.sampled_from(ROOMS), text=TEXTS)
+    def msg(self, cid: int, room: str, text: str) -> None:
+        self.one(m.msg(self.req(), 0.0, cid, room, text))
 
-    @rule(cid=st.sampled_from(CIDS), room=st.sampled_from(ROOMS), wants=st.booleans())
-    def leave(self, cid: int, room: str, wants: bool) -> None:
-        self.one((m.LEAVE, self.req(wants), cid, room))
+    @rule(cid=st.sampled_from(CIDS), room=st.sampled_from(ROOMS))
+    def leave(self, cid: int, room: str) -> None:
+        self.one(m.leave(self.req(), 0.0, cid, room))
 
-    @rule(cid=st.sampled_from(CIDS), wants=st.booleans())
-    def drop(self, cid: int, wants: bool) -> None:
-        self.one((m.DROP, self.req(wants), cid))
+    @rule(cid=st.sampled_from(CIDS))
+    def drop(self, cid: int) -> None:
+        self.one(m.drop(self.req(), cid))
 
     @rule(cid=st.sampled_from(CIDS), room=st.sampled_from(ROOMS))
     def names(self, cid: int, room: str) -> None:
-        self.one((m.NAMES, self.req(True), cid, room))
+        self.one(m.names(self.req(), 0.0, cid, room))
 
     @rule()
     def rooms(self) -> None:
-        req = self.req(True)
-        (event,) = self.core.apply([(m.ROOMS, req, 0)])
-        assert event[:3] == (m.DONE, req, 0)
+        req = self.req()
+        (event,) = self.core.apply([m.rooms(req, 0.0, 0)])
+        assert event[:2] == (m.DONE, req)
         expected = [(room, len(members)) for room, members in self.model.members.items()]
-        assert sorted(event[3]) == sorted(expected)
+        assert sorted(event[2]) == sorted(expected)
 
     @rule(
         cid=st.sampled_from(CIDS),
@@ -248,7 +246,7 @@ class ShardCoreMachine(RuleBasedStateMachine):
         n=st.one_of(st.sampled_from([1, 2, HISTORY_SIZE - 1, HISTORY_SIZE]), st.integers(1, 500)),
     )
     def history(self, cid: int, room: str, n: int) -> None:
-        self.one((m.HISTORY, self.req(True), cid, room, n))
+        self.one(m.history(self.req(), 0.0, cid, room, n))
 
     @rule(
         cid=st.sampled_from(CIDS),
@@ -258,7 +256,7 @@ class ShardCoreMachine(RuleBasedStateMachine):
     )
     def since(self, cid: int, room: str, back: int, max_bytes: int) -> None:
         after = self.model.seq[room] - back
-        self.one((m.SINCE, self.req(True), cid, room, after, max_bytes))
+        self.one(m.since(self.req(), 0.0, cid, room, after, max_bytes))
 
     def draw_member(self, data: st.DataObject) -> Tuple[int, str]:
         room = data.draw(st.sampled_from(sorted(self.model.members)))
@@ -268,7 +266,7 @@ class ShardCoreMachine(RuleBasedStateMachine):
     @rule(data=st.data(), n=st.one_of(st.sampled_from([1, 499, 500]), st.integers(1, 500)))
     def member_history(self, data: st.DataObject, n: int) -> None:
         cid, room = self.draw_member(data)
-        self.one((m.HISTORY, self.req(True), cid, room, n))
+        self.one(m.history(self.req(), 0.0, cid, room, n))
 
     @precondition(lambda self: bool(self.model.members))
     @rule(
@@ -279,20 +277,20 @@ class ShardCoreMachine(RuleBasedStateMachine):
     def member_since(self, data: st.DataObject, back: int, max_bytes: int) -> None:
         cid, room = self.draw_member(data)
         after = self.model.seq[room] - back
-        self.one((m.SINCE, self.req(True), cid, room, after, max_bytes))
+        self.one(m.since(self.req(), 0.0, cid, room, after, max_bytes))
 
     @precondition(lambda self: bool(self.model.members))
     @rule(data=st.data(), text=TEXTS)
     def member_msg(self, data: st.DataObject, text: str) -> None:
         cid, room = self.draw_member(data)
-        self.one((m.MSG, 0, cid, room, text))
+        self.one(m.msg(self.req(), 0.0, cid, room, text))
 
     @precondition(lambda self: bool(self.model.members))
     @rule(data=st.data(), count=st.integers(1, 400))
     def burst(self, data: st.DataObject, count: int) -> None:
         """Many messages from a member in one batch: pushes history past its cap."""
         cid, room = self.draw_member(data)
-        batch = [(m.MSG, 0, cid, room, f"burst {i}") for i in range(count)]
+        batch = [m.msg(self.req(), 0.0, cid, room, f"burst {i}") for i in range(count)]
         expected = [event for command in batch for event in self.expect(command)]
         self.run(batch, expected)
 
@@ -301,18 +299,13 @@ class ShardCoreMachine(RuleBasedStateMachine):
             st.one_of(
                 st.tuples(
                     st.just(m.JOIN),
-                    st.just(0),
                     st.sampled_from(CIDS),
                     st.sampled_from(ROOMS),
                     st.sampled_from(USERNAMES),
                 ),
-                st.tuples(
-                    st.just(m.MSG), st.just(0), st.sampled_from(CIDS), st.sampled_from(ROOMS), TEXTS
-                ),
-                st.tuples(
-                    st.just(m.LEAVE), st.just(0), st.sampled_from(CIDS), st.sampled_from(ROOMS)
-                ),
-                st.tuples(st.just(m.DROP), st.just(0), st.sampled_from(CIDS)),
+                st.tuples(st.just(m.MSG), st.sampled_from(CIDS), st.sampled_from(ROOMS), TEXTS),
+                st.tuples(st.just(m.LEAVE), st.sampled_from(CIDS), st.sampled_from(ROOMS)),
+                st.tuples(st.just(m.DROP), st.sampled_from(CIDS)),
             ),
             min_size=1,
             max_size=12,
@@ -320,22 +313,29 @@ class ShardCoreMachine(RuleBasedStateMachine):
     )
     def mixed_batch(self, commands: List[tuple]) -> None:
         """A batch as the router sends it: events in command order, nothing reordered."""
-        expected = [event for command in commands for event in self.expect(command)]
-        self.run(commands, expected)
+        batch = [self.command(*spec) for spec in commands]
+        expected = [event for command in batch for event in self.expect(command)]
+        self.run(batch, expected)
 
-    @rule(wants=st.booleans())
-    def restart(self, wants: bool) -> None:
-        """The shard process died and was restarted: a new core, and the router puts the
-        members back from its mirror (router/hub.py on_shard_restarted)."""
-        self.core = ShardCore(clock=lambda: self.now)
+    def command(self, op: int, cid: int, *args: str) -> tuple:
+        req = self.req()
+        if op == m.DROP:
+            return m.drop(req, cid)
+        return (op, req, 0.0, cid, *args)
+
+    @rule()
+    def restart(self) -> None:
+        """The shard process died and was restarted: a new core with a new epoch, and the
+        router puts the members back from its mirror (router/hub.py on_shard_restarted);
+        each REJOIN answers the new epoch."""
         self.model.restart()
+        self.core = ShardCore(clock=lambda: self.now, epoch=self.model.epoch)
         batch, expected = [], []
         for room in sorted(self.mirror):
             for cid in sorted(self.mirror[room]):
-                req = self.req(wants)
-                batch.append((m.REJOIN, req, cid, room, self.model.members[room][cid]))
-                if req:
-                    expected.append((m.DONE, req, cid, None))
+                req = self.req()
+                batch.append(m.rejoin(req, cid, room, self.model.members[room][cid]))
+                expected.append(m.done(req, self.model.epoch))
         self.run(batch, expected)
 
     # --- invariants ------------------------------------------------------------------
