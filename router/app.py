@@ -11,63 +11,25 @@ import asyncio
 import errno
 import logging
 import multiprocessing
-import os
 import signal
 import socket
-from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Dict, List, Optional
 
 from common.limits import (
     LISTEN_BACKLOG,
     LISTEN_QUEUE,
-    MIN_DEFAULT_SHARDS,
-    POLL_TIMEOUT,
-    SESSION_TTL,
     SHARD_STOP_TIMEOUT,
     SHUTDOWN_TIMEOUT,
     TIMER_SWEEP_INTERVAL,
 )
-from router.http_hosts import WILDCARD_ADDRESSES, AllowedHosts
+from router.http_hosts import WILDCARD_ADDRESSES
 from router.hub import Hub
-from router.policy import ConnectionLimiter, FdBudget, Settings, raise_fd_limit
+from router.policy import ConnectionLimiter, FdBudget, raise_fd_limit
+from router.settings import Settings
 from router.shards import ShardPool, ShardStartError, describe_error
 from router.tcp import start_tcp_server
 
 log = logging.getLogger(__name__)
-
-
-def default_shard_count() -> int:
-    """The CPU count, but at least ``MIN_DEFAULT_SHARDS``."""
-    return max(MIN_DEFAULT_SHARDS, os.cpu_count() or 1)
-
-
-@dataclass
-class Config:
-    """Everything ``start_cluster.py`` can set. Ports may be 0 (any free port)."""
-
-    host: str = "127.0.0.1"
-    tcp_port: int = 5000
-    http_port: Optional[int] = 8000  # None: no HTTP listener
-    shards: int = 0  # 0: default_shard_count()
-    log_level: str = "INFO"
-    start_method: str = "spawn"
-    crash_shard: Optional[int] = None  # fault injection for tests: this shard dies at start
-    pipe_io: str = ""  # "selector" or "threads"; "": the platform's default (router.pipes)
-    settings: Settings = field(default_factory=Settings)
-    poll_timeout: float = POLL_TIMEOUT  # HTTP long-poll wait, seconds
-    session_ttl: float = SESSION_TTL  # HTTP session lifetime without a request, seconds
-    #: Hosts HTTP requests may name (``--allowed-hosts``); None: the default for ``host``.
-    allowed_hosts: Optional[AllowedHosts] = None
-
-    def shard_count(self) -> int:
-        return self.shards or default_shard_count()
-
-    def http_hosts(self) -> AllowedHosts:
-        """The allowed hosts in force: ``--allowed-hosts``, else the default for ``host``
-        (see :meth:`AllowedHosts.default_for`)."""
-        if self.allowed_hosts is not None:
-            return self.allowed_hosts
-        return AllowedHosts.default_for(self.host)
 
 
 class PortInUse(Exception):
@@ -87,11 +49,10 @@ def port_in_use_message(kind: str, host: str, port: int, error: OSError) -> str:
 class Router:
     """One running router: hub, shard pool, listeners. Use :func:`serve`."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.loop = asyncio.get_running_loop()
         self.loop.set_exception_handler(_log_loop_error)
-        settings = config.settings
         #: Every descriptor the router holds, against its open-file limit (raised to the
         #: hard limit first); client connections are admitted only inside it.
         self.fds = FdBudget(raise_fd_limit())
@@ -109,7 +70,7 @@ class Router:
 
     async def bind(self) -> None:
         """Bind every listener (not yet accepting). Raises :class:`PortInUse`."""
-        config = self.config
+        config = self.settings
         batch = self.accept_batch
 
         def start_tcp(hub: Hub, host: str, port: int) -> Awaitable[asyncio.AbstractServer]:
@@ -119,18 +80,8 @@ class Router:
         if config.http_port is not None:
             from router.http import start_http_server
 
-            hosts = config.http_hosts()
-
             def start_http(hub: Hub, host: str, port: int) -> Awaitable[asyncio.AbstractServer]:
-                return start_http_server(
-                    hub,
-                    host,
-                    port,
-                    poll_timeout=config.poll_timeout,
-                    session_ttl=config.session_ttl,
-                    allowed_hosts=hosts,
-                    backlog=batch,
-                )
+                return start_http_server(hub, host, port, backlog=batch)
 
             listeners.append(("http", config.http_port, start_http))
         for kind, port, start in listeners:
@@ -143,18 +94,18 @@ class Router:
     def start_shards(self) -> None:
         """Start the shard processes. Raises :class:`ShardStartError` (the ones already
         started are closed again; join them with ``pool.join``)."""
-        context = multiprocessing.get_context(self.config.start_method)
+        context = multiprocessing.get_context(self.settings.start_method)
         self.pool = ShardPool(
-            self.config.shard_count(),
+            self.settings.shard_count(),
             context,
             self.loop,
             self.hub,
-            self.config.log_level,
-            self.config.pipe_io,
+            self.settings.log_level,
+            self.settings.pipe_io,
             self.fds,
         )
-        if self.config.crash_shard is not None:
-            self.pool.links[self.config.crash_shard].crash_at_start = True
+        if self.settings.crash_shard is not None:
+            self.pool.links[self.settings.crash_shard].crash_at_start = True
         self.pool.start()
         self.hub.attach(self.pool)
         self.fds.reconcile()
@@ -163,7 +114,7 @@ class Router:
 
     def _warn_if_few_connections(self) -> None:
         capacity = self.fds.capacity()
-        wanted = self.config.settings.max_connections
+        wanted = self.settings.max_connections
         if capacity is not None and capacity < wanted:
             log.warning(
                 "open-file limit %d allows only about %d connections (asked for %d)",
@@ -189,7 +140,7 @@ class Router:
             self._log_allowed_hosts()
 
     def _log_allowed_hosts(self) -> None:
-        config = self.config
+        config = self.settings
         hosts = config.http_hosts()
         log.info("http answers requests for hosts: %s", hosts.describe())
         if config.allowed_hosts is None and config.host in WILDCARD_ADDRESSES:
@@ -220,12 +171,12 @@ class Router:
             await asyncio.to_thread(self.pool.join, SHARD_STOP_TIMEOUT)
 
 
-async def serve(config: Config, ready: Optional[Callable[[Router], None]] = None) -> int:
+async def serve(settings: Settings, ready: Optional[Callable[[Router], None]] = None) -> int:
     """Run a router until SIGINT/SIGTERM (or ``router.stop_requested`` is set). Returns the
     exit status: 0 after a clean shutdown, 1 if a port could not be bound.
 
     *ready* is called with the router once it accepts connections."""
-    router = Router(config)
+    router = Router(settings)
     try:
         await router.bind()
     except PortInUse as error:
@@ -303,9 +254,9 @@ def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: Callable[[],
             signal.signal(signum, lambda *_: loop.call_soon_threadsafe(stop))
 
 
-def run(config: Config) -> int:
+def run(settings: Settings) -> int:
     """Blocking entry point: serve until stopped; returns the process exit status."""
     try:
-        return asyncio.run(serve(config))
+        return asyncio.run(serve(settings))
     except KeyboardInterrupt:  # a second Ctrl+C during shutdown
         return 0

@@ -8,10 +8,10 @@ import multiprocessing
 import sys
 from typing import Any, Callable, List, Optional
 
-from common.limits import MAX_SHARDS, POLL_TIMEOUT, SESSION_TTL
-from router.app import Config, default_shard_count, run
+from common.limits import MAX_SHARDS
+from router.app import run
 from router.http_hosts import AllowedHosts
-from router.policy import Settings
+from router.settings import Settings, default_shard_count
 
 
 def _port(text: str) -> int:
@@ -163,17 +163,18 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
     http = parser.add_argument_group("HTTP sessions")
     http.add_argument(
         "--poll-timeout",
-        type=float,
-        default=POLL_TIMEOUT,
+        type=SECONDS,
+        default=defaults.poll_timeout,
         metavar="S",
-        help=f"seconds a long poll waits for news (default {POLL_TIMEOUT:g})",
+        help=f"seconds a long poll waits for news (default {defaults.poll_timeout:g})",
     )
     http.add_argument(
         "--session-ttl",
-        type=float,
-        default=SESSION_TTL,
+        type=SECONDS,
+        default=defaults.session_ttl,
         metavar="S",
-        help=f"seconds a browser session lives without a request (default {SESSION_TTL:g})",
+        help=f"seconds a browser session lives without a request (default "
+        f"{defaults.session_ttl:g})",
     )
     http.add_argument(
         "--allowed-hosts",
@@ -197,11 +198,9 @@ def _add_limit_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    return Settings(**{field: getattr(args, field) for _, field, *_ in LIMIT_FLAGS})
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    return Config(
+    """The one :class:`Settings` of a command line."""
+    limits = {field: getattr(args, field) for _, field, *_ in LIMIT_FLAGS}
+    return Settings(
         host=args.host,
         tcp_port=args.tcp_port,
         http_port=args.http_port,
@@ -210,10 +209,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         start_method=args.start_method,
         crash_shard=args.fault_crash_shard,
         pipe_io=args.pipe_io,
-        settings=settings_from_args(args),
         poll_timeout=args.poll_timeout,
         session_ttl=args.session_ttl,
         allowed_hosts=args.allowed_hosts,
+        **limits,
     )
 
 
@@ -230,4 +229,4 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ("router.app", "router.shards"):
         logger = logging.getLogger(name)
         logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
-    return run(config_from_args(args))
+    return run(settings_from_args(args))

@@ -5,7 +5,7 @@ A connection owns its socket transport and its sans-IO
 hands each complete request to the :class:`~router.http_api.HttpApi`, writes the answer,
 and enforces the connection-level limits (request deadline, keep-alive idle time, the
 shared connection caps). Requests on one connection are answered one at a time, in order
-(a long poll can take ``POLL_TIMEOUT`` seconds). Reading goes on while a request is being
+(a long poll can take ``settings.poll_timeout`` seconds). Reading goes on while a request is being
 answered, so a client that goes away is noticed at once (its poll is cancelled), but pauses
 once one more full request is buffered, so a pipelining client cannot make the router
 buffer without bound. The next request is not even looked at while the answers already
@@ -21,16 +21,10 @@ import logging
 from typing import Any, List, Optional, Set
 
 from common.limits import (
-    HTTP_KEEPALIVE_IDLE,
-    HTTP_LINGER,
-    HTTP_REQUEST_TIMEOUT,
     LISTEN_QUEUE,
     MAX_PIPELINED_BYTES,
-    POLL_TIMEOUT,
-    SESSION_TTL,
 )
 from router.http_api import SECURITY_HEADERS, ApiError, Exchange, HttpApi, Response
-from router.http_hosts import AllowedHosts
 from router.http_parser import (
     CLOSED,
     CONTINUE_RESPONSE,
@@ -322,11 +316,13 @@ class HttpConnection(asyncio.Protocol):
 
     def _arm_deadline(self) -> None:
         self._cancel_timers()
-        self._deadline = self._loop.call_later(HTTP_REQUEST_TIMEOUT, self._on_deadline)
+        timeout = self.api.hub.settings.http_request_timeout
+        self._deadline = self._loop.call_later(timeout, self._on_deadline)
 
     def _arm_idle(self) -> None:
         self._cancel_timers()
-        self._idle = self._loop.call_later(HTTP_KEEPALIVE_IDLE, self._on_idle)
+        idle = self.api.hub.settings.http_keepalive_idle
+        self._idle = self._loop.call_later(idle, self._on_idle)
 
     def _cancel_timers(self) -> None:
         for timer in (self._deadline, self._idle):
@@ -369,7 +365,7 @@ class HttpConnection(asyncio.Protocol):
                     )
 
     def _close_after_answer(self) -> None:
-        """Half-close once the answer is written, discard input for up to ``HTTP_LINGER``
+        """Half-close once the answer is written, discard input for up to ``http_linger``
         seconds (or until the client closes), then close: closing with unread input would
         reset the connection and could destroy the answer before the client reads it."""
         transport = self.transport
@@ -389,7 +385,7 @@ class HttpConnection(asyncio.Protocol):
         if self._read_paused:
             self._read_paused = False
             transport.resume_reading()
-        self._idle = self._loop.call_later(HTTP_LINGER, self.close)
+        self._idle = self._loop.call_later(self.api.hub.settings.http_linger, self.close)
 
     def shutdown(self) -> None:
         """The server stops: close now if idle, else after the current answer."""
@@ -449,19 +445,15 @@ async def start_http_server(
     host: str,
     port: int,
     start_serving: bool = False,
-    poll_timeout: float = POLL_TIMEOUT,
-    session_ttl: float = SESSION_TTL,
-    allowed_hosts: Optional[AllowedHosts] = None,
     backlog: int = LISTEN_QUEUE,
 ) -> asyncio.AbstractServer:
     """Bind the HTTP listener (browser UI and JSON API), not yet accepting unless
     *start_serving*; asyncio accepts up to *backlog* connections per loop wake-up and
-    listens with it. Raises ``OSError`` if the port cannot be bound. The returned server
-    owns the API state (sessions); closing it ends the connections. *allowed_hosts* are
-    the hosts requests may name (default: :meth:`AllowedHosts.default_for` *host*)."""
+    listens with it. Everything else (timeouts, allowed hosts) comes from
+    ``hub.settings``. Raises ``OSError`` if the port cannot be bound. The returned server
+    owns the API state (sessions); closing it ends the connections."""
     loop = asyncio.get_running_loop()
-    hosts = allowed_hosts if allowed_hosts is not None else AllowedHosts.default_for(host)
-    api = HttpApi(hub, StaticFiles(WEB_ROOT), poll_timeout, session_ttl, hosts)
+    api = HttpApi(hub, StaticFiles(WEB_ROOT))
     api.admit = SessionRateLimit(hub.settings.rate_limit, hub.settings.rate_burst)
     connections: Set[HttpConnection] = set()
     server = await loop.create_server(

@@ -17,10 +17,10 @@ from urllib.parse import parse_qs, unquote
 from common import errors
 from common import messages as m
 from common.errors import Refusal
-from common.limits import MAX_TEXT_CHARS, POLL_TIMEOUT, SESSION_TTL
+from common.limits import MAX_TEXT_CHARS
 from common.names import NameKind, NameRefusal, check_name, check_room, name_key
 from common.text import TextProblem, clean_text
-from router.http_hosts import AllowedHosts, host_allowed, origin_allowed
+from router.http_hosts import host_allowed, origin_allowed
 from router.http_parser import Request
 from router.http_poll import Poll, encode_poll_payload, parse_cursors
 from router.http_session import COOKIE_NAME, HttpSession, SessionStore
@@ -204,19 +204,13 @@ Action = Callable[[Exchange], None]
 class HttpApi:
     """Routes, JSON commands and the static page. One per HTTP listener."""
 
-    def __init__(
-        self,
-        hub: Hub,
-        static: StaticFiles,
-        poll_timeout: float = POLL_TIMEOUT,
-        session_ttl: float = SESSION_TTL,
-        allowed_hosts: AllowedHosts = AllowedHosts(),
-    ) -> None:
+    def __init__(self, hub: Hub, static: StaticFiles) -> None:
         self.hub = hub
         self.static = static
-        self.poll_timeout = poll_timeout
-        self.allowed_hosts = allowed_hosts
-        self.sessions = SessionStore(hub, hub.loop, session_ttl)
+        settings = hub.settings
+        self.poll_timeout = settings.poll_timeout
+        self.allowed_hosts = settings.http_hosts()
+        self.sessions = SessionStore(hub, hub.loop, settings.session_ttl)
         self.admit: Admit = admit_everything
         self._anonymous = hub.add(_Anonymous())
         self._routes: Dict[str, Dict[str, Handler]] = {

@@ -35,10 +35,11 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 from common import errors
 from common import messages as m
 from common.errors import Refusal
-from common.limits import DEADLINE_GRACE, DROP_TIMEOUT, MAX_ROOMS_PER_CLIENT, REQUEST_TIMEOUT
+from common.limits import MAX_ROOMS_PER_CLIENT
 from common.protocol import user_joined_line, user_left_line
 from router.output import OutputBudget
-from router.policy import AddressLimits, ConnectionLimiter, Settings
+from router.policy import AddressLimits, ConnectionLimiter
+from router.settings import Settings
 from router.shards import ShardPool
 from shard.core import busiest_rooms
 
@@ -393,7 +394,9 @@ class Hub:
     # --- sending -----------------------------------------------------------------------
 
     def _deadline(self, deadline: Optional[float] = None) -> float:
-        return self.loop.time() + REQUEST_TIMEOUT if deadline is None else deadline
+        if deadline is None:
+            return self.loop.time() + self.settings.request_timeout
+        return deadline
 
     def _send_for(
         self,
@@ -424,11 +427,12 @@ class Hub:
         """A shard link is about to write (or refuse) *batch*: they are in flight now, in
         this order."""
         now = self.loop.time()
+        grace, drop_timeout = self.settings.deadline_grace, self.settings.drop_timeout
         commands = self._in_flight[index].commands
         handlers_of = self._handlers_of
         for command in batch:
             deadline = command[m.DEADLINE]
-            answer_by = deadline + DEADLINE_GRACE if deadline else now + DROP_TIMEOUT
+            answer_by = deadline + grace if deadline else now + drop_timeout
             handlers = handlers_of.pop(command[m.REQ], None) if handlers_of else None
             if handlers is None:
                 commands.append((command, answer_by, None, None))

@@ -13,42 +13,13 @@ import ipaddress
 import logging
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
 from common import limits as L
 from router.descriptors import count_open_descriptors
+from router.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Per-client and per-address limits and timeouts, immutable, built once from the
-    command line (tests build their own). A rate of 0 turns that token bucket off."""
-
-    rate_limit: float = L.RATE_LIMIT
-    rate_burst: int = L.RATE_BURST
-    flood_penalty: float = L.FLOOD_PENALTY_SECONDS
-    out_hard: int = L.OUTPUT_HARD_LIMIT
-    out_soft: int = L.OUTPUT_SOFT_LIMIT
-    out_soft_seconds: float = L.OUTPUT_SOFT_SECONDS
-    idle_ping: float = L.IDLE_PING_SECONDS
-    ping_timeout: float = L.PING_TIMEOUT_SECONDS
-    join_timeout: float = L.JOIN_TIMEOUT_SECONDS
-    max_connections: int = L.MAX_CONNECTIONS
-    max_connections_per_ip: int = L.MAX_CONNECTIONS_PER_IP
-    output_pause: int = L.OUTPUT_PAUSE_BYTES
-    output_budget_total: int = L.OUTPUT_BUDGET_TOTAL
-    output_budget_per_address: int = L.OUTPUT_BUDGET_PER_ADDRESS
-    max_sessions_per_address: int = L.MAX_SESSIONS_PER_ADDRESS
-    session_rate: float = L.SESSION_RATE
-    session_burst: int = L.SESSION_BURST
-    join_rate: float = L.JOIN_RATE
-    join_burst: int = L.JOIN_BURST
-    poll_max_bytes: int = L.MAX_POLL_ANSWER_BYTES
-    max_sessions: int = L.MAX_HTTP_SESSIONS
-    max_rooms_per_address: int = L.MAX_ROOMS_PER_ADDRESS
 
 
 class TokenBucket:

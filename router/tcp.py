@@ -30,12 +30,11 @@ from common.limits import (
     MAX_QUEUED_COMMANDS,
     MAX_REPLY_ALLOWANCE,
     PARSE_SLICE_BYTES,
-    REQUEST_TIMEOUT,
-    SLOW_CONSUMER_CLOSE_GRACE,
     TIMER_SWEEP_INTERVAL,
 )
 from router.hub import Client, ClientRecord, Hub
-from router.policy import Settings, TokenBucket, address_key, close_refused
+from router.policy import TokenBucket, address_key, close_refused
+from router.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -467,7 +466,7 @@ class TcpConnection(asyncio.Protocol, Client):
                 transport.abort()
                 return
             transport.resume_reading()
-        self._loop.call_later(SLOW_CONSUMER_CLOSE_GRACE, transport.abort)
+        self._loop.call_later(self.settings.slow_consumer_close_grace, transport.abort)
 
     # --- timers ----------------------------------------------------------------------
 
@@ -594,9 +593,10 @@ class TcpConnection(asyncio.Protocol, Client):
         """The deadline of the reply command being handled: its request timeout counted
         from when it was read. None (and its ERROR written) if that has passed already."""
         now = self._loop.time()
+        timeout = self.settings.request_timeout
         if self._received_at is None:
-            return now + REQUEST_TIMEOUT
-        deadline = self._received_at + REQUEST_TIMEOUT
+            return now + timeout
+        deadline = self._received_at + timeout
         if deadline > now:
             return deadline
         self.write(Refusal(errors.SHARD_TIMEOUT, room).error_line())

@@ -8,6 +8,7 @@ HTTP adapter in-process with shortened limits instead, so that no test waits 10 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.client
 import json
 import os
@@ -32,7 +33,8 @@ from router import http as http_adapter
 from router.http_api import HttpApi, failure_error
 from router.http_static import StaticFiles
 from router.hub import Hub
-from router.policy import ConnectionLimiter, Settings
+from router.policy import ConnectionLimiter
+from router.settings import Settings
 from tests.cluster import Cluster, LineClient
 from web import WEB_ROOT
 
@@ -892,8 +894,9 @@ def run_in_process(
 ) -> Any:
     """Run coroutine function *body(port, api)* against an in-process HTTP adapter (no
     shards) with the request deadline and keep-alive idle shortened to 0.3 s."""
-    monkeypatch.setattr(http_adapter, "HTTP_REQUEST_TIMEOUT", 0.3)
-    monkeypatch.setattr(http_adapter, "HTTP_KEEPALIVE_IDLE", 0.3)
+    settings = dataclasses.replace(
+        settings or Settings(), http_request_timeout=0.3, http_keepalive_idle=0.3
+    )
 
     async def main() -> Any:
         loop = asyncio.get_running_loop()

@@ -71,10 +71,11 @@ def test_other_loop_errors_go_to_the_default_handler(caplog: pytest.LogCaptureFi
 
 
 def test_the_router_installs_the_handler() -> None:
-    from router.app import Config, Router
+    from router.app import Router
+    from router.settings import Settings
 
     async def main() -> Any:
-        router = Router(Config(tcp_port=0, http_port=None))
+        router = Router(Settings(tcp_port=0, http_port=None))
         return asyncio.get_running_loop().get_exception_handler() is _log_loop_error, router
 
     installed, router = asyncio.run(main())

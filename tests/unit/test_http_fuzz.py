@@ -33,6 +33,7 @@ from router.http_parser import (
 from router.http_static import StaticFiles
 from router.http_target import parse_authority, parse_host_name, parse_origin, split_target
 from router.hub import Hub
+from router.settings import Settings
 from tests.memory_shards import MemoryPool
 from web import WEB_ROOT
 
@@ -305,9 +306,9 @@ class Client:
 
 async def run_requests(templates: List[Dict[str, Any]]) -> Client:
     loop = asyncio.get_running_loop()
-    hub = Hub(loop)
+    hub = Hub(loop, Settings(poll_timeout=60.0))
     hub.attach(MemoryPool(hub, SHARDS))  # type: ignore[arg-type]
-    api = HttpApi(hub, StaticFiles(WEB_ROOT), poll_timeout=60.0)
+    api = HttpApi(hub, StaticFiles(WEB_ROOT))
     client = Client(api)
     try:
         for template in templates:

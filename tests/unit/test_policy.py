@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from common import limits as L
 from router.descriptors import count_open_descriptors, open_descriptors
-from router.policy import ConnectionLimiter, FdBudget, Settings, TokenBucket
+from router.policy import ConnectionLimiter, FdBudget, TokenBucket
+from router.settings import Settings
 
 # --- TokenBucket -------------------------------------------------------------------------
 
