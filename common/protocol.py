@@ -178,9 +178,7 @@ USAGE = {
 }
 #: ``HISTORY <room> n`` with a whole number ``n`` outside 1..MAX_HISTORY_REPLY: the usage
 #: line plus the range, so that ``HISTORY lobby 9999`` says what the maximum is.
-ERR_HISTORY_RANGE = PeerError(
-    error_line(f"usage: HISTORY <room> [n] (n is 1-{MAX_HISTORY_REPLY})")
-)
+ERR_HISTORY_RANGE = PeerError(error_line(f"usage: HISTORY <room> [n] (n is 1-{MAX_HISTORY_REPLY})"))
 
 
 def not_in_room_error(room: str) -> bytes:

@@ -220,9 +220,7 @@ HISTORY_COUNTS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("count", "reply"), HISTORY_COUNTS, ids=[c[:8] for c, _ in HISTORY_COUNTS]
-)
+@pytest.mark.parametrize(("count", "reply"), HISTORY_COUNTS, ids=[c[:8] for c, _ in HISTORY_COUNTS])
 def test_history_count_out_of_range_says_the_range(count: str, reply: bytes) -> None:
     (event,) = parse(f"HISTORY lobby {count}")
     assert event == p.PeerError(reply)
