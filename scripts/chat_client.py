@@ -477,14 +477,13 @@ def _plural(count: int, noun: str) -> str:
 
 def _clock(stamp: str, tz: tzinfo | None) -> str:
     """Return ``HH:MM`` in ``tz`` for a PROTOCOL.md UTC timestamp, or ``stamp`` if unparseable."""
-    for layout in ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ"):
-        try:
-            moment = datetime.strptime(stamp, layout).replace(tzinfo=timezone.utc)
-            return moment.astimezone(tz).strftime("%H:%M")
-        except (ValueError, OverflowError, OSError):
-            # Not this layout; or a date the platform cannot convert (Windows, pre-1970).
-            continue
-    return stamp
+    moment = _moment(stamp)
+    if moment is None:
+        return stamp
+    try:
+        return moment.astimezone(tz).strftime("%H:%M")
+    except (OverflowError, OSError):  # a date the platform cannot convert (Windows, pre-1970)
+        return stamp
 
 
 def _printable(text: str) -> str:
@@ -518,7 +517,7 @@ def greeting_problem(line: str | None, *, closed: bool = False) -> str | None:
         )
     else:
         shown = _printable(line if len(line) <= 60 else line[:60] + "...")
-        said = f"it answered {shown!r}"
+        said = f"it answered '{shown}'"
     return (
         f"this is not a shardchat server ({said}): is the port right? "
         f"the line protocol is on {DEFAULT_PORT} by default"
