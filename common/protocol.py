@@ -176,6 +176,9 @@ USAGE = {
     "PING": PeerError(error_line(f"usage: PING [token] (token up to {MAX_PING_TOKEN_CHARS})")),
     "PONG": PeerError(error_line("usage: PONG [token]")),
 }
+#: ``HISTORY <room> n`` with a whole number ``n`` outside 1..MAX_HISTORY_REPLY: the usage
+#: line plus the range, so that ``HISTORY lobby 9999`` says what the maximum is.
+ERR_HISTORY_RANGE = PeerError(error_line(f"usage: HISTORY <room> [n] (n is 1-{MAX_HISTORY_REPLY})"))
 
 
 def not_in_room_error(room: str) -> bytes:
@@ -352,19 +355,37 @@ def _parse_names(rest: str) -> Event:
     return room if isinstance(room, PeerError) else Names(room)
 
 
+_WHOLE_NUMBER = re.compile("-?[0-9]+")
+
+
 def _parse_history(rest: str) -> Event:
     args = rest.split()
     if not 1 <= len(args) <= 2:
         return USAGE["HISTORY"]
     n = MAX_HISTORY_REPLY
     if len(args) == 2:
-        if not (args[1].isascii() and args[1].isdigit()):
-            return USAGE["HISTORY"]
-        n = int(args[1])
-        if not 1 <= n <= MAX_HISTORY_REPLY:
-            return USAGE["HISTORY"]
+        n = _history_count(args[1])
+        if isinstance(n, PeerError):
+            return n
     room = _room_arg(args[0])
     return room if isinstance(room, PeerError) else History(room, n)
+
+
+def _history_count(text: str) -> Union[int, PeerError]:
+    """``n`` of ``HISTORY <room> n``: ASCII digits within 1..MAX_HISTORY_REPLY.
+
+    Any other whole number (``0``, ``501``, ``-3``, a thousand digits) gets the line that
+    says the range; anything that is not a whole number (``abc``, ``1.5``, ``+5``, ``²``)
+    the plain usage line.
+    """
+    if not _WHOLE_NUMBER.fullmatch(text):
+        return USAGE["HISTORY"]
+    digits = text.lstrip("-").lstrip("0")
+    # Compared as text first: int() of thousands of digits is slow work for no answer.
+    if text.startswith("-") or len(digits) > len(str(MAX_HISTORY_REPLY)):
+        return ERR_HISTORY_RANGE
+    n = int(digits or "0")
+    return n if 1 <= n <= MAX_HISTORY_REPLY else ERR_HISTORY_RANGE
 
 
 def _parse_token(verb: str, rest: str) -> Union[str, PeerError]:

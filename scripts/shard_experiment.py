@@ -7,23 +7,27 @@ until it answers, drives it with one ``scripts/loadgen.py`` scenario (passing th
 PIDs with ``--pids`` so CPU% and RSS per process are sampled), stops it (SIGTERM, wait)
 and goes on to the next run. Runs are sequential and bounded in time.
 
-Writes, into ``--out`` (default ``docs/perf/``; ``--quick`` runs default to a temporary
-directory so a smoke run never overwrites the published results):
+Writes, into ``--out`` (default: a new directory ``results/<date>-<time>/`` in the checkout,
+which git ignores; the published results in ``docs/perf/`` are replaced only when asked
+for with ``--out docs/perf``), and prints the results tables to stdout (progress goes to
+stderr):
 
 * ``shard_experiment.csv``  one row per run, every repeat (failed runs too, with their error)
 * ``shard_experiment.md``   the median run per configuration, ratios against the baseline,
   the goals, and (``--profile``) the router's top frames
 * ``shard_experiment.json`` every loadgen result as received, plus the run metadata
 * ``shard_experiment.png``  deliveries/s and p99 latency against the shard count, the
-  baseline as a reference line (only if matplotlib is installed: ``pip install ".[plot]"``)
+  baseline as a reference line (only if matplotlib is installed; see ``PLOT_HINT``)
 * ``router_profile_<scenario>.txt`` py-spy's raw stacks (``--profile``)
 
 Examples::
 
-    python scripts/shard_experiment.py                      # full run, 3 rounds, ~10 minutes
-    python scripts/shard_experiment.py --quick --out /tmp/x # ~30 s smoke run
+    python scripts/shard_experiment.py --quick              # smoke run, about 30 s
+    python scripts/shard_experiment.py                      # full run, 39 runs, about 11 min
+    python scripts/shard_experiment.py --out docs/perf --profile fanout,longpoll  # publish
     python scripts/shard_experiment.py --scenarios fanout --shards 1,2,4,8,16
-    python scripts/shard_experiment.py --profile fanout,longpoll
+
+It says at the start how many runs it plans and about how long they take.
 
 Every number in the output comes from a run made by this invocation. Exit status: 0 when
 every run succeeded, 1 when the results were written but some run failed (the failure is
@@ -44,7 +48,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -55,7 +58,16 @@ ROOT = Path(__file__).resolve().parent.parent
 START_CLUSTER = ROOT / "scripts" / "start_cluster.py"
 BASELINE = ROOT / "scripts" / "baseline_threaded_server.py"
 LOADGEN = ROOT / "scripts" / "loadgen.py"
-DEFAULT_OUT = ROOT / "docs" / "perf"
+#: Where runs go by default: ``results/`` of the checkout (git-ignored), a new directory per
+#: run; outside a checkout, ``results/`` of the current directory.
+RESULTS = ROOT / "results" if (ROOT / "pyproject.toml").exists() else Path("results")
+#: What to do for the plot. ``pip install ".[plot]"`` from a checkout would replace the
+#: editable install the README's test command makes (``-e ".[test]"``) with a copy, so the
+#: hint keeps ``-e`` and the test extra; installing matplotlib alone is the other way.
+PLOT_HINT = (
+    'matplotlib is not installed: python -m pip install -e ".[test,plot]" in the checkout '
+    "(keeps the editable install), or python -m pip install matplotlib"
+)
 STEM = "shard_experiment"
 HOST = "127.0.0.1"
 
@@ -78,6 +90,9 @@ LOADGEN_SLACK_S = 30.0  # beyond the run's own bounded phases before we kill the
 ERROR_TAIL_CHARS = 600  # of a failed process's output, kept in the results
 BUSY_OTHERS_PCT = 15.0  # CPU (% of one core) used outside a run that marks it contended
 STUCK_RESUME_S = 1.0  # loadgen's stuck scenario reads this long after its drain
+#: Seconds a run takes beyond its warmup and measured time (start the server, connect,
+#: drain, stop): 1.3 on average in docs/perf's runs (their ``wall_s``). For the estimate.
+RUN_OVERHEAD_S = 1.5
 
 GOAL_FANOUT_DELIVERIES = 2.0
 GOAL_FANOUT_P99 = 0.5
@@ -1017,18 +1032,7 @@ def write_markdown(
         f"repeated (up to {meta['attempts']} attempts, the least contended kept); "
         "*busy machine* marks one that never ran on a quiet machine.",
         "",
-        "## Runs",
-        "",
-        *runs_note(meta),
-        *run_table(rows, kept),
-        "",
-        "## Cluster against the threaded baseline",
-        "",
-        *ratio_table(kept),
-        "",
-        f"## Goals (cluster at {meta['fixed_shards']} shards)",
-        "",
-        *goal_table(evaluate_goals(kept, meta["fixed_shards"])),
+        *summary_lines(rows, kept, meta),
         "",
     ]
     for profile in profiles:
@@ -1044,7 +1048,7 @@ def write_plot(path: Path, rows: Sequence[Dict[str, Any]], cores: int) -> Option
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return 'matplotlib is not installed (pip install ".[plot]")'
+        return PLOT_HINT
     swept = sorted(
         {r["scenario"] for r in rows if r["server"] == "cluster" and r["status"] == "ok"}
     )
@@ -1153,7 +1157,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     """Parse the command line (exits with status 2 on bad arguments)."""
     parser = argparse.ArgumentParser(
         description="Run the cluster at several shard counts and the threaded baseline "
-        "under the load generator; write CSV, Markdown and (with matplotlib) a PNG plot.",
+        "under the load generator; write CSV, Markdown and (with matplotlib) a PNG plot "
+        "into a new results/<date>-<time>/ and print the tables. The full run takes about "
+        "11 minutes; --quick about 30 s.",
     )
     parser.add_argument(
         "--quick",
@@ -1161,7 +1167,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         help="seconds-long smoke run: tiny sizes, ~1 s runs, shards 1,2",
     )
     parser.add_argument(
-        "--out", type=Path, help="output directory (default docs/perf/; --quick: a temporary one)"
+        "--out",
+        type=Path,
+        help="output directory (default: a new results/<date>-<time>/; --out docs/perf "
+        "replaces the published results)",
     )
     parser.add_argument(
         "--scenarios",
@@ -1271,8 +1280,40 @@ def resolve(args: argparse.Namespace) -> Tuple[Timing, List[int], int, Path]:
     fixed = args.fixed_shards or (2 if args.quick else max(2, os.cpu_count() or 1))
     out = args.out
     if out is None:
-        out = Path(tempfile.mkdtemp(prefix=f"{STEM}-")) if args.quick else DEFAULT_OUT
+        out = fresh_directory(RESULTS, args.quick, datetime.datetime.now())
     return timing, counts, fixed, out
+
+
+def fresh_directory(base: Path, quick: bool, now: datetime.datetime) -> Path:
+    """Create and return a directory under ``base`` that no earlier run used.
+
+    Named after ``now`` (``2026-11-26-142501``, ``-quick`` for a smoke run), with ``-2``,
+    ``-3``... if that exists already.
+    """
+    name = now.strftime("%Y-%m-%d-%H%M%S") + ("-quick" if quick else "")
+    base.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        candidate = base / (name if attempt == 1 else f"{name}-{attempt}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise RuntimeError(f"no fresh directory for {name} in {base}")
+
+
+def estimate_seconds(runs: int, timing: Timing, profiles: int) -> float:
+    """About how long ``runs`` runs and ``profiles`` profile runs take (not counting the
+    repeats a busy machine causes)."""
+    per_run = timing.warmup + timing.duration + RUN_OVERHEAD_S + timing.pause
+    return (runs + profiles) * per_run
+
+
+def about(seconds: float) -> str:
+    """``about 40 s`` / ``about 11 minutes``."""
+    if seconds < 90:
+        return f"about {max(5, round(seconds / 5) * 5):.0f} s"
+    return f"about {round(seconds / 60):.0f} minutes"
 
 
 def log(message: str) -> None:
@@ -1444,9 +1485,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     attempts = args.attempts or (1 if args.quick else 3)
     repeats = args.repeats or (1 if args.quick else 3)
     load_before = load_average()
+    estimate = estimate_seconds(len(runs) * repeats, timing, len(args.profile))
     log(
         f"{len(runs)} configurations x {repeats} = {len(runs) * repeats} runs "
-        f"({timing.duration:g} s measured each), load average {load_before}"
+        f"({timing.duration:g} s measured each): {about(estimate)}, longer if a busy "
+        f"machine makes runs repeat; load average {load_before}; results into {out}"
     )
     rows: List[Dict[str, Any]] = []
     raws: List[Dict[str, Any]] = []
@@ -1474,7 +1517,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     profiles = profile_all(args.profile, fixed, timing, out, args.quick)
     for path in write_results(out, rows, kept, raws, meta, profiles):
         log(f"wrote {path}")
+    print("\n".join(summary_lines(rows, kept, meta)), flush=True)
     return 0 if all(row["status"] == "ok" for row in rows) else 1
+
+
+def summary_lines(
+    rows: Sequence[Dict[str, Any]], kept: Sequence[Dict[str, Any]], meta: Dict[str, Any]
+) -> List[str]:
+    """The tables of the Markdown file (runs, ratios, goals), for stdout."""
+    return [
+        "## Runs",
+        "",
+        *runs_note(meta),
+        *run_table(rows, kept),
+        "",
+        "## Cluster against the threaded baseline",
+        "",
+        *ratio_table(kept),
+        "",
+        f"## Goals (cluster at {meta['fixed_shards']} shards)",
+        "",
+        *goal_table(evaluate_goals(kept, meta["fixed_shards"])),
+    ]
 
 
 if __name__ == "__main__":

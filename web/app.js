@@ -9,11 +9,25 @@
 //
 // One long poll per page covers every room it is in (GET /api/poll?cursors=...). When the
 // set of rooms changes the poll is aborted and a new one starts with the new cursors.
+//
+// Links: http:// and https:// URLs in messages become <a> elements built with textContent
+// (never markup), checked with the URL parser (other schemes, javascript: among them, stay
+// text), opened in a new tab with rel="noopener noreferrer", inside the message's <bdi>.
 "use strict";
 
 (function () {
   const MAX_MESSAGES_PER_ROOM = 1000;
-  const BACKOFF_MAX_MS = 30000;
+  // Retrying after a failure: 250 ms doubling to 2 s, each wait a random 50-100 % of that
+  // (so that the pages of a restarted server do not all come back in the same instant).
+  // The cap is what brings a page back within ~2 s of the server's return.
+  const BACKOFF_FIRST_MS = 250;
+  const BACKOFF_MAX_MS = 2000;
+  // MAX_TEXT_CHARS and MAX_LINE_BYTES of common/limits.py (docs/LIMITS.md): the server
+  // counts characters (code points) and refuses `MSG <room> <text>` over 4096 bytes.
+  const MAX_TEXT_CHARS = 2000;
+  const MAX_LINE_BYTES = 4096;
+  // Show the count from this many characters on, so the limit is no surprise.
+  const TEXT_COUNT_FROM = 1800;
   const ROOMS_REFRESH_MS = 15000;
   const STORAGE_NAME = "shardchat.username";
   const STORAGE_ROOM = "shardchat.room";
@@ -43,6 +57,7 @@
     log: $("log"),
     composer: $("composer"),
     composerInput: $("composer-input"),
+    composerNote: $("composer-note"),
     sendError: $("send-error"),
     memberList: $("member-list"),
     memberCount: $("member-count"),
@@ -56,6 +71,7 @@
     polling: false,
     pollController: null,
     failures: 0,
+    wake: null, // resolves the current retry wait early (the browser is back online)
   };
 
   // --- API ------------------------------------------------------------------------------
@@ -114,6 +130,70 @@
     return node;
   }
 
+  // --- links ----------------------------------------------------------------------------
+
+  // A candidate starts at http:// or https:// and runs to white space, a quote or angle
+  // bracket, or a bidi control (which would reorder what the reader sees of it).
+  const URL_CANDIDATE = /https?:\/\/[^\s<>"\u200e\u200f\u202a-\u202e\u2066-\u2069]+/gi;
+  // Punctuation that ends a sentence rather than a URL ("see https://x.org.").
+  const TRAILING = /[.,;:!?'*]+$/;
+
+  // `text` as a <bdi dir="auto"> whose http(s) URLs are links; the rest stays text.
+  function linkified(text, className) {
+    const node = isolated("", className);
+    let last = 0;
+    for (const match of text.matchAll(URL_CANDIDATE)) {
+      const candidate = trimUrl(match[0]);
+      const href = safeHref(candidate);
+      if (!href) continue;
+      node.append(text.slice(last, match.index), linkNode(candidate, href));
+      last = match.index + candidate.length;
+    }
+    node.append(text.slice(last));
+    return node;
+  }
+
+  // Drop sentence punctuation and closing brackets the URL did not open.
+  function trimUrl(candidate) {
+    let url = candidate;
+    for (;;) {
+      const trimmed = url.replace(TRAILING, "");
+      const close = trimmed.slice(-1);
+      const open = { ")": "(", "]": "[", "}": "{" }[close];
+      if (open && count(trimmed, close) > count(trimmed, open)) {
+        url = trimmed.slice(0, -1);
+        continue;
+      }
+      return trimmed;
+    }
+  }
+
+  function count(text, char) {
+    return text.split(char).length - 1;
+  }
+
+  // The URL the link goes to, or null when `candidate` is not an http(s) URL with a host.
+  function safeHref(candidate) {
+    let url;
+    try {
+      url = new URL(candidate);
+    } catch (error) {
+      return null;
+    }
+    if ((url.protocol !== "http:" && url.protocol !== "https:") || !url.hostname) return null;
+    return url.href;
+  }
+
+  function linkNode(text, href) {
+    const link = document.createElement("a");
+    link.href = href;
+    link.textContent = text;
+    link.target = "_blank";
+    link.rel = "noopener noreferrer";
+    link.dir = "ltr"; // a URL reads left to right, also inside right-to-left text
+    return link;
+  }
+
   // The same for a plain string (placeholders, labels, notices): FSI ... PDI.
   function isolate(text) {
     return "\u2068" + text + "\u2069";
@@ -126,13 +206,37 @@
   // --- status ---------------------------------------------------------------------------
 
   function setStatus(kind, text) {
+    const wasOnline = el.status.dataset.state === "online";
     el.status.dataset.state = kind;
     if (el.statusText.textContent !== text) el.statusText.textContent = text;
+    // While the server cannot be reached the member list is what it was: say so by
+    // greying it, and fetch it again once back (people left and came back meanwhile).
+    const stale = kind === "offline" || (kind === "connecting" && state.failures > 0);
+    el.membersPanel.classList.toggle("stale", stale);
+    el.membersPanel.setAttribute("aria-busy", String(stale));
+    if (kind === "online" && !wasOnline) {
+      clearNetworkErrors();
+      if (state.current) refreshMembers(state.current);
+    }
   }
 
-  function showError(node, text) {
+  // `network` marks an error that says the server cannot be reached (or is failing):
+  // cleared by itself once the page is connected again.
+  function showError(node, text, network) {
     node.textContent = text || "";
     node.hidden = !text;
+    if (text && network) node.dataset.network = "true";
+    else delete node.dataset.network;
+  }
+
+  function isNetworkError(error) {
+    return error.code === "network" || error.status >= 500;
+  }
+
+  function clearNetworkErrors() {
+    for (const node of [el.sendError, el.addRoomError, el.joinError]) {
+      if (node.dataset.network) showError(node, "");
+    }
   }
 
   // --- views ----------------------------------------------------------------------------
@@ -239,7 +343,7 @@
     const body = document.createElement("span");
     body.className = "body";
     if (message.type === "chat") {
-      body.append(isolated(message.username, "user"), ": ", isolated(message.text, "text"));
+      body.append(isolated(message.username, "user"), ": ", linkified(message.text, "text"));
     } else if ((message.kind === "join" || message.kind === "leave") && message.username) {
       // "alice joined lobby", built here so that both names are isolated.
       const verb = message.kind === "join" ? " joined " : " left ";
@@ -413,13 +517,16 @@
         continue;
       }
       const added = [];
-      let reset = false;
       if (info.missed) {
         if (room.epoch && info.epoch !== room.epoch) {
-          room.messages = [];
+          // The ids start again in the new epoch. What the page has shown stays (the
+          // scrollback); the server no longer has it, nor what was said while it was down.
           room.after = 0;
-          reset = true;
-          notice(room, "The server restarted this room; older messages are gone.");
+          notice(
+            room,
+            "The server restarted this room: the messages above are from before, and " +
+              "anything said while it was down is lost.",
+          );
         } else if (room.after > 0) {
           notice(room, "Some messages were missed while you were away.");
         } else {
@@ -428,7 +535,7 @@
         added.push(room.messages[room.messages.length - 1]);
       }
       room.epoch = info.epoch;
-      fresh.set(name, { room, info, added, reset });
+      fresh.set(name, { room, info, added });
     }
     for (const message of data.messages) {
       const entry = fresh.get(message.room);
@@ -437,7 +544,7 @@
       entry.room.messages.push(message);
       entry.added.push(message);
     }
-    for (const { room, info, added, reset } of fresh.values()) {
+    for (const { room, info, added } of fresh.values()) {
       room.after = Math.max(room.after, info.after);
       if (room.messages.length > MAX_MESSAGES_PER_ROOM) {
         room.messages.splice(0, room.messages.length - MAX_MESSAGES_PER_ROOM);
@@ -447,8 +554,7 @@
         refreshMembers(room.name);
       }
       if (room.name === state.current) {
-        if (reset) renderLog();
-        else appendToLog(added);
+        appendToLog(added);
       } else {
         room.unread += added.filter((message) => message.type === "chat").length;
       }
@@ -457,12 +563,29 @@
   }
 
   function backoffDelay() {
-    const base = Math.min(BACKOFF_MAX_MS, 1000 * 2 ** Math.min(state.failures - 1, 5));
-    return base * (0.8 + Math.random() * 0.4);
+    const doubled = BACKOFF_FIRST_MS * 2 ** Math.min(Math.max(state.failures - 1, 0), 10);
+    return Math.min(BACKOFF_MAX_MS, doubled) * (0.5 + Math.random() * 0.5);
   }
 
   function sleep(ms) {
     return new Promise((resolve) => setTimeout(resolve, ms));
+  }
+
+  // A retry wait that ends early when the browser says it is back online.
+  function retryWait(ms) {
+    return new Promise((resolve) => {
+      const timer = setTimeout(done, ms);
+      function done() {
+        clearTimeout(timer);
+        if (state.wake === done) state.wake = null;
+        resolve();
+      }
+      state.wake = done;
+    });
+  }
+
+  function wakeUp() {
+    if (state.wake) state.wake();
   }
 
   async function pollLoop() {
@@ -497,11 +620,11 @@
       // Asked too often (the server says when to come back): not offline, just wait.
       await sleep(Math.max(1, error.retryAfter) * 1000);
     } else {
+      // Stays "offline" between attempts (at most 2 s apart), rather than flickering
+      // through "connecting" for each; the first answer says "Connected".
       state.failures += 1;
-      const delay = backoffDelay();
-      setStatus("offline", "Offline, retrying in " + Math.round(delay / 1000) + " s");
-      await sleep(delay);
-      setStatus("connecting", "Reconnecting…");
+      setStatus("offline", "Offline, reconnecting…");
+      await retryWait(backoffDelay());
     }
   }
 
@@ -529,7 +652,8 @@
         }
         if (error.code !== "already_in_room") {
           state.failures += 1;
-          await sleep(backoffDelay());
+          if (isNetworkError(error)) setStatus("offline", "Offline, reconnecting…");
+          await retryWait(backoffDelay());
           return;
         }
       }
@@ -571,7 +695,7 @@
         await loadSession();
         return;
       }
-      showError(el.joinError, error.message);
+      showError(el.joinError, error.message, isNetworkError(error));
     }
   }
 
@@ -588,7 +712,7 @@
       refreshActiveRooms();
       el.composerInput.focus();
     } catch (error) {
-      showError(el.addRoomError, error.message);
+      showError(el.addRoomError, error.message, isNetworkError(error));
     }
   }
 
@@ -600,18 +724,67 @@
     if (el.addRoomError.hidden) el.addRoomInput.value = "";
   }
 
+  // What the note by the message box says about `text`, and whether it is too long to send.
+  function number(value) {
+    return value.toLocaleString("en"); // 2,500: the same digits whatever the locale
+  }
+
+  // What the note by the message box says about `text`, and whether it is too long to send.
+  function lengthNote(text, room) {
+    const chars = [...text].length; // code points, as the server counts
+    if (chars > MAX_TEXT_CHARS) {
+      const over = number(chars - MAX_TEXT_CHARS);
+      return {
+        tooLong: true,
+        text:
+          `Too long to send: ${number(chars)} characters, ${over} over the limit of ` +
+          `${number(MAX_TEXT_CHARS)}.`,
+      };
+    }
+    const encoder = new TextEncoder();
+    const bytes = encoder.encode(text).length + encoder.encode(room || "").length + 5;
+    if (bytes > MAX_LINE_BYTES) {
+      return {
+        tooLong: true,
+        text:
+          `Too long to send: ${number(bytes)} bytes with the room name, over the limit of ` +
+          `${number(MAX_LINE_BYTES)} (letters outside English and emoji take 2-4 bytes each).`,
+      };
+    }
+    if (chars >= TEXT_COUNT_FROM) {
+      return { tooLong: false, text: `${number(chars)} / ${number(MAX_TEXT_CHARS)} characters` };
+    }
+    return { tooLong: false, text: "" };
+  }
+
+  function updateLengthNote() {
+    const note = lengthNote(el.composerInput.value, state.current);
+    el.composerNote.textContent = note.text;
+    el.composerNote.hidden = !note.text;
+    el.composerNote.classList.toggle("over", note.tooLong);
+    if (note.tooLong) el.composerInput.setAttribute("aria-invalid", "true");
+    else el.composerInput.removeAttribute("aria-invalid");
+    return note;
+  }
+
   async function onSend(event) {
     event.preventDefault();
     const text = el.composerInput.value;
     const room = state.current;
     if (!text.trim() || !room) return;
+    if (updateLengthNote().tooLong) {
+      el.composerInput.focus(); // the note says why; nothing is cut or sent
+      return;
+    }
     el.composerInput.value = "";
+    updateLengthNote();
     showError(el.sendError, "");
     try {
       await api("POST", "/api/send", { room, text });
     } catch (error) {
       if (!el.composerInput.value) el.composerInput.value = text;
-      showError(el.sendError, error.message);
+      updateLengthNote();
+      showError(el.sendError, error.message, isNetworkError(error));
       if (error.status === 401 || error.code === "not_in_room") restartPoll();
     }
   }
@@ -642,11 +815,19 @@
     } catch (error) {
       if (error.status === 401) {
         showJoinView();
-      } else {
-        showJoinView("Cannot reach the server. Try again in a moment.");
+        return;
       }
+      // Keep asking until the server answers; the message goes once it does.
+      if (el.joinView.hidden) showJoinView();
+      showError(el.joinError, "Cannot reach the server. Trying again…", true);
+      setStatus("offline", "Offline, reconnecting…");
+      state.failures += 1;
+      await retryWait(backoffDelay());
+      if (!state.username || !state.rooms.size) loadSession();
       return;
     }
+    state.failures = 0;
+    clearNetworkErrors();
     if (!data.username || !data.rooms.length) {
       state.username = data.username;
       showJoinView();
@@ -662,6 +843,8 @@
   el.joinForm.addEventListener("submit", onJoinSubmit);
   el.addRoomForm.addEventListener("submit", onAddRoomSubmit);
   el.composer.addEventListener("submit", onSend);
+  el.composerInput.addEventListener("input", updateLengthNote);
+  window.addEventListener("online", wakeUp);
   el.leaveButton.addEventListener("click", () => state.current && leaveRoom(state.current));
   el.signOut.addEventListener("click", onSignOut);
   el.membersToggle.addEventListener("click", onMembersToggle);

@@ -52,6 +52,8 @@ class FakeChatServer:
         echo_delay: float = 0.0,
         say_bye: bool = True,
         rooms_delay: float = 0.0,
+        port: int = 0,
+        history: dict[str, list[tuple[int, str, str, str]]] | None = None,
     ) -> None:
         self.ping_token = ping_token
         self.echo_delay = echo_delay
@@ -62,10 +64,14 @@ class FakeChatServer:
         self._changed = threading.Condition()
         self._send_lock = threading.Lock()
         self._members: dict[str, dict[socket.socket, str]] = {}
-        self._history: dict[str, list[tuple[int, str, str, str]]] = {}
+        # Passing a stopped server's history to a new one on its port is a server that
+        # came back with its rooms' history; a new one without is a restart that lost it.
+        self.history: dict[str, list[tuple[int, str, str, str]]] = (
+            history if history is not None else {}
+        )
         self._open: set[socket.socket] = set()
         self._stopping = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", port))
         self._listener.settimeout(0.05)  # so the accept loop notices stop()
         self.port: int = self._listener.getsockname()[1]
         self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
@@ -82,6 +88,16 @@ class FakeChatServer:
         """Send ``line`` to every connected client."""
         for conn in list(self._open):
             self._send(conn, line)
+
+    def say(self, room: str, user: str, text: str) -> None:
+        """``user`` (not a connection) says ``text`` in ``room``: kept, sent to members."""
+        self.record(room, user, text)
+        for member in list(self._members.get(room, {})):
+            self._send(member, f"MSG {room} {user} {text}")
+
+    def record(self, room: str, user: str, text: str) -> None:
+        """Keep ``text`` in ``room``'s history only, as said while nobody listened."""
+        self._log(room, user, text)
 
     def drop_all(self) -> None:
         """Close every client connection, as a crashing server would."""
@@ -174,12 +190,12 @@ class FakeChatServer:
             self._send(member, f"MSG {room} {user} {text}")
 
     def _log(self, room: str, user: str, text: str) -> None:
-        events = self._history.setdefault(room, [])
+        events = self.history.setdefault(room, [])
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
         events.append((len(events) + 1, stamp, user, text))
 
     def _send_history(self, conn: socket.socket, room: str, count: int) -> None:
-        events = self._history.get(room, [])[-count:]
+        events = self.history.get(room, [])[-count:]
         for seq, stamp, user, text in events:
             self._send(conn, f"HISTORY {room} {seq} {stamp} {user} {text}")
         self._send(conn, f"END HISTORY {room} {len(events)}")
@@ -269,7 +285,7 @@ def test_piped_session_prints_plain_lines(server: FakeChatServer) -> None:
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "* welcome to shardchat; fake server for client tests",
+        "* welcome to shardchat; type to talk in the current room, /help for the commands",
         "* joined room lobby",
         "[lobby] bob: hello",
         "* in lobby (1): bob",
@@ -601,10 +617,10 @@ def test_terminal_prompts_and_keeps_the_typed_line_intact(
 
 
 @needs_pty
-def test_terminal_server_close_exits_1_and_restores_the_terminal(
+def test_terminal_server_close_with_no_reconnect_exits_1_and_restores_the_terminal(
     server: FakeChatServer,
 ) -> None:
-    term = PtyClient(client_args(server.port, "--user", "bob", "--room", "lobby"))
+    term = PtyClient(client_args(server.port, "--user", "bob", "--room", "lobby", "--no-reconnect"))
     try:
         term.expect("* joined room lobby")
         term.type("half typ")
@@ -628,3 +644,228 @@ def _echo_and_canonical() -> int:
     import termios  # noqa: PLC0415 - POSIX only
 
     return termios.ECHO | termios.ICANON
+
+
+# --------------------------------------------------------------------------- coming back
+
+
+def _back_on(port: int, history: dict | None = None) -> FakeChatServer:
+    """A new fake server on ``port`` (the old one stopped), with ``history`` or none."""
+    return FakeChatServer(port=port, history=history)
+
+
+def _lost_line(port: int) -> str:
+    return f"! lost the connection to 127.0.0.1:{port}; reconnecting (type /quit to stop)"
+
+
+@needs_pty
+def test_terminal_reconnects_rejoins_and_shows_only_what_it_missed(
+    server: FakeChatServer,
+) -> None:
+    term = PtyClient(client_args(server.port, "--user", "bob", "--room", "lobby"))
+    back = None
+    try:
+        term.expect("* joined room lobby")
+        assert server.wait_for("HISTORY lobby 1")  # the silent question for the last seq
+        server.say("lobby", "alice", "before the break")
+        term.expect("[lobby] alice: before the break")
+        port, history = server.port, server.history
+        server.stop()
+        term.expect(_lost_line(port))
+        server.record("lobby", "alice", "while you were out")
+        back = _back_on(port, history)
+        term.expect(f"* reconnected to 127.0.0.1:{port}")
+        term.expect("* joined room lobby")
+        caught_up = term.expect("~ [lobby] missed while you were away: 1 event")
+        term.expect("alice: while you were out")
+        assert back.wait_for("JOIN lobby bob") and back.wait_for("HISTORY lobby")
+        term.type("hello again\r")
+        assert back.wait_for("MSG lobby hello again")
+        term.expect("[lobby] bob: hello again")
+        term.type("/quit\r")
+        assert term.wait() == 0
+    finally:
+        term.close()
+        if back is not None:
+            back.stop()
+    after_the_loss = term.output[len(caught_up) :]
+    assert "before the break" not in after_the_loss  # seen already: not shown again
+    assert "~ [lobby]" not in term.output[: term.output.index("! lost the connection")]
+    assert server.received == ["JOIN lobby bob", "HISTORY lobby 1"]
+
+
+@needs_pty
+def test_terminal_says_when_the_servers_history_started_over(server: FakeChatServer) -> None:
+    term = PtyClient(client_args(server.port, "--user", "bob", "--room", "lobby"))
+    back = None
+    try:
+        term.expect("* joined room lobby")
+        server.say("lobby", "alice", "soon forgotten")
+        term.expect("[lobby] alice: soon forgotten")
+        port = server.port
+        server.stop()
+        term.expect(_lost_line(port))
+        back = _back_on(port)  # restarted: the old history is gone
+        back.record("lobby", "alice", "said after the restart")
+        term.expect("* joined room lobby")
+        term.expect(
+            "! [lobby] the room's history started over while you were away (the server "
+            "restarted): what was said meanwhile is lost"
+        )
+        term.expect("~ [lobby] since it started over: 1 event")
+        term.expect("alice: said after the restart")
+        term.type("/quit\r")
+        assert term.wait() == 0
+    finally:
+        term.close()
+        if back is not None:
+            back.stop()
+
+
+@needs_pty
+def test_terminal_says_when_more_was_missed_than_the_server_keeps(
+    server: FakeChatServer,
+) -> None:
+    term = PtyClient(client_args(server.port, "--user", "bob", "--room", "lobby"))
+    back = None
+    try:
+        term.expect("* joined room lobby")
+        assert server.wait_for("HISTORY lobby 1")
+        port, history = server.port, server.history
+        server.stop()
+        term.expect(_lost_line(port))
+        for number in range(600):  # seq 2..601, then the rejoin is 602
+            server.record("lobby", "alice", f"busy {number}")
+        back = _back_on(port, history)
+        # The last 500 are 103..602: 101 events after bob's seq 1 are gone, 499 are shown.
+        term.expect(
+            "! [lobby] 101 events from while you were away are lost: the server keeps "
+            "only the last 500 of a room"
+        )
+        term.expect("~ [lobby] missed while you were away: 499 events")
+        term.expect("alice: busy 101\n")
+        term.expect("alice: busy 599\n")
+        term.type("/quit\r")
+        assert term.wait() == 0
+    finally:
+        term.close()
+        if back is not None:
+            back.stop()
+    assert "busy 100\n" not in term.output
+
+
+@needs_pty
+def test_terminal_refuses_to_send_while_reconnecting_and_quits_at_once(
+    server: FakeChatServer,
+) -> None:
+    term = PtyClient(client_args(server.port, "--user", "bob", "--room", "lobby"))
+    try:
+        term.expect("* joined room lobby")
+        port = server.port
+        server.stop()
+        term.expect(_lost_line(port))
+        term.type("anyone there?\r")
+        term.expect(f"! not connected: reconnecting to 127.0.0.1:{port}; not sent")
+        term.type("/help\r")  # local commands still work
+        term.expect("/switch <room>")
+        term.type("/quit\r")
+        assert term.wait() == 0
+    finally:
+        term.close()
+    assert "anyone there?" not in "".join(server.received)
+
+
+# --------------------------------------------------------------------------- not shardchat
+
+
+class FirstLineServer:
+    """Accepts connections on 127.0.0.1 and sends each ``first`` (or nothing), then waits."""
+
+    def __init__(self, first: bytes) -> None:
+        self.first = first
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return  # closed by stop()
+            self._held.append(conn)
+            if self.first:
+                conn.sendall(self.first)
+
+    def stop(self) -> None:
+        self._listener.close()
+        for conn in self._held:
+            conn.close()
+
+
+NOT_SHARDCHAT = "is the port right? the line protocol is on 5000 by default"
+
+
+@pytest.mark.parametrize(
+    ("first", "said"),
+    [
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n", "it answered 'HTTP/1.1 400 Bad Request'"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "it answered 'SSH-2.0-OpenSSH_9.2'"),
+        (b"", "it said nothing within 3 s"),
+    ],
+    ids=["http", "ssh", "silent"],
+)
+def test_a_server_that_is_not_shardchat_is_named_before_any_prompt(first: bytes, said: str) -> None:
+    other = FirstLineServer(first)
+    try:
+        result = run_piped(other.port, "hello\n", "--user", "bob", "--room", "lobby")
+    finally:
+        other.stop()
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert (
+        result.stderr == f"chat_client: this is not a shardchat server ({said}): {NOT_SHARDCHAT}\n"
+    )
+
+
+def test_a_full_shardchat_server_is_reported_as_refusing() -> None:
+    full = FirstLineServer(b"ERROR server full\n")
+    try:
+        result = run_piped(full.port, "hello\n", "--user", "bob", "--room", "lobby")
+    finally:
+        full.stop()
+
+    assert result.returncode == 1
+    assert result.stderr == "chat_client: the server refused the connection: server full\n"
+
+
+# --------------------------------------------------------------------------- flags
+
+
+@pytest.mark.parametrize("port", ["70000", "0", "abc", "-1", "5000x", "\u0665\u0660\u0660\u0660"])
+def test_a_bad_port_is_refused_in_the_users_words(port: str) -> None:
+    result = run_piped(5000, "", "--port", port, "--user", "bob")
+
+    assert result.returncode == 2
+    assert (
+        f"chat_client: error: argument --port: the port must be a whole number from 1 to "
+        f"65535, not {port!r} (the line protocol is on 5000 by default)"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_the_slash_commands() -> None:
+    result = subprocess.run(
+        [sys.executable, str(CLIENT), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT * 2,
+    )
+
+    assert result.returncode == 0, result.stderr
+    for command in ("/join <room>", "/leave", "/switch", "/rooms", "/names", "/history [n]"):
+        assert command in result.stdout
+    assert "/quit" in result.stdout and "//text" in result.stdout
+    assert "--no-reconnect" in result.stdout

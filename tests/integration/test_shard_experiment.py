@@ -9,6 +9,7 @@ by tests.
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import subprocess
 import sys
@@ -50,9 +51,14 @@ def test_quick_run_writes_csv_markdown_and_json(tmp_path: Path) -> None:
         cwd=str(ROOT),
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout == "", "progress belongs on stderr"
     progress = [line for line in done.stderr.splitlines() if line.startswith("[")]
     assert len(progress) == len(QUICK_RUNS), done.stderr
+    assert done.stderr.startswith("11 configurations x 1 = 11 runs"), done.stderr
+    assert f"results into {tmp_path}" in done.stderr.splitlines()[0]
+    # The tables go to stdout (progress stays on stderr): the same as the Markdown's.
+    assert not any(line.startswith("[") for line in done.stdout.splitlines())
+    assert done.stdout.startswith("## Runs\n")
+    assert done.stdout.count("| fanout | cluster |") == 2
 
     with (tmp_path / "shard_experiment.csv").open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -74,6 +80,8 @@ def test_quick_run_writes_csv_markdown_and_json(tmp_path: Path) -> None:
     markdown = (tmp_path / "shard_experiment.md").read_text(encoding="utf-8")
     for heading in ("## Runs", "## Cluster against the threaded baseline", "## Goals"):
         assert heading in markdown
+        assert heading in done.stdout
+    assert done.stdout.strip() in markdown
     assert markdown.count("| fanout | cluster |") == 2
     assert "not measured" not in markdown  # every goal had its runs
 
@@ -146,3 +154,39 @@ def test_plan_adds_the_fanout_reference_for_stuck_and_the_fixed_count() -> None:
     ]
     swept = se.plan_runs(["fanout"], [1, 8], ["fanout"], 2, quick=False)
     assert [r.shards for r in swept] == [1, 2, 8, None]
+
+
+def test_results_go_to_a_fresh_directory_unless_out_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(se, "RESULTS", tmp_path / "results")
+    _, _, _, quick = se.resolve(se.parse_args(["--quick"]))
+    _, _, _, full = se.resolve(se.parse_args([]))
+    assert quick.parent == full.parent == tmp_path / "results"
+    assert quick.name.endswith("-quick") and quick.is_dir() and full.is_dir()
+    assert quick != full
+    assert se.resolve(se.parse_args(["--out", "docs/perf"]))[3] == Path("docs/perf")
+    assert not (ROOT / "docs" / "perf").samefile(quick)
+
+
+def test_a_fresh_directory_is_never_one_used_before(tmp_path: Path) -> None:
+    now = datetime.datetime(2026, 11, 26, 14, 25, 1)
+    made = [se.fresh_directory(tmp_path, quick=False, now=now) for _ in range(3)]
+    assert [path.name for path in made] == [
+        "2026-11-26-142501",
+        "2026-11-26-142501-2",
+        "2026-11-26-142501-3",
+    ]
+    assert se.fresh_directory(tmp_path, quick=True, now=now).name == "2026-11-26-142501-quick"
+
+
+def test_the_estimate_says_how_long_the_plan_takes() -> None:
+    full = se.estimate_seconds(39, se.FULL_TIMING, 0)
+    assert 9 * 60 <= full <= 12 * 60  # the full run measured about 11 minutes
+    assert se.about(full) == "about 10 minutes"
+    assert se.about(se.estimate_seconds(11, se.QUICK_TIMING, 0)) == "about 35 s"
+
+
+def test_the_plot_hint_keeps_an_editable_install() -> None:
+    assert 'pip install -e ".[test,plot]"' in se.PLOT_HINT
+    assert 'pip install ".[plot]"' not in se.PLOT_HINT

@@ -15,6 +15,7 @@ if str(ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) from th
 from common.names import check_username, normalize  # noqa: E402
 from scripts.chat_client import (  # noqa: E402
     HELP_LINES,
+    WELCOME_SHOWN,
     ClientState,
     apply_server_line,
     expects_reply,
@@ -30,6 +31,11 @@ pytestmark = pytest.mark.timeout(30)
 
 UTC = timezone.utc
 STAMP = "2026-11-26T00:23:19.123Z"
+HISTORY_USAGE = "! usage: /history [n]   (n: a whole number from 1 to 500)"
+HISTORY_TOO_MANY = (
+    "! /history shows at most 500 events (the server keeps the last 500 of each room); "
+    "try /history 500"
+)
 
 
 # --------------------------------------------------------------------------- server lines
@@ -43,7 +49,8 @@ STAMP = "2026-11-26T00:23:19.123Z"
         ("MSG lobby alice /not a command", "[lobby] alice: /not a command"),
         ("MSG 日本 zoë ça va", "[日本] zoë: ça va"),
         ("MSG lobby alice hello\r\n", "[lobby] alice: hello"),
-        ("INFO welcome to shardchat; commands: JOIN", "* welcome to shardchat; commands: JOIN"),
+        ("INFO welcome to shardchat; commands: JOIN <room> <username>, ...", WELCOME_SHOWN),
+        ("INFO welcome to shardchat", WELCOME_SHOWN),
         ("INFO joined room lobby", "* joined room lobby"),
         ("INFO alice joined lobby", "* alice joined lobby"),
         ("INFO bye", "* bye"),
@@ -225,6 +232,9 @@ NOWHERE = ClientState("bob")
         ("/names dev", NOWHERE, ["NAMES dev"]),
         ("/history", BOB, ["HISTORY lobby"]),
         ("/history 20", BOB_TWO_ROOMS, ["HISTORY dev 20"]),
+        ("/history 1", BOB, ["HISTORY lobby 1"]),
+        ("/history 500", BOB, ["HISTORY lobby 500"]),
+        ("/history 0500", BOB, ["HISTORY lobby 0500"]),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )
@@ -256,9 +266,16 @@ def test_user_line_sends(line: str, state: ClientState, send: list[str]) -> None
         ("/names", NOWHERE, "! you are not in a room; /join <room> first"),
         ("/names a b", BOB, "! usage: /names [room]"),
         ("/history", NOWHERE, "! you are not in a room; /join <room> first"),
-        ("/history lots", BOB, "! usage: /history [n]   (n: a whole number from 1)"),
-        ("/history 0", BOB, "! usage: /history [n]   (n: a whole number from 1)"),
-        ("/history 1 2", BOB, "! usage: /history [n]   (n: a whole number from 1)"),
+        ("/history lots", BOB, HISTORY_USAGE),
+        ("/history 0", BOB, HISTORY_USAGE),
+        ("/history 000", BOB, HISTORY_USAGE),
+        ("/history -3", BOB, HISTORY_USAGE),
+        ("/history 1.5", BOB, HISTORY_USAGE),
+        ("/history 1 2", BOB, HISTORY_USAGE),
+        ("/history 501", BOB, HISTORY_TOO_MANY),
+        ("/history 600", BOB, HISTORY_TOO_MANY),
+        ("/history 0600", BOB, HISTORY_TOO_MANY),
+        ("/history " + "9" * 5000, BOB, HISTORY_TOO_MANY),
     ],
     ids=lambda value: value if isinstance(value, str) and len(value) < 30 else None,
 )

@@ -202,6 +202,40 @@ def test_history_usage_line_is_the_documented_one() -> None:
     assert parse("HISTORY") == [usage("HISTORY <room> [n]")]
 
 
+HISTORY_RANGE = b"ERROR usage: HISTORY <room> [n] (n is 1-500)\n"
+HISTORY_COUNTS = [
+    ("0", HISTORY_RANGE),
+    ("000", HISTORY_RANGE),
+    ("501", HISTORY_RANGE),
+    ("9999", HISTORY_RANGE),
+    ("-1", HISTORY_RANGE),
+    ("-0", HISTORY_RANGE),
+    ("1" + "0" * 4000, HISTORY_RANGE),
+    ("abc", usage("HISTORY <room> [n]").reply),
+    ("1.5", usage("HISTORY <room> [n]").reply),
+    ("+5", usage("HISTORY <room> [n]").reply),
+    ("\u00b2", usage("HISTORY <room> [n]").reply),
+    ("\u0663", usage("HISTORY <room> [n]").reply),  # ARABIC-INDIC DIGIT THREE
+    ("-", usage("HISTORY <room> [n]").reply),
+]
+
+
+@pytest.mark.parametrize(("count", "reply"), HISTORY_COUNTS, ids=[c[:8] for c, _ in HISTORY_COUNTS])
+def test_history_count_out_of_range_says_the_range(count: str, reply: bytes) -> None:
+    (event,) = parse(f"HISTORY lobby {count}")
+    assert event == p.PeerError(reply)
+
+
+@pytest.mark.parametrize("count", ["1", "500", "0500", "007"])
+def test_history_counts_at_the_edges_of_the_range_are_accepted(count: str) -> None:
+    assert parse(f"HISTORY lobby {count}") == [p.History("lobby", int(count))]
+
+
+def test_history_range_is_checked_before_the_room_name() -> None:
+    # As for the plain usage line: a bad count is reported whatever the room.
+    assert parse("HISTORY no/room 501") == [p.ERR_HISTORY_RANGE]
+
+
 def test_ping_token_too_long() -> None:
     (event,) = parse("PING " + "t" * (MAX_PING_TOKEN_CHARS + 1))
     assert isinstance(event, p.PeerError) and not event.fatal
@@ -576,6 +610,8 @@ BUILDERS = [
     (p.USAGE["NAMES"], usage("NAMES <room>")),
     (p.USAGE["ROOMS"], usage("ROOMS")),
     (p.USAGE["QUIT"], usage("QUIT")),
+    (p.USAGE["HISTORY"], usage("HISTORY <room> [n]")),
+    (p.ERR_HISTORY_RANGE, p.PeerError(b"ERROR usage: HISTORY <room> [n] (n is 1-500)\n")),
 ]
 
 
@@ -592,6 +628,7 @@ def test_welcome_line() -> None:
 def test_only_line_too_long_is_fatal() -> None:
     errors = [p.ERR_BAD_UTF8, p.ERR_CONTROL, p.ERR_BAD_ROOM, p.ERR_BAD_USERNAME]
     errors += [p.ERR_TEXT_TOO_LONG, *p.USAGE.values(), p.unknown_verb_error("X")]
+    errors.append(p.ERR_HISTORY_RANGE)
     assert not any(error.fatal for error in errors)
     assert p.ERR_LINE_TOO_LONG.fatal
 
