@@ -790,15 +790,17 @@
   }
 
   async function onSignOut() {
+    // Forget the rooms and stop the poll first: ending the session answers the waiting
+    // poll 401, and a poll loop that still had rooms would join them all again.
+    state.rooms.clear();
+    state.current = null;
+    restartPoll();
+    showJoinView();
     try {
       await api("POST", "/api/leave", {});
     } catch (error) {
       // Signed out either way: the session expires on its own.
     }
-    state.rooms.clear();
-    state.current = null;
-    restartPoll();
-    showJoinView();
   }
 
   function onMembersToggle() {

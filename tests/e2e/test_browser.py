@@ -204,6 +204,28 @@ def test_name_taken_over_tcp_is_refused_in_the_browser(browser: Browser, cluster
         tcp.close()
 
 
+@pytest.mark.timeout(60)
+def test_sign_out_leaves_the_room_for_good(browser: Browser, cluster: Cluster) -> None:
+    """Found by a new user: ending the session answered the waiting poll 401, and the poll
+    loop joined the rooms again. Now the page forgets its rooms before it signs out."""
+    tcp = LineClient("127.0.0.1", cluster.tcp_port)
+    try:
+        tcp.join("signout", "watcher")
+        page = open_chat(browser, cluster)
+        join(page, "gina", "signout")
+        tcp.expect("INFO gina joined signout")
+        page.page.get_by_role("button", name="Sign out").click()
+        expect(page.page.locator("#join-view")).to_be_visible()
+        tcp.expect("INFO gina left signout")
+        tcp.no_line(1.5)  # and not back
+        tcp.send("NAMES signout")
+        tcp.expect("NAMES signout watcher")
+        expect(page.page.locator("#status")).to_have_attribute("data-state", "idle")
+        assert page.errors == [] and page.dialogs == []
+    finally:
+        tcp.close()
+
+
 #: The page must be back this soon after the server is (issue 13): its retry waits are
 #: capped at 2 s (web/app.js BACKOFF_MAX_MS), and rejoining takes a few requests.
 RECOVERY_MS = 3_000
