@@ -62,6 +62,7 @@ class StorageError(Exception):
     file and what to do; ``problems`` lists every such line when several files are bad."""
 
     def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        message = " ".join(message.splitlines())  # SQLite's own texts may span lines
         super().__init__(message)
         self.problems: Tuple[str, ...] = tuple(problems) or (message,)
 
@@ -363,5 +364,13 @@ def _check_slot_file(item: Tuple[Path, int, int]) -> Optional[str]:
     finally:
         conn.close()
     if verdict != [("ok",)]:
-        return f"{path} is corrupted (quick_check: {verdict[0][0]}): {MOVE_AWAY}"
+        return f"{path} is corrupted (quick_check: {_first_finding(verdict)}): {MOVE_AWAY}"
     return None
+
+
+def _first_finding(verdict: Sequence[Tuple[str]]) -> str:
+    """The first problem ``quick_check`` reports, without its "*** in database main ***"
+    heading, on one line."""
+    lines = [line for (text,) in verdict for line in str(text).splitlines()]
+    findings = [line for line in lines if not line.startswith("***")]
+    return (findings or lines or ["no answer"])[0]
