@@ -221,6 +221,13 @@ STORAGE_CHECKPOINT_PAGES = 256
 #: the file is "in use by another process" (e.g. a second cluster on the same data dir).
 STORAGE_BUSY_TIMEOUT = 2.0
 
+#: Bits of an entry's key in a slot file that hold its seq; the room's number in the file
+#: takes the other 23 (key = room << 40 | seq: one b-tree, entries in room and seq order,
+#: a third fewer pages written per commit than a separate (room, seq) index). So a room's
+#: seq stays below 2**40 (a thousand messages a second for 34 years) and a slot file holds
+#: at most 2**23 rooms (8 million; 2 billion over all slots). Part of the file format.
+STORAGE_SEQ_BITS = 40
+
 #: Free bytes the data directory's device must have at start: with less, the first few
 #: thousand messages would already fail to be stored (refused with a clear line instead).
 STORAGE_MIN_FREE_BYTES = 1024 * 1024

@@ -29,6 +29,7 @@ from common.limits import (
     STORAGE_BUSY_TIMEOUT,
     STORAGE_CHECKPOINT_PAGES,
     STORAGE_MIN_FREE_BYTES,
+    STORAGE_SEQ_BITS,
     STORAGE_SLOTS,
 )
 
@@ -43,14 +44,24 @@ APPLICATION_ID = 0x73686368
 SQLITE_HEADER = b"SQLite format 3\x00"
 SLOT_FILE = re.compile(r"slot-(\d{3,})\.sqlite3")
 
+#: Largest seq a slot file can hold, and the mask of the seq in an entry's key.
+SEQ_MASK = (1 << STORAGE_SEQ_BITS) - 1
+#: Largest room number in a slot file (keys are signed 64-bit integers).
+MAX_ROOM_ID = (1 << (63 - STORAGE_SEQ_BITS)) - 1
+
 _SCHEMA_STEPS: Dict[int, Tuple[str, ...]] = {
     1: (
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+        # A room's seq is its newest entry's: a stored room always keeps at least that one.
         "CREATE TABLE rooms (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE,"
-        " epoch INTEGER NOT NULL, seq INTEGER NOT NULL)",
-        "CREATE TABLE entries (room INTEGER NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL,"
-        " kind TEXT NOT NULL, username TEXT NOT NULL, text TEXT NOT NULL,"
-        " PRIMARY KEY (room, seq))",
+        " epoch INTEGER NOT NULL)",
+        # key = room id << STORAGE_SEQ_BITS | seq: one b-tree in (room, seq) order.
+        "CREATE TABLE entries (key INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL,"
+        " username TEXT NOT NULL, text TEXT NOT NULL)",
+        # For people reading a file with the sqlite3 shell; shardchat does not use it.
+        f"CREATE VIEW history AS SELECT rooms.name AS room, entries.key & {SEQ_MASK} AS seq,"
+        " ts, kind, username, text FROM entries"
+        f" JOIN rooms ON rooms.id = entries.key >> {STORAGE_SEQ_BITS}",
     ),
 }
 
@@ -234,6 +245,26 @@ def open_slot_file(
         conn.close()
         raise
     return conn
+
+
+def highest_epoch(conn: sqlite3.Connection) -> int:
+    """The greatest epoch the slot file holds or has held (its rooms' and the ones of
+    forgotten rooms, kept in ``meta``); 0 for none. Raises ``sqlite3.Error``."""
+    (stored,) = conn.execute("SELECT coalesce(max(epoch), 0) FROM rooms").fetchone()
+    (forgotten,) = conn.execute(
+        "SELECT coalesce(max(value), 0) FROM meta WHERE key = 'epoch_floor'"
+    ).fetchone()
+    return max(stored, forgotten)
+
+
+def remember_epoch(conn: sqlite3.Connection, epoch: int) -> None:
+    """Keep *epoch* (of a room whose rows are deleted) for :func:`highest_epoch`, inside the
+    caller's transaction. Raises ``sqlite3.Error``."""
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch_floor', max(?, coalesce("
+        "(SELECT value FROM meta WHERE key = 'epoch_floor'), 0)))",
+        (epoch,),
+    )
 
 
 def create_slot_file(path: Path, slot: int, slots: int = STORAGE_SLOTS) -> None:

@@ -52,14 +52,19 @@ from common.hashing import room_to_slot, shard_slots
 from common.limits import (
     HISTORY_SIZE,
     MAX_UNSTORED_ENTRIES,
+    STORAGE_SEQ_BITS,
     STORAGE_SLOTS,
 )
 from common.messages import Entry
 from shard.slot_files import (
+    MAX_ROOM_ID,
+    SEQ_MASK,
     StorageError,
     create_slot_file,
     error_name,
+    highest_epoch,
     open_slot_file,
+    remember_epoch,
     slot_file_name,
     sqlite_problem,
 )
@@ -126,6 +131,11 @@ class EpochSource:
         self._last = max(int(self._clock() * 1000), self._last + 1)
         return self._last
 
+    def exceed(self, epoch: int) -> None:
+        """Make every later epoch greater than *epoch* (one found on disk: a clock set back,
+        or a restart within the same millisecond, must not hand it out again)."""
+        self._last = max(self._last, epoch)
+
 
 class HistoryStore(Protocol):
     """What a shard needs from its history store; one owner (the shard loop), not
@@ -136,8 +146,8 @@ class HistoryStore(Protocol):
         empty with a new epoch. Never raises for I/O (see ``StoredRoom.problem``)."""
         ...
 
-    def new_epoch(self) -> int:
-        """An epoch no history of this store had before (to start a room's history anew)."""
+    def new_epoch(self, room: str) -> int:
+        """An epoch *room* never had (to start its history anew). Never raises for I/O."""
         ...
 
     def append(self, room: str, epoch: int, entry: Entry) -> None:
@@ -169,7 +179,7 @@ class MemoryStore:
         """A new, empty history for *room*."""
         return StoredRoom(room, self._epochs.next(), 0)
 
-    def new_epoch(self) -> int:
+    def new_epoch(self, room: str) -> int:
         """A new epoch."""
         return self._epochs.next()
 
@@ -189,27 +199,32 @@ class MemoryStore:
 
 def _read_room(conn: sqlite3.Connection, room: str) -> Optional[StoredRoom]:
     """*room*'s stored history, or None if the file has none."""
-    row = conn.execute("SELECT id, epoch, seq FROM rooms WHERE name = ?", (room,)).fetchone()
+    row = conn.execute("SELECT id, epoch FROM rooms WHERE name = ?", (room,)).fetchone()
     if row is None:
         return None
-    room_id, epoch, seq = row
-    rows = conn.execute(
-        "SELECT seq, ts, kind, username, text FROM entries WHERE room = ? AND seq > ? ORDER BY seq",
-        (room_id, seq - HISTORY_SIZE),
+    room_id, epoch = row
+    low = room_id << STORAGE_SEQ_BITS
+    newest_first = conn.execute(
+        "SELECT key - ?, ts, kind, username, text FROM entries WHERE key BETWEEN ? AND ?"
+        " ORDER BY key DESC LIMIT ?",
+        (low, low, low | SEQ_MASK, HISTORY_SIZE),
     ).fetchall()
-    return StoredRoom(room, epoch, seq, _consecutive_tail(rows, seq))
+    if not newest_first:
+        return None  # a room row without entries: nothing to continue (not written so)
+    newest_first.reverse()
+    return StoredRoom(room, epoch, newest_first[-1][0], _consecutive_tail(newest_first))
 
 
-def _consecutive_tail(rows: List[Entry], seq: int) -> Tuple[Entry, ...]:
-    """The entries of *rows* (sorted by seq) that run without a hole up to *seq*: what the
-    shard may serve as history (it relies on consecutive seqs)."""
-    start = len(rows)
-    expected = seq
-    while start > 0 and rows[start - 1][0] == expected:
+def _consecutive_tail(rows: List[Entry]) -> Tuple[Entry, ...]:
+    """The entries of *rows* (sorted by seq) that run without a hole up to the newest: what
+    the shard may serve as history (it relies on consecutive seqs)."""
+    start = len(rows) - 1
+    while start > 0 and rows[start - 1][0] == rows[start][0] - 1:
         start -= 1
-        expected -= 1
     if start:
-        log.warning("stored history ending at seq %d has a hole; older entries ignored", seq)
+        log.warning(
+            "stored history has a hole before seq %d; older entries ignored", rows[start][0]
+        )
     return tuple(rows[start:])
 
 
@@ -311,14 +326,14 @@ class SqliteStore:
         pending = self._staged.get(room)
         stored: Optional[StoredRoom] = None
         problem: Optional[str] = None
-        if pending is None or not pending.forget:
-            try:
-                conn = self._file(slot, create=False)
-                stored = _read_room(conn, room) if conn is not None else None
-            except StorageError as error:
-                problem = str(error)
-            except sqlite3.Error as error:
-                problem = self._take_down(slot, sqlite_problem(self._path(slot), error))
+        try:
+            conn = self._file(slot, create=False)  # also learns the file's epochs
+            if conn is not None and not (pending and pending.forget):
+                stored = _read_room(conn, room)
+        except StorageError as error:
+            problem = str(error)
+        except sqlite3.Error as error:
+            problem = self._take_down(slot, sqlite_problem(self._path(slot), error))
         merged = merge(room, stored, pending)
         if merged is None:
             return StoredRoom(room, self._epochs.next(), 0, (), problem)
@@ -326,14 +341,22 @@ class SqliteStore:
             return StoredRoom(room, merged.epoch, merged.seq, merged.entries, problem)
         return merged
 
-    def new_epoch(self) -> int:
-        """An epoch greater than every one this store handed out (milliseconds)."""
+    def new_epoch(self, room: str) -> int:
+        """An epoch greater than every one this store handed out and every one *room*'s
+        slot file holds or held (milliseconds, unless those are ahead of the clock)."""
+        try:
+            self._file(self._slot_of(room), create=False)  # opening it learns its epochs
+        except StorageError:
+            pass  # unreadable: its epochs are unknown, the clock's will do
         return self._epochs.next()
 
     def append(self, room: str, epoch: int, entry: Entry) -> None:
         """Stage *entry*, the next entry of *room*'s history *epoch*. An epoch other than
         the staged one starts the history anew (the stored one is replaced at commit).
-        Raises ``ValueError`` for a room outside this shard's slots."""
+        Raises ``ValueError`` for a room outside this shard's slots, or a seq outside
+        ``1..2**STORAGE_SEQ_BITS - 1``."""
+        if not 0 < entry[0] <= SEQ_MASK:
+            raise ValueError(f"seq {entry[0]} is outside 1..{SEQ_MASK}")
         pending = self._staged.get(room)
         if pending is None:
             pending = self._staged[room] = _Pending(self._slot_of(room), epoch)
@@ -430,6 +453,11 @@ class SqliteStore:
         except StorageError as error:
             self._take_down(slot, str(error))
             raise
+        try:
+            self._epochs.exceed(highest_epoch(conn))
+        except sqlite3.Error as error:
+            conn.close()
+            raise StorageError(self._take_down(slot, sqlite_problem(path, error))) from None
         self._files[slot] = conn
         return conn
 
@@ -501,32 +529,47 @@ def _rollback(conn: sqlite3.Connection) -> None:
 
 def _write_room(conn: sqlite3.Connection, name: str, pending: _Pending) -> None:
     """Apply *pending* to *name*'s rows, inside the caller's transaction; the same result as
-    :func:`merge`."""
-    row = conn.execute("SELECT id, epoch, seq FROM rooms WHERE name = ?", (name,)).fetchone()
+    :func:`merge`. Raises ``sqlite3.Error`` (the commit fails)."""
+    row = conn.execute("SELECT id, epoch FROM rooms WHERE name = ?", (name,)).fetchone()
     if row is not None and pending.forget:
-        conn.execute("DELETE FROM entries WHERE room = ?", (row[0],))
+        low = row[0] << STORAGE_SEQ_BITS
+        conn.execute("DELETE FROM entries WHERE key BETWEEN ? AND ?", (low, low | SEQ_MASK))
         conn.execute("DELETE FROM rooms WHERE id = ?", (row[0],))
+        remember_epoch(conn, row[1])  # the room's next history must get a greater one
         row = None
     if not pending.entries:
         return
-    last = pending.entries[-1][0]
     if row is None:
-        room_id = conn.execute(
-            "INSERT INTO rooms (name, epoch, seq) VALUES (?, ?, ?)", (name, pending.epoch, last)
-        ).lastrowid
+        room_id = _insert_room(conn, name, pending.epoch)
+        low = room_id << STORAGE_SEQ_BITS
     else:
-        room_id, epoch, seq = row
-        if not _continues(epoch, seq, pending):
-            conn.execute("DELETE FROM entries WHERE room = ?", (room_id,))
-        conn.execute(
-            "UPDATE rooms SET epoch = ?, seq = ? WHERE id = ?", (pending.epoch, last, room_id)
-        )
+        room_id, epoch = row
+        low = room_id << STORAGE_SEQ_BITS
+        newest = conn.execute(
+            "SELECT max(key) FROM entries WHERE key BETWEEN ? AND ?", (low, low | SEQ_MASK)
+        ).fetchone()[0]
+        if not _continues(epoch, newest - low if newest is not None else 0, pending):
+            conn.execute("DELETE FROM entries WHERE key BETWEEN ? AND ?", (low, low | SEQ_MASK))
+        if epoch != pending.epoch:
+            conn.execute("UPDATE rooms SET epoch = ? WHERE id = ?", (pending.epoch, room_id))
     conn.executemany(
-        "INSERT OR REPLACE INTO entries (room, seq, ts, kind, username, text)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
-        [(room_id, *entry) for entry in pending.entries],
+        "INSERT OR REPLACE INTO entries (key, ts, kind, username, text) VALUES (?, ?, ?, ?, ?)",
+        [
+            (low + seq, ts, kind, username, text)
+            for seq, ts, kind, username, text in pending.entries
+        ],
     )
+    last = pending.entries[-1][0]
     if last > HISTORY_SIZE:
         conn.execute(
-            "DELETE FROM entries WHERE room = ? AND seq <= ?", (room_id, last - HISTORY_SIZE)
+            "DELETE FROM entries WHERE key BETWEEN ? AND ?", (low, low + last - HISTORY_SIZE)
         )
+
+
+def _insert_room(conn: sqlite3.Connection, name: str, epoch: Optional[int]) -> int:
+    """Add room *name* to the file; its number. Raises ``sqlite3.OperationalError`` when the
+    file has no room numbers left (``STORAGE_SEQ_BITS``)."""
+    room_id = conn.execute("INSERT INTO rooms (name, epoch) VALUES (?, ?)", (name, epoch)).lastrowid
+    if room_id is None or room_id > MAX_ROOM_ID:
+        raise sqlite3.OperationalError(f"the file holds {MAX_ROOM_ID} rooms, no more fit")
+    return room_id

@@ -56,6 +56,7 @@ class StoreMachine(RuleBasedStateMachine):
         # What a load must show (committed + staged), and what is on disk (committed).
         self.visible: Dict[str, RoomModel] = {}
         self.committed: Dict[str, RoomModel] = {}
+        self.stored_epochs: Dict[str, List[int]] = {}
         self.clock = 0.0
 
     def teardown(self) -> None:
@@ -73,7 +74,9 @@ class StoreMachine(RuleBasedStateMachine):
         if model is None:
             loaded = self.store_of(room).load(room)
             assert (loaded.seq, loaded.entries) == (0, ())
-            assert all(loaded.epoch != other.epoch for other in self.visible.values())
+            # A new history's epoch is greater than every epoch the room ever had on disk
+            # (even after a restart within the same millisecond, or after a forget).
+            assert loaded.epoch > max(self.stored_epochs.get(room, [0]))
             model = self.visible[room] = RoomModel(loaded.epoch)
         return model
 
@@ -95,7 +98,9 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(room=st.sampled_from(ROOMS))
     def start_anew(self, room: str) -> None:
         """History lost elsewhere (e.g. a shard with --in-memory): a new epoch, seq from 1."""
-        model = self.visible[room] = RoomModel(self.store_of(room).new_epoch())
+        epoch = self.store_of(room).new_epoch(room)
+        assert epoch > max(self.stored_epochs.get(room, [0]))
+        model = self.visible[room] = RoomModel(epoch)
         self.append(room, KIND_JOIN, "again", 1)
         assert model.seq == 1
 
@@ -109,6 +114,9 @@ class StoreMachine(RuleBasedStateMachine):
         for store in self.stores:
             assert store.commit().ok
         self.committed = {room: _copy(model) for room, model in self.visible.items()}
+        for room, model in self.committed.items():
+            if model.entries:
+                self.stored_epochs.setdefault(room, []).append(model.epoch)
 
     @rule(count=COUNTS, commit_first=st.booleans())
     def restart(self, count: int, commit_first: bool) -> None:
@@ -160,14 +168,14 @@ def _read_file(data_dir: Path, room: str) -> Optional[Tuple[int, List[Entry]]]:
         return None
     conn = sqlite3.connect(str(path))
     try:
-        row = conn.execute("SELECT id, epoch FROM rooms WHERE name = ?", (room,)).fetchone()
+        row = conn.execute("SELECT epoch FROM rooms WHERE name = ?", (room,)).fetchone()
         if row is None:
             return None
         entries = conn.execute(
-            "SELECT seq, ts, kind, username, text FROM entries WHERE room = ? ORDER BY seq",
-            (row[0],),
+            "SELECT seq, ts, kind, username, text FROM history WHERE room = ? ORDER BY seq",
+            (room,),
         ).fetchall()
-        return row[1], entries
+        return row[0], entries
     finally:
         conn.close()
 
