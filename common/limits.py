@@ -223,9 +223,9 @@ STORAGE_BUSY_TIMEOUT = 2.0
 
 #: Bits of an entry's key in a slot file that hold its seq; the room's number in the file
 #: takes the other 23 (key = room << 40 | seq: one b-tree, entries in room and seq order,
-#: 2 pages written per one-message commit where a separate (room, seq) index took 5). So a room's
-#: seq stays below 2**40 (a thousand messages a second for 34 years) and a slot file holds
-#: at most 2**23 rooms (8 million; 2 billion over all slots). Part of the file format.
+#: 2 pages written per one-message commit where a separate (room, seq) index took 5). So a
+#: room's seq stays below 2**40 (a thousand messages a second for 34 years) and a slot file
+#: holds at most 2**23 rooms (8 million; 2 billion over all slots). Part of the file format.
 STORAGE_SEQ_BITS = 40
 
 #: Free bytes the data directory's device must have at start: with less, the first few
