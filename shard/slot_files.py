@@ -23,7 +23,7 @@ import shutil
 import sqlite3
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from common.limits import (
     STORAGE_BUSY_TIMEOUT,
@@ -68,13 +68,29 @@ _SCHEMA_STEPS: Dict[int, Tuple[str, ...]] = {
 MOVE_AWAY = "move it away to start with empty history for its rooms, or restore it from a backup"
 
 
+# Stable codes of StorageError (what a caller may match; the text is for people).
+NOT_A_DIRECTORY = "not_a_directory"
+CANNOT_CREATE = "cannot_create"
+NOT_WRITABLE = "not_writable"
+NO_SPACE = "no_space"
+NOT_A_DATABASE = "not_a_database"
+CORRUPTED = "corrupted"
+NOT_OURS = "not_ours"
+NEWER_SCHEMA = "newer_schema"
+WRONG_SLOT = "wrong_slot"
+IN_USE = "in_use"
+UNUSABLE = "unusable"
+
+
 class StorageError(Exception):
     """A data directory or slot file that cannot be used. ``str()`` is one line naming the
-    file and what to do; ``problems`` lists every such line when several files are bad."""
+    file and what to do; ``code`` is one of the codes above; ``problems`` lists every such
+    line when several files are bad."""
 
-    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+    def __init__(self, message: str, code: str = UNUSABLE, problems: Sequence[str] = ()) -> None:
         message = " ".join(message.splitlines())  # SQLite's own texts may span lines
         super().__init__(message)
+        self.code = code
         self.problems: Tuple[str, ...] = tuple(problems) or (message,)
 
 
@@ -104,36 +120,49 @@ def error_name(error: sqlite3.Error) -> str:
     return "SQLITE_ERROR"
 
 
-def sqlite_problem(path: Path, error: sqlite3.Error) -> str:
-    """One line for the operator about *error* on slot file *path*."""
+def sqlite_problem(path: Path, error: sqlite3.Error) -> StorageError:
+    """The operator's one line (and code) about *error* on slot file *path*."""
     name = error_name(error)
     if name.startswith("SQLITE_NOTADB"):
-        return f"{path} is not a SQLite database (corrupted?): {MOVE_AWAY}"
+        return StorageError(
+            f"{path} is not a SQLite database (corrupted?): {MOVE_AWAY}", NOT_A_DATABASE
+        )
     if name.startswith("SQLITE_CORRUPT"):
-        return f"{path} is corrupted ({error}): {MOVE_AWAY}"
-    if name.startswith("SQLITE_BUSY") or name.startswith("SQLITE_LOCKED"):
-        return (
+        return StorageError(f"{path} is corrupted ({error}): {MOVE_AWAY}", CORRUPTED)
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return StorageError(
             f"{path} is in use by another process (another shardchat on the same data"
-            " directory?): stop it, or pass another --data-dir"
+            " directory?): stop it, or pass another --data-dir",
+            IN_USE,
         )
     if name.startswith("SQLITE_FULL"):
-        return f"{path}: no space left on its device: free some space, or pass another --data-dir"
+        return StorageError(f"{path}: {_NO_SPACE}", NO_SPACE)
     if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM")):
-        return (
+        return StorageError(
             f"{path} cannot be opened for writing ({error}): check the permissions of it and"
-            " its directory, or pass another --data-dir"
+            " its directory, or pass another --data-dir",
+            NOT_WRITABLE,
         )
-    return f"{path} cannot be used ({name}: {error}): {MOVE_AWAY}"
+    return StorageError(f"{path} cannot be used ({name}: {error}): {MOVE_AWAY}", UNUSABLE)
 
 
-def _os_problem(path: Path, error: OSError, doing: str) -> str:
-    """One line for the operator about *error* while *doing* something to *path*."""
+_NO_SPACE = "no space left on its device: free some space, or pass another --data-dir"
+
+
+def _os_problem(path: Path, error: OSError, doing: str) -> StorageError:
+    """The operator's one line (and code) about *error* while *doing* something to *path*."""
     reason = error.strerror or str(error)
     if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return f"{path}: no space left on its device: free some space, or pass another --data-dir"
+        return StorageError(f"{path}: {_NO_SPACE}", NO_SPACE)
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"{path} is not writable ({reason}): fix its permissions, or pass another --data-dir"
-    return f"{path} cannot be {doing} ({reason}): fix it, or pass another --data-dir"
+        return StorageError(
+            f"{path} is not writable ({reason}): fix its permissions, or pass another --data-dir",
+            NOT_WRITABLE,
+        )
+    return StorageError(
+        f"{path} cannot be {doing} ({reason}): fix it, or pass another --data-dir",
+        CANNOT_CREATE if doing == "created" else UNUSABLE,
+    )
 
 
 def _check_header(path: Path, shown: Path) -> None:
@@ -143,9 +172,11 @@ def _check_header(path: Path, shown: Path) -> None:
         with open(path, "rb") as file:
             header = file.read(len(SQLITE_HEADER))
     except OSError as error:
-        raise StorageError(_os_problem(shown, error, "read")) from None
+        raise _os_problem(shown, error, "read") from None
     if header and header != SQLITE_HEADER:
-        raise StorageError(f"{shown} is not a SQLite database (corrupted?): {MOVE_AWAY}")
+        raise StorageError(
+            f"{shown} is not a SQLite database (corrupted?): {MOVE_AWAY}", NOT_A_DATABASE
+        )
 
 
 def _connect(path: Path, synchronous: str) -> sqlite3.Connection:
@@ -177,13 +208,15 @@ def _prepare_schema(conn: sqlite3.Connection, path: Path, slot: int, slots: int)
     if application_id != APPLICATION_ID and (application_id or version or tables):
         raise StorageError(
             f"{path} is a SQLite database but not a shardchat history file: move it out of"
-            f" {path.parent}"
+            f" {path.parent}",
+            NOT_OURS,
         )
     if version > SCHEMA_VERSION:
         raise StorageError(
             f"{path} has history schema version {version}, newer than this shardchat"
             f" understands ({SCHEMA_VERSION}): run the newer shardchat, or pass another"
-            " --data-dir"
+            " --data-dir",
+            NEWER_SCHEMA,
         )
     if version < SCHEMA_VERSION:
         _migrate(conn, version, slot, slots)
@@ -191,7 +224,8 @@ def _prepare_schema(conn: sqlite3.Connection, path: Path, slot: int, slots: int)
     if (layout.get("slot"), layout.get("slots")) != (slot, slots):
         raise StorageError(
             f"{path} holds storage slot {layout.get('slot')} of {layout.get('slots')}, not"
-            f" slot {slot} of {slots} (renamed, or from another layout): {MOVE_AWAY}"
+            f" slot {slot} of {slots} (renamed, or from another layout): {MOVE_AWAY}",
+            WRONG_SLOT,
         )
 
 
@@ -235,12 +269,12 @@ def open_slot_file(
     try:
         conn = _connect(path, synchronous)
     except sqlite3.Error as error:
-        raise StorageError(sqlite_problem(shown, error)) from None
+        raise sqlite_problem(shown, error) from None
     try:
         _prepare_schema(conn, shown, slot, slots)
     except sqlite3.Error as error:
         conn.close()
-        raise StorageError(sqlite_problem(shown, error)) from None
+        raise sqlite_problem(shown, error) from None
     except BaseException:
         conn.close()
         raise
@@ -279,7 +313,7 @@ def create_slot_file(path: Path, slot: int, slots: int = STORAGE_SLOTS) -> None:
         open_slot_file(building, slot, slots, shown=path).close()
         os.replace(building, path)
     except OSError as error:
-        raise StorageError(_os_problem(path, error, "created")) from None
+        raise _os_problem(path, error, "created") from None
     _sync_directory(path.parent)
 
 
@@ -316,34 +350,44 @@ def check_data_dir(data_dir: Union[str, Path], slots: int = STORAGE_SLOTS) -> No
     """
     path = Path(data_dir)
     _check_directory(path)
-    problems = [problem for problem in map(_check_slot_file, _slot_files(path, slots)) if problem]
+    problems: List[StorageError] = []
+    for item in _slot_files(path, slots):
+        problem = _check_slot_file(item)
+        if problem is not None:
+            problems.append(problem)
+            if problem.code == IN_USE:
+                break  # another cluster holds them all: waiting for each would take minutes
     if problems:
-        message = problems[0]
+        message = str(problems[0])
         if len(problems) > 1:
             message += f" ({len(problems) - 1} more slot files in {path} have problems too)"
-        raise StorageError(message, problems)
+        raise StorageError(message, problems[0].code, [str(problem) for problem in problems])
 
 
 def _check_directory(path: Path) -> None:
     """Create *path* if missing; raise ``StorageError`` unless it is a writable directory
     with room to spare."""
     if path.exists() and not path.is_dir():
-        raise StorageError(f"{path} is not a directory: move it away, or pass another --data-dir")
+        raise StorageError(
+            f"{path} is not a directory: move it away, or pass another --data-dir", NOT_A_DIRECTORY
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
         raise StorageError(
-            f"{path} cannot be created (a part of it is a file): pass another --data-dir"
+            f"{path} cannot be created (a part of it is a file): pass another --data-dir",
+            CANNOT_CREATE,
         ) from None
     except OSError as error:
-        raise StorageError(_os_problem(path, error, "created")) from None
+        raise _os_problem(path, error, "created") from None
     _probe_write(path)
     free = shutil.disk_usage(str(path)).free
     if free < STORAGE_MIN_FREE_BYTES:
         raise StorageError(
             f"{path}: only {free // 1024} KiB free on its device (at least"
             f" {STORAGE_MIN_FREE_BYTES // 1024} KiB needed): free some space, or pass another"
-            " --data-dir"
+            " --data-dir",
+            NO_SPACE,
         )
 
 
@@ -353,14 +397,14 @@ def _probe_write(path: Path) -> None:
     try:
         handle, name = tempfile.mkstemp(prefix=".probe-", dir=str(path))
     except OSError as error:
-        raise StorageError(_os_problem(path, error, "written")) from None
+        raise _os_problem(path, error, "written") from None
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(b"\0" * 4096)
             file.flush()
             os.fsync(file.fileno())
     except OSError as error:
-        raise StorageError(_os_problem(path, error, "written")) from None
+        raise _os_problem(path, error, "written") from None
     finally:
         try:
             os.unlink(name)
@@ -376,18 +420,19 @@ def _slot_files(path: Path, slots: int) -> Iterable[Tuple[Path, int, int]]:
             yield path / name, int(match.group(1)), slots
 
 
-def _check_slot_file(item: Tuple[Path, int, int]) -> Optional[str]:
+def _check_slot_file(item: Tuple[Path, int, int]) -> Optional[StorageError]:
     """None if the slot file opens and passes ``quick_check``, else the operator's line."""
     path, slot, slots = item
     if slot >= slots:
-        return (
+        return StorageError(
             f"{path} is beyond the {slots} storage slots of this version (from another"
-            f" layout?): {MOVE_AWAY}"
+            f" layout?): {MOVE_AWAY}",
+            WRONG_SLOT,
         )
     try:
         conn = open_slot_file(path, slot, slots)
     except StorageError as error:
-        return str(error)
+        return error
     try:
         verdict = conn.execute("PRAGMA quick_check").fetchall()
     except sqlite3.Error as error:
@@ -395,7 +440,8 @@ def _check_slot_file(item: Tuple[Path, int, int]) -> Optional[str]:
     finally:
         conn.close()
     if verdict != [("ok",)]:
-        return f"{path} is corrupted (quick_check: {_first_finding(verdict)}): {MOVE_AWAY}"
+        finding = _first_finding(verdict)
+        return StorageError(f"{path} is corrupted (quick_check: {finding}): {MOVE_AWAY}", CORRUPTED)
     return None
 
 

@@ -333,7 +333,7 @@ class SqliteStore:
         except StorageError as error:
             problem = str(error)
         except sqlite3.Error as error:
-            problem = self._take_down(slot, sqlite_problem(self._path(slot), error))
+            problem = self._take_down(slot, str(sqlite_problem(self._path(slot), error)))
         merged = merge(room, stored, pending)
         if merged is None:
             return StoredRoom(room, self._epochs.next(), 0, (), problem)
@@ -457,7 +457,9 @@ class SqliteStore:
             self._epochs.exceed(highest_epoch(conn))
         except sqlite3.Error as error:
             conn.close()
-            raise StorageError(self._take_down(slot, sqlite_problem(path, error))) from None
+            problem = sqlite_problem(path, error)
+            self._take_down(slot, str(problem))
+            raise problem from None
         self._files[slot] = conn
         return conn
 
@@ -489,7 +491,7 @@ class SqliteStore:
                 _write_room(conn, name, pending)
             conn.execute("COMMIT")
         except sqlite3.Error as error:
-            reason = sqlite_problem(self._path(slot), error)
+            reason = str(sqlite_problem(self._path(slot), error))
             _rollback(conn)
             if error_name(error).startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
                 self._take_down(slot, reason)

@@ -22,9 +22,19 @@ from common.limits import HISTORY_SIZE, STORAGE_MIN_FREE_BYTES, STORAGE_SLOTS
 from common.messages import KIND_CHAT, KIND_JOIN, Entry
 from shard.slot_files import (
     APPLICATION_ID,
+    CANNOT_CREATE,
+    CORRUPTED,
+    IN_USE,
     MAX_ROOM_ID,
+    NEWER_SCHEMA,
+    NO_SPACE,
+    NOT_A_DATABASE,
+    NOT_A_DIRECTORY,
+    NOT_OURS,
+    NOT_WRITABLE,
     SCHEMA_VERSION,
     SEQ_MASK,
+    WRONG_SLOT,
     StorageError,
     check_data_dir,
     slot_file_name,
@@ -483,6 +493,7 @@ def test_a_file_in_place_of_the_data_dir(tmp_path: Path) -> None:
     assert (
         str(caught.value) == f"{path} is not a directory: move it away, or pass another --data-dir"
     )
+    assert caught.value.code == NOT_A_DIRECTORY
 
 
 def test_a_file_in_the_way_of_creating_the_data_dir(tmp_path: Path) -> None:
@@ -491,6 +502,7 @@ def test_a_file_in_the_way_of_creating_the_data_dir(tmp_path: Path) -> None:
     with pytest.raises(StorageError) as caught:
         check_data_dir(path)
     assert str(caught.value).startswith(f"{path} cannot be created")
+    assert caught.value.code == CANNOT_CREATE
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs POSIX, not root")
@@ -507,6 +519,7 @@ def test_an_unwritable_data_dir(tmp_path: Path) -> None:
         f"{path} is not writable (Permission denied): fix its permissions, or pass another"
         " --data-dir"
     )
+    assert caught.value.code == NOT_WRITABLE
 
 
 def test_a_read_only_data_dir(tmpfs: Callable[[str], Path]) -> None:
@@ -517,6 +530,7 @@ def test_a_read_only_data_dir(tmpfs: Callable[[str], Path]) -> None:
         f"{path} is not writable (Read-only file system): fix its permissions, or pass"
         " another --data-dir"
     )
+    assert caught.value.code == NOT_WRITABLE
 
 
 def test_a_full_data_dir(tmpfs: Callable[[str], Path]) -> None:
@@ -527,6 +541,7 @@ def test_a_full_data_dir(tmpfs: Callable[[str], Path]) -> None:
     assert str(caught.value) == (
         f"{path}: no space left on its device: free some space, or pass another --data-dir"
     )
+    assert caught.value.code == NO_SPACE
 
 
 def test_a_nearly_full_data_dir(tmpfs: Callable[[str], Path]) -> None:
@@ -540,6 +555,7 @@ def test_a_nearly_full_data_dir(tmpfs: Callable[[str], Path]) -> None:
         f" KiB free on its device (at least {STORAGE_MIN_FREE_BYTES // 1024} KiB needed): free"
         " some space, or pass another --data-dir"
     )
+    assert caught.value.code == NO_SPACE
 
 
 def _write_rooms(data_dir: Path, rooms: Sequence[str]) -> None:
@@ -556,6 +572,7 @@ def test_a_slot_file_that_is_not_a_database(data_dir: Path) -> None:
     with pytest.raises(StorageError) as caught:
         check_data_dir(data_dir)
     assert str(caught.value) == f"{path} is not a SQLite database (corrupted?): {MOVE_AWAY}"
+    assert caught.value.code == NOT_A_DATABASE
 
 
 def test_a_slot_file_corrupted_inside(data_dir: Path) -> None:
@@ -570,6 +587,7 @@ def test_a_slot_file_corrupted_inside(data_dir: Path) -> None:
     assert message.startswith(f"{path} is corrupted (")
     assert message.endswith(f"): {MOVE_AWAY}")
     assert "\n" not in message
+    assert caught.value.code == CORRUPTED
 
 
 def test_a_slot_file_of_a_newer_schema(data_dir: Path) -> None:
@@ -584,6 +602,7 @@ def test_a_slot_file_of_a_newer_schema(data_dir: Path) -> None:
         f"{path} has history schema version {SCHEMA_VERSION + 1}, newer than this shardchat"
         f" understands ({SCHEMA_VERSION}): run the newer shardchat, or pass another --data-dir"
     )
+    assert caught.value.code == NEWER_SCHEMA
 
 
 def test_another_sqlite_database_in_the_data_dir(data_dir: Path) -> None:
@@ -596,6 +615,7 @@ def test_another_sqlite_database_in_the_data_dir(data_dir: Path) -> None:
     assert str(caught.value) == (
         f"{path} is a SQLite database but not a shardchat history file: move it out of {data_dir}"
     )
+    assert caught.value.code == NOT_OURS
 
 
 def test_a_renamed_slot_file(data_dir: Path) -> None:
@@ -610,6 +630,7 @@ def test_a_renamed_slot_file(data_dir: Path) -> None:
         f" {room_to_slot('lobby') + 1} of {STORAGE_SLOTS} (renamed, or from another layout):"
         f" {MOVE_AWAY}"
     )
+    assert caught.value.code == WRONG_SLOT
 
 
 def test_a_slot_file_beyond_the_layout(data_dir: Path) -> None:
@@ -621,6 +642,7 @@ def test_a_slot_file_beyond_the_layout(data_dir: Path) -> None:
         f"{path} is beyond the {STORAGE_SLOTS} storage slots of this version (from another"
         f" layout?): {MOVE_AWAY}"
     )
+    assert caught.value.code == WRONG_SLOT
 
 
 def test_a_slot_file_in_use_by_another_process(data_dir: Path) -> None:
@@ -636,7 +658,25 @@ def test_a_slot_file_in_use_by_another_process(data_dir: Path) -> None:
         f"{slot_path(data_dir, 'lobby')} is in use by another process (another shardchat on"
         " the same data directory?): stop it, or pass another --data-dir"
     )
+    assert caught.value.code == IN_USE
     check_data_dir(data_dir)  # released with the close
+
+
+def test_the_check_stops_at_the_first_file_in_use(data_dir: Path) -> None:
+    rooms = ["lobby", "dev", "zoë"]
+    assert len({room_to_slot(room) for room in rooms}) == 3
+    _write_rooms(data_dir, rooms)
+    holder = SqliteStore(data_dir)
+    for room in rooms:
+        holder.load(room)
+    try:
+        with pytest.raises(StorageError) as caught:
+            check_data_dir(data_dir)
+    finally:
+        holder.close()
+    # Another cluster holds them all; one wait for one file is enough to say so.
+    assert caught.value.code == IN_USE
+    assert len(caught.value.problems) == 1
 
 
 def test_several_bad_files_are_counted_in_the_one_line(data_dir: Path) -> None:
@@ -647,6 +687,7 @@ def test_several_bad_files_are_counted_in_the_one_line(data_dir: Path) -> None:
     first = f"{data_dir / slot_file_name(1)} is not a SQLite database (corrupted?): {MOVE_AWAY}"
     assert str(caught.value) == f"{first} (2 more slot files in {data_dir} have problems too)"
     assert len(caught.value.problems) == 3
+    assert caught.value.code == NOT_A_DATABASE
 
 
 def test_good_files_and_other_files_pass_the_check(data_dir: Path) -> None:
