@@ -200,6 +200,44 @@ MAX_ROOMS_LISTED = 1000
 #: each group with one pipe message). Bounds the size of one answer.
 MAX_SHARD_BATCH = 4096
 
+# --- durable history (shard/storage.py) -------------------------------------------------
+
+#: Fixed virtual slots of the history store: a room hashes to one slot (BLAKE2b of its
+#: name), each slot is one SQLite file, and a shard owns a contiguous range of whole slots,
+#: so any ``--shards`` count from 1 to MAX_SHARDS finds every room's file. 256 = 4 x
+#: MAX_SHARDS: at the usual 2-16 shards the slot ranges differ by at most 1 slot in 16
+#: (6%); each open slot file costs its shard 2 descriptors (the file and its WAL), at most
+#: 512 with ``--shards 1``. Never change it once history exists: rooms would move to other
+#: files (every file records it, and the start check refuses a mismatch).
+STORAGE_SLOTS = 256
+
+#: WAL pages after which a slot file's commit also checkpoints the WAL into the database
+#: (and fsyncs both): bounds each slot's WAL file to about 1 MiB (256 x 4 KiB pages), so
+#: all 256 WAL files together stay under 256 MiB; SQLite's own default is 1000.
+STORAGE_CHECKPOINT_PAGES = 256
+
+#: Seconds a shard opening a slot file waits for another process's lock on it: a killed
+#: shard's lock is released by the kernel as it exits, just before its restart. After it,
+#: the file is "in use by another process" (e.g. a second cluster on the same data dir).
+STORAGE_BUSY_TIMEOUT = 2.0
+
+#: Bits of an entry's key in a slot file that hold its seq; the room's number in the file
+#: takes the other 23 (key = room << 40 | seq: one b-tree, entries in room and seq order,
+#: 2 pages written per one-message commit where a separate (room, seq) index took 5). So a
+#: room's seq stays below 2**40 (a thousand messages a second for 34 years) and a slot file
+#: holds at most 2**23 rooms (8 million; 2 billion over all slots). Part of the file format.
+STORAGE_SEQ_BITS = 40
+
+#: Free bytes the data directory's device must have at start: with less, the first few
+#: thousand messages would already fail to be stored (refused with a clear line instead).
+STORAGE_MIN_FREE_BYTES = 1024 * 1024
+
+#: Entries a shard keeps in memory for a retry after their commit failed (disk full, I/O
+#: error), over all rooms. Past it the rooms whose entries waited longest are given up
+#: (the shard is told, and their stored history restarts after the gap), so a long outage
+#: cannot grow the shard's memory beyond its own rooms' history.
+MAX_UNSTORED_ENTRIES = 100_000
+
 # --- cluster -----------------------------------------------------------------------------
 
 #: Default number of shard processes is the CPU count, but at least this many, so that the
