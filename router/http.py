@@ -17,6 +17,7 @@ off, as for a slow TCP consumer.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from typing import Any, List, Optional, Set
 
@@ -25,8 +26,8 @@ from common.limits import (
     MAX_PIPELINED_BYTES,
 )
 from router.http_api import SECURITY_HEADERS, ApiError, Exchange, HttpApi, Response
+from router.http_parser import CLOSED as END_OF_STREAM
 from router.http_parser import (
-    CLOSED,
     CONTINUE_RESPONSE,
     NEED_DATA,
     Continue,
@@ -54,6 +55,21 @@ def _server_full_response() -> bytes:
 SERVER_FULL_RESPONSE = _server_full_response()
 
 
+class ConnectionState(enum.Enum):
+    """Where one HTTP connection is (one state, not flags; reading and writing paused are
+    flow control, kept apart)."""
+
+    OPEN = "open"  # requests are read and answered, one at a time
+    CLOSING = "closing"  # the server stops: the request being answered is the last
+    LINGERING = "lingering"  # the last answer is out and our side half-closed: what the
+    #                          client still sends is read and thrown away, then close
+    CLOSED = "closed"  # the transport is gone or going
+
+
+OPEN, CLOSING = ConnectionState.OPEN, ConnectionState.CLOSING
+LINGERING, CLOSED = ConnectionState.LINGERING, ConnectionState.CLOSED
+
+
 class HttpConnection(asyncio.Protocol):
     """One HTTP/1.1 client connection (keep-alive, one request at a time)."""
 
@@ -76,10 +92,9 @@ class HttpConnection(asyncio.Protocol):
         self._write_paused = False
         self._read_paused = False
         self._next_scheduled = False
-        self.closing = False  # no request after the current one
-        self._lingering = False  # answered and half-closed: input is discarded
+        #: Where the connection is (see :class:`ConnectionState`).
+        self.state = OPEN
         self._peer_eof = False  # the client will send nothing more
-        self._closed = False
 
     @property
     def busy(self) -> bool:
@@ -95,7 +110,7 @@ class HttpConnection(asyncio.Protocol):
         self.address = address_key(self.ip)
         self._socket_counted = True
         if not self.api.hub.limiter.open(self.address):  # TCP and HTTP share the caps
-            self._closed = True
+            self.state = CLOSED
             close_refused(transport, SERVER_FULL_RESPONSE)
             return
         self._counted = True
@@ -104,7 +119,7 @@ class HttpConnection(asyncio.Protocol):
         self._arm_deadline()
 
     def data_received(self, data: bytes) -> None:
-        if self._lingering:
+        if self.state is LINGERING:
             return
         self._parser.receive_data(data)
         if not (self.busy or self._write_paused):
@@ -122,7 +137,7 @@ class HttpConnection(asyncio.Protocol):
         if over is self._read_paused:
             return  # the usual case: nothing to change
         transport = self.transport
-        if transport is None or self._closed or self._lingering:
+        if transport is None or self.state is CLOSED or self.state is LINGERING:
             return
         if over and not self._read_paused:
             self._read_paused = True
@@ -132,7 +147,7 @@ class HttpConnection(asyncio.Protocol):
             transport.resume_reading()
 
     def eof_received(self) -> bool:
-        if self._lingering:
+        if self.state is LINGERING:
             self.close()
             return False
         self._peer_eof = True
@@ -148,7 +163,7 @@ class HttpConnection(asyncio.Protocol):
         return True  # keep the write side open: an answer may still be on its way
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        self._closed = True
+        self.state = CLOSED
         self._connections.discard(self)
         self.api.hub.output.forget(self)
         if self._socket_counted:
@@ -166,7 +181,7 @@ class HttpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._closed:
+        if self.state is CLOSED:
             return
         self._account_unsent()
         if not self.busy:
@@ -177,7 +192,7 @@ class HttpConnection(asyncio.Protocol):
     def unsent_bytes(self) -> int:
         """Bytes of answers the client has not read yet (for the output budget)."""
         transport = self.transport
-        if transport is None or self._closed:
+        if transport is None or self.state is CLOSED:
             return 0
         return transport.get_write_buffer_size()
 
@@ -195,7 +210,7 @@ class HttpConnection(asyncio.Protocol):
             return  # the usual case: the answer went straight to the socket
         output.update(self, unsent)
         settings = self.api.hub.settings
-        if unsent > settings.out_soft and self._unread_check is None and not self._closed:
+        if unsent > settings.out_soft and self._unread_check is None and self.state is not CLOSED:
             self._unread_check = self._loop.call_later(
                 settings.out_soft_seconds, self._check_unread
             )
@@ -207,7 +222,7 @@ class HttpConnection(asyncio.Protocol):
             return
         settings = self.api.hub.settings
         unsent = transport.get_write_buffer_size()
-        if self._closed:
+        if self.state is CLOSED:
             if unsent:  # closed, and its last answer is still not taken: let it go
                 log.info("http %s: aborted (closed with an answer unread)", self.peer)
                 transport.abort()
@@ -232,12 +247,12 @@ class HttpConnection(asyncio.Protocol):
     def _process(self) -> None:
         """Handle the next complete request in the parser, if any."""
         self._next_scheduled = False
-        if self._closed or self.busy:
+        if self.state is CLOSED or self.busy:
             return
         event = self._parser.next_event()
         if event is NEED_DATA:
             return
-        if event is CLOSED:
+        if event is END_OF_STREAM:
             self.close()
         elif isinstance(event, ProtocolError):
             self._refuse(event)
@@ -273,18 +288,18 @@ class HttpConnection(asyncio.Protocol):
         self.api.handle(request, exchange)
 
     def _finish(self, exchange: Exchange, response: Response) -> None:
-        if self._closed or exchange is not self._exchange:
+        if self.state is CLOSED or exchange is not self._exchange:
             return
         request = self._request
         assert request is not None and self.transport is not None
         self._exchange = self._request = None
-        keep_alive = request.keep_alive and not self.closing
+        keep_alive = request.keep_alive and self.state is OPEN
         head_only = request.method == "HEAD"
         headers = response.headers + SECURITY_HEADERS
         data = format_response(response.status, headers, response.body, keep_alive, head_only)
         self.transport.write(data)
         self._account_unsent()
-        if self._closed:
+        if self.state is CLOSED:
             return  # cut off: the output budget was over
         if not keep_alive:
             self._close_after_answer()
@@ -337,7 +352,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _on_deadline(self) -> None:
         self._deadline = None
-        if not self.busy and not self._closed:
+        if not self.busy and self.state is not CLOSED:
             self._refuse(
                 ProtocolError(408, "request_timeout", "the request did not arrive in time")
             )
@@ -350,8 +365,8 @@ class HttpConnection(asyncio.Protocol):
     # --- closing ---------------------------------------------------------------------
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
+        if self.state is not CLOSED:
+            self.state = CLOSED
             self._cancel_timers()
             self._connections.discard(self)
             transport = self.transport
@@ -369,13 +384,13 @@ class HttpConnection(asyncio.Protocol):
         seconds (or until the client closes), then close: closing with unread input would
         reset the connection and could destroy the answer before the client reads it."""
         transport = self.transport
-        if self._closed or transport is None:
+        if self.state is CLOSED or transport is None:
             return
         if self._peer_eof or not transport.can_write_eof():
             self.close()  # nothing more will come (or cannot half-close): close after the write
             return
         self._cancel_timers()
-        self._lingering = True
+        self.state = LINGERING
         try:
             transport.write_eof()
         except OSError as error:  # the peer is gone already (ENOTCONN): nothing to wait for
@@ -389,7 +404,8 @@ class HttpConnection(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """The server stops: close now if idle, else after the current answer."""
-        self.closing = True
+        if self.state is OPEN:
+            self.state = CLOSING
         if not self.busy:
             self.close()
 

@@ -17,6 +17,7 @@ enforces what one client may cost the router (see ``docs/LIMITS.md``):
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set
@@ -89,12 +90,26 @@ class TcpListener:
             connection.check_timers(now)
 
 
+class ConnectionState(enum.Enum):
+    """Where one TCP connection is (the way ``websockets`` keeps one state, not flags)."""
+
+    CONNECTING = "connecting"  # not accepted yet (or refused: it goes straight to CLOSED)
+    OPEN = "open"  # commands are read and handled
+    CLOSING = "closing"  # QUIT, end of input, an error: no more input is handled, the
+    #                      replies still on their way are written
+    CLOSED = "closed"  # nothing more is written: the transport is gone or going
+
+
+CONNECTING, OPEN = ConnectionState.CONNECTING, ConnectionState.OPEN
+CLOSING, CLOSED = ConnectionState.CLOSING, ConnectionState.CLOSED
+
+
 class TcpConnection(asyncio.Protocol, Client):
     """One line-protocol client."""
 
     __slots__ = (
         "listener", "hub", "settings", "_loop", "_coalescer", "_parser", "_out", "transport",
-        "ip", "_socket_counted", "_counted", "_closing", "_closed", "_bucket", "_waiting",
+        "ip", "_socket_counted", "_counted", "state", "_bucket", "_waiting",
         "_resume", "_eof", "record", "_reply_pending", "_output_paused", "connected_at",
         "last_heard", "_ping_sent_at", "_joined_once", "_over_soft_since", "_reply_allowance",
         "_received_at", "_unparsed", "_parsing", "_input_done", "_quit_queued",
@@ -113,8 +128,8 @@ class TcpConnection(asyncio.Protocol, Client):
         self.ip = ""
         self._socket_counted = False  # its descriptor is counted in the limiter's budget
         self._counted = False  # holds a slot in the connection limiter
-        self._closing = False  # QUIT, EOF or an error: no more input is handled
-        self._closed = False  # the transport is gone or going: nothing more is written
+        #: Where the connection is (see :class:`ConnectionState`).
+        self.state = CONNECTING
         # flood control
         self._bucket: Optional[TokenBucket] = None
         self._waiting: Deque[p.Event] = deque()
@@ -153,10 +168,11 @@ class TcpConnection(asyncio.Protocol, Client):
         self.address = address_key(self.ip)
         self._socket_counted = True
         if not self.hub.limiter.open(self.address):
-            self._closing = self._closed = True
+            self.state = CLOSED
             close_refused(transport, SERVER_FULL)
             return
         self._counted = True
+        self.state = OPEN
         self.listener.connections.add(self)
         self.connected_at = self.last_heard = self._loop.time()
         settings = self.settings
@@ -167,7 +183,7 @@ class TcpConnection(asyncio.Protocol, Client):
         self.write(p.WELCOME)
 
     def data_received(self, data: bytes) -> None:
-        if self._closing:
+        if self.state is not OPEN:
             return  # after QUIT or an error: ignored
         self.last_heard = self._loop.time()
         self._ping_sent_at = None
@@ -187,13 +203,13 @@ class TcpConnection(asyncio.Protocol, Client):
         self._parsing = True
         try:
             unparsed = self._unparsed
-            while unparsed and not (self._closing or self._waiting or self._held()):
+            while unparsed and not (self.state is not OPEN or self._waiting or self._held()):
                 chunk = bytes(unparsed[:PARSE_SLICE_BYTES])
                 del unparsed[:PARSE_SLICE_BYTES]
                 self._handle(self._parser.receive_data(chunk))
         finally:
             self._parsing = False
-        if self._closing or self.transport is None:
+        if self.state is not OPEN or self.transport is None:
             return
         if self._unparsed:
             self.transport.pause_reading()
@@ -209,7 +225,7 @@ class TcpConnection(asyncio.Protocol, Client):
         dispatch, out = _DISPATCH, self._out
         for index, event in enumerate(events):
             dispatch[type(event)](self, event)
-            if self._closing:
+            if self.state is not OPEN:
                 return
             if len(out) > FLUSH_EVERY_LINES:
                 self.flush()  # may pause output: checked next
@@ -223,9 +239,9 @@ class TcpConnection(asyncio.Protocol, Client):
         # The peer will send no more, but may still read (`nc -N`, a piped client):
         # finish the last line, let every shard answer, then close.
         self._eof = True
-        if self._closed:
+        if self.state is CLOSED:
             return False  # we had closed our side too: the transport may go
-        if not self._closing:
+        if self.state is OPEN:
             if self._unparsed:
                 self._parse_more()  # the last line is parsed once the rest has been
             else:
@@ -241,7 +257,7 @@ class TcpConnection(asyncio.Protocol, Client):
         self._work_off()
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        self._closed = True
+        self.state = CLOSED
         self._out.clear()
         self._waiting.clear()
         self._unparsed.clear()
@@ -256,7 +272,7 @@ class TcpConnection(asyncio.Protocol, Client):
             self.listener.connections.discard(self)
         if self.record is not None:
             # Gone: leave every room now (a QUIT still waiting for its shards stops waiting).
-            self._closing = True
+            self._begin_closing()
             self.hub.drop(self.record)
 
     # --- flood control and backpressure -----------------------------------------------
@@ -296,7 +312,7 @@ class TcpConnection(asyncio.Protocol, Client):
                 self._quit_queued = True  # nothing after it is answered, locals included
             if (
                 kind in _LOCAL
-                and not (self._closing or self._quit_queued)
+                and not (self.state is not OPEN or self._quit_queued)
                 and (bucket is None or bucket.take(now) == 0.0)
             ):
                 dispatch[kind](self, event)
@@ -312,7 +328,7 @@ class TcpConnection(asyncio.Protocol, Client):
             self._resume.cancel()
             self._resume = None
         waiting, dispatch, bucket = self._waiting, _DISPATCH, self._bucket
-        while waiting and not (self._closing or self._held()):
+        while waiting and not (self.state is not OPEN or self._held()):
             if bucket is not None:
                 wait = bucket.take(self._loop.time())
                 if wait > 0.0:
@@ -322,7 +338,7 @@ class TcpConnection(asyncio.Protocol, Client):
             dispatch[type(event)](self, event)
             if len(self._out) > FLUSH_EVERY_LINES:
                 self.flush()
-        if self._closing:
+        if self.state is not OPEN:
             return
         if self._held():
             assert self.transport is not None
@@ -362,14 +378,14 @@ class TcpConnection(asyncio.Protocol, Client):
     def resume_writing(self) -> None:
         # asyncio: the client has read its output down to a quarter of the pause mark.
         self._output_paused = False
-        if not self._closing:
+        if self.state is OPEN:
             self._work_off()
 
     # --- output ----------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
         """Queue *data* for this loop turn's single write to the socket."""
-        if self._closed:
+        if self.state is CLOSED:
             return
         if not self._out:
             self._coalescer.mark(self)
@@ -377,7 +393,7 @@ class TcpConnection(asyncio.Protocol, Client):
 
     def flush(self) -> None:
         out = self._out
-        if not out or self._closed:
+        if not out or self.state is CLOSED:
             return
         transport = self.transport
         assert transport is not None
@@ -386,7 +402,7 @@ class TcpConnection(asyncio.Protocol, Client):
         buffered = transport.get_write_buffer_size()
         if buffered or self.hub.output.holds(self):
             self.hub.output.update(self, buffered)
-            if self._closed:
+            if self.state is CLOSED:
                 return  # cut off: a budget was over
         if buffered > self.settings.out_soft:
             self._check_backlog(buffered, self._loop.time())
@@ -414,7 +430,7 @@ class TcpConnection(asyncio.Protocol, Client):
     def unsent_bytes(self) -> int:
         """Bytes the transport holds that the client has not read (for the budget)."""
         transport = self.transport
-        if transport is None or self._closed and transport.is_closing():
+        if transport is None or self.state is CLOSED and transport.is_closing():
             return 0
         return transport.get_write_buffer_size()
 
@@ -423,11 +439,11 @@ class TcpConnection(asyncio.Protocol, Client):
         buffered bytes are freed at once (abort); it is far behind, an ERROR line queued
         behind them would not reach it anyway."""
         transport = self.transport
-        if not self._closing:
-            self._closing = True
+        if self.state is OPEN:
+            self._begin_closing()
             self._waiting.clear()
             self._drop()
-        self._closed = True
+        self.state = CLOSED
         self._out.clear()
         if transport is not None:
             transport.abort()
@@ -437,7 +453,7 @@ class TcpConnection(asyncio.Protocol, Client):
         abort the socket if the client does not take its bytes within a grace period."""
         transport = self.transport
         assert transport is not None
-        self._closing = True
+        self._begin_closing()
         self._out.clear()
         self._waiting.clear()
         self._drop()
@@ -448,9 +464,9 @@ class TcpConnection(asyncio.Protocol, Client):
         """Flush what is queued and close: send end-of-file, keep reading (and discarding)
         so the kernel does not reset the connection over unread input and lose our last
         line, and abort the socket if the peer has not closed after a grace period."""
-        if self._closed:
+        if self.state is CLOSED:
             return
-        self._closed = True  # first: the last write below must not re-enter the checks
+        self.state = CLOSED  # first: the last write below must not re-enter the checks
         out, self._out = self._out, []
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -472,7 +488,7 @@ class TcpConnection(asyncio.Protocol, Client):
 
     def check_timers(self, now: float) -> None:
         """Called about once a second: keepalive, join deadline, soft output limit."""
-        if self._closing:
+        if self.state is not OPEN:
             return
         settings = self.settings
         if not self._joined_once and now - self.connected_at > settings.join_timeout:
@@ -487,7 +503,7 @@ class TcpConnection(asyncio.Protocol, Client):
             self._check_backlog(self.transport.get_write_buffer_size(), now)
 
     def _error_and_close(self, description: str) -> None:
-        self._closing = True
+        self._begin_closing()
         self.write(p.error_line(description))
         self._drop()
         self.close()
@@ -517,6 +533,11 @@ class TcpConnection(asyncio.Protocol, Client):
     def on_room_lost(self, room: str) -> None:
         self.write(Refusal(errors.ROOM_UNAVAILABLE, room).error_line())
 
+    def _begin_closing(self) -> None:
+        """No more input is handled (a CLOSED connection stays CLOSED)."""
+        if self.state is not CLOSED:
+            self.state = CLOSING
+
     def _drop(self) -> None:
         """Leave every room now (the connection is being closed)."""
         if self.record is not None:
@@ -524,11 +545,11 @@ class TcpConnection(asyncio.Protocol, Client):
 
     def _go_on(self) -> None:
         """A JOIN or LEAVE was answered: the commands that waited for it go on."""
-        if not self._closing:
+        if self.state is OPEN:
             self._work_off()
 
     def on_shutdown(self) -> None:
-        self._closing = True
+        self._begin_closing()
         self.write(p.SHUTTING_DOWN)
         self.close()
 
@@ -570,7 +591,7 @@ class TcpConnection(asyncio.Protocol, Client):
 
     def _finish(self, bye: bool) -> None:
         """Leave every room once the shards have answered what came before, then close."""
-        self._closing = True
+        self._begin_closing()
 
         def done() -> None:
             if bye:
@@ -660,7 +681,7 @@ class TcpConnection(asyncio.Protocol, Client):
         self.write(data)
         self.flush()  # now: a big reply pauses the commands behind it before they run
         self._reply_pending = False
-        if not self._closing:
+        if self.state is OPEN:
             self._work_off()
 
     def _ping(self, command: p.Ping) -> None:
@@ -669,7 +690,7 @@ class TcpConnection(asyncio.Protocol, Client):
     def _peer_error(self, error: p.PeerError) -> None:
         self.write(error.reply)
         if error.fatal:
-            self._closing = True
+            self._begin_closing()
             self._drop()
             self.close()
 
