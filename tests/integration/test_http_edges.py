@@ -330,7 +330,7 @@ def test_allowed_hosts_flag_lets_named_hosts_through_and_replaces_the_default() 
     args = ["--allowed-hosts", "chat.example,127.0.0.1"]
     with Cluster(shards=1, extra_args=args) as named:
         port = named.http_port
-        assert "http answers requests for hosts: 127.0.0.1, chat.example" in named.log
+        named.wait_for_log(r"http answers requests for hosts: 127\.0\.0\.1, chat\.example")
         host = f"Chat.Example:{port}"
         chat = Raw(port, host=host)
         try:
