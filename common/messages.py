@@ -23,9 +23,10 @@ Identifiers:
 ``deadline``
     ``time.monotonic()`` seconds (one clock for every process of a machine) after which
     the shard must not apply the command: it completes it with :func:`fail` and
-    ``shard_timeout`` instead. ``0.0`` means none (a ``DROP`` or a ``REJOIN`` is always
-    applied). So when the router tells a client "busy, try again" after the deadline, the
-    command was not applied and never will be.
+    ``shard_timeout`` instead. ``0.0`` means none. A ``DROP`` and a ``REJOIN`` are always
+    applied: theirs is only when the router stops waiting for them. So when the router tells
+    a client "busy, try again" after the deadline, the command was not applied and never
+    will be.
 ``entry``
     One history entry, the unit of a room's event stream:
     ``(seq, ts, kind, username, text)`` with ``seq`` the room's sequence number (1, 2, ...),
@@ -66,7 +67,8 @@ JOIN = 1
 MSG = 2
 #: ``(LEAVE, req, deadline, cid, room)``. Completion: ``LEFT`` or ``FAIL not_in_room``.
 LEAVE = 3
-#: ``(DROP, req, 0.0, cid)``: the client is gone; leave every room it is in on this shard.
+#: ``(DROP, req, deadline, cid)``: the client is gone; leave every room it is in on this
+#: shard (whatever the deadline: it says when the router stops waiting).
 #: ``LEFT`` events (``req`` 0), then the completion ``DONE`` (result ``None``).
 DROP = 4
 #: ``(NAMES, req, deadline, cid, room)``: ``DONE`` with the member names, sorted.
@@ -83,12 +85,15 @@ HISTORY = 7
 #: epoch)``: ``first_seq`` is the oldest seq still held, ``last_seq`` the newest (so
 #: ``entries[-1][0] < last_seq`` says more are waiting).
 SINCE = 8
-#: ``(REJOIN, req, 0.0, cid, room, username)``: put a member back after the shard
+#: ``(REJOIN, req, deadline, cid, room, username)``: put a member back after the shard
 #: restarted (from the router's membership). No entry, no event but the completion:
 #: ``DONE`` with the room's epoch (unchanged if its history survived).
 REJOIN = 9
 
 COMMANDS = frozenset({JOIN, MSG, LEAVE, DROP, NAMES, ROOMS, HISTORY, SINCE, REJOIN})
+#: Applied whatever their deadline: a client that is gone must leave its rooms, a member
+#: must be put back.
+ALWAYS_APPLIED = frozenset({DROP, REJOIN})
 
 # --- shard -> router events ----------------------------------------------------------------
 # Every event starts (op, req, ...); req is 0 when it completes no command.
@@ -128,8 +133,8 @@ def leave(req: int, deadline: float, cid: int, room: str) -> Command:
     return (LEAVE, req, deadline, cid, room)
 
 
-def drop(req: int, cid: int) -> Command:
-    return (DROP, req, 0.0, cid)
+def drop(req: int, deadline: float, cid: int) -> Command:
+    return (DROP, req, deadline, cid)
 
 
 def names(req: int, deadline: float, cid: int, room: str) -> Command:
@@ -148,8 +153,8 @@ def since(req: int, deadline: float, cid: int, room: str, after: int, max_bytes:
     return (SINCE, req, deadline, cid, room, after, max_bytes)
 
 
-def rejoin(req: int, cid: int, room: str, username: str) -> Command:
-    return (REJOIN, req, 0.0, cid, room, username)
+def rejoin(req: int, deadline: float, cid: int, room: str, username: str) -> Command:
+    return (REJOIN, req, deadline, cid, room, username)
 
 
 def joined(req: int, room: str, cid: int, entry: Entry, epoch: int) -> Event:

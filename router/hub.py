@@ -134,15 +134,13 @@ JOINING, JOINED, LEAVING = Membership.JOINING, Membership.JOINED, Membership.LEA
 
 
 class InFlight:
-    """The commands sent to one shard and not completed yet, in the order they went
-    down its pipe; with each command's outcome handlers (if it has its own) and the time
-    by which the router answers it anyway."""
+    """The commands sent to one shard and not completed yet, in the order they went down
+    its pipe (the commands themselves: nothing is built per command on the hot path)."""
 
     __slots__ = ("commands", "timed_out")
 
     def __init__(self) -> None:
-        #: ``(command, answer_by, on_done, on_fail)``, oldest first.
-        self.commands: Deque[Tuple[m.Command, float, Optional[OnDone], Optional[OnFail]]] = deque()
+        self.commands: Deque[m.Command] = deque()
         #: How many at the head were already refused ``shard_timeout`` (they stay until
         #: the shard completes them, so completions keep matching).
         self.timed_out = 0
@@ -171,6 +169,8 @@ class Hub:
         #: Per-address session caps and join/session-creation buckets (both transports).
         self.addresses = AddressLimits(self.settings)
         self.pool: Optional[ShardPool] = None
+        self._shard_of: Callable[[str], int] = lambda room: 0  # pool.index_of, once attached
+        self._links: List[Any] = []
         self.records: Dict[int, ClientRecord] = {}
         self._by_address: Dict[str, Set[ClientRecord]] = {}
         #: The mirror: room -> cid -> client, for fan-out. Built only from completions.
@@ -201,6 +201,8 @@ class Hub:
 
     def attach(self, pool: ShardPool) -> None:
         self.pool = pool
+        self._shard_of = pool.index_of
+        self._links = pool.links
         self._in_flight = [InFlight() for _ in pool.links]
         for link in pool.links:
             link.on_flush = self._sent
@@ -232,7 +234,7 @@ class Hub:
         if on_done is None or not shards:
             self._remove(record)
             for index in shards:
-                self._send(index, m.drop(next(self._reqs), record.cid))
+                self._send(index, m.drop(next(self._reqs), self._drop_deadline(), record.cid))
             if on_done is not None:
                 on_done()
             return
@@ -245,8 +247,9 @@ class Hub:
                 self._remove(record)
                 on_done()
 
+        deadline = self._drop_deadline()
         for index in shards:
-            self._send(index, m.drop(next(self._reqs), record.cid), one_done, one_done)
+            self._send(index, m.drop(next(self._reqs), deadline, record.cid), one_done, one_done)
 
     def _remove(self, record: ClientRecord) -> None:
         record.gone = True
@@ -310,8 +313,13 @@ class Hub:
     ) -> None:
         """Send a chat message. The shard checks membership; the outcome is the message
         itself (fan-out, ``on_done(seq)``) or a refusal."""
-        command = m.msg(next(self._reqs), self._deadline(), record.cid, room, text)
-        self._send_for(record, room, command, on_done, on_fail)
+        deadline = self.loop.time() + self.settings.request_timeout
+        command = m.msg(next(self._reqs), deadline, record.cid, room, text)
+        index = self._shard_of(room)  # _send_for, inlined: every chat message comes here
+        record.shards.add(index)
+        if on_done is not None or on_fail is not None:
+            self._handlers_of[command[1]] = (on_done, on_fail)
+        self._links[index].send(command)
 
     def leave(
         self,
@@ -393,6 +401,11 @@ class Hub:
 
     # --- sending -----------------------------------------------------------------------
 
+    def _drop_deadline(self) -> float:
+        """A DROP's deadline: when the router stops waiting for it (the shard applies a
+        DROP whatever the time: a client that is gone must leave its rooms)."""
+        return self.loop.time() + self.settings.drop_timeout - self.settings.deadline_grace
+
     def _deadline(self, deadline: Optional[float] = None) -> float:
         if deadline is None:
             return self.loop.time() + self.settings.request_timeout
@@ -406,8 +419,7 @@ class Hub:
         on_done: Optional[OnDone],
         on_fail: Optional[OnFail],
     ) -> None:
-        assert self.pool is not None
-        index = self.pool.index_of(room)
+        index = self._shard_of(room)
         record.shards.add(index)
         self._send(index, command, on_done, on_fail)
 
@@ -418,26 +430,23 @@ class Hub:
         on_done: Optional[OnDone] = None,
         on_fail: Optional[OnFail] = None,
     ) -> None:
-        assert self.pool is not None
         if on_done is not None or on_fail is not None:
             self._handlers_of[command[m.REQ]] = (on_done, on_fail)
-        self.pool.links[index].send(command)
+        self._links[index].send(command)
 
     def _sent(self, index: int, batch: List[m.Command]) -> None:
         """A shard link is about to write (or refuse) *batch*: they are in flight now, in
         this order."""
-        now = self.loop.time()
-        grace, drop_timeout = self.settings.deadline_grace, self.settings.drop_timeout
-        commands = self._in_flight[index].commands
+        self._in_flight[index].commands.extend(batch)
+
+    def _handlers_for(self, command: m.Command) -> Tuple[Optional[OnDone], Optional[OnFail]]:
+        """The command's own outcome handlers (taken: an outcome is given once)."""
         handlers_of = self._handlers_of
-        for command in batch:
-            deadline = command[m.DEADLINE]
-            answer_by = deadline + grace if deadline else now + drop_timeout
-            handlers = handlers_of.pop(command[m.REQ], None) if handlers_of else None
-            if handlers is None:
-                commands.append((command, answer_by, None, None))
-            else:
-                commands.append((command, answer_by, handlers[0], handlers[1]))
+        if handlers_of:
+            handlers = handlers_of.pop(command[1], None)
+            if handlers is not None:
+                return handlers
+        return None, None
 
     # --- timeouts -----------------------------------------------------------------------
 
@@ -449,17 +458,18 @@ class Hub:
         self.output.refresh()
         now = self.loop.time()
         self.addresses.prune(now)
+        late = now - self.settings.deadline_grace  # answered by us if its deadline is before
         for flight in self._in_flight:
             commands = flight.commands
             while flight.timed_out < len(commands):
-                entry = commands[flight.timed_out]
-                if entry[1] > now:
+                command = commands[flight.timed_out]
+                if command[m.DEADLINE] > late:
                     break
                 flight.timed_out += 1
-                self._resolve_timeout(entry)
+                self._resolve_timeout(command)
 
-    def _resolve_timeout(self, entry: Tuple[m.Command, float, Any, Any]) -> None:
-        command, _, on_done, on_fail = entry
+    def _resolve_timeout(self, command: m.Command) -> None:
+        on_done, on_fail = self._handlers_for(command)
         op = command[m.OP]
         if op == m.DROP:
             self._outcome(on_done, None)  # the client goes anyway; its LEFTs come later
@@ -474,10 +484,11 @@ class Hub:
         """A shard died: every command in flight to it gets its outcome now (it will not
         answer), in the order they were sent."""
         flight = self._in_flight[index]
-        entries = list(flight.commands)[flight.timed_out :]
+        commands = list(flight.commands)[flight.timed_out :]
         flight.commands.clear()
         flight.timed_out = 0
-        for command, _, on_done, on_fail in entries:
+        for command in commands:
+            on_done, on_fail = self._handlers_for(command)
             op = command[m.OP]
             room = m.command_room(command)
             if op == m.LEAVE:
@@ -503,7 +514,9 @@ class Hub:
             for cid in self.members[room]:
                 record = self.records.get(cid)
                 if record is not None and record.username is not None:
-                    rejoins.append(m.rejoin(next(self._reqs), cid, room, record.username))
+                    rejoins.append(
+                        m.rejoin(next(self._reqs), self._deadline(), cid, room, record.username)
+                    )
         self.pool.links[index].send_first(rejoins)
 
     def on_shard_lost(self, index: int) -> None:
@@ -542,21 +555,20 @@ class Hub:
             if op == m.LEFT and not event[m.EVENT_REQ]:
                 self._left(event[3], event[2], event[4], None, None)  # part of a DROP
                 continue
-            entry = commands.popleft()
-            if entry[0][m.REQ] != event[m.EVENT_REQ]:
-                log.error("shard %d answered req %s, expected %s", index, event[1], entry[0][1])
+            command = commands.popleft()
+            if command[m.REQ] != event[m.EVENT_REQ]:
+                log.error("shard %d answered req %s, expected %s", index, event[1], command[1])
             if flight.timed_out:
                 flight.timed_out -= 1
-                self._late(entry, event)
+                self._late(command, event)
                 continue
-            self._handlers[entry[0][m.OP]](entry, event)
+            self._handlers[command[m.OP]](command, event)
 
-    def _late(self, entry: Tuple[m.Command, float, Any, Any], event: m.Event) -> None:
+    def _late(self, command: m.Command, event: m.Event) -> None:
         """A completion for a command already refused ``shard_timeout``: the shard refuses
         commands past their deadline, so this is a ``FAIL`` and changes nothing. If the
         shard applied it (it stalled between applying and answering, past the grace), the
         membership follows the shard; the client was told otherwise: log it."""
-        command = entry[0]
         op = event[0]
         if op == m.FAIL:
             return
@@ -573,15 +585,18 @@ class Hub:
         membership changes): each room's messages go to each member as one write, rooms
         in their own order; then each MSG's own handlers, if any."""
         commands = flight.commands
+        handlers_of = self._handlers_of
         by_room: Dict[str, List[m.Event]] = {}
         for event in run:
             by_room.setdefault(event[2], []).append(event)
-            entry = commands.popleft()
+            command = commands.popleft()
             if flight.timed_out:
                 flight.timed_out -= 1
                 log.warning("shard answered a timed-out MSG late (applied)")
-            elif entry[2] is not None:
-                self._outcome(entry[2], event[3][0])
+            elif handlers_of:
+                on_done, _ = self._handlers_for(command)
+                if on_done is not None:
+                    self._outcome(on_done, event[3][0])
         for room, events in by_room.items():
             if len(events) == 1:
                 self._on_chat(events[0])
@@ -602,8 +617,8 @@ class Hub:
 
     # --- completions: (in-flight entry, event) -------------------------------------------
 
-    def _complete_join(self, entry: Tuple[m.Command, float, Any, Any], event: m.Event) -> None:
-        command, _, on_done, on_fail = entry
+    def _complete_join(self, command: m.Command, event: m.Event) -> None:
+        on_done, on_fail = self._handlers_for(command)
         record = self.records.get(command[m.CID])
         if event[0] == m.FAIL:
             self._refuse(command, on_fail, Refusal(event[2], command[m.ROOM]))
@@ -635,12 +650,12 @@ class Hub:
             self._outcome(on_done, entry)
         self._tell(record.client.on_joined, room, entry)
 
-    def _complete_msg(self, entry: Tuple[m.Command, float, Any, Any], event: m.Event) -> None:
-        command, _, on_done, on_fail = entry
+    def _complete_msg(self, command: m.Command, event: m.Event) -> None:
+        _, on_fail = self._handlers_for(command)
         self._refuse(command, on_fail, Refusal(event[2], command[m.ROOM]))  # a CHAT: _on_chats
 
-    def _complete_leave(self, entry: Tuple[m.Command, float, Any, Any], event: m.Event) -> None:
-        command, _, on_done, on_fail = entry
+    def _complete_leave(self, command: m.Command, event: m.Event) -> None:
+        on_done, on_fail = self._handlers_for(command)
         room = command[m.ROOM]
         if event[0] == m.FAIL:
             self._refuse(command, on_fail, Refusal(event[2], room))
@@ -678,25 +693,24 @@ class Hub:
                 self._outcome(on_done, None)
             self._tell(record.client.on_left, room)
 
-    def _complete_drop(self, entry: Tuple[m.Command, float, Any, Any], event: m.Event) -> None:
-        self._outcome(entry[2], None)
+    def _complete_drop(self, command: m.Command, event: m.Event) -> None:
+        self._outcome(self._handlers_for(command)[0], None)
 
-    def _complete_request(self, entry: Tuple[m.Command, float, Any, Any], event: m.Event) -> None:
-        command, _, on_done, on_fail = entry
+    def _complete_request(self, command: m.Command, event: m.Event) -> None:
+        on_done, on_fail = self._handlers_for(command)
         if event[0] == m.FAIL:
             self._refuse(command, on_fail, Refusal(event[2], m.command_room(command)))
         else:
             self._outcome(on_done, event[2])
 
-    def _complete_since(self, entry: Tuple[m.Command, float, Any, Any], event: m.Event) -> None:
+    def _complete_since(self, command: m.Command, event: m.Event) -> None:
         if event[0] == m.DONE:
-            room = entry[0][m.ROOM]
+            room = command[m.ROOM]
             if room in self.members:
                 self.epochs[room] = event[2][3]
-        self._complete_request(entry, event)
+        self._complete_request(command, event)
 
-    def _complete_rejoin(self, entry: Tuple[m.Command, float, Any, Any], event: m.Event) -> None:
-        command = entry[0]
+    def _complete_rejoin(self, command: m.Command, event: m.Event) -> None:
         room, cid = command[m.ROOM], command[m.CID]
         if event[0] != m.DONE:
             return

@@ -112,10 +112,11 @@ class ShardCore:
         events: List[m.Event] = []
         handlers = self._handlers
         now = self._monotonic()
+        always = m.ALWAYS_APPLIED
         for command in batch:
-            deadline = command[m.DEADLINE]
-            if deadline and deadline < now:
-                events.append(m.fail(command[m.REQ], errors.SHARD_TIMEOUT))
+            deadline = command[2]  # m.DEADLINE
+            if deadline and deadline < now and command[0] not in always:
+                events.append(m.fail(command[1], errors.SHARD_TIMEOUT))
             else:
                 handlers[command[0]](events, command)
         return events

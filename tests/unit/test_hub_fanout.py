@@ -225,10 +225,9 @@ def test_a_stopped_shard_times_out_and_its_late_refusals_change_nothing(rig: Rig
                 lambda refusal: outcomes.append(refusal.code))  # fmt: skip
     rig.run()
     flight = rig.hub._in_flight[index]
-    (entry,) = flight.commands
-    command = entry[0]
+    (command,) = flight.commands
     # Pretend the deadline and its grace passed, and let the sweep run.
-    flight.commands[0] = (command, 0.0, entry[2], entry[3])
+    flight.commands[0] = command[:2] + (1.0,) + command[3:]
     rig.hub._sweep()
     assert outcomes == [errors.SHARD_TIMEOUT] and flight.timed_out == 1
     # The shard comes back and refuses the expired command: nothing more happens.

@@ -215,7 +215,7 @@ def test_drop_leaves_every_room_in_name_order(core: ShardCore) -> None:
     for room in ("c", "a", "b"):
         join(core, 1, room, "alice")
     join(core, 2, "b", "bob")
-    events = core.apply([m.drop(6, 1)])
+    events = core.apply([m.drop(6, 0.0, 1)])
     # The LEFTs of a DROP complete nothing (req 0); its DONE completes it.
     assert [(e[0], e[1], e[2], e[3]) for e in events[:3]] == [
         (m.LEFT, 0, room, 1) for room in ("a", "b", "c")
@@ -229,7 +229,7 @@ def test_drop_leaves_every_room_in_name_order(core: ShardCore) -> None:
 
 
 def test_drop_of_unknown_client_is_answered(core: ShardCore) -> None:
-    assert core.apply([m.drop(3, 42)]) == [m.done(3, None)]
+    assert core.apply([m.drop(3, 0.0, 42)]) == [m.done(3, None)]
 
 
 # --- names and rooms ---------------------------------------------------------------------
@@ -408,7 +408,7 @@ def test_a_command_past_its_deadline_is_not_applied() -> None:
             m.msg(2, 999.0, 1, "lobby", "too late"),  # its deadline has passed
             m.join(3, 999.0, 2, "lobby", "bob"),
             m.leave(4, 999.0, 1, "lobby"),
-            m.drop(5, 3),  # never expires
+            m.drop(5, 999.0, 3),  # past its deadline, and applied all the same
         ]
     )
     assert [e[0] for e in events[:1]] == [m.JOINED]
@@ -419,10 +419,10 @@ def test_a_command_past_its_deadline_is_not_applied() -> None:
 
 
 def test_rejoin_is_silent_and_answers_the_epoch(core: ShardCore) -> None:
-    assert core.apply([m.rejoin(7, 1, "lobby", "alice")]) == [m.done(7, EPOCH)]
+    assert core.apply([m.rejoin(7, 0.0, 1, "lobby", "alice")]) == [m.done(7, EPOCH)]
     assert names(core, "lobby") == ["alice"]
     assert history(core, 1, "lobby") == []  # no entry
-    assert core.apply([m.rejoin(8, 2, "lobby", "ALICE")]) == [m.done(8, EPOCH)]  # name taken
+    assert core.apply([m.rejoin(8, 0.0, 2, "lobby", "ALICE")]) == [m.done(8, EPOCH)]  # name taken
     assert names(core, "lobby") == ["alice"]
 
 
@@ -528,7 +528,7 @@ class ShardModel(RuleBasedStateMachine):
                 user = self.members[room].pop(cid)
                 entry = self.record(room, m.KIND_LEAVE, user, f"{user} left {room}")
                 expected.append(m.left(0, room, cid, entry))
-        self.check(m.drop(2, cid), [*expected, m.done(2, None)])
+        self.check(m.drop(2, 0.0, cid), [*expected, m.done(2, None)])
 
     @rule(cid=CIDS, room=ROOMS, n=st.integers(min_value=1, max_value=8))
     def history(self, cid: int, room: str, n: int) -> None:

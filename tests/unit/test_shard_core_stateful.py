@@ -226,7 +226,7 @@ class ShardCoreMachine(RuleBasedStateMachine):
 
     @rule(cid=st.sampled_from(CIDS))
     def drop(self, cid: int) -> None:
-        self.one(m.drop(self.req(), cid))
+        self.one(m.drop(self.req(), 0.0, cid))
 
     @rule(cid=st.sampled_from(CIDS), room=st.sampled_from(ROOMS))
     def names(self, cid: int, room: str) -> None:
@@ -320,7 +320,7 @@ class ShardCoreMachine(RuleBasedStateMachine):
     def command(self, op: int, cid: int, *args: str) -> tuple:
         req = self.req()
         if op == m.DROP:
-            return m.drop(req, cid)
+            return m.drop(req, 0.0, cid)
         return (op, req, 0.0, cid, *args)
 
     @rule()
@@ -334,7 +334,7 @@ class ShardCoreMachine(RuleBasedStateMachine):
         for room in sorted(self.mirror):
             for cid in sorted(self.mirror[room]):
                 req = self.req()
-                batch.append(m.rejoin(req, cid, room, self.model.members[room][cid]))
+                batch.append(m.rejoin(req, 0.0, cid, room, self.model.members[room][cid]))
                 expected.append(m.done(req, self.model.epoch))
         self.run(batch, expected)
 
