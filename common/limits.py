@@ -66,8 +66,13 @@ OUTPUT_PAUSE_BYTES = 64 * 1024
 OUTPUT_BUDGET_TOTAL = 256 * 1024 * 1024
 OUTPUT_BUDGET_PER_ADDRESS = 64 * 1024 * 1024
 
-#: Bytes of TCP input parsed at once. A read can bring 256 KiB of two-byte lines; parsed in
-#: one go that is 130,000 command objects waiting at once. In slices, the next is parsed
+#: Bytes a client socket is read into at once: one buffer shared by every connection of a
+#: router (router/reading.py), so a read never allocates a fresh 256 KiB (asyncio's default)
+#: that glibc maps and unmaps per read.
+READ_CHUNK_BYTES = 64 * 1024
+
+#: Bytes of TCP input parsed at once. A read can bring 64 KiB of two-byte lines; parsed in
+#: one go that is 32,000 command objects waiting at once. In slices, the next is parsed
 #: only when the commands of the last one are done.
 PARSE_SLICE_BYTES = 16 * 1024
 

@@ -39,6 +39,7 @@ from router.http_parser import (
 from router.http_static import StaticFiles
 from router.hub import Hub
 from router.policy import SessionRateLimit, address_key, close_refused
+from router.reading import SharedBufferReading, reading_class
 from web import WEB_ROOT
 
 log = logging.getLogger(__name__)
@@ -456,6 +457,10 @@ class HttpServer(asyncio.AbstractServer):
                 connection.transport.abort()
 
 
+class BufferedHttpConnection(HttpConnection, SharedBufferReading):
+    """An :class:`HttpConnection` read into the router's shared buffer (router/reading.py)."""
+
+
 async def start_http_server(
     hub: Hub,
     host: str,
@@ -472,8 +477,9 @@ async def start_http_server(
     api = HttpApi(hub, StaticFiles(WEB_ROOT))
     api.admit = SessionRateLimit(hub.settings.rate_limit, hub.settings.rate_burst)
     connections: Set[HttpConnection] = set()
+    connection_class = reading_class(loop, HttpConnection, BufferedHttpConnection)
     server = await loop.create_server(
-        lambda: HttpConnection(api, connections),
+        lambda: connection_class(api, connections),
         host,
         port,
         start_serving=start_serving,

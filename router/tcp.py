@@ -35,6 +35,7 @@ from common.limits import (
 )
 from router.hub import Client, ClientRecord, Hub
 from router.policy import TokenBucket, address_key, close_refused
+from router.reading import SharedBufferReading, reading_class
 from router.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,10 @@ class TcpListener:
         self.coalescer = WriteCoalescer(loop)
         self.connections: Set[TcpConnection] = set()
         self._sweeper = loop.call_later(TIMER_SWEEP_INTERVAL, self._sweep)
+        self._connection_class = reading_class(loop, TcpConnection, BufferedTcpConnection)
 
     def new_connection(self) -> TcpConnection:
-        return TcpConnection(self)
+        return self._connection_class(self)
 
     def _sweep(self) -> None:
         self._sweeper = self.loop.call_later(TIMER_SWEEP_INTERVAL, self._sweep)
@@ -728,6 +730,12 @@ _DISPATCH: Dict[type, Callable[[TcpConnection, Any], None]] = {
     p.PeerError: TcpConnection._peer_error,
     _Received: TcpConnection._received,
 }
+
+
+class BufferedTcpConnection(TcpConnection, SharedBufferReading):
+    """A :class:`TcpConnection` read into the router's shared buffer (router/reading.py)."""
+
+    __slots__ = ()
 
 
 async def start_tcp_server(
