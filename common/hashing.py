@@ -8,7 +8,7 @@ everywhere and spreads well; the router caches the answer per room name.
 Durable history is laid out in ``STORAGE_SLOTS`` fixed virtual *slots* (one SQLite file
 each, ``shard/storage.py``): a room always hashes to the same slot, whatever the shard
 count, and shard ``index`` of ``count`` owns a contiguous range of whole slots
-(:func:`shard_slots`). Routing a room to :func:`room_to_slot_shard` therefore sends it to the
+(:func:`shard_slots`). Routing a room to :func:`room_to_shard` therefore sends it to the
 shard that holds its file, for every count from 1 to ``STORAGE_SLOTS``.
 """
 
@@ -23,16 +23,6 @@ def room_hash(room: str) -> int:
     """A 64-bit unsigned hash of *room* that never changes across processes or versions."""
     digest = hashlib.blake2b(room.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big")
-
-
-def room_to_shard(room: str, shard_count: int) -> int:
-    """Index in ``range(shard_count)`` of the shard that owns *room*.
-
-    Raises ``ValueError`` if *shard_count* is not positive.
-    """
-    if shard_count < 1:
-        raise ValueError(f"shard_count must be positive, got {shard_count}")
-    return room_hash(room) % shard_count
 
 
 def room_to_slot(room: str, slots: int = STORAGE_SLOTS) -> int:
@@ -74,8 +64,10 @@ def shard_slots(index: int, shard_count: int, slots: int = STORAGE_SLOTS) -> ran
     return range(start, stop)
 
 
-def room_to_slot_shard(room: str, shard_count: int, slots: int = STORAGE_SLOTS) -> int:
-    """Index of the shard (of *shard_count*) that owns *room*'s storage slot: where the
-    room must be routed once history is durable. Raises ``ValueError`` as
-    :func:`slot_to_shard`."""
+def room_to_shard(room: str, shard_count: int, slots: int = STORAGE_SLOTS) -> int:
+    """Index in ``range(shard_count)`` of the shard that owns *room*: the one that owns the
+    room's storage slot, so a room's history file is always where the room is served.
+
+    Raises ``ValueError`` if *shard_count* is not in ``1..slots``.
+    """
     return slot_to_shard(room_to_slot(room, slots), shard_count, slots)

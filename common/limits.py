@@ -344,6 +344,10 @@ SESSION_TTL = 60.0
 #: poll then reads them from the shard's history (the shard keeps the same number).
 MAX_SESSION_BACKLOG = HISTORY_SIZE
 
+#: Notices (history not saved, saved again) a browser session holds per room until its
+#: next poll answer; older ones go first.
+MAX_ROOM_NOTICES = 8
+
 #: Largest poll answer, in bytes of message JSON (about; at least one message always goes).
 #: The rest waits for the next poll: the answer says ``"more": true``. Without it one poll
 #: of 100 rooms with ``after=0`` could ask for 100 x 500 messages at once (configurable).

@@ -45,7 +45,7 @@ then ``DONE``; ``NAMES``, ``ROOMS``, ``HISTORY``, ``SINCE``, ``REJOIN`` -> ``DON
 
 from __future__ import annotations
 
-from typing import Any, Iterable, List, Tuple
+from typing import Any, Iterable, List, Optional, Tuple
 
 Entry = Tuple[int, float, str, str, str]
 Command = Tuple[Any, ...]
@@ -114,7 +114,12 @@ DONE = 104
 #: codes of :mod:`common.errors`. The router knows the rest from the command itself.
 FAIL = 105
 
-EVENTS = frozenset({JOINED, CHAT, LEFT, DONE, FAIL})
+#: ``(STORAGE, 0, room, problem)``: the room's history stopped being stored (*problem*,
+#: one line) or, with *problem* None, is stored again. Sent when that changes, after the
+#: events of the batch whose commit found it; it completes no command.
+STORAGE = 106
+
+EVENTS = frozenset({JOINED, CHAT, LEFT, DONE, FAIL, STORAGE})
 assert not COMMANDS & EVENTS, "an opcode is used twice"
 
 
@@ -175,6 +180,10 @@ def done(req: int, result: Any) -> Event:
 
 def fail(req: int, code: str) -> Event:
     return (FAIL, req, code)
+
+
+def storage(room: str, problem: Optional[str]) -> Event:
+    return (STORAGE, 0, room, problem)
 
 
 def command_room(command: Command) -> str:

@@ -103,6 +103,7 @@ class Router:
             self.settings.log_level,
             self.settings.pipe_io,
             self.fds,
+            self.settings.data_dir,
         )
         if self.settings.crash_shard is not None:
             self.pool.links[self.settings.crash_shard].crash_at_start = True
@@ -173,9 +174,19 @@ class Router:
 
 async def serve(settings: Settings, ready: Optional[Callable[[Router], None]] = None) -> int:
     """Run a router until SIGINT/SIGTERM (or ``router.stop_requested`` is set). Returns the
-    exit status: 0 after a clean shutdown, 1 if a port could not be bound.
+    exit status: 0 after a clean shutdown, 1 if the data directory is unusable or a port
+    could not be bound.
 
     *ready* is called with the router once it accepts connections."""
+    if settings.data_dir is not None:
+        from shard.slot_files import StorageError, check_data_dir
+
+        try:
+            # Before any shard serves, off the loop (it reads every slot file).
+            await asyncio.to_thread(check_data_dir, settings.data_dir)
+        except StorageError as error:
+            log.error("%s", error)
+            return 1
     router = Router(settings)
     try:
         await router.bind()
@@ -190,6 +201,10 @@ async def serve(settings: Settings, ready: Optional[Callable[[Router], None]] = 
         if router.pool is not None:
             await asyncio.to_thread(router.pool.join, SHARD_STOP_TIMEOUT)
         return 1
+    if settings.data_dir is not None:
+        log.info("history kept in %s (--in-memory to keep none)", settings.data_dir)
+    else:
+        log.info("history kept in memory only: it is lost when a shard stops")
     await router.start_serving()
     _install_signal_handlers(router.loop, router.stop_requested.set)
     if ready is not None:

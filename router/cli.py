@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import os
 import sys
 from typing import Any, Callable, List, Optional
 
@@ -12,6 +13,10 @@ from common.limits import MAX_SHARDS
 from router.app import run
 from router.http_hosts import AllowedHosts
 from router.settings import Settings, default_shard_count
+
+#: Where history is kept unless ``--data-dir`` or ``--in-memory`` says otherwise (relative
+#: to the working directory).
+DEFAULT_DATA_DIR = "shardchat-data"
 
 
 def _port(text: str) -> int:
@@ -74,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="spawn",
         choices=multiprocessing.get_all_start_methods(),
         help="how shard processes are started (default spawn, which works everywhere)",
+    )
+    history = parser.add_mutually_exclusive_group()
+    history.add_argument(
+        "--data-dir",
+        default=DEFAULT_DATA_DIR,
+        metavar="DIR",
+        help=f"where room history is kept, in SQLite files (default {DEFAULT_DATA_DIR} in "
+        "the working directory; created if missing)",
+    )
+    history.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="keep history in memory only: it is lost when a shard or the cluster stops",
     )
     _add_limit_flags(parser)
     return parser
@@ -212,6 +230,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         poll_timeout=args.poll_timeout,
         session_ttl=args.session_ttl,
         allowed_hosts=args.allowed_hosts,
+        data_dir=None if args.in_memory else os.path.abspath(args.data_dir),
         **limits,
     )
 

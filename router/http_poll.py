@@ -28,7 +28,7 @@ from common import messages as m
 from common.errors import Refusal
 from common.limits import MAX_POLL_ANSWER_BYTES, MAX_ROOMS_PER_CLIENT, POLL_LINGER
 from common.names import NameRefusal, check_room
-from router.http_session import HttpSession, Waiter
+from router.http_session import HttpSession, RoomFeed, Waiter
 from router.hub import Hub
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,15 @@ class RoomResult(NamedTuple):
     first: Optional[int] = None
     left: bool = False
     more: bool = False  # entries after these are waiting (the answer was full)
+    notices: Tuple[str, ...] = ()  # lines for the room's members (see RoomFeed.notices)
+
+
+def _take(feed: RoomFeed) -> Tuple[str, ...]:
+    """The notices *feed* holds (for this answer), leaving none."""
+    if not feed.notices:
+        return ()
+    notices, feed.notices = tuple(feed.notices), []
+    return notices
 
 
 def _number(text: str) -> Optional[int]:
@@ -177,6 +186,8 @@ def poll_payload(cursors: List[Cursor], results: Dict[str, RoomResult]) -> Dict[
             state["first"] = result.first
         if result.more:
             state["more"] = True
+        if result.notices:
+            state["notices"] = list(result.notices)
         if result.left:
             state["left"] = True
         else:
@@ -302,7 +313,7 @@ class Poll(Waiter):
                 return
         if fetches:
             self._fetch(results, fetches)
-        elif any(r.entries or r.missed or r.left or r.more for r in results.values()):
+        elif any(r.entries or r.missed or r.left or r.more or r.notices for r in results.values()):
             self._finish(results)
         else:
             self.session.add_poll(self)
@@ -333,7 +344,7 @@ class Poll(Waiter):
                 entries, more, used = feed.take_after(cursor.after, budget)
                 budget -= used
                 after = entries[-1][0] if entries else cursor.after
-                results[room] = RoomResult(entries, after, epoch, more=more)
+                results[room] = RoomResult(entries, after, epoch, more=more, notices=_take(feed))
         self._budget_left = budget
         return results, fetches
 
@@ -404,4 +415,5 @@ class Poll(Waiter):
         missed = forced or after < first - 1
         new_after = entries[-1][0] if entries else (after if not forced else last)
         epoch = self.hub.epoch_of(cursor.room)
-        return RoomResult(entries, new_after, epoch, missed=missed, first=first, more=more)
+        notices = _take(feed) if feed is not None else ()
+        return RoomResult(entries, new_after, epoch, missed, first, more=more, notices=notices)

@@ -19,7 +19,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 from common import errors
 from common import messages as m
 from common.errors import Refusal
-from common.limits import MAX_POLLS_PER_SESSION, MAX_SESSION_BACKLOG
+from common.limits import MAX_POLLS_PER_SESSION, MAX_ROOM_NOTICES, MAX_SESSION_BACKLOG
 from router.hub import Client, ClientRecord, Hub, OnDone, OnFail
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class RoomFeed:
     ``epoch`` is the owning shard's epoch the feed belongs to.
     """
 
-    __slots__ = ("entries", "covered_after", "last_seq", "epoch", "size")
+    __slots__ = ("entries", "covered_after", "last_seq", "epoch", "size", "notices")
 
     def __init__(self, epoch: int, covered_after: int) -> None:
         self.entries: Deque[m.Entry] = deque()
@@ -47,6 +47,8 @@ class RoomFeed:
         #: The ``entry_size`` sum of ``entries``, kept as they come and go, so a poll
         #: whose answer fits needs no sizing.
         self.size = 0
+        #: Lines for the members of the room (history not saved...), for the next answer.
+        self.notices: List[str] = []
 
     def push(self, entry: m.Entry) -> None:
         entries = self.entries
@@ -187,6 +189,14 @@ class HttpSession(Client):
         # The room is gone from under us (its shard was given up on).
         self.feeds.pop(room, None)
         self._notify(room)
+
+    def on_room_notice(self, room: str, text: str) -> None:
+        feed = self.feeds.get(room)
+        if feed is not None:
+            if len(feed.notices) >= MAX_ROOM_NOTICES:
+                del feed.notices[0]  # the newest ones count
+            feed.notices.append(text)
+            self._notify(room)
 
     def on_room_restarted(self, room: str) -> None:
         # The shard restarted and put us back silently; its history (and seq) starts over.

@@ -57,6 +57,21 @@ class Membership(enum.Enum):
     LEAVING = "leaving"  # its LEAVE is in flight (still a member until it completes)
 
 
+#: Logged when a shard answers a command the router already refused ``shard_timeout``
+#: with "applied": the shard was stopped after applying it and before answering, for longer
+#: than the deadline and its grace (docs/ARCHITECTURE.md, requests). The one case in which
+#: a refusal is not the truth; the log is how an operator (and the fault test) sees it.
+LATE_APPLIED = "shard answered a timed-out %s of room %s late: applied after its refusal"
+
+#: What the members of a room are told when its history stops, or starts again, being
+#: stored (docs/PROTOCOL.md).
+STORAGE_FAILED = (
+    "room {room} history not saved (the server's disk is full or failing); "
+    "messages are kept in memory only"
+)
+STORAGE_RECOVERED = "room {room} history saved again"
+
+
 class Client:
     """What the hub tells a client; transports implement it. Every method is called on
     the loop thread, from inside the hub's handling of a shard's events: it must not
@@ -88,6 +103,10 @@ class Client:
 
     def on_room_lost(self, room: str) -> None:
         """The shard of *room* was given up on: the client is no longer in it."""
+
+    def on_room_notice(self, room: str, text: str) -> None:
+        """Something members of *room* should know, in one line (its history stopped or
+        started again being saved)."""
 
     def on_shutdown(self) -> None:
         """The server is shutting down."""
@@ -552,8 +571,11 @@ class Hub:
                 i = end
                 continue
             i += 1
-            if op == m.LEFT and not event[m.EVENT_REQ]:
-                self._left(event[3], event[2], event[4], None, None)  # part of a DROP
+            if not event[m.EVENT_REQ]:
+                if op == m.LEFT:
+                    self._left(event[3], event[2], event[4], None, None)  # part of a DROP
+                else:
+                    self._on_storage(event[2], event[3])
                 continue
             command = commands.popleft()
             if command[m.REQ] != event[m.EVENT_REQ]:
@@ -564,6 +586,13 @@ class Hub:
                 continue
             self._handlers[command[m.OP]](command, event)
 
+    def _on_storage(self, room: str, problem: Optional[str]) -> None:
+        """*room*'s shard stopped (or started again) storing its history: tell its members.
+        What went wrong (a file name, an SQLite error) is the shard's log's, not theirs."""
+        text = STORAGE_FAILED if problem is not None else STORAGE_RECOVERED
+        for client in list(self.members.get(room, {}).values()):
+            self._tell(client.on_room_notice, room, text.format(room=room))
+
     def _late(self, command: m.Command, event: m.Event) -> None:
         """A completion for a command already refused ``shard_timeout``: the shard refuses
         commands past their deadline, so this is a ``FAIL`` and changes nothing. If the
@@ -572,7 +601,7 @@ class Hub:
         op = event[0]
         if op == m.FAIL:
             return
-        log.warning("shard answered a timed-out %s late (applied)", command[m.OP])
+        log.warning(LATE_APPLIED, f"command {command[m.OP]}", m.command_room(command))
         if op == m.CHAT:
             self._on_chat(event)
         elif op == m.JOINED:
@@ -592,7 +621,7 @@ class Hub:
             command = commands.popleft()
             if flight.timed_out:
                 flight.timed_out -= 1
-                log.warning("shard answered a timed-out MSG late (applied)")
+                log.warning(LATE_APPLIED, "MSG", event[2])
             elif handlers_of:
                 on_done, _ = self._handlers_for(command)
                 if on_done is not None:

@@ -39,6 +39,10 @@ class Settings:
     #: Hosts HTTP requests may name (``--allowed-hosts``); None: the default for ``host``.
     allowed_hosts: Optional[AllowedHosts] = None
     crash_shard: Optional[int] = None  # fault injection for tests: this shard dies at start
+    #: Where the shards keep room history (``--data-dir``); None: in memory only
+    #: (``--in-memory``). The command line's default is ``shardchat-data``; a Settings built
+    #: in code keeps nothing unless told.
+    data_dir: Optional[str] = None
 
     # --- per client: flood, output, timers, caps -----------------------------------------
     rate_limit: float = L.RATE_LIMIT

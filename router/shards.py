@@ -123,8 +123,12 @@ class ShardLink:
         on_exit: Callable[[ShardLink], None],
         log_level: str = "WARNING",
         pipe_io: str = "",
+        data_dir: Optional[str] = None,
+        count: int = 1,
     ) -> None:
         self.index = index
+        self._data_dir = data_dir  # where its rooms' history is kept (None: in memory)
+        self._count = count  # of shards: which storage slots are this one's
         self._context = context
         self._loop = loop
         self._listener = listener
@@ -210,7 +214,11 @@ class ShardLink:
         process = self._context.Process(
             target=run_shard,
             args=(commands_in, events_out, self.index, forked, self._log_level),
-            kwargs={"crash_at_start": self.crash_at_start},
+            kwargs={
+                "crash_at_start": self.crash_at_start,
+                "data_dir": self._data_dir,
+                "shard_count": self._count,
+            },
             name=f"shardchat-shard-{self.index}",
             daemon=True,
         )
@@ -336,11 +344,14 @@ class ShardPool:
         log_level: str = "WARNING",
         pipe_io: str = "",
         fds: Optional[FdBudget] = None,
+        data_dir: Optional[str] = None,
     ) -> None:
         self._loop = loop
         self._listener = listener
         self.links = [
-            ShardLink(i, context, loop, listener, self._on_exit, log_level, pipe_io)
+            ShardLink(
+                i, context, loop, listener, self._on_exit, log_level, pipe_io, data_dir, count
+            )  # fmt: skip
             for i in range(count)
         ]
         self._room_shard: Dict[str, int] = {}

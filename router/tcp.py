@@ -559,6 +559,9 @@ class TcpConnection(asyncio.Protocol, Client):
     def on_room_restarted(self, room: str) -> None:
         self.write(p.info_line(f"room {room} restarted, history lost"))
 
+    def on_room_notice(self, room: str, text: str) -> None:
+        self.write(p.info_line(text))
+
     # --- commands --------------------------------------------------------------------
 
     def _msg(self, command: p.Msg) -> None:

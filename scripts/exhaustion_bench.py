@@ -52,6 +52,8 @@ class Server:
     def __init__(self, root: Path, extra: List[str]) -> None:
         argv = [sys.executable, str(root / "scripts" / "start_cluster.py"), "--tcp-port", "0"]
         argv += ["--http-port", "0", "--shards", "2", "--log-level", "INFO", *extra]
+        if "--in-memory" in (root / "router" / "cli.py").read_text(encoding="utf-8"):
+            argv.append("--in-memory")  # a checkout with durable history: keep none
         self.proc = subprocess.Popen(
             argv, cwd=str(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )

@@ -80,6 +80,9 @@ CLUSTER_FLAGS = (
     "--session-rate", "0", "--max-sessions-per-address", "100000",
     "--max-rooms-per-address", "1000000", "--log-level", "INFO",
 )  # fmt: skip
+#: Runs measure the router and shards, not the disk: history in memory (docs/PERFORMANCE.md
+#: compares durable history with it).
+IN_MEMORY_FLAGS = ("--in-memory",)
 LISTENING = re.compile(r"listening (tcp|http) (\S+):(\d+)")
 SHARD_PIDS = re.compile(r"started \d+ shard processes \(pids \[([\d, ]*)\]\)")
 
@@ -310,7 +313,7 @@ def server_argv(spec: RunSpec) -> Tuple[List[str], bool]:
     if spec.server == "cluster":
         argv = [sys.executable, str(START_CLUSTER), "--host", HOST, "--tcp-port", "0"]
         argv += ["--http-port", "0", "--shards", str(spec.shards), *CLUSTER_FLAGS]
-        return argv, True
+        return [*argv, *IN_MEMORY_FLAGS], True
     argv = [sys.executable, str(BASELINE), "--host", HOST, "--tcp-port", "0", "--http-port", "0"]
     return argv, False
 

@@ -7,22 +7,32 @@ A :class:`ShardCore` owns the rooms that hash to its shard: for each room the me
 *completion* per command, carrying its ``req``. A command whose deadline has passed is
 not applied: it completes with ``FAIL shard_timeout``. The process loop in
 :mod:`shard.process` is a thin shell around it; tests drive it directly.
+
+History is served from memory and written behind it to a :class:`shard.storage.HistoryStore`
+(SQLite, or nothing for ``--in-memory``): a room coming into memory is loaded from the
+store, every entry it records is staged, and the batch is committed before ``apply``
+returns its events, so an event a client sees is stored unless the commit failed (and then
+a ``STORAGE`` event says so, once, until it is stored again).
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
 import time
 from collections import OrderedDict, deque
-from typing import Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from common import errors
 from common import messages as m
 from common.limits import HISTORY_SIZE, MAX_EMPTY_ROOMS_PER_SHARD, MAX_ROOMS_LISTED
 from common.names import name_key, name_keys
 from common.protocol import msg_line
+from shard.storage import NOTHING_FAILED, HistoryStore, MemoryStore
 
 Clock = Callable[[], float]
+
+log = logging.getLogger(__name__)
 
 
 class Room:
@@ -70,8 +80,10 @@ class ShardCore:
 
     *clock* returns seconds since the epoch (entry times), *monotonic* the clock deadlines
     are on (``time.monotonic``, shared by every process of a machine); inject fake ones in
-    tests. *epoch* names this incarnation's history: rooms created here get it (an
-    in-memory shard that restarts starts new histories under a new epoch).
+    tests. *store* keeps the history (default: a :class:`MemoryStore`, nothing kept). For
+    that default store, *epoch* names this incarnation's histories: rooms created here get
+    it (an in-memory shard that restarts starts new histories under a new epoch); a durable
+    store gives each room the epoch it has on disk.
     """
 
     def __init__(
@@ -79,10 +91,15 @@ class ShardCore:
         clock: Clock = time.time,
         epoch: Optional[int] = None,
         monotonic: Clock = time.monotonic,
+        store: Optional[HistoryStore] = None,
     ) -> None:
         self._clock = clock
         self._monotonic = monotonic
         self.epoch = int(clock() * 1000) if epoch is None else epoch
+        self.store: HistoryStore = store if store is not None else MemoryStore(clock, self.epoch)
+        self._append = self.store.append
+        #: Rooms whose history is not being stored, and why (as last reported).
+        self.unsaved: Dict[str, str] = {}
         self.rooms: Dict[str, Room] = {}
         # Rooms nobody is in, kept (with their history) for someone coming back, oldest
         # first, at most MAX_EMPTY_ROOMS_PER_SHARD of them.
@@ -119,7 +136,14 @@ class ShardCore:
                 events.append(m.fail(command[1], errors.SHARD_TIMEOUT))
             else:
                 handlers[command[0]](events, command)
+        report = self.store.commit()
+        if report is not NOTHING_FAILED:
+            self._storage_changes(events, report.failed, report.recovered)
         return events
+
+    def close(self) -> None:
+        """Close the store (what is staged and not committed is dropped, as a crash would)."""
+        self.store.close()
 
     def rooms_of(self, cid: int) -> Set[str]:
         """Names of the rooms client *cid* is in on this shard (a copy)."""
@@ -142,6 +166,7 @@ class ShardCore:
         room.add(cid, username, keys)
         self._client_rooms.setdefault(cid, set()).add(name)
         entry = room.record(self._clock(), m.KIND_JOIN, username, f"{username} joined {name}")
+        self._append(name, room.epoch, entry)
         events.append(m.joined(req, name, cid, entry, room.epoch))
 
     def _rejoin(self, events: List[m.Event], command: m.Command) -> None:
@@ -162,6 +187,7 @@ class ShardCore:
             return
         username = room.members[cid]
         entry = room.record(self._clock(), m.KIND_CHAT, username, text)
+        self._append(name, room.epoch, entry)
         events.append(m.chat(req, name, entry, msg_line(name, username, text)))
 
     def _leave(self, events: List[m.Event], command: m.Command) -> None:
@@ -226,14 +252,42 @@ class ShardCore:
         if not rooms:
             del self._client_rooms[cid]
         entry = room.record(self._clock(), m.KIND_LEAVE, username, f"{username} left {room.name}")
+        self._append(room.name, room.epoch, entry)
         events.append(m.left(req, room.name, cid, entry))
         if not room.members:
             self._retire(room)
 
     def _revive(self, name: str) -> Room:
-        room = self._empty.pop(name, None) or Room(name, self.epoch)
+        room = self._empty.pop(name, None) or self._load(name)
         self.rooms[name] = room
         return room
+
+    def _load(self, name: str) -> Room:
+        """*name* as the store has it (a new, empty history if it has none)."""
+        stored = self.store.load(name)
+        room = Room(name, stored.epoch)
+        room.seq = stored.seq
+        room.history.extend(stored.entries)
+        if stored.problem:
+            log.warning("room %s: stored history not readable, starting anew: %s", name,
+                        stored.problem)  # fmt: skip
+        return room
+
+    def _storage_changes(
+        self, events: List[m.Event], failed: Mapping[str, str], recovered: Iterable[str]
+    ) -> None:
+        """A ``STORAGE`` event for each room whose history stopped, or started again, being
+        stored (not for every batch while it stays so)."""
+        unsaved = self.unsaved
+        for name, problem in failed.items():
+            if name not in unsaved:
+                log.warning("room %s: history not stored: %s", name, problem)
+                events.append(m.storage(name, problem))
+            unsaved[name] = problem
+        for name in recovered:
+            if unsaved.pop(name, None) is not None and name not in failed:
+                log.warning("room %s: history stored again", name)
+                events.append(m.storage(name, None))
 
     def _retire(self, room: Room) -> None:
         """Move an empty room to the bounded set of empty rooms (evicting the oldest)."""

@@ -16,10 +16,11 @@ import pickle
 import signal
 import sys
 from multiprocessing.connection import Connection
-from typing import Sequence
+from typing import Optional, Sequence
 
 from common.limits import MAX_SHARD_BATCH
 from shard.core import ShardCore
+from shard.storage import SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,8 @@ def run_shard(
     close_inherited: bool = False,
     log_level: str = "WARNING",
     crash_at_start: bool = False,
+    data_dir: Optional[str] = None,
+    shard_count: int = 1,
 ) -> None:
     """Serve shard *index*: read batches from *commands*, write events to *events*, until
     the router goes away.
@@ -43,6 +46,9 @@ def run_shard(
     sockets), and closes all but its own two pipes and stdio. Otherwise a client socket the
     router closed would stay open here, and no shard would see end-of-file when the router
     dies. *crash_at_start* exists for the supervision tests: the shard exits at once.
+    With *data_dir*, the history of the rooms in the storage slots this shard owns (as
+    shard *index* of *shard_count*) is kept there (:class:`shard.storage.SqliteStore`);
+    without, in memory only.
     """
     # Ctrl+C reaches the whole process group; the router decides when shards stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -56,9 +62,11 @@ def run_shard(
         stream=sys.stderr,
     )
     parent_pid = os.getppid()
+    core = ShardCore(store=SqliteStore(data_dir, index, shard_count)) if data_dir else ShardCore()
     try:
-        _serve(commands, events, ShardCore(), parent_pid)
+        _serve(commands, events, core, parent_pid)
     finally:
+        core.close()
         commands.close()
         events.close()
     log.debug("shard %d exiting", index)

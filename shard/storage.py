@@ -170,14 +170,18 @@ class HistoryStore(Protocol):
 
 
 class MemoryStore:
-    """Today's behaviour: nothing is stored, every load is a new history (new epoch)."""
+    """``--in-memory``: nothing is stored, every load is a new, empty history.
 
-    def __init__(self, clock: Clock = time.time) -> None:
+    With *epoch*, every history this store starts is named *epoch* (one per shard
+    incarnation: what an in-memory shard has always done); without, each gets a new one."""
+
+    def __init__(self, clock: Clock = time.time, epoch: Optional[int] = None) -> None:
         self._epochs = EpochSource(clock)
+        self._epoch = epoch
 
     def load(self, room: str) -> StoredRoom:
         """A new, empty history for *room*."""
-        return StoredRoom(room, self._epochs.next(), 0)
+        return StoredRoom(room, self._epochs.next() if self._epoch is None else self._epoch, 0)
 
     def new_epoch(self, room: str) -> int:
         """A new epoch."""

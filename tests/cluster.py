@@ -50,7 +50,12 @@ class Cluster:
         http_port: int = 0,
         new_session: bool = False,
         fd_limit: Optional[int] = None,
+        data_dir: Optional[Path] = None,
+        file_size_limit: Optional[int] = None,
     ) -> None:
+        # History in *data_dir* (real files), else in memory: a test never writes into the
+        # checkout's shardchat-data.
+        history = ["--data-dir", str(data_dir)] if data_dir is not None else ["--in-memory"]
         self.args = [
             sys.executable,
             str(START_CLUSTER),
@@ -64,6 +69,7 @@ class Cluster:
             start_method,
             "--log-level",
             "INFO",
+            *history,
             *(extra_args or []),
         ]
         self.proc: Optional[subprocess.Popen[str]] = None
@@ -73,6 +79,7 @@ class Cluster:
         self.marker = uuid.uuid4().hex
         self.new_session = new_session
         self.fd_limit = fd_limit
+        self.file_size_limit = file_size_limit
         self._ready = threading.Event()
         self._reader: Optional[threading.Thread] = None
 
@@ -103,7 +110,7 @@ class Cluster:
             env=self.env,
             cwd=str(ROOT),
             start_new_session=self.new_session,
-            preexec_fn=limit_open_files(self.fd_limit) if self.fd_limit is not None else None,
+            preexec_fn=_limits(self.fd_limit, self.file_size_limit),
         )
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
@@ -199,6 +206,29 @@ def limit_open_files(limit: int) -> Callable[[], None]:
         import resource
 
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    return preexec
+
+
+def _limits(
+    fd_limit: Optional[int], file_size_limit: Optional[int]
+) -> Optional[Callable[[], None]]:
+    """A ``preexec_fn`` for the limits asked for (None if none): the open-file limit as
+    :func:`limit_open_files`, and the soft limit on the size of a file the cluster writes
+    (``RLIMIT_FSIZE``; the hard limit stays, so a test can raise it again with
+    ``resource.prlimit``). Writing past it fails with ``EFBIG`` (Python ignores
+    ``SIGXFSZ``)."""
+    if fd_limit is None and file_size_limit is None:
+        return None
+
+    def preexec() -> None:
+        import resource
+
+        if fd_limit is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))
+        if file_size_limit is not None:
+            hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, hard))
 
     return preexec
 

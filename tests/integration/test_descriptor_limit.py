@@ -316,7 +316,7 @@ def test_a_shard_that_cannot_start_at_boot_is_one_line_and_exit_1(start_method: 
     marker = uuid.uuid4().hex
     env = dict(os.environ, PYTHONUNBUFFERED="1", **{MARKER_ENV: marker})
     args = [sys.executable, str(START_CLUSTER), "--tcp-port", "0", "--http-port", "0"]
-    args += ["--shards", "8", "--start-method", start_method]
+    args += ["--shards", "8", "--start-method", start_method, "--in-memory"]
     done = subprocess.run(
         args,
         stdin=subprocess.DEVNULL,

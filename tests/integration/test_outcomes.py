@@ -257,9 +257,13 @@ def run_through(cluster: Cluster, fault: str) -> None:
         ok, no = sender.tally()
         delivered += ok
         refused += no
-    # Whatever was delivered, the observer saw once; what was refused, never.
-    assert sorted(seen) == sorted(delivered)
-    assert not set(refused) & set(seen)
+    # Whatever was delivered, the observer saw once; what was refused, never, except a MSG
+    # the shard applied just before it was stopped and answered after its refusal (the one
+    # window a router's deadline cannot close; it logs each one).
+    late = sum("answered a timed-out MSG" in line for line in cluster.log_lines)
+    applied_late = [token for token in seen if token in set(refused)]
+    assert len(applied_late) <= late and (fault == "stop" or not applied_late), applied_late
+    assert sorted(token for token in seen if token not in applied_late) == sorted(delivered)
     assert refused, "the fault refused nothing: it did not hit the senders"
     leave_answer = leaver.read_until(lambda line: "left room" in line or "ERROR" in line, 20.0)[-1]
     members = names_of(cluster, room)

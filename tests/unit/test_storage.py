@@ -17,7 +17,7 @@ from typing import Callable, Iterator, List, Sequence
 
 import pytest
 
-from common.hashing import room_to_slot, room_to_slot_shard
+from common.hashing import room_to_shard, room_to_slot
 from common.limits import HISTORY_SIZE, STORAGE_MIN_FREE_BYTES, STORAGE_SLOTS
 from common.messages import KIND_CHAT, KIND_JOIN, Entry
 from shard.slot_files import (
@@ -242,18 +242,18 @@ def test_another_shard_count_finds_every_room(data_dir: Path, then: int) -> None
     stores = stores_for(data_dir, 2)
     epochs = {}
     for room in rooms:
-        epochs[room] = record(stores[room_to_slot_shard(room, 2)], room, 4).epoch
+        epochs[room] = record(stores[room_to_shard(room, 2)], room, 4).epoch
     assert all(store.commit().ok for store in stores)
     close_all(stores)
     stores = stores_for(data_dir, then)
     for room in rooms:
-        loaded = stores[room_to_slot_shard(room, then)].load(room)
+        loaded = stores[room_to_shard(room, then)].load(room)
         assert (loaded.epoch, loaded.seq, len(loaded.entries)) == (epochs[room], 4, 4)
     close_all(stores)
 
 
 def test_a_room_of_another_shard_is_refused(data_dir: Path) -> None:
-    room = next(f"r{i}" for i in range(100) if room_to_slot_shard(f"r{i}", 2) == 1)
+    room = next(f"r{i}" for i in range(100) if room_to_shard(f"r{i}", 2) == 1)
     store = SqliteStore(data_dir, 0, 2)
     with pytest.raises(ValueError, match="not one of this shard's"):
         store.load(room)

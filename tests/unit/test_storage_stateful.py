@@ -20,7 +20,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from common.hashing import room_to_slot, room_to_slot_shard
+from common.hashing import room_to_shard, room_to_slot
 from common.limits import HISTORY_SIZE
 from common.messages import KIND_CHAT, KIND_JOIN, KIND_LEAVE, Entry
 from shard.slot_files import check_data_dir, slot_file_name
@@ -65,7 +65,7 @@ class StoreMachine(RuleBasedStateMachine):
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def store_of(self, room: str) -> SqliteStore:
-        return self.stores[room_to_slot_shard(room, self.count)]
+        return self.stores[room_to_shard(room, self.count)]
 
     def model_of(self, room: str) -> RoomModel:
         """The room's model, created as the shard core would: with the epoch ``load``
