@@ -216,6 +216,15 @@ MAX_SHARD_BATCH = 4096
 #: files (every file records it, and the start check refuses a mismatch).
 STORAGE_SLOTS = 256
 
+#: Stored entries past a room's last HISTORY_SIZE are deleted once this many have piled up
+#: (in the commit that crosses the mark): a room holds at most HISTORY_SIZE + RETENTION_STEP
+#: entries on disk, and a commit does not also rewrite the room's oldest page every time.
+RETENTION_STEP = 64
+
+#: Rooms a shard's store remembers the id, epoch and newest seq of, so a commit does not
+#: read them back (it is the files' only writer); past it, it starts over (reads again).
+STORAGE_ROOM_CACHE = 10_000
+
 #: WAL pages after which a slot file's commit also checkpoints the WAL into the database
 #: (and fsyncs both): bounds each slot's WAL file to about 1 MiB (256 x 4 KiB pages), so
 #: all 256 WAL files together stay under 256 MiB; SQLite's own default is 1000.

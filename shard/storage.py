@@ -52,6 +52,8 @@ from common.hashing import room_to_slot, shard_slots
 from common.limits import (
     HISTORY_SIZE,
     MAX_UNSTORED_ENTRIES,
+    RETENTION_STEP,
+    STORAGE_ROOM_CACHE,
     STORAGE_SEQ_BITS,
     STORAGE_SLOTS,
 )
@@ -258,6 +260,8 @@ class _DownSlot:
 
 
 _SlotState = Union[sqlite3.Connection, _DownSlot]
+#: A stored room as the last commit left it: ``(id, epoch, newest seq)``.
+_Known = Tuple[int, int, int]
 
 
 def merge(
@@ -316,6 +320,9 @@ class SqliteStore:
         self._epochs = EpochSource(clock)
         self._max_unstored = max_unstored
         self._files: Dict[int, _SlotState] = {}
+        #: room -> (id, epoch, newest stored seq) as of the last commit that wrote it: this
+        #: process is the file's only writer, so a commit need not read them back.
+        self._known: Dict[str, _Known] = {}
         # Staged rooms, oldest first: the ones that waited longest are given up first.
         self._staged: OrderedDict[str, _Pending] = OrderedDict()
 
@@ -489,12 +496,16 @@ class SqliteStore:
         except StorageError as error:
             return str(error)
         assert conn is not None
+        known = self._known
+        written: Dict[str, Optional[_Known]] = {}
         try:
             conn.execute("BEGIN IMMEDIATE")
             for name, pending in rooms:
-                _write_room(conn, name, pending)
+                written[name] = _write_room(conn, name, pending, known.get(name))
             conn.execute("COMMIT")
         except sqlite3.Error as error:
+            for name, _ in rooms:
+                known.pop(name, None)  # read them back next time
             reason = str(sqlite_problem(self._path(slot), error))
             _rollback(conn)
             if error_name(error).startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
@@ -502,6 +513,13 @@ class SqliteStore:
             else:
                 log.warning("history commit of storage slot %d failed: %s", slot, reason)
             return reason
+        if len(known) + len(written) > STORAGE_ROOM_CACHE:
+            known.clear()
+        for name, state in written.items():
+            if state is None:
+                known.pop(name, None)
+            else:
+                known[name] = state
         return None
 
     def _shed_unstored(self) -> List[str]:
@@ -533,10 +551,18 @@ def _rollback(conn: sqlite3.Connection) -> None:
             log.warning("rollback failed: %s", error)
 
 
-def _write_room(conn: sqlite3.Connection, name: str, pending: _Pending) -> None:
+def _write_room(
+    conn: sqlite3.Connection, name: str, pending: _Pending, known: Optional[_Known]
+) -> Optional[_Known]:
     """Apply *pending* to *name*'s rows, inside the caller's transaction; the same result as
-    :func:`merge`. Raises ``sqlite3.Error`` (the commit fails)."""
-    row = conn.execute("SELECT id, epoch FROM rooms WHERE name = ?", (name,)).fetchone()
+    :func:`merge`. *known* is what the last commit left of the room (None: read it).
+    Returns the room's ``(id, epoch, newest seq)`` after it (None: it has no rows).
+    Raises ``sqlite3.Error`` (the commit fails)."""
+    if known is None or pending.forget:
+        row = conn.execute("SELECT id, epoch FROM rooms WHERE name = ?", (name,)).fetchone()
+        newest: Optional[int] = None
+    else:
+        row, newest = known[:2], known[2]
     if row is not None and pending.forget:
         low = row[0] << STORAGE_SEQ_BITS
         conn.execute("DELETE FROM entries WHERE key BETWEEN ? AND ?", (low, low | SEQ_MASK))
@@ -544,17 +570,19 @@ def _write_room(conn: sqlite3.Connection, name: str, pending: _Pending) -> None:
         remember_epoch(conn, row[1])  # the room's next history must get a greater one
         row = None
     if not pending.entries:
-        return
+        return None
     if row is None:
         room_id = _insert_room(conn, name, pending.epoch)
         low = room_id << STORAGE_SEQ_BITS
     else:
         room_id, epoch = row
         low = room_id << STORAGE_SEQ_BITS
-        newest = conn.execute(
-            "SELECT max(key) FROM entries WHERE key BETWEEN ? AND ?", (low, low | SEQ_MASK)
-        ).fetchone()[0]
-        if not _continues(epoch, newest - low if newest is not None else 0, pending):
+        if newest is None:
+            top = conn.execute(
+                "SELECT max(key) FROM entries WHERE key BETWEEN ? AND ?", (low, low | SEQ_MASK)
+            ).fetchone()[0]
+            newest = top - low if top is not None else 0
+        if not _continues(epoch, newest, pending):
             conn.execute("DELETE FROM entries WHERE key BETWEEN ? AND ?", (low, low | SEQ_MASK))
         if epoch != pending.epoch:
             conn.execute("UPDATE rooms SET epoch = ? WHERE id = ?", (pending.epoch, room_id))
@@ -566,10 +594,14 @@ def _write_room(conn: sqlite3.Connection, name: str, pending: _Pending) -> None:
         ],
     )
     last = pending.entries[-1][0]
-    if last > HISTORY_SIZE:
+    first = pending.entries[0][0]
+    # Retention in steps: entries past the last HISTORY_SIZE go once RETENTION_STEP of them
+    # have piled up (a delete per commit would rewrite the room's oldest page every time).
+    if (last - HISTORY_SIZE) // RETENTION_STEP > (first - 1 - HISTORY_SIZE) // RETENTION_STEP:
         conn.execute(
             "DELETE FROM entries WHERE key BETWEEN ? AND ?", (low, low + last - HISTORY_SIZE)
         )
+    return (room_id, pending.epoch, last)
 
 
 def _insert_room(conn: sqlite3.Connection, name: str, epoch: Optional[int]) -> int:

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from common.hashing import room_to_shard, room_to_slot
-from common.limits import HISTORY_SIZE
+from common.limits import HISTORY_SIZE, RETENTION_STEP
 from common.messages import KIND_CHAT, KIND_JOIN, KIND_LEAVE, Entry
 from shard.slot_files import check_data_dir, slot_file_name
 from shard.storage import SqliteStore
@@ -143,7 +143,8 @@ class StoreMachine(RuleBasedStateMachine):
             assert loaded.problem is None
 
     def check_files(self) -> None:
-        """With every store closed: each file holds exactly the committed last 500."""
+        """With every store closed: each file holds the committed last 500 (and at most
+        ``RETENTION_STEP`` older ones)."""
         for room in ROOMS:
             stored = _read_file(self.data_dir, room)
             model = self.committed.get(room)
@@ -153,7 +154,10 @@ class StoreMachine(RuleBasedStateMachine):
             assert stored is not None
             epoch, entries = stored
             assert epoch == model.epoch
-            assert entries == model.entries[-HISTORY_SIZE:]
+            # the last 500, and at most RETENTION_STEP older ones waiting to be deleted
+            assert entries[-HISTORY_SIZE:] == model.entries[-HISTORY_SIZE:]
+            assert len(entries) <= HISTORY_SIZE + RETENTION_STEP
+            assert [e[0] for e in entries] == list(range(entries[0][0], entries[-1][0] + 1))
 
 
 def _copy(model: RoomModel) -> RoomModel:
