@@ -11,6 +11,7 @@ import asyncio
 import errno
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 from typing import Any, Awaitable, Callable, Dict, List, Optional
@@ -33,16 +34,56 @@ log = logging.getLogger(__name__)
 
 
 class PortInUse(Exception):
-    """A listener could not bind; the message says which port and how to find its owner."""
+    """A listener could not bind or listen; the message says why, in one line, and what to
+    do about it."""
+
+
+#: The errno of "not an address of this machine" (EADDRNOTAVAIL; WSAEADDRNOTAVAIL on Windows).
+_NOT_HERE = {errno.EADDRNOTAVAIL, 10049}
+_IN_USE = {errno.EADDRINUSE, 10048}
 
 
 def port_in_use_message(kind: str, host: str, port: int, error: OSError) -> str:
+    """One line for a listener that could not bind *host*:*port*: what the error is, and
+    the hint that fits it (who holds a busy port, which --host to pass, ...)."""
     flag = "--tcp-port" if kind == "tcp" else "--http-port"
+    where = f"cannot listen on {host}:{port} ({kind})"
+    if isinstance(error, socket.gaierror) or not error.errno:
+        reason = error.strerror or str(error)
+    else:  # asyncio's own wording repeats the address: the system's is enough
+        reason = os.strerror(error.errno)
+    if isinstance(error, socket.gaierror):
+        return (
+            f"{where}: the host name {host!r} does not resolve ({reason}); pass an address "
+            "of this machine with --host, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 "
+            "(every interface)"
+        )
+    if error.errno in _NOT_HERE:
+        return (
+            f"{where}: {host} is not an address of this machine ({reason}); pass one it "
+            "has with --host, e.g. 127.0.0.1 or 0.0.0.0 (every interface)"
+        )
+    if error.errno in (errno.EACCES, errno.EPERM):
+        return (
+            f"{where}: permission denied ({reason}); ports below 1024 need privileges: "
+            f"choose another port with {flag}"
+        )
+    if error.errno in _IN_USE:
+        return (
+            f"{where}: the port is already in use. Find the process holding it with "
+            f"`lsof -nP -iTCP:{port} -sTCP:LISTEN` (Linux/macOS) or "
+            f"`netstat -ano | findstr :{port}` (Windows), or choose another port with {flag}"
+        )
+    return f"{where}: {reason}"
+
+
+def same_port_message(port: int) -> Optional[str]:
+    """The line for --tcp-port and --http-port naming one port (None if they do not)."""
+    if not port:
+        return None
     return (
-        f"cannot listen on {host}:{port} ({kind}): {error.strerror or error}. "
-        f"Find the process holding it with `lsof -nP -iTCP:{port} -sTCP:LISTEN` "
-        f"(Linux/macOS) or `netstat -ano | findstr :{port}` (Windows), "
-        f"or choose another port with {flag}"
+        f"--tcp-port and --http-port are both {port}: the line protocol and HTTP need a "
+        "port each; choose another for one of them"
     )
 
 
@@ -130,8 +171,13 @@ class Router:
 
     async def start_serving(self) -> None:
         kinds = ["tcp", "http"]
-        for kind, server in zip(kinds, self.servers):
-            await server.start_serving()
+        ports = [self.settings.tcp_port, self.settings.http_port]
+        for kind, port, server in zip(kinds, ports, self.servers):
+            try:
+                await server.start_serving()
+            except OSError as error:  # listen() failed: the port is taken after all
+                message = port_in_use_message(kind, self.settings.host, port or 0, error)
+                raise PortInUse(message) from error
             for sock in server.sockets:
                 if self.accept_batch < LISTEN_QUEUE:
                     _lengthen_listen_queue(sock)
@@ -187,6 +233,11 @@ async def serve(settings: Settings, ready: Optional[Callable[[Router], None]] = 
         except StorageError as error:
             log.error("%s", error)
             return 1
+    if settings.http_port is not None and settings.tcp_port == settings.http_port:
+        message = same_port_message(settings.tcp_port)
+        if message is not None:
+            log.error("%s", message)
+            return 1
     router = Router(settings)
     try:
         await router.bind()
@@ -205,7 +256,14 @@ async def serve(settings: Settings, ready: Optional[Callable[[Router], None]] = 
         log.info("history kept in %s (--in-memory to keep none)", settings.data_dir)
     else:
         log.info("history kept in memory only: it is lost when a shard stops")
-    await router.start_serving()
+    try:
+        await router.start_serving()
+    except PortInUse as error:
+        log.error("%s", error)
+        router.close_listeners()
+        router.pool.close()
+        await asyncio.to_thread(router.pool.join, SHARD_STOP_TIMEOUT)
+        return 1
     _install_signal_handlers(router.loop, router.stop_requested.set)
     if ready is not None:
         ready(router)

@@ -141,6 +141,48 @@ def test_port_in_use(kind: str) -> None:
     assert leftovers == []
 
 
+
+def start_and_fail(*args: str) -> str:
+    """Run the cluster with *args*; assert it exits 1 with one line and leaves no process;
+    return the line."""
+    cluster = Cluster(shards=SHARDS, extra_args=list(args))
+    result = subprocess.run(
+        cluster.args,
+        env=cluster.env,
+        cwd=str(ROOT),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert wait_gone(cluster.marked_pids(), ORPHAN_BOUND) == []
+    assert result.returncode == 1, result
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr  # one clear line, no traceback
+    return lines[0]
+
+
+def test_the_same_port_for_both_listeners_is_one_line() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # the later flags win: both listeners on one port
+    line = start_and_fail("--tcp-port", str(port), "--http-port", str(port))
+    assert f"--tcp-port and --http-port are both {port}" in line
+
+
+@pytest.mark.parametrize(
+    ("host", "says"),
+    [
+        ("nosuchhost.invalid", "does not resolve"),
+        ("192.0.2.1", "is not an address of this machine"),  # TEST-NET-1, nobody's
+    ],
+)
+def test_a_listen_error_that_is_not_a_busy_port_says_what_it_is(host: str, says: str) -> None:
+    line = start_and_fail("--host", host)
+    assert says in line and "--host" in line
+    assert "lsof" not in line and "in use" not in line
+
 # --- shutdown ----------------------------------------------------------------------------
 
 SHUTDOWNS = [
