@@ -10,6 +10,7 @@ import sys
 from typing import Any, Callable, List, Optional
 
 from common.limits import MAX_SHARDS
+from common.proctitle import set_process_name
 from router.app import run
 from router.http_hosts import AllowedHosts
 from router.settings import Settings, default_shard_count
@@ -42,7 +43,8 @@ def _allowed_hosts(text: str) -> AllowedHosts:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="start_cluster.py",
+        # the name it was started by: start_cluster.py, or the shardchat-server script
+        prog=os.path.basename(sys.argv[0]) or "start_cluster.py",
         description="Start a shardchat cluster: one router process and N shard processes.",
     )
     parser.add_argument(
@@ -238,6 +240,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse *argv*, run the cluster until SIGINT/SIGTERM; returns the exit status."""
     args = build_parser().parse_args(argv)
+    set_process_name("shardchat")  # the router, in `ps -e` and top (Linux)
     logging.basicConfig(
         level=args.log_level,
         format="%(asctime)s router %(levelname)s %(message)s",

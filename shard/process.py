@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 from typing import Optional, Sequence
 
 from common.limits import MAX_SHARD_BATCH
+from common.proctitle import set_process_name
 from shard.core import ShardCore
 from shard.storage import SqliteStore
 
@@ -56,6 +57,7 @@ def run_shard(
         _close_inherited_fds(keep=(commands.fileno(), events.fileno()))
     if crash_at_start:
         os._exit(3)
+    set_process_name(f"shardchat-sh{index}")  # `ps -e`, top: shardchat-sh0, -sh1, ...
     logging.basicConfig(
         level=log_level,
         format=f"%(asctime)s shard-{index} %(levelname)s %(message)s",

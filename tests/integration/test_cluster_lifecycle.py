@@ -141,7 +141,6 @@ def test_port_in_use(kind: str) -> None:
     assert leftovers == []
 
 
-
 def start_and_fail(*args: str) -> str:
     """Run the cluster with *args*; assert it exits 1 with one line and leaves no process;
     return the line."""
@@ -182,6 +181,7 @@ def test_a_listen_error_that_is_not_a_busy_port_says_what_it_is(host: str, says:
     line = start_and_fail("--host", host)
     assert says in line and "--host" in line
     assert "lsof" not in line and "in use" not in line
+
 
 # --- shutdown ----------------------------------------------------------------------------
 
@@ -281,3 +281,34 @@ def test_router_sigkill_leaves_no_orphans(started: List[Cluster], start_method: 
         client.read_all_until_closed(2)
     with pytest.raises(OSError):
         socket.create_connection((cluster.host, cluster.tcp_port), timeout=2).close()
+
+
+# --- names in ps ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/PID/comm is Linux's")
+def test_processes_have_names_a_person_can_read() -> None:
+    with Cluster(shards=SHARDS) as cluster:
+        assert cluster.proc is not None
+        with open(f"/proc/{cluster.proc.pid}/comm", encoding="ascii") as comm:
+            assert comm.read().strip() == "shardchat"
+        cluster.connect().close()  # the shards answered once: they are past their start
+        for index, pid in enumerate(cluster.shard_pids()):
+            deadline = time.monotonic() + 10
+            while True:
+                with open(f"/proc/{pid}/comm", encoding="ascii") as comm:
+                    name = comm.read().strip()
+                if name == f"shardchat-sh{index}" or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert name == f"shardchat-sh{index}"
+
+
+def test_help_names_the_program_it_was_started_as() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "start_cluster.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0 and result.stdout.startswith("usage: start_cluster.py")
