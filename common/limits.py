@@ -357,6 +357,11 @@ MAX_SESSION_BACKLOG = HISTORY_SIZE
 #: next poll answer; older ones go first.
 MAX_ROOM_NOTICES = 8
 
+#: Seconds a client has to finish its TLS handshake (``--tls-handshake-timeout``); past it
+#: the connection is closed. asyncio's default is 60 s, a long time to hold a descriptor
+#: for a client that may be speaking plaintext to a TLS port.
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
 #: Largest poll answer, in bytes of message JSON (about; at least one message always goes).
 #: The rest waits for the next poll: the answer says ``"more": true``. Without it one poll
 #: of 100 rooms with ``after=0`` could ask for 100 x 500 messages at once (configurable).

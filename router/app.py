@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import ssl
 from typing import Any, Awaitable, Callable, Dict, List, Optional
 
 from common.limits import (
@@ -29,6 +30,8 @@ from router.policy import ConnectionLimiter, FdBudget, raise_fd_limit
 from router.settings import Settings
 from router.shards import ShardPool, ShardStartError, describe_error
 from router.tcp import start_tcp_server
+from router.tls import TlsError, server_context
+from router.tls import reload as reload_tls
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +111,26 @@ class Router:
         #: Connections asyncio accepts per wake-up: few under an open-file limit (they
         #: must fit in the reserve until refused); without one, a whole queue's worth.
         self.accept_batch = LISTEN_BACKLOG if self.fds.limit is not None else LISTEN_QUEUE
+        #: Both listeners' TLS context (``--tls-cert``), None for plaintext.
+        self.tls: Optional[ssl.SSLContext] = None
+        if settings.tls_cert:
+            self.tls = server_context(settings.tls_cert, settings.tls_key)
 
     async def bind(self) -> None:
         """Bind every listener (not yet accepting). Raises :class:`PortInUse`."""
         config = self.settings
         batch = self.accept_batch
+        tls = self.tls
 
         def start_tcp(hub: Hub, host: str, port: int) -> Awaitable[asyncio.AbstractServer]:
-            return start_tcp_server(hub, host, port, backlog=batch)
+            return start_tcp_server(hub, host, port, backlog=batch, tls=tls)
 
         listeners = [("tcp", config.tcp_port, start_tcp)]
         if config.http_port is not None:
             from router.http import start_http_server
 
             def start_http(hub: Hub, host: str, port: int) -> Awaitable[asyncio.AbstractServer]:
-                return start_http_server(hub, host, port, backlog=batch)
+                return start_http_server(hub, host, port, backlog=batch, tls=tls)
 
             listeners.append(("http", config.http_port, start_http))
         for kind, port, start in listeners:
@@ -182,7 +190,7 @@ class Router:
                 if self.accept_batch < LISTEN_QUEUE:
                     _lengthen_listen_queue(sock)
                 host, port = sock.getsockname()[:2]
-                log.info("listening %s %s:%d", kind, host, port)
+                log.info("listening %s %s:%d%s", kind, host, port, " (TLS)" if self.tls else "")
         if len(self.servers) > 1:
             self._log_allowed_hosts()
 
@@ -238,7 +246,11 @@ async def serve(settings: Settings, ready: Optional[Callable[[Router], None]] = 
         if message is not None:
             log.error("%s", message)
             return 1
-    router = Router(settings)
+    try:
+        router = Router(settings)
+    except TlsError as error:
+        log.error("%s", error)
+        return 1
     try:
         await router.bind()
     except PortInUse as error:
@@ -265,6 +277,12 @@ async def serve(settings: Settings, ready: Optional[Callable[[Router], None]] = 
         await asyncio.to_thread(router.pool.join, SHARD_STOP_TIMEOUT)
         return 1
     _install_signal_handlers(router.loop, router.stop_requested.set)
+    if router.tls is not None and settings.tls_cert and hasattr(signal, "SIGHUP"):
+        context, cert, key = router.tls, settings.tls_cert, settings.tls_key
+        try:
+            router.loop.add_signal_handler(signal.SIGHUP, reload_tls, context, cert, key)
+        except (NotImplementedError, RuntimeError):
+            pass  # no signal handlers on this loop: restart to load a new certificate
     if ready is not None:
         ready(router)
     await router.stop_requested.wait()

@@ -82,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=multiprocessing.get_all_start_methods(),
         help="how shard processes are started (default spawn, which works everywhere)",
     )
+    tls = parser.add_argument_group("TLS (both listeners; see docs/DEPLOY.md)")
+    tls.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="PEM certificate chain: the line-protocol and HTTP ports speak TLS only "
+        "(TLS 1.2+); SIGHUP reloads it",
+    )
+    tls.add_argument(
+        "--tls-key", metavar="FILE", help="PEM private key of --tls-cert (default: in it)"
+    )
     history = parser.add_mutually_exclusive_group()
     history.add_argument(
         "--data-dir",
@@ -163,6 +173,8 @@ LIMIT_FLAGS = [
      "seconds after a PING before a silent client is closed"),
     ("--join-timeout", "join_timeout", SECONDS, "S",
      "seconds a TCP client may stay without joining a room"),
+    ("--tls-handshake-timeout", "tls_handshake_timeout", SECONDS, "S",
+     "seconds a client has to finish its TLS handshake"),
 ]  # fmt: skip
 
 
@@ -233,13 +245,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         session_ttl=args.session_ttl,
         allowed_hosts=args.allowed_hosts,
         data_dir=None if args.in_memory else os.path.abspath(args.data_dir),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         **limits,
     )
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse *argv*, run the cluster until SIGINT/SIGTERM; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tls_key and not args.tls_cert:
+        parser.error("--tls-key needs --tls-cert")
     set_process_name("shardchat")  # the router, in `ps -e` and top (Linux)
     logging.basicConfig(
         level=args.log_level,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import ssl
 from typing import Any, List, Optional, Set
 
 from common.limits import (
@@ -161,7 +162,9 @@ class HttpConnection(asyncio.Protocol):
             self.close()
             self._exchange = None
             exchange.cancel()
-        return True  # keep the write side open: an answer may still be on its way
+        # keep the write side open: an answer may still be on its way (not over TLS, which
+        # has no half-close: asyncio closes then whatever we answer)
+        return self.transport is not None and self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.state = CLOSED
@@ -467,8 +470,10 @@ async def start_http_server(
     port: int,
     start_serving: bool = False,
     backlog: int = LISTEN_QUEUE,
+    tls: Optional[ssl.SSLContext] = None,
 ) -> asyncio.AbstractServer:
-    """Bind the HTTP listener (browser UI and JSON API), not yet accepting unless
+    """Bind the HTTP listener (browser UI and JSON API; HTTPS only with *tls*, and its
+    session cookies ``Secure``), not yet accepting unless
     *start_serving*; asyncio accepts up to *backlog* connections per loop wake-up and
     listens with it. Everything else (timeouts, allowed hosts) comes from
     ``hub.settings``. Raises ``OSError`` if the port cannot be bound. The returned server
@@ -476,6 +481,7 @@ async def start_http_server(
     loop = asyncio.get_running_loop()
     api = HttpApi(hub, StaticFiles(WEB_ROOT))
     api.admit = SessionRateLimit(hub.settings.rate_limit, hub.settings.rate_burst)
+    api.secure_cookies = tls is not None
     connections: Set[HttpConnection] = set()
     connection_class = reading_class(loop, HttpConnection, BufferedHttpConnection)
     server = await loop.create_server(
@@ -484,5 +490,7 @@ async def start_http_server(
         port,
         start_serving=start_serving,
         backlog=backlog,
+        ssl=tls,
+        ssl_handshake_timeout=hub.settings.tls_handshake_timeout if tls else None,
     )
     return HttpServer(server, api, connections)

@@ -105,12 +105,15 @@ def failure_error(refusal: Refusal) -> ApiError:
     return ApiError(refusal.status, refusal.code, refusal.message, **extra)
 
 
-def session_cookie(token: str) -> Tuple[str, str]:
-    return ("Set-Cookie", f"{COOKIE_NAME}={token}; HttpOnly; SameSite=Strict; Path=/")
+def session_cookie(token: str, secure: bool = False) -> Tuple[str, str]:
+    """The session cookie; ``Secure`` when the page was served over TLS."""
+    flags = "; Secure" if secure else ""
+    return ("Set-Cookie", f"{COOKIE_NAME}={token}; HttpOnly; SameSite=Strict; Path=/{flags}")
 
 
-def expired_cookie() -> Tuple[str, str]:
-    return ("Set-Cookie", f"{COOKIE_NAME}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0")
+def expired_cookie(secure: bool = False) -> Tuple[str, str]:
+    flags = "; Secure" if secure else ""
+    return ("Set-Cookie", f"{COOKIE_NAME}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{flags}")
 
 
 def cookie_value(request: Request, name: str) -> Optional[str]:
@@ -212,6 +215,8 @@ class HttpApi:
         self.allowed_hosts = settings.http_hosts()
         self.sessions = SessionStore(hub, hub.loop, settings.session_ttl)
         self.admit: Admit = admit_everything
+        #: The listener speaks TLS: session cookies get ``Secure``.
+        self.secure_cookies = False
         self._anonymous = hub.add(_Anonymous())
         self._routes: Dict[str, Dict[str, Handler]] = {
             "/healthz": {"GET": self._healthz},
@@ -414,7 +419,8 @@ class HttpApi:
                 "id": entry[0],
                 "epoch": self.hub.epoch_of(room),
             }
-            exchange.respond(json_response(200, payload, (session_cookie(joined.token),)))
+            cookie = session_cookie(joined.token, self.secure_cookies)
+            exchange.respond(json_response(200, payload, (cookie,)))
 
         def failed(refusal: Refusal) -> None:
             if new and not joined.record.rooms:
@@ -450,7 +456,7 @@ class HttpApi:
         if "room" not in body:  # only {} ends the session; "room": null is a bad room
             self.sessions.end(session)
             payload = {"ok": True, "ended": True}
-            exchange.respond(json_response(200, payload, (expired_cookie(),)))
+            exchange.respond(json_response(200, payload, (expired_cookie(self.secure_cookies),)))
             return
         room = _room_field(body)
         self._admit(session, "leave")

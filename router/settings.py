@@ -43,6 +43,9 @@ class Settings:
     #: (``--in-memory``). The command line's default is ``shardchat-data``; a Settings built
     #: in code keeps nothing unless told.
     data_dir: Optional[str] = None
+    #: ``--tls-cert`` / ``--tls-key``: both listeners speak TLS only (router/tls.py).
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
 
     # --- per client: flood, output, timers, caps -----------------------------------------
     rate_limit: float = L.RATE_LIMIT
@@ -56,6 +59,7 @@ class Settings:
     idle_ping: float = L.IDLE_PING_SECONDS
     ping_timeout: float = L.PING_TIMEOUT_SECONDS
     join_timeout: float = L.JOIN_TIMEOUT_SECONDS
+    tls_handshake_timeout: float = L.TLS_HANDSHAKE_TIMEOUT
     max_connections: int = L.MAX_CONNECTIONS
     max_connections_per_ip: int = L.MAX_CONNECTIONS_PER_IP
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import ssl
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, NamedTuple, Optional, Set
 
@@ -114,7 +115,7 @@ class TcpConnection(asyncio.Protocol, Client):
         "ip", "_socket_counted", "_counted", "state", "_bucket", "_waiting",
         "_resume", "_eof", "record", "_reply_pending", "_output_paused", "connected_at",
         "last_heard", "_ping_sent_at", "_joined_once", "_over_soft_since", "_reply_allowance",
-        "_received_at", "_unparsed", "_parsing", "_input_done", "_quit_queued",
+        "_received_at", "_unparsed", "_parsing", "_input_done", "_quit_queued", "_tls",
     )  # fmt: skip
 
     def __init__(self, listener: TcpListener) -> None:
@@ -159,12 +160,15 @@ class TcpConnection(asyncio.Protocol, Client):
         self._parsing = False
         self._input_done = False  # the end of the input has been fed to the parser
         self._quit_queued = False  # a QUIT waits in _waiting: no local command overtakes it
+        self._tls = False  # set when the connection is made
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        # TLS has no half-close: asyncio closes after end of input whatever we answer
+        self._tls = transport.get_extra_info("sslcontext") is not None
         peer = transport.get_extra_info("peername")
         self.ip = str(peer[0]) if peer else ""
         self.address = address_key(self.ip)
@@ -249,7 +253,7 @@ class TcpConnection(asyncio.Protocol, Client):
                 self._parse_more()  # the last line is parsed once the rest has been
             else:
                 self._end_of_input()
-        return True
+        return not self._tls
 
     def _end_of_input(self) -> None:
         """The peer's input is all parsed but an unterminated last line: parse it, finish
@@ -742,12 +746,24 @@ class BufferedTcpConnection(TcpConnection, SharedBufferReading):
 
 
 async def start_tcp_server(
-    hub: Hub, host: str, port: int, start_serving: bool = False, backlog: int = LISTEN_QUEUE
+    hub: Hub,
+    host: str,
+    port: int,
+    start_serving: bool = False,
+    backlog: int = LISTEN_QUEUE,
+    tls: Optional[ssl.SSLContext] = None,
 ) -> asyncio.AbstractServer:
     """Bind the line-protocol listener (not yet accepting unless *start_serving*). asyncio
-    accepts up to *backlog* connections per loop wake-up and listens with it."""
+    accepts up to *backlog* connections per loop wake-up and listens with it. With *tls*,
+    it speaks TLS only."""
     loop = asyncio.get_running_loop()
     listener = TcpListener(hub, loop)
     return await loop.create_server(
-        listener.new_connection, host, port, start_serving=start_serving, backlog=backlog
+        listener.new_connection,
+        host,
+        port,
+        start_serving=start_serving,
+        backlog=backlog,
+        ssl=tls,
+        ssl_handshake_timeout=hub.settings.tls_handshake_timeout if tls else None,
     )

@@ -1,0 +1,183 @@
+"""TLS on both listeners (``--tls-cert``/``--tls-key``) against a real cluster, with a
+self-signed certificate made by ``openssl`` in the test: the line protocol and HTTPS work,
+the session cookie is ``Secure``, a plaintext client on a TLS port is refused without a
+traceback and without affecting the others, SIGHUP reloads the certificate, and a bad
+certificate is one line and exit 1."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+from typing import Tuple
+
+import pytest
+
+from tests.cluster import START_CLUSTER, Cluster
+
+pytestmark = [
+    pytest.mark.timeout(90),
+    pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command"),
+]
+
+
+def make_certificate(directory: Path, name: str = "server") -> Tuple[Path, Path]:
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, Path]:
+    return make_certificate(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def cluster(certificate: Tuple[Path, Path]):  # noqa: ANN201
+    cert, key = certificate
+    with Cluster(extra_args=["--tls-cert", str(cert), "--tls-key", str(key)]) as running:
+        yield running
+
+
+def client_context(cert: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(cert))
+
+
+def tls_line_client(cluster: Cluster, cert: Path) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", cluster.tcp_port), timeout=10)
+    sock = client_context(cert).wrap_socket(raw, server_hostname="localhost")
+    return sock
+
+
+def read_line(sock: socket.socket, buffer: bytearray) -> str:
+    while b"\n" not in buffer:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise EOFError(bytes(buffer))
+        buffer += chunk
+    line, _, rest = bytes(buffer).partition(b"\n")
+    buffer[:] = rest
+    return line.decode()
+
+
+def test_the_line_protocol_over_tls(cluster: Cluster, certificate: Tuple[Path, Path]) -> None:
+    assert "(TLS)" in cluster.log
+    alice = tls_line_client(cluster, certificate[0])
+    bob = tls_line_client(cluster, certificate[0])
+    assert alice.version() in ("TLSv1.2", "TLSv1.3")
+    a, b = bytearray(), bytearray()
+    assert read_line(alice, a).startswith("INFO welcome to shardchat")
+    assert read_line(bob, b).startswith("INFO welcome to shardchat")
+    alice.sendall(b"JOIN tls-room alice\n")
+    assert read_line(alice, a) == "INFO joined room tls-room"
+    bob.sendall(b"JOIN tls-room bob\n")
+    assert read_line(bob, b) == "INFO joined room tls-room"
+    assert read_line(alice, a) == "INFO bob joined tls-room"
+    bob.sendall(b"MSG tls-room hello over TLS\n")
+    assert read_line(alice, a) == "MSG tls-room bob hello over TLS"
+    alice.close()
+    bob.close()
+
+
+def test_https_and_a_secure_cookie(cluster: Cluster, certificate: Tuple[Path, Path]) -> None:
+    conn = http.client.HTTPSConnection(
+        "localhost", cluster.http_port, context=client_context(certificate[0]), timeout=10
+    )
+    conn.request("GET", "/")
+    page = conn.getresponse()
+    assert page.status == 200 and b"shardchat" in page.read()
+    body = json.dumps({"room": "tls-web", "username": "carol"})
+    conn.request("POST", "/api/join", body, {"Content-Type": "application/json"})
+    joined = conn.getresponse()
+    joined.read()
+    assert joined.status == 200
+    cookie = joined.getheader("Set-Cookie") or ""
+    assert "; Secure" in cookie and "HttpOnly" in cookie
+    conn.close()
+
+
+@pytest.mark.parametrize("port", ["tcp", "http"])
+def test_plaintext_on_a_tls_port_is_refused_and_harms_nobody(
+    cluster: Cluster, certificate: Tuple[Path, Path], port: str
+) -> None:
+    member = tls_line_client(cluster, certificate[0])
+    buffer = bytearray()
+    read_line(member, buffer)
+    member.sendall(b"JOIN plain-check dave\n")
+    assert read_line(member, buffer) == "INFO joined room plain-check"
+    number = cluster.tcp_port if port == "tcp" else cluster.http_port
+    for request in (b"JOIN plain-check mallory\n", b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n"):
+        plain = socket.create_connection(("127.0.0.1", number), timeout=10)
+        plain.sendall(request)
+        received = b""
+        try:
+            while True:
+                chunk = plain.recv(4096)
+                if not chunk:
+                    break
+                received += chunk
+        except ConnectionResetError:
+            pass
+        plain.close()
+        # nothing of the chat (no welcome, no page) reached the plaintext client
+        assert b"INFO" not in received and b"HTTP/1.1 200" not in received
+    member.sendall(b"NAMES plain-check\n")
+    assert read_line(member, buffer) == "NAMES plain-check dave"
+    member.close()
+    assert "Traceback" not in cluster.log
+
+
+def test_sighup_reloads_the_certificate(tmp_path: Path) -> None:
+    first = make_certificate(tmp_path, "first")
+    second = make_certificate(tmp_path, "second")
+    cert, key = tmp_path / "live.pem", tmp_path / "live.key"
+    shutil.copy(first[0], cert)
+    shutil.copy(first[1], key)
+    with Cluster(extra_args=["--tls-cert", str(cert), "--tls-key", str(key)]) as cluster:
+        tls_line_client(cluster, first[0]).close()  # trusted as "first"
+        shutil.copy(second[0], cert)
+        shutil.copy(second[1], key)
+        assert cluster.proc is not None
+        os.kill(cluster.proc.pid, signal.SIGHUP)
+        cluster.wait_for_log("TLS certificate reloaded")
+        tls_line_client(cluster, second[0]).close()  # now the server presents "second"
+        with pytest.raises(ssl.SSLCertVerificationError):
+            tls_line_client(cluster, first[0])
+        # a broken file on reload keeps the certificate in use, and says so
+        cert.write_text("not a certificate")
+        os.kill(cluster.proc.pid, signal.SIGHUP)
+        cluster.wait_for_log("still using the certificate loaded before")
+        tls_line_client(cluster, second[0]).close()
+        assert "Traceback" not in cluster.log
+
+
+@pytest.mark.parametrize("problem", ["missing", "garbage", "wrong-key"])
+def test_a_bad_certificate_is_one_line_and_exit_1(tmp_path: Path, problem: str) -> None:
+    cert, key = make_certificate(tmp_path)
+    if problem == "missing":
+        cert = tmp_path / "nowhere.pem"
+    elif problem == "garbage":
+        cert.write_text("-----BEGIN CERTIFICATE-----\nnonsense\n")
+    else:
+        key = make_certificate(tmp_path, "other")[1]
+    result = subprocess.run(
+        [sys.executable, str(START_CLUSTER), "--tcp-port", "0", "--http-port", "0",
+         "--in-memory", "--tls-cert", str(cert), "--tls-key", str(key)],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "TLS" in lines[0] and "Traceback" not in result.stderr, lines
+    assert str(cert) in lines[0] or str(cert.name) in lines[0]
