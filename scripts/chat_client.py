@@ -31,8 +31,10 @@ import io
 import logging
 import os
 import random
+import select
 import signal
 import socket
+import ssl
 import sys
 import textwrap
 import threading
@@ -892,6 +894,105 @@ class LineConnection:
         self._sock.close()
 
 
+class TlsLineConnection(LineConnection):
+    """The connection over TLS. An SSL connection must not be read and written by two
+    threads at once (OpenSSL's rule), so every read and write holds one lock; the reader
+    waits for data *outside* it (``select`` on the socket), then reads what is there without
+    blocking."""
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:  # noqa: D107 - LineConnection's
+        self._sock = sock
+        self._send_lock = threading.Lock()
+        self._buffer = bytearray()
+        self._closed = False
+
+    def send_line(self, line: str) -> None:
+        data = (line + "\n").encode("utf-8", errors="replace")
+        with self._send_lock:
+            self._sock.settimeout(CONNECT_TIMEOUT_SECONDS)
+            self._sock.sendall(data)
+
+    def _fill(self, timeout: float | None) -> bool:
+        """Read what arrives within *timeout* (None: however long) into the buffer; False
+        at end of input. Raises ``socket.timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._send_lock:
+                if self._closed:
+                    return False
+                self._sock.setblocking(False)
+                try:
+                    chunk = self._sock.recv(65536)
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    chunk = None
+                except ssl.SSLZeroReturnError:
+                    return False
+                finally:
+                    self._sock.setblocking(True)
+            if chunk is not None:
+                if not chunk:
+                    return False
+                self._buffer += chunk
+                return True
+            wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if wait <= 0:
+                raise socket.timeout("timed out")
+            select.select([self._sock], [], [], wait)
+
+    def _next_line(self, timeout: float | None) -> bytes | None:
+        while b"\n" not in self._buffer:
+            if len(self._buffer) > MAX_SERVER_LINE_BYTES:
+                break  # a line too long for us: hand over what there is
+            if not self._fill(timeout):
+                if not self._buffer:
+                    return None
+                break
+        line, sep, rest = bytes(self._buffer).partition(b"\n")
+        self._buffer[:] = rest
+        return line + sep
+
+    def lines(self) -> Iterator[str]:
+        while True:
+            raw = self._next_line(None)
+            if raw is None:
+                return
+            yield raw.decode("utf-8", errors="replace").rstrip("\n").rstrip("\r")
+
+    def first_line(self, timeout: float) -> str | None:
+        try:
+            raw = self._next_line(timeout)
+        except socket.timeout:
+            return None
+        if raw is None:
+            raise EOFError
+        return raw.decode("utf-8", errors="replace").rstrip("\n").rstrip("\r")
+
+    def shutdown(self) -> None:
+        with self._send_lock:
+            self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@dataclass(frozen=True)
+class Tls:
+    """How to speak TLS to the server (``--tls``): trust *ca* (a PEM file; None: the
+    system's), or nothing at all with *insecure* (self-signed test servers)."""
+
+    ca: str | None = None
+    insecure: bool = False
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=self.ca)
+        if self.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+
 class Display:
     """Writes lines for the user.
 
@@ -1381,6 +1482,17 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--user", help="username (asked for if not given)")
     parser.add_argument("--room", help=f"room to join first (asked for; default {DEFAULT_ROOM})")
     parser.add_argument(
+        "--tls", action="store_true", help="speak TLS to the server (one started with --tls-cert)"
+    )
+    parser.add_argument(
+        "--ca", metavar="FILE", help="with --tls: trust the certificates in this PEM file"
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="with --tls: accept any certificate (self-signed test servers only)",
+    )
+    parser.add_argument(
         "--no-reconnect",
         action="store_true",
         help="exit (status 1) when the server goes away instead of reconnecting",
@@ -1462,7 +1574,7 @@ def _tolerate_unencodable_output() -> None:
             stream.reconfigure(errors="replace")
 
 
-def open_connection(host: str, port: int) -> tuple[LineConnection, str]:
+def open_connection(host: str, port: int, tls: Tls | None = None) -> tuple[LineConnection, str]:
     """Connect to ``host:port`` and read shardchat's welcome; return the connection and it.
 
     Raises ConnectFailed, saying why in the user's words: the connection was refused or
@@ -1473,7 +1585,25 @@ def open_connection(host: str, port: int) -> tuple[LineConnection, str]:
         sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_SECONDS)
     except OSError as exc:
         raise ConnectFailed(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
-    connection = LineConnection(sock)
+    connection: LineConnection
+    if tls is None:
+        connection = LineConnection(sock)
+    else:
+        try:
+            secured = tls.context().wrap_socket(sock, server_hostname=host)
+        except ssl.SSLCertVerificationError as exc:
+            sock.close()
+            raise ConnectFailed(
+                f"{host}:{port}: the server's certificate is not trusted "
+                f"({exc.verify_message}); pass --ca FILE, or --insecure for a test server"
+            ) from exc
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            raise ConnectFailed(
+                f"{host}:{port} does not speak TLS ({getattr(exc, 'reason', None) or exc}); "
+                "leave out --tls for a plaintext server"
+            ) from exc
+        connection = TlsLineConnection(secured)
     try:
         line, closed = connection.first_line(WELCOME_TIMEOUT_SECONDS), False
     except EOFError:
@@ -1496,6 +1626,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     a bad flag, username or room, 130 after Ctrl-C.
     """
     args = _parse_args(argv)
+    if (args.ca or args.insecure) and not args.tls:
+        print(f"{PROG}: --ca and --insecure go with --tls", file=sys.stderr)
+        return 2
+    tls = Tls(args.ca, args.insecure) if args.tls else None
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     # Someone is typing: worth waiting for the server to come back. A script is not.
     reconnect = sys.stdin.isatty() and not args.no_reconnect
@@ -1527,7 +1661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write("\n")
         return EXIT_INTERRUPTED
     try:
-        connection, welcome = open_connection(args.host, args.port)
+        connection, welcome = open_connection(args.host, args.port, tls)
     except ConnectFailed as failure:
         _error(str(failure))
         return EXIT_FAILURE
@@ -1539,7 +1673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         connection,
         display,
         ClientState(user),
-        reconnect=(lambda: open_connection(args.host, args.port)) if reconnect else None,
+        reconnect=(lambda: open_connection(args.host, args.port, tls)) if reconnect else None,
         where=f"{args.host}:{args.port}",
     )
     try:

@@ -136,7 +136,7 @@ def test_plaintext_on_a_tls_port_is_refused_and_harms_nobody(
     member.sendall(b"NAMES plain-check\n")
     assert read_line(member, buffer) == "NAMES plain-check dave"
     member.close()
-    assert "Traceback" not in cluster.log
+    assert "Traceback" not in cluster.log and "eof_received" not in cluster.log
 
 
 def test_sighup_reloads_the_certificate(tmp_path: Path) -> None:
@@ -181,3 +181,26 @@ def test_a_bad_certificate_is_one_line_and_exit_1(tmp_path: Path, problem: str) 
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "TLS" in lines[0] and "Traceback" not in result.stderr, lines
     assert str(cert) in lines[0] or str(cert.name) in lines[0]
+
+
+CLIENT = Path(__file__).resolve().parents[2] / "scripts" / "chat_client.py"
+
+
+def run_client(cluster: Cluster, *flags: str, text: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(CLIENT), "--host", "localhost", "--port", str(cluster.tcp_port),
+         "--user", "zed", "--room", "tls-client", *flags],
+        input=text, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_the_terminal_client_over_tls(cluster: Cluster, certificate: Tuple[Path, Path]) -> None:
+    done = run_client(cluster, "--tls", "--ca", str(certificate[0]), text="hello via tls\n")
+    assert done.returncode == 0, done.stderr
+    assert "[tls-client] zed: hello via tls" in done.stdout
+    insecure = run_client(cluster, "--tls", "--insecure", text="again\n")
+    assert insecure.returncode == 0 and "zed: again" in insecure.stdout
+    untrusted = run_client(cluster, "--tls", text="x\n")
+    assert untrusted.returncode == 1 and "certificate is not trusted" in untrusted.stderr
+    assert "Traceback" not in untrusted.stderr
+    assert run_client(cluster, "--ca", str(certificate[0])).returncode == 2
