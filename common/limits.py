@@ -225,6 +225,11 @@ RETENTION_STEP = 64
 #: read them back (it is the files' only writer); past it, it starts over (reads again).
 STORAGE_ROOM_CACHE = 10_000
 
+#: Seconds a slot file whose commit failed (disk full, I/O error) is left before its
+#: entries are tried again: a retry writes everything that waits, and must not be paid by
+#: every batch the shard applies meanwhile. The shard retries while idle too.
+STORAGE_RETRY_SECONDS = 1.0
+
 #: WAL pages after which a slot file's commit also checkpoints the WAL into the database
 #: (and fsyncs both): bounds each slot's WAL file to about 1 MiB (256 x 4 KiB pages), so
 #: all 256 WAL files together stay under 256 MiB; SQLite's own default is 1000.

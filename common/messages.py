@@ -114,9 +114,10 @@ DONE = 104
 #: codes of :mod:`common.errors`. The router knows the rest from the command itself.
 FAIL = 105
 
-#: ``(STORAGE, 0, room, problem)``: the room's history stopped being stored (*problem*,
-#: one line) or, with *problem* None, is stored again. Sent when that changes, after the
-#: events of the batch whose commit found it; it completes no command.
+#: ``(STORAGE, 0, room, problem, lost)``: the room's history stopped being stored
+#: (*problem*, one line) or, with *problem* None, is stored again (*lost*: some entries of
+#: the meantime were given up). Sent when that changes, after the events of the batch
+#: whose commit found it; it completes no command.
 STORAGE = 106
 
 EVENTS = frozenset({JOINED, CHAT, LEFT, DONE, FAIL, STORAGE})
@@ -182,8 +183,8 @@ def fail(req: int, code: str) -> Event:
     return (FAIL, req, code)
 
 
-def storage(room: str, problem: Optional[str]) -> Event:
-    return (STORAGE, 0, room, problem)
+def storage(room: str, problem: Optional[str], lost: bool = False) -> Event:
+    return (STORAGE, 0, room, problem, lost)
 
 
 def command_room(command: Command) -> str:

@@ -278,7 +278,21 @@ class Poll(Waiter):
 
     def _finish(self, results: Dict[str, RoomResult]) -> None:
         self._stop()
+        # The notices go with the answer that is sent, not with one that was only built
+        # (a 429, a failed fetch): taken here, as it goes.
+        feeds = self.session.feeds
+        for room, result in results.items():
+            feed = feeds.get(room)
+            if feed is not None and feed.notices and not result.left:
+                results[room] = result._replace(notices=_take(feed))
         self._respond(200, poll_payload(self.cursors, results), ())
+
+    def _notices_waiting(self) -> bool:
+        feeds = self.session.feeds
+        return any(
+            feed is not None and feed.notices
+            for feed in (feeds.get(cursor.room) for cursor in self.cursors)
+        )
 
     def evict(self) -> None:
         self._answer_now()
@@ -313,7 +327,9 @@ class Poll(Waiter):
                 return
         if fetches:
             self._fetch(results, fetches)
-        elif any(r.entries or r.missed or r.left or r.more or r.notices for r in results.values()):
+        elif any(r.entries or r.missed or r.left or r.more for r in results.values()):
+            self._finish(results)
+        elif self._notices_waiting():
             self._finish(results)
         else:
             self.session.add_poll(self)
@@ -344,7 +360,7 @@ class Poll(Waiter):
                 entries, more, used = feed.take_after(cursor.after, budget)
                 budget -= used
                 after = entries[-1][0] if entries else cursor.after
-                results[room] = RoomResult(entries, after, epoch, more=more, notices=_take(feed))
+                results[room] = RoomResult(entries, after, epoch, more=more)
         self._budget_left = budget
         return results, fetches
 
@@ -415,5 +431,4 @@ class Poll(Waiter):
         missed = forced or after < first - 1
         new_after = entries[-1][0] if entries else (after if not forced else last)
         epoch = self.hub.epoch_of(cursor.room)
-        notices = _take(feed) if feed is not None else ()
-        return RoomResult(entries, new_after, epoch, missed, first, more=more, notices=notices)
+        return RoomResult(entries, new_after, epoch, missed=missed, first=first, more=more)

@@ -70,6 +70,9 @@ STORAGE_FAILED = (
     "messages are kept in memory only"
 )
 STORAGE_RECOVERED = "room {room} history saved again"
+STORAGE_RECOVERED_WITH_LOSS = (
+    "room {room} history saved again; some messages from while it was not were lost"
+)
 
 
 class Client:
@@ -575,7 +578,7 @@ class Hub:
                 if op == m.LEFT:
                     self._left(event[3], event[2], event[4], None, None)  # part of a DROP
                 else:
-                    self._on_storage(event[2], event[3])
+                    self._on_storage(event[2], event[3], event[4])
                 continue
             command = commands.popleft()
             if command[m.REQ] != event[m.EVENT_REQ]:
@@ -586,10 +589,13 @@ class Hub:
                 continue
             self._handlers[command[m.OP]](command, event)
 
-    def _on_storage(self, room: str, problem: Optional[str]) -> None:
+    def _on_storage(self, room: str, problem: Optional[str], lost: bool) -> None:
         """*room*'s shard stopped (or started again) storing its history: tell its members.
         What went wrong (a file name, an SQLite error) is the shard's log's, not theirs."""
-        text = STORAGE_FAILED if problem is not None else STORAGE_RECOVERED
+        if problem is not None:
+            text = STORAGE_FAILED
+        else:
+            text = STORAGE_RECOVERED_WITH_LOSS if lost else STORAGE_RECOVERED
         for client in list(self.members.get(room, {}).values()):
             self._tell(client.on_room_notice, room, text.format(room=room))
 

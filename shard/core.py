@@ -21,14 +21,14 @@ import heapq
 import logging
 import time
 from collections import OrderedDict, deque
-from typing import Callable, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
 
 from common import errors
 from common import messages as m
 from common.limits import HISTORY_SIZE, MAX_EMPTY_ROOMS_PER_SHARD, MAX_ROOMS_LISTED
 from common.names import name_key, name_keys
 from common.protocol import msg_line
-from shard.storage import NOTHING_FAILED, HistoryStore, MemoryStore
+from shard.storage import NOTHING_FAILED, CommitReport, HistoryStore, MemoryStore
 
 Clock = Callable[[], float]
 
@@ -100,6 +100,8 @@ class ShardCore:
         self._append = self.store.append
         #: Rooms whose history is not being stored, and why (as last reported).
         self.unsaved: Dict[str, str] = {}
+        #: Of those, the ones some of whose entries were given up (never to be stored).
+        self._lost: Set[str] = set()
         self.rooms: Dict[str, Room] = {}
         # Rooms nobody is in, kept (with their history) for someone coming back, oldest
         # first, at most MAX_EMPTY_ROOMS_PER_SHARD of them.
@@ -138,8 +140,13 @@ class ShardCore:
                 handlers[command[0]](events, command)
         report = self.store.commit()
         if report is not NOTHING_FAILED:
-            self._storage_changes(events, report.failed, report.recovered)
+            self._storage_changes(events, report)
         return events
+
+    def idle(self) -> List[m.Event]:
+        """While no commands come: retry storing what waits (a failed commit), so rooms
+        recover without new traffic; the ``STORAGE`` events of that, if any."""
+        return self.apply(()) if self.store.retry_due() else []
 
     def close(self) -> None:
         """Close the store (what is staged and not committed is dropped, as a crash would)."""
@@ -273,21 +280,24 @@ class ShardCore:
                         stored.problem)  # fmt: skip
         return room
 
-    def _storage_changes(
-        self, events: List[m.Event], failed: Mapping[str, str], recovered: Iterable[str]
-    ) -> None:
+    def _storage_changes(self, events: List[m.Event], report: CommitReport) -> None:
         """A ``STORAGE`` event for each room whose history stopped, or started again, being
-        stored (not for every batch while it stays so)."""
-        unsaved = self.unsaved
+        stored (not for every batch while it stays so); one that recovers after some of its
+        entries were given up says so."""
+        unsaved, failed = self.unsaved, report.failed
         for name, problem in failed.items():
             if name not in unsaved:
                 log.warning("room %s: history not stored: %s", name, problem)
                 events.append(m.storage(name, problem))
             unsaved[name] = problem
-        for name in recovered:
+        self._lost.update(report.dropped)
+        for name in report.recovered:
             if unsaved.pop(name, None) is not None and name not in failed:
-                log.warning("room %s: history stored again", name)
-                events.append(m.storage(name, None))
+                lost = name in self._lost
+                self._lost.discard(name)
+                log.warning("room %s: history stored again%s", name,
+                            " (some entries were given up)" if lost else "")  # fmt: skip
+                events.append(m.storage(name, None, lost))
 
     def _retire(self, room: Room) -> None:
         """Move an empty room to the bounded set of empty rooms (evicting the oldest)."""

@@ -94,6 +94,9 @@ def _serve(conn: Connection, out: Connection, core: ShardCore, parent_pid: int) 
             if not conn.poll(PARENT_CHECK_INTERVAL):
                 if os.getppid() != parent_pid:
                     return  # orphaned: the router died and we were re-parented
+                idle = core.idle()  # a failed commit is retried without new traffic
+                if idle:
+                    out.send_bytes(dumps(idle, highest))
                 continue
             batch = loads(conn.recv_bytes())
             # Take whatever else is already waiting, so one answer covers it all.

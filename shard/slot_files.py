@@ -149,7 +149,7 @@ def sqlite_problem(path: Path, error: sqlite3.Error) -> StorageError:
 _NO_SPACE = "no space left on its device: free some space, or pass another --data-dir"
 
 
-def _os_problem(path: Path, error: OSError, doing: str) -> StorageError:
+def os_problem(path: Path, error: OSError, doing: str) -> StorageError:
     """The operator's one line (and code) about *error* while *doing* something to *path*."""
     reason = error.strerror or str(error)
     if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
@@ -172,7 +172,7 @@ def _check_header(path: Path, shown: Path) -> None:
         with open(path, "rb") as file:
             header = file.read(len(SQLITE_HEADER))
     except OSError as error:
-        raise _os_problem(shown, error, "read") from None
+        raise os_problem(shown, error, "read") from None
     if header and header != SQLITE_HEADER:
         raise StorageError(
             f"{shown} is not a SQLite database (corrupted?): {MOVE_AWAY}", NOT_A_DATABASE
@@ -313,7 +313,7 @@ def create_slot_file(path: Path, slot: int, slots: int = STORAGE_SLOTS) -> None:
         open_slot_file(building, slot, slots, shown=path).close()
         os.replace(building, path)
     except OSError as error:
-        raise _os_problem(path, error, "created") from None
+        raise os_problem(path, error, "created") from None
     _sync_directory(path.parent)
 
 
@@ -379,7 +379,7 @@ def _check_directory(path: Path) -> None:
             CANNOT_CREATE,
         ) from None
     except OSError as error:
-        raise _os_problem(path, error, "created") from None
+        raise os_problem(path, error, "created") from None
     _probe_write(path)
     free = shutil.disk_usage(str(path)).free
     if free < STORAGE_MIN_FREE_BYTES:
@@ -397,14 +397,14 @@ def _probe_write(path: Path) -> None:
     try:
         handle, name = tempfile.mkstemp(prefix=".probe-", dir=str(path))
     except OSError as error:
-        raise _os_problem(path, error, "written") from None
+        raise os_problem(path, error, "written") from None
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(b"\0" * 4096)
             file.flush()
             os.fsync(file.fileno())
     except OSError as error:
-        raise _os_problem(path, error, "written") from None
+        raise os_problem(path, error, "written") from None
     finally:
         try:
             os.unlink(name)

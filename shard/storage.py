@@ -53,6 +53,7 @@ from common.limits import (
     HISTORY_SIZE,
     MAX_UNSTORED_ENTRIES,
     RETENTION_STEP,
+    STORAGE_RETRY_SECONDS,
     STORAGE_ROOM_CACHE,
     STORAGE_SEQ_BITS,
     STORAGE_SLOTS,
@@ -66,6 +67,7 @@ from shard.slot_files import (
     error_name,
     highest_epoch,
     open_slot_file,
+    os_problem,
     remember_epoch,
     slot_file_name,
     sqlite_problem,
@@ -165,6 +167,10 @@ class HistoryStore(Protocol):
         for I/O."""
         ...
 
+    def retry_due(self) -> bool:
+        """True if entries wait whose retry is due (commit them while idle)."""
+        ...
+
     def close(self) -> None:
         """Close the files; whatever is staged and not committed is dropped (as in a
         crash)."""
@@ -198,6 +204,10 @@ class MemoryStore:
     def commit(self) -> CommitReport:
         """Nothing ever fails."""
         return NOTHING_FAILED
+
+    def retry_due(self) -> bool:
+        """Nothing ever waits."""
+        return False
 
     def close(self) -> None:
         """Nothing to close."""
@@ -310,6 +320,8 @@ class SqliteStore:
         synchronous: str = "NORMAL",
         clock: Clock = time.time,
         max_unstored: int = MAX_UNSTORED_ENTRIES,
+        monotonic: Clock = time.monotonic,
+        retry_seconds: float = STORAGE_RETRY_SECONDS,
     ) -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be NORMAL or FULL, got {synchronous!r}")
@@ -319,6 +331,11 @@ class SqliteStore:
         self._synchronous = synchronous
         self._epochs = EpochSource(clock)
         self._max_unstored = max_unstored
+        self._monotonic = monotonic
+        self._retry_seconds = retry_seconds
+        #: slot -> (when to try it again, why it failed): a failing slot is not retried on
+        #: every batch (each retry writes everything that waits).
+        self._retry_at: Dict[int, Tuple[float, str]] = {}
         self._files: Dict[int, _SlotState] = {}
         #: room -> (id, epoch, newest stored seq) as of the last commit that wrote it: this
         #: process is the file's only writer, so a commit need not read them back.
@@ -394,13 +411,21 @@ class SqliteStore:
         failed: Dict[str, str] = {}
         dropped: List[str] = []
         recovered: List[str] = []
+        now = self._monotonic()
         for slot, rooms in self._by_slot().items():
+            waiting = self._retry_at.get(slot)
+            if waiting is not None and now < waiting[0]:
+                for name, _ in rooms:  # failed a moment ago: not again so soon
+                    failed[name] = waiting[1]
+                continue
             reason = self._commit_slot(slot, rooms)
             if reason is None:
+                self._retry_at.pop(slot, None)
                 recovered.extend(name for name, pending in rooms if pending.failed)
                 for name, _ in rooms:
                     del self._staged[name]
                 continue
+            self._retry_at[slot] = (now + self._retry_seconds, reason)
             for name, pending in rooms:
                 failed[name] = reason
                 pending.failed = True
@@ -429,6 +454,15 @@ class SqliteStore:
 
     # --- helpers ----------------------------------------------------------------------
 
+    def retry_due(self) -> bool:
+        """True if something waits to be stored and may be tried now (the shard's loop
+        asks while it is idle, so a slot that failed is retried without new traffic)."""
+        if not self._staged:
+            return False
+        now, retry_at = self._monotonic(), self._retry_at
+        slots = {pending.slot for pending in self._staged.values()}
+        return any(slot not in retry_at or now >= retry_at[slot][0] for slot in slots)
+
     def unstored_entries(self) -> int:
         """How many staged entries are waiting (after a failed commit: for a retry)."""
         return sum(len(pending.entries) for pending in self._staged.values())
@@ -455,12 +489,20 @@ class SqliteStore:
         if state is not None:
             return state
         path = self._path(slot)
-        if not path.exists():
+        try:
+            exists = path.exists()
+        except OSError as error:  # EACCES, EIO, ESTALE on the directory: try again later
+            raise os_problem(path, error, "read") from None
+        if not exists:
             if not create:
                 return None
             create_slot_file(path, slot, self._slots)
         try:
             conn = open_slot_file(path, slot, self._slots, self._synchronous)
+        except OSError as error:
+            problem = os_problem(path, error, "opened")
+            self._take_down(slot, str(problem))
+            raise problem from None
         except StorageError as error:
             self._take_down(slot, str(error))
             raise

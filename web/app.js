@@ -534,6 +534,10 @@
         }
         added.push(room.messages[room.messages.length - 1]);
       }
+      for (const text of info.notices || []) {
+        notice(room, text);
+        added.push(room.messages[room.messages.length - 1]);
+      }
       room.epoch = info.epoch;
       fresh.set(name, { room, info, added });
     }

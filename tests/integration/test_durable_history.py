@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -172,14 +173,28 @@ def test_every_echoed_message_of_a_flood_is_in_history_after_a_crash(tmp_path: P
     with Cluster(shards=2, data_dir=tmp_path, extra_args=FAST) as cluster:
         alice = cluster.connect(timeout=15)
         alice.join(room, "alice")
-        texts = [f"flood-{i}" for i in range(400)]
-        alice.send_raw("".join(f"MSG {room} {text}\n" for text in texts).encode())
+        texts = [f"flood-{i}" for i in range(450)]
+
+        sent = [0]
+
+        def flood() -> None:  # still sending when the shard dies: it dies mid-stream
+            for text in texts:
+                try:
+                    alice.send_raw(f"MSG {room} {text}\n".encode())
+                except OSError:
+                    return
+                sent[0] += 1
+                time.sleep(0.002)
+
+        sender = threading.Thread(target=flood, daemon=True)
+        sender.start()
         echoed: List[str] = []
-        while len(echoed) < 60:
+        while len(echoed) < 100:
             line = alice.readline(10)
             if line.startswith(f"MSG {room} alice "):
                 echoed.append(line.split(" ", 3)[3])
         os.kill(shard_pid(cluster, room_to_shard(room, 2)), signal.SIGKILL)
+        assert sent[0] < len(texts)  # killed in the middle of the flood
         # read what else arrives (echoes, refusals) until it goes quiet
         while True:
             try:
@@ -188,6 +203,7 @@ def test_every_echoed_message_of_a_flood_is_in_history_after_a_crash(tmp_path: P
                 break
             if line.startswith(f"MSG {room} alice "):
                 echoed.append(line.split(" ", 3)[3])
+        sender.join(10)
         settle(alice, [room])
         stored = {line.split(" ", 5)[5] for line in history(alice, room)}
         assert set(echoed) <= stored, sorted(set(echoed) - stored)[:5]

@@ -151,6 +151,23 @@ def test_the_hub_tells_the_members_of_the_room_only() -> None:
     loop.close()
 
 
+def test_the_hub_words_a_recovery_with_losses() -> None:
+    loop = asyncio.new_event_loop()
+    hub = Hub(loop)
+    hub.attach(MemoryPool(hub, 1))  # type: ignore[arg-type]
+    alice = Noticed()
+    record = hub.add(alice)
+    hub.join(record, "lobby", "alice")
+    for _ in range(5):
+        loop.run_until_complete(asyncio.sleep(0))
+    hub.on_shard_events(0, [m.storage("lobby", None, True)])
+    assert alice.notices == [
+        "room lobby history saved again; some messages from while it was not were lost"
+    ]
+    hub.close()
+    loop.close()
+
+
 def test_notices_reach_the_line_protocol_as_info() -> None:
     from router.tcp import TcpConnection
 
@@ -159,3 +176,46 @@ def test_notices_reach_the_line_protocol_as_info() -> None:
     connection.write = written.append  # type: ignore[method-assign]
     TcpConnection.on_room_notice(connection, "lobby", "room lobby history saved again")
     assert written == [b"INFO room lobby history saved again\n"]
+
+
+class DroppingStore(FlakyStore):
+    """Reports the failing rooms' entries as given up (shed), as SqliteStore does when too
+    many wait."""
+
+    def commit(self) -> CommitReport:
+        report = super().commit()
+        if report.failed:
+            return CommitReport(report.failed, frozenset(report.failed), report.recovered)
+        return report
+
+
+def test_a_room_that_lost_entries_is_not_told_all_is_well() -> None:
+    store = DroppingStore()
+    core = ShardCore(clock=lambda: T, store=store)
+    join(core, 1, "lobby", "alice")
+    store.failing["lobby"] = "disk full"
+    assert storage_events(say(core, 1, "lobby", "lost")) == [m.storage("lobby", "disk full")]
+    del store.failing["lobby"]
+    assert storage_events(say(core, 1, "lobby", "back")) == [m.storage("lobby", None, True)]
+
+
+class RetryingStore(FlakyStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.due = False
+
+    def retry_due(self) -> bool:
+        return self.due
+
+
+def test_an_idle_shard_retries_what_waits() -> None:
+    store = RetryingStore()
+    core = ShardCore(clock=lambda: T, store=store)
+    join(core, 1, "lobby", "alice")
+    store.failing["lobby"] = "disk full"
+    say(core, 1, "lobby", "waits")
+    commits = store.commits
+    assert core.idle() == [] and store.commits == commits  # nothing due: no commit
+    del store.failing["lobby"]
+    store.due = True
+    assert core.idle() == [m.storage("lobby", None)]

@@ -18,7 +18,13 @@ from typing import Callable, Iterator, List, Sequence
 import pytest
 
 from common.hashing import room_to_shard, room_to_slot
-from common.limits import HISTORY_SIZE, RETENTION_STEP, STORAGE_MIN_FREE_BYTES, STORAGE_SLOTS
+from common.limits import (
+    HISTORY_SIZE,
+    RETENTION_STEP,
+    STORAGE_MIN_FREE_BYTES,
+    STORAGE_RETRY_SECONDS,
+    STORAGE_SLOTS,
+)
 from common.messages import KIND_CHAT, KIND_JOIN, Entry
 from shard.slot_files import (
     APPLICATION_ID,
@@ -759,7 +765,8 @@ def test_a_file_that_became_unreadable_keeps_the_other_slots_going(data_dir: Pat
 def test_disk_full_at_run_time_is_reported_and_retried(tmpfs: Callable[[str], Path]) -> None:
     data_dir = tmpfs("size=2m")
     check_data_dir(data_dir)
-    store = SqliteStore(data_dir)
+    now = [0.0]
+    store = SqliteStore(data_dir, monotonic=lambda: now[0])
     record(store, "lobby", 10)
     assert store.commit().ok
     filler = fill(data_dir, leave=0)
@@ -773,10 +780,14 @@ def test_disk_full_at_run_time_is_reported_and_retried(tmpfs: Callable[[str], Pa
     assert not report.dropped  # kept for a retry
     assert store.load("lobby").seq == 210  # and still served
     record(store, "lobby", 5)
-    assert set(store.commit().failed) == {"lobby"}  # still full: still waiting
+    assert set(store.commit().failed) == {"lobby"}  # still waiting
+    assert not store.retry_due()
     filler.unlink()
+    assert set(store.commit().failed) == {"lobby"}  # not retried before STORAGE_RETRY_SECONDS
+    now[0] = STORAGE_RETRY_SECONDS
+    assert store.retry_due()  # the shard's idle loop would commit now
     report = store.commit()
-    assert report.ok and report.recovered == {"lobby"}
+    assert report.ok and report.recovered == {"lobby"} and not store.retry_due()
     store.close()
     store = SqliteStore(data_dir)
     loaded = store.load("lobby")
@@ -789,7 +800,7 @@ def test_a_new_slot_file_on_a_full_disk_is_created_later(tmpfs: Callable[[str], 
     data_dir = tmpfs("size=1m")
     check_data_dir(data_dir)
     filler = fill(data_dir, leave=0)
-    store = SqliteStore(data_dir)
+    store = SqliteStore(data_dir, retry_seconds=0)
     stored = record(store, "lobby", 3)
     report = store.commit()
     assert set(report.failed) == {"lobby"} and not report.dropped
@@ -836,7 +847,7 @@ def test_unstored_entries_are_bounded(data_dir: Path) -> None:
 
 
 def test_after_a_shed_the_stored_history_restarts_after_the_gap(data_dir: Path) -> None:
-    store = SqliteStore(data_dir, max_unstored=10)
+    store = SqliteStore(data_dir, max_unstored=10, retry_seconds=0)
     lobby = record(store, "lobby", 5)
     assert store.commit().ok
     _limit_pages(store, "lobby")
