@@ -534,10 +534,6 @@
         }
         added.push(room.messages[room.messages.length - 1]);
       }
-      for (const text of info.notices || []) {
-        notice(room, text);
-        added.push(room.messages[room.messages.length - 1]);
-      }
       room.epoch = info.epoch;
       fresh.set(name, { room, info, added });
     }
@@ -549,6 +545,11 @@
       entry.added.push(message);
     }
     for (const { room, info, added } of fresh.values()) {
+      // After the messages: the server says them about what was just sent.
+      for (const text of info.notices || []) {
+        notice(room, text);
+        added.push(room.messages[room.messages.length - 1]);
+      }
       room.after = Math.max(room.after, info.after);
       if (room.messages.length > MAX_MESSAGES_PER_ROOM) {
         room.messages.splice(0, room.messages.length - MAX_MESSAGES_PER_ROOM);

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator, List
@@ -425,3 +426,28 @@ def test_right_to_left_names_and_overrides_stay_in_their_places(
     assert evil.evaluate("node => node.tagName") == "BDI"
     assert evil.evaluate("node => node.textContent") == "\u202eevil\u202c"
     assert alice.errors == []
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE as a full disk")
+def test_the_page_says_when_history_is_not_being_saved(browser: Browser, tmp_path) -> None:  # noqa: ANN001
+    """Files may not grow past 192 KiB (as on a full disk): the page shows the server's
+    notice in the room, after the message whose commit failed."""
+    with Cluster(
+        shards=1, data_dir=tmp_path, extra_args=["--rate-limit", "0"], file_size_limit=192 * 1024
+    ) as full:
+        carol = open_chat(browser, full)
+        join(carol, "carol", "fullroom")
+        alice = full.connect(timeout=15)
+        alice.join("fullroom", "alice")
+        for i in range(400):
+            alice.send(f"MSG fullroom big {i} " + "x" * 1500)
+            line = alice.read_until(lambda text: text.startswith(("MSG fullroom", "INFO room")))
+            if line[-1].startswith("INFO room fullroom history not saved"):
+                break
+        else:
+            raise AssertionError("commits never failed")
+        expect_line(carol, "history not saved (the server's disk is full or failing)")
+        assert carol.errors == []
+        alice.close()
+        carol.page.context.close()
