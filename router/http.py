@@ -233,6 +233,7 @@ class HttpConnection(asyncio.Protocol):
             return
         if unsent > settings.out_soft:
             log.info("http %s: cut off (slow consumer: answer unread)", self.peer)
+            self.api.hub.metrics.cut_off("http")
             self._drop_now()
         else:
             self._account_unsent()
@@ -483,6 +484,8 @@ async def start_http_server(
     api.admit = SessionRateLimit(hub.settings.rate_limit, hub.settings.rate_burst)
     api.secure_cookies = tls is not None
     connections: Set[HttpConnection] = set()
+    hub.metrics.connections["http"] = lambda: len(connections)
+    hub.metrics.sessions = lambda: len(api.sessions)
     connection_class = reading_class(loop, HttpConnection, BufferedHttpConnection)
     server = await loop.create_server(
         lambda: connection_class(api, connections),

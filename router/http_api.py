@@ -26,6 +26,8 @@ from router.http_poll import Poll, encode_poll_payload, parse_cursors
 from router.http_session import COOKIE_NAME, HttpSession, SessionStore
 from router.http_static import StaticFiles
 from router.hub import Client, Hub
+from router.metrics import CONTENT_TYPE as METRICS_TYPE
+from router.metrics import render as render_metrics
 from router.shards import ShardState
 
 log = logging.getLogger(__name__)
@@ -220,6 +222,7 @@ class HttpApi:
         self._anonymous = hub.add(_Anonymous())
         self._routes: Dict[str, Dict[str, Handler]] = {
             "/healthz": {"GET": self._healthz},
+            "/metrics": {"GET": self._metrics},
             "/api/session": {"GET": self._session_info},
             "/api/join": {"POST": self._join},
             "/api/send": {"POST": self._send},
@@ -327,7 +330,7 @@ class HttpApi:
     def _admit(self, session: Optional[HttpSession], action: str) -> None:
         wait = self.admit(session, action)
         if wait is not None:
-            _too_fast(wait)
+            self._too_fast(wait)
 
     # --- endpoints -------------------------------------------------------------------
 
@@ -337,6 +340,16 @@ class HttpApi:
             exchange.respond(Response(304, b"", headers))
         else:
             exchange.respond(Response(200, file.body, headers))
+
+    def _too_fast(self, wait: Optional[float]) -> None:
+        """:func:`_too_fast`, counted as a flood throttle."""
+        if wait:
+            self.hub.metrics.throttled("http")
+        _too_fast(wait)
+
+    def _metrics(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
+        body = render_metrics(self.hub).encode("utf-8")
+        exchange.respond(Response(200, body, (("Content-Type", METRICS_TYPE),)))
 
     def _healthz(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
         pool = self.hub.pool
@@ -391,7 +404,7 @@ class HttpApi:
             session = None
         self._admit(session, "join")
         now = self.hub.loop.time()
-        _too_fast(self.hub.addresses.join_wait(address, now))
+        self._too_fast(self.hub.addresses.join_wait(address, now))
         if session is not None:
             return session, False
         if len(self.sessions) >= self.hub.settings.max_sessions:
@@ -402,7 +415,7 @@ class HttpApi:
             error = failure_error(Refusal(errors.TOO_MANY_SESSIONS_FOR_ADDRESS, limit=limit))
             error.headers = (("Retry-After", str(max(1, int(self.sessions.ttl)))),)
             raise error
-        _too_fast(wait)
+        self._too_fast(wait)
         return self.sessions.create(username, address), True
 
     def _join(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
@@ -480,6 +493,7 @@ class HttpApi:
         self._admit(session, "poll")
 
         def respond(status: int, payload: Dict[str, Any], headers: HeaderList) -> None:
+            self.hub.metrics.poll_answered(status)
             body = encode_poll_payload(payload)
             exchange.respond(Response(status, body, JSON_HEADERS + headers))
 

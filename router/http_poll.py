@@ -323,6 +323,7 @@ class Poll(Waiter):
             wait = charge()
             if wait is not None:
                 retry = str(max(1, int(wait + 0.999)))
+                self.hub.metrics.throttled("http")
                 self.end(429, "rate_limited", "too many requests", (("Retry-After", retry),))
                 return
         if fetches:

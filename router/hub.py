@@ -37,6 +37,7 @@ from common import messages as m
 from common.errors import Refusal
 from common.limits import MAX_ROOMS_PER_CLIENT
 from common.protocol import user_joined_line, user_left_line
+from router.metrics import Metrics
 from router.output import OutputBudget
 from router.policy import AddressLimits, ConnectionLimiter
 from router.settings import Settings
@@ -185,6 +186,8 @@ class Hub:
             self.settings.max_connections, self.settings.max_connections_per_ip
         )
         #: Unsent output of every connection, per address and in total.
+        #: Counters for ``/metrics`` (router/metrics.py).
+        self.metrics = Metrics()
         self.output = OutputBudget(
             self.settings.output_budget_total, self.settings.output_budget_per_address
         )
@@ -309,15 +312,17 @@ class Hub:
         ``client.on_refused``. With *refuse_joining*, a room the client is in or joining
         is refused here (``already_in_room``); otherwise the shard says so, in order."""
         if record.username is not None and username != record.username:
-            return Refusal(errors.WRONG_USERNAME, room, username=record.username)
+            return self._refused_here(
+                Refusal(errors.WRONG_USERNAME, room, username=record.username)
+            )
         state = record.rooms.get(room)
         if state is not None and (refuse_joining or state is not JOINED):
-            return Refusal(errors.ALREADY_IN_ROOM, room)
+            return self._refused_here(Refusal(errors.ALREADY_IN_ROOM, room))
         if state is None:
             if len(record.rooms) >= MAX_ROOMS_PER_CLIENT:
-                return Refusal(errors.TOO_MANY_ROOMS, room)
+                return self._refused_here(Refusal(errors.TOO_MANY_ROOMS, room))
             if self.rooms_of_address(record.address) >= self.settings.max_rooms_per_address:
-                return Refusal(errors.TOO_MANY_ROOMS_FOR_ADDRESS, room)
+                return self._refused_here(Refusal(errors.TOO_MANY_ROOMS_FOR_ADDRESS, room))
             record.rooms[room] = JOINING
             record.changing += 1
         record.username = username
@@ -355,7 +360,7 @@ class Hub:
         command waits for them)."""
         state = record.rooms.get(room)
         if state is JOINING or state is LEAVING:
-            return Refusal(errors.NOT_IN_ROOM, room)
+            return self._refused_here(Refusal(errors.NOT_IN_ROOM, room))
         if state is JOINED:
             record.rooms[room] = LEAVING
             record.changing += 1
@@ -589,6 +594,15 @@ class Hub:
                 continue
             self._handlers[command[m.OP]](command, event)
 
+    def _refused_here(self, refusal: Refusal) -> Refusal:
+        """A refusal the router answers itself, counted like the shards' ones."""
+        self.metrics.refuse(refusal.code)
+        return refusal
+
+    def in_flight_counts(self) -> List[int]:
+        """Per shard, the commands sent and not answered yet."""
+        return [len(flight.commands) for flight in self._in_flight]
+
     def _on_storage(self, room: str, problem: Optional[str], lost: bool) -> None:
         """*room*'s shard stopped (or started again) storing its history: tell its members.
         What went wrong (a file name, an SQLite error) is the shard's log's, not theirs."""
@@ -609,6 +623,7 @@ class Hub:
             return
         log.warning(LATE_APPLIED, f"command {command[m.OP]}", m.command_room(command))
         if op == m.CHAT:
+            self.metrics.messages += 1
             self._on_chat(event)
         elif op == m.JOINED:
             self._member_joined(event, self.records.get(command[m.CID]), None)
@@ -621,6 +636,8 @@ class Hub:
         in their own order; then each MSG's own handlers, if any."""
         commands = flight.commands
         handlers_of = self._handlers_of
+        metrics = self.metrics
+        metrics.messages += len(run)
         by_room: Dict[str, List[m.Event]] = {}
         for event in run:
             by_room.setdefault(event[2], []).append(event)
@@ -640,6 +657,7 @@ class Hub:
             if members:
                 entries = [event[3] for event in events]
                 wire = b"".join([event[4] for event in events])
+                metrics.deliveries += len(members) * len(events)
                 for client in members.values():
                     client.deliver_run(room, entries, wire)
 
@@ -647,6 +665,7 @@ class Hub:
         _, _, room, entry, wire = event
         members = self.members.get(room)
         if members:
+            self.metrics.deliveries += len(members)
             for client in members.values():
                 client.deliver(room, entry, wire)
 
@@ -764,6 +783,7 @@ class Hub:
         """*command* was not applied: undo what the record expected of it (a JOIN's room
         is not joined, a LEAVE's room is still joined), then tell whoever waits: its own
         handler, or the client."""
+        self.metrics.refuse(refusal.code)
         op = command[m.OP]
         if op == m.JOIN or op == m.LEAVE:
             record = self.records.get(command[m.CID])

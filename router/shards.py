@@ -356,6 +356,9 @@ class ShardPool:
         ]
         self._room_shard: Dict[str, int] = {}
         self._restarts: Dict[int, Deque[float]] = {i: deque() for i in range(count)}
+        #: For /metrics: restarts that succeeded, and give-ups, per shard.
+        self.restarts_done: Dict[int, int] = {}
+        self.give_ups: Dict[int, int] = {}
         self.stopping = False
         self._fds = fds
         if fds is not None:
@@ -413,6 +416,7 @@ class ShardPool:
             history.popleft()
         if len(history) >= MAX_RESTARTS:
             link.state = ShardState.GIVEN_UP
+            self.give_ups[link.index] = self.give_ups.get(link.index, 0) + 1
             log.error(
                 "shard %d %s after %d restarts in %.0fs; giving up: its rooms are unavailable",
                 link.index,
@@ -439,6 +443,7 @@ class ShardPool:
             return
         finally:
             self._count_fds()
+        self.restarts_done[link.index] = self.restarts_done.get(link.index, 0) + 1
         log.info("shard %d restarted (pid %s, epoch %d)", link.index, link.process.pid, link.epoch)
         self._listener.on_shard_restarted(link.index)
 

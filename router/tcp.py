@@ -371,6 +371,7 @@ class TcpConnection(asyncio.Protocol, Client):
 
     def _throttle(self, wait: float) -> None:
         assert self.transport is not None
+        self.hub.metrics.throttled("tcp")
         if len(self._waiting) / self.settings.rate_limit > self.settings.flood_penalty:
             log.info("cutting off %s: excess flood", self.ip)
             self._cut_off(EXCESS_FLOOD)
@@ -424,12 +425,14 @@ class TcpConnection(asyncio.Protocol, Client):
         allowance = self._reply_allowance
         if buffered > settings.out_hard + allowance:
             log.info("cutting off %s: slow consumer (%d bytes unread)", self.ip, buffered)
+            self.hub.metrics.cut_off("tcp")
             self._cut_off(SLOW_CONSUMER)
         elif buffered > settings.out_soft + allowance:
             if self._over_soft_since is None:
                 self._over_soft_since = now
             elif now - self._over_soft_since > settings.out_soft_seconds:
                 log.info("cutting off %s: slow consumer (over the soft limit)", self.ip)
+                self.hub.metrics.cut_off("tcp")
                 self._cut_off(SLOW_CONSUMER)
         else:
             self._over_soft_since = None
@@ -758,6 +761,7 @@ async def start_tcp_server(
     it speaks TLS only."""
     loop = asyncio.get_running_loop()
     listener = TcpListener(hub, loop)
+    hub.metrics.connections["tcp"] = lambda: len(listener.connections)
     return await loop.create_server(
         listener.new_connection,
         host,
