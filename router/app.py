@@ -103,6 +103,8 @@ class Router:
         limiter = ConnectionLimiter(
             settings.max_connections, settings.max_connections_per_ip, self.fds
         )
+        if settings.trusted_proxies:
+            limiter.uncapped = settings.trusted_proxies.trusts
         self.hub = Hub(self.loop, settings, limiter)
         self.pool: Optional[ShardPool] = None
         self.servers: List[asyncio.AbstractServer] = []

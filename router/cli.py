@@ -13,6 +13,7 @@ from common.limits import MAX_SHARDS
 from common.proctitle import set_process_name
 from router.app import run
 from router.http_hosts import AllowedHosts
+from router.proxies import TrustedProxies
 from router.settings import Settings, default_shard_count
 
 #: Where history is kept unless ``--data-dir`` or ``--in-memory`` says otherwise (relative
@@ -37,6 +38,13 @@ def _shards(text: str) -> int:
 def _allowed_hosts(text: str) -> AllowedHosts:
     try:
         return AllowedHosts.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _trusted_proxies(text: str) -> TrustedProxies:
+    try:
+        return TrustedProxies.parse(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -91,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tls.add_argument(
         "--tls-key", metavar="FILE", help="PEM private key of --tls-cert (default: in it)"
+    )
+    parser.add_argument(
+        "--trusted-proxy",
+        type=_trusted_proxies,
+        default=TrustedProxies(),
+        metavar="CIDR[,CIDR...]",
+        help="reverse proxies whose word on the client is believed: from them HTTP takes the "
+        "client from Forwarded / X-Forwarded-For (and https from X-Forwarded-Proto) and the "
+        "line protocol takes a PROXY protocol v1 header; every per-address limit then counts "
+        "the real client (default: none)",
     )
     history = parser.add_mutually_exclusive_group()
     history.add_argument(
@@ -246,6 +264,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         allowed_hosts=args.allowed_hosts,
         data_dir=None if args.in_memory else os.path.abspath(args.data_dir),
         tls_cert=args.tls_cert,
+        trusted_proxies=args.trusted_proxy,
         tls_key=args.tls_key,
         **limits,
     )

@@ -84,6 +84,8 @@ class HttpConnection(asyncio.Protocol):
         self.peer: Any = None
         self.ip = ""
         self.address = ""  # the per-address limits' key of self.ip
+        self._proxied = False  # the peer is a trusted proxy (--trusted-proxy)
+        self._tls = False  # the connection speaks TLS
         self._unread_check: Optional[asyncio.TimerHandle] = None  # slow-consumer timer
         self._socket_counted = False  # its descriptor is counted in the limiter's budget
         self._counted = False  # holds a slot in the hub's connection limiter
@@ -107,9 +109,11 @@ class HttpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self._tls = transport.get_extra_info("sslcontext") is not None
         self.peer = transport.get_extra_info("peername")
         self.ip = str(self.peer[0]) if self.peer else ""
         self.address = address_key(self.ip)
+        self._proxied = self.api.hub.settings.trusted_proxies.trusts(self.ip)
         self._socket_counted = True
         if not self.api.hub.limiter.open(self.address):  # TCP and HTTP share the caps
             self.state = CLOSED
@@ -287,8 +291,14 @@ class HttpConnection(asyncio.Protocol):
     def _start(self, request: Request) -> None:
         self._cancel_timers()
         self._request = request
+        address, https = self.address, self._tls
+        if self._proxied:  # a trusted proxy: the client is the one it names
+            client, scheme = self.api.hub.settings.trusted_proxies.client_of(
+                self.ip, request.headers
+            )
+            address, https = address_key(client), https or scheme == "https"
         exchange = self._exchange = Exchange(
-            lambda response: self._finish(exchange, response), self.address
+            lambda response: self._finish(exchange, response), address, https
         )
         self.api.handle(request, exchange)
 

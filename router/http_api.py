@@ -134,10 +134,15 @@ class Exchange:
     """One request in flight: the API answers through it exactly once. The transport
     calls :meth:`cancel` if the client goes away first; a later answer is ignored."""
 
-    def __init__(self, send: Callable[[Response], None], address: str = "") -> None:
+    def __init__(
+        self, send: Callable[[Response], None], address: str = "", https: bool = False
+    ) -> None:
         self._send = send
-        #: The per-address limits' key of the client (``router.policy.address_key``).
+        #: The per-address limits' key of the client (``router.policy.address_key``): behind
+        #: a trusted proxy, of the client it names.
         self.address = address
+        #: The page is served over TLS, here or at a trusted proxy (``X-Forwarded-Proto``).
+        self.https = https
         self._on_cancel: Optional[Callable[[], None]] = None
         self.finished = False
         #: True for a request that only waits (a poll): if the client closes its side,
@@ -432,7 +437,7 @@ class HttpApi:
                 "id": entry[0],
                 "epoch": self.hub.epoch_of(room),
             }
-            cookie = session_cookie(joined.token, self.secure_cookies)
+            cookie = session_cookie(joined.token, self.secure_cookies or exchange.https)
             exchange.respond(json_response(200, payload, (cookie,)))
 
         def failed(refusal: Refusal) -> None:
@@ -469,7 +474,11 @@ class HttpApi:
         if "room" not in body:  # only {} ends the session; "room": null is a bad room
             self.sessions.end(session)
             payload = {"ok": True, "ended": True}
-            exchange.respond(json_response(200, payload, (expired_cookie(self.secure_cookies),)))
+            exchange.respond(
+                json_response(
+                    200, payload, (expired_cookie(self.secure_cookies or exchange.https),)
+                )
+            )
             return
         room = _room_field(body)
         self._admit(session, "leave")

@@ -278,6 +278,9 @@ class ConnectionLimiter:
         self.total = 0
         self.refused = 0  # since start, for /healthz
         self._per_ip: Dict[str, int] = {}
+        #: Addresses the per-IP cap does not apply to (trusted proxies: they carry many
+        #: clients, each counted by its own address where it matters).
+        self.uncapped: Callable[[str], bool] = lambda ip: False
 
     def open(self, ip: str) -> bool:
         """A socket from *ip* was accepted: count its descriptor, and return True if it may
@@ -297,7 +300,7 @@ class ConnectionLimiter:
     def acquire(self, ip: str) -> bool:
         """Count a new connection from *ip*; False (and nothing counted) if over a cap."""
         count = self._per_ip.get(ip, 0)
-        if self.total >= self.max_total or count >= self.max_per_ip:
+        if self.total >= self.max_total or (count >= self.max_per_ip and not self.uncapped(ip)):
             return False
         if not self.fds.has_room():
             return False

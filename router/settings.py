@@ -16,6 +16,7 @@ from typing import Optional
 
 from common import limits as L
 from router.http_hosts import AllowedHosts
+from router.proxies import TrustedProxies
 
 
 def default_shard_count() -> int:
@@ -46,6 +47,8 @@ class Settings:
     #: ``--tls-cert`` / ``--tls-key``: both listeners speak TLS only (router/tls.py).
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None
+    #: ``--trusted-proxy``: peers believed about the client behind them (router/proxies.py).
+    trusted_proxies: TrustedProxies = TrustedProxies()
 
     # --- per client: flood, output, timers, caps -----------------------------------------
     rate_limit: float = L.RATE_LIMIT

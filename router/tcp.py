@@ -36,12 +36,14 @@ from common.limits import (
 )
 from router.hub import Client, ClientRecord, Hub
 from router.policy import TokenBucket, address_key, close_refused
+from router.proxies import PROXY_V1_MAX_BYTES, parse_proxy_v1
 from router.reading import SharedBufferReading, reading_class
 from router.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SLOW_CONSUMER = p.error_line("slow consumer")
+BAD_PROXY_HEADER = p.error_line("bad PROXY protocol header")
 EXCESS_FLOOD = p.error_line("excess flood")
 SERVER_FULL = p.error_line("server full")
 
@@ -116,6 +118,7 @@ class TcpConnection(asyncio.Protocol, Client):
         "_resume", "_eof", "record", "_reply_pending", "_output_paused", "connected_at",
         "last_heard", "_ping_sent_at", "_joined_once", "_over_soft_since", "_reply_allowance",
         "_received_at", "_unparsed", "_parsing", "_input_done", "_quit_queued", "_tls",
+        "_proxy_header",
     )  # fmt: skip
 
     def __init__(self, listener: TcpListener) -> None:
@@ -161,6 +164,8 @@ class TcpConnection(asyncio.Protocol, Client):
         self._input_done = False  # the end of the input has been fed to the parser
         self._quit_queued = False  # a QUIT waits in _waiting: no local command overtakes it
         self._tls = False  # set when the connection is made
+        #: From a trusted proxy: the PROXY v1 header read so far (None: not waiting for one).
+        self._proxy_header: Optional[bytearray] = None
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -185,12 +190,44 @@ class TcpConnection(asyncio.Protocol, Client):
         transport.set_write_buffer_limits(high=settings.output_pause)
         if settings.rate_limit > 0:
             self._bucket = TokenBucket(settings.rate_limit, settings.rate_burst, self.last_heard)
-        self.record = self.hub.add(self, self.address)
+        if settings.trusted_proxies.trusts(self.ip):
+            self._proxy_header = bytearray()  # the client's address comes first
+            return
+        self._welcome(self.address)
+
+    def _welcome(self, address: str) -> None:
+        """Become the hub's client under *address* (the peer's, or the one a trusted proxy
+        named) and greet."""
+        self.record = self.hub.add(self, address)
         self.write(p.WELCOME)
+
+    def _read_proxy_header(self, data: bytes) -> bytes:
+        """Take the PROXY v1 header off the front of the input; return what follows (b""
+        until the header is complete). A trusted peer that sends anything else is closed."""
+        header = self._proxy_header
+        assert header is not None
+        header += data
+        end = header.find(b"\r\n")
+        if end < 0:
+            if len(header) >= PROXY_V1_MAX_BYTES:
+                self._cut_off(BAD_PROXY_HEADER)
+            return b""
+        client = parse_proxy_v1(bytes(header[:end]))
+        if client is None:
+            self._cut_off(BAD_PROXY_HEADER)
+            return b""
+        rest = bytes(header[end + 2 :])
+        self._proxy_header = None
+        self._welcome(address_key(client) if client else self.address)
+        return rest
 
     def data_received(self, data: bytes) -> None:
         if self.state is not OPEN:
             return  # after QUIT or an error: ignored
+        if self._proxy_header is not None:
+            data = self._read_proxy_header(data)
+            if not data or self.state is not OPEN:
+                return
         self.last_heard = self._loop.time()
         self._ping_sent_at = None
         if self._unparsed or len(data) > PARSE_SLICE_BYTES:
@@ -576,7 +613,8 @@ class TcpConnection(asyncio.Protocol, Client):
         self.hub.say(self.record, room, text)  # type: ignore[arg-type]
 
     def _join(self, command: p.Join) -> None:
-        wait = self.hub.addresses.join_wait(self.address, self._loop.time())
+        assert self.record is not None
+        wait = self.hub.addresses.join_wait(self.record.address, self._loop.time())
         if wait > 0.0:
             # This address joins faster than its bucket allows: the JOIN (and everything
             # after it, to keep their order) waits for a token. Not a flood of this
