@@ -51,27 +51,30 @@ def port_in_use_message(kind: str, host: str, port: int, error: OSError) -> str:
     the hint that fits it (who holds a busy port, which --host to pass, ...)."""
     flag = "--tcp-port" if kind == "tcp" else "--http-port"
     where = f"cannot listen on {host}:{port} ({kind})"
-    if isinstance(error, socket.gaierror) or not error.errno:
+    code = error.errno
+    if code is None and "could not bind on any address" in str(error):
+        code = errno.EADDRNOTAVAIL  # Python 3.13's asyncio drops it and says only this
+    if isinstance(error, socket.gaierror) or not code:
         reason = error.strerror or str(error)
     else:  # asyncio's own wording repeats the address: the system's is enough
-        reason = os.strerror(error.errno)
+        reason = os.strerror(code)
     if isinstance(error, socket.gaierror):
         return (
             f"{where}: the host name {host!r} does not resolve ({reason}); pass an address "
             "of this machine with --host, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 "
             "(every interface)"
         )
-    if error.errno in _NOT_HERE:
+    if code in _NOT_HERE:
         return (
             f"{where}: {host} is not an address of this machine ({reason}); pass one it "
             "has with --host, e.g. 127.0.0.1 or 0.0.0.0 (every interface)"
         )
-    if error.errno in (errno.EACCES, errno.EPERM):
+    if code in (errno.EACCES, errno.EPERM):
         return (
             f"{where}: permission denied ({reason}); ports below 1024 need privileges: "
             f"choose another port with {flag}"
         )
-    if error.errno in _IN_USE:
+    if code in _IN_USE:
         return (
             f"{where}: the port is already in use. Find the process holding it with "
             f"`lsof -nP -iTCP:{port} -sTCP:LISTEN` (Linux/macOS) or "
