@@ -107,7 +107,7 @@ class Router:
             settings.max_connections, settings.max_connections_per_ip, self.fds
         )
         if settings.trusted_proxies:
-            limiter.uncapped = settings.trusted_proxies.trusts
+            limiter.uncapped = settings.trusted_proxies.trusts_key
         self.hub = Hub(self.loop, settings, limiter)
         self.pool: Optional[ShardPool] = None
         self.servers: List[asyncio.AbstractServer] = []

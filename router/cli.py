@@ -13,7 +13,7 @@ from common.limits import MAX_SHARDS
 from common.proctitle import set_process_name
 from router.app import run
 from router.http_hosts import AllowedHosts
-from router.proxies import TrustedProxies
+from router.proxies import PROXY_HEADERS, TrustedProxies
 from router.settings import Settings, default_shard_count
 
 #: Where history is kept unless ``--data-dir`` or ``--in-memory`` says otherwise (relative
@@ -109,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         "client from Forwarded / X-Forwarded-For (and https from X-Forwarded-Proto) and the "
         "line protocol takes a PROXY protocol v1 header; every per-address limit then counts "
         "the real client (default: none)",
+    )
+    parser.add_argument(
+        "--proxy-header",
+        choices=PROXY_HEADERS,
+        default=PROXY_HEADERS[0],
+        help="the one header a --trusted-proxy names HTTP clients in (default "
+        "x-forwarded-for, with X-Forwarded-Proto; or forwarded, RFC 7239): the other is "
+        "the client's to fake",
     )
     history = parser.add_mutually_exclusive_group()
     history.add_argument(
@@ -264,7 +272,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         allowed_hosts=args.allowed_hosts,
         data_dir=None if args.in_memory else os.path.abspath(args.data_dir),
         tls_cert=args.tls_cert,
-        trusted_proxies=args.trusted_proxy,
+        trusted_proxies=args.trusted_proxy.with_header(args.proxy_header),
         tls_key=args.tls_key,
         **limits,
     )

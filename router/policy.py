@@ -301,6 +301,7 @@ class ConnectionLimiter:
         """Count a new connection from *ip*; False (and nothing counted) if over a cap."""
         count = self._per_ip.get(ip, 0)
         if self.total >= self.max_total or (count >= self.max_per_ip and not self.uncapped(ip)):
+            # (ip is the per-address limits' key: uncapped() must judge keys, not addresses)
             return False
         if not self.fds.has_room():
             return False
@@ -324,6 +325,9 @@ def close_refused(transport: asyncio.Transport, reply: bytes) -> None:
     (a reset after it no longer hides the reply) and the waiting input is read away. A peer
     that is already gone is a debug line, not an error."""
     transport.write(reply)  # a fresh socket's send buffer takes it whole; never blocks
+    if not transport.can_write_eof():  # TLS: no half-close, and the socket is TLS's
+        transport.close()  # the reply goes out, then close_notify
+        return
     try:
         transport.write_eof()
     except OSError as error:  # ENOTCONN: the peer is gone already

@@ -13,7 +13,7 @@ peer these headers mean nothing (HTTP) or are an unknown command (TCP)."""
 from __future__ import annotations
 
 import ipaddress
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
@@ -36,14 +36,23 @@ def _address(text: str) -> Optional[Address]:
     return mapped or address
 
 
-class TrustedProxies:
-    """The networks whose peers are believed about the client behind them."""
+#: The request headers a trusted proxy may name the client in (``--proxy-header``). Only
+#: one is believed: a proxy that appends to one passes the other through from the client.
+PROXY_HEADERS = ("x-forwarded-for", "forwarded")
 
-    def __init__(self, networks: Sequence[Network] = ()) -> None:
+
+class TrustedProxies:
+    """The networks whose peers are believed about the client behind them, and the header
+    they name it in (``x-forwarded-for``, with ``X-Forwarded-Proto``, or ``forwarded``)."""
+
+    def __init__(self, networks: Sequence[Network] = (), header: str = PROXY_HEADERS[0]) -> None:
+        if header not in PROXY_HEADERS:
+            raise ValueError(f"the proxy header is one of {', '.join(PROXY_HEADERS)}")
         self.networks = tuple(networks)
+        self.header = header
 
     @classmethod
-    def parse(cls, text: str) -> TrustedProxies:
+    def parse(cls, text: str, header: str = PROXY_HEADERS[0]) -> TrustedProxies:
         """``10.0.0.0/8,::1`` -> the networks. Raises ``ValueError`` naming a bad one."""
         networks: List[Network] = []
         for part in text.split(","):
@@ -56,28 +65,47 @@ class TrustedProxies:
                 raise ValueError(f"{part!r} is not an address or a network (CIDR)") from None
         if not networks:
             raise ValueError("no address or network given")
-        return cls(networks)
+        return cls(networks, header)
+
+    def with_header(self, header: str) -> TrustedProxies:
+        return TrustedProxies(self.networks, header)
 
     def __bool__(self) -> bool:
         return bool(self.networks)
 
     def trusts(self, ip: str) -> bool:
+        """True if the peer address *ip* is inside a trusted network."""
         address = _address(ip)
         return address is not None and any(address in network for network in self.networks)
+
+    def trusts_key(self, key: str) -> bool:
+        """True if every address the per-address limits' *key* stands for (an IPv4 address,
+        or an IPv6 /64) is trusted."""
+        if "/" not in key:
+            return self.trusts(key)
+        try:
+            group = ipaddress.ip_network(key, strict=False)
+        except ValueError:
+            return False
+        return any(
+            group.version == network.version and group.subnet_of(network)  # type: ignore[arg-type]
+            for network in self.networks
+        )
 
     def client_of(self, peer: str, headers: Sequence[Tuple[str, str]]) -> Tuple[str, str]:
         """``(client ip, scheme)`` of a request from *peer* with *headers* (lower-case
         names): *peer* and ``""`` unless *peer* is trusted."""
         if not self.trusts(peer):
             return peer, ""
-        forwarded = [value for name, value in headers if name == "forwarded"]
-        if forwarded:
-            hops, proto = _forwarded(",".join(forwarded))
+        if self.header == "forwarded":
+            elements = _forwarded(",".join(v for n, v in headers if n == "forwarded"))
+            hops = [element.get("for", "unknown") for element in elements]
+            proto = elements[-1].get("proto", "") if elements else ""
         else:
             joined = ",".join(value for name, value in headers if name == "x-forwarded-for")
             hops = [hop.strip() for hop in joined.split(",") if hop.strip()]
             protos = [value for name, value in headers if name == "x-forwarded-proto"]
-            proto = protos[-1].split(",")[-1].strip().lower() if protos else ""
+            proto = protos[-1].split(",")[-1].strip() if protos else ""
         client = peer
         for hop in reversed(hops):
             address = _address(hop)
@@ -86,24 +114,50 @@ class TrustedProxies:
             client = str(address)
             if not any(address in network for network in self.networks):
                 break
+        proto = proto.lower()
         return client, proto if proto in ("http", "https") else ""
 
 
-def _forwarded(value: str) -> Tuple[List[str], str]:
-    """The ``for=`` of each element of a ``Forwarded`` value, and the last ``proto=``."""
-    hops: List[str] = []
-    proto = ""
-    for element in value.split(","):
-        hop = None
-        for pair in element.split(";"):
-            name, _, item = pair.partition("=")
-            name, item = name.strip().lower(), item.strip().strip('"')
-            if name == "for":
-                hop = item
-            elif name == "proto":
-                proto = item.lower()
-        hops.append(hop if hop is not None else "unknown")
-    return hops, proto
+def _forwarded(value: str) -> List[Dict[str, str]]:
+    """The elements of a ``Forwarded`` value (RFC 7239), each ``{name: value}`` with the
+    first of each name, quoted strings honoured (a ``,`` or ``;`` inside quotes separates
+    nothing)."""
+    elements: List[Dict[str, str]] = []
+    current: Dict[str, str] = {}
+    pair: List[str] = []
+    quoted = escaped = False
+
+    def end_pair() -> None:
+        name, _, item = "".join(pair).partition("=")
+        name = name.strip().lower()
+        if name and name not in current:
+            current[name] = item.strip()
+        pair.clear()
+
+    for char in value:
+        if quoted:
+            if escaped:
+                pair.append(char)
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                quoted = False
+            else:
+                pair.append(char)
+        elif char == '"':
+            quoted = True
+        elif char == ";":
+            end_pair()
+        elif char == ",":
+            end_pair()
+            elements.append(current)
+            current = {}
+        else:
+            pair.append(char)
+    end_pair()
+    elements.append(current)
+    return elements
 
 
 def parse_proxy_v1(line: bytes) -> Optional[str]:

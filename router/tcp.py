@@ -190,23 +190,22 @@ class TcpConnection(asyncio.Protocol, Client):
         transport.set_write_buffer_limits(high=settings.output_pause)
         if settings.rate_limit > 0:
             self._bucket = TokenBucket(settings.rate_limit, settings.rate_burst, self.last_heard)
-        if settings.trusted_proxies.trusts(self.ip):
-            self._proxy_header = bytearray()  # the client's address comes first
-            return
-        self._welcome(self.address)
-
-    def _welcome(self, address: str) -> None:
-        """Become the hub's client under *address* (the peer's, or the one a trusted proxy
-        named) and greet."""
-        self.record = self.hub.add(self, address)
         self.write(p.WELCOME)
+        if settings.trusted_proxies.trusts(self.ip):
+            self._proxy_header = bytearray()  # a PROXY header may name the client first
+            return
+        self.record = self.hub.add(self, self.address)
 
     def _read_proxy_header(self, data: bytes) -> bytes:
-        """Take the PROXY v1 header off the front of the input; return what follows (b""
-        until the header is complete). A trusted peer that sends anything else is closed."""
+        """From a trusted peer: take a PROXY v1 header off the front of the input, if it
+        starts with one, and become the hub's client under the address it names (else under
+        the peer's: a local client of a proxy's address needs none). Returns the input that
+        follows (b"" while a header is still coming). A malformed header closes."""
         header = self._proxy_header
         assert header is not None
         header += data
+        if not header.startswith(b"PROXY "[: len(header)]):
+            return self._proxied_as(self.address, bytes(header))  # no header: a direct client
         end = header.find(b"\r\n")
         if end < 0:
             if len(header) >= PROXY_V1_MAX_BYTES:
@@ -216,9 +215,12 @@ class TcpConnection(asyncio.Protocol, Client):
         if client is None:
             self._cut_off(BAD_PROXY_HEADER)
             return b""
-        rest = bytes(header[end + 2 :])
+        return self._proxied_as(address_key(client) if client else self.address,
+                                bytes(header[end + 2 :]))  # fmt: skip
+
+    def _proxied_as(self, address: str, rest: bytes) -> bytes:
         self._proxy_header = None
-        self._welcome(address_key(client) if client else self.address)
+        self.record = self.hub.add(self, address)
         return rest
 
     def data_received(self, data: bytes) -> None:
@@ -285,6 +287,10 @@ class TcpConnection(asyncio.Protocol, Client):
         self._eof = True
         if self.state is CLOSED:
             return False  # we had closed our side too: the transport may go
+        if self._proxy_header is not None:  # a health check: connected, said nothing, left
+            self._begin_closing()
+            self.close()
+            return False
         if self.state is OPEN:
             if self._unparsed:
                 self._parse_more()  # the last line is parsed once the rest has been

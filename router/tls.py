@@ -47,8 +47,11 @@ def load_chain(context: ssl.SSLContext, cert: str, key: Optional[str]) -> None:
 
 
 def reload(context: ssl.SSLContext, cert: str, key: Optional[str]) -> None:
-    """SIGHUP: load the files again; on failure keep what was loaded, and say so."""
+    """SIGHUP: load the files again; on failure keep what was loaded, and say so. They are
+    tried on a fresh context first: loading into the live one is not atomic (a certificate
+    that loads with a key that does not would leave it with neither)."""
     try:
+        load_chain(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), cert, key)
         load_chain(context, cert, key)
     except TlsError as error:
         log.error("%s; still using the certificate loaded before", error)

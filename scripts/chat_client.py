@@ -894,6 +894,10 @@ class LineConnection:
         self._sock.close()
 
 
+#: Seconds a TLS send may wait for the server to take a line before it counts as lost.
+SEND_TIMEOUT_SECONDS = 30.0
+
+
 class TlsLineConnection(LineConnection):
     """The connection over TLS. An SSL connection must not be read and written by two
     threads at once (OpenSSL's rule), so every read and write holds one lock; the reader
@@ -907,10 +911,26 @@ class TlsLineConnection(LineConnection):
         self._closed = False
 
     def send_line(self, line: str) -> None:
-        data = (line + "\n").encode("utf-8", errors="replace")
-        with self._send_lock:
-            self._sock.settimeout(CONNECT_TIMEOUT_SECONDS)
-            self._sock.sendall(data)
+        """Write without blocking under the lock, waiting for room outside it: a server
+        that stops reading us until we read it must not find the reader locked out."""
+        view = memoryview((line + "\n").encode("utf-8", errors="replace"))
+        deadline = time.monotonic() + SEND_TIMEOUT_SECONDS
+        while view:
+            with self._send_lock:
+                if self._closed:
+                    raise OSError("connection closed")
+                self._sock.setblocking(False)
+                try:
+                    sent = self._sock.send(view)
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                    sent = 0
+                finally:
+                    self._sock.setblocking(True)
+            view = view[sent:]
+            if view:
+                if time.monotonic() > deadline:
+                    raise socket.timeout("the server takes nothing")
+                select.select([], [self._sock], [], 0.5)
 
     def _fill(self, timeout: float | None) -> bool:
         """Read what arrives within *timeout* (None: however long) into the buffer; False
@@ -923,7 +943,7 @@ class TlsLineConnection(LineConnection):
                 self._sock.setblocking(False)
                 try:
                     chunk = self._sock.recv(65536)
-                except (ssl.SSLWantReadError, BlockingIOError):
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
                     chunk = None
                 except ssl.SSLZeroReturnError:
                     return False
@@ -970,8 +990,8 @@ class TlsLineConnection(LineConnection):
     def shutdown(self) -> None:
         with self._send_lock:
             self._closed = True
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._sock.close()

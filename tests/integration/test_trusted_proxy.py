@@ -52,7 +52,7 @@ def test_sessions_per_address_count_the_forwarded_client(cluster: Cluster) -> No
         assert status == 200, payload
     # a third session of one forwarded address is over its cap
     status, _, payload = join_over_http(
-        cluster, TRUSTED, {"Forwarded": "for=198.51.100.0;proto=http"}, "web-extra"
+        cluster, TRUSTED, {"X-Forwarded-For": "198.51.100.0"}, "web-extra"
     )
     assert status == 429 and payload["error"]["code"] == "too_many_sessions_for_address"
 
@@ -131,7 +131,32 @@ def test_a_proxy_header_from_anyone_else_is_refused(cluster: Cluster) -> None:
 
 def test_a_bad_header_from_the_proxy_closes_the_connection(cluster: Cluster) -> None:
     sock = line_client(cluster, TRUSTED)
-    sock.sendall(b"JOIN lobby mallory\r\n")
+    assert lines(sock, 1)[0].startswith("INFO welcome")
+    sock.sendall(b"PROXY TCP4 not-an-address 127.0.0.1 1 2\r\n")
     assert lines(sock, 1) == ["ERROR bad PROXY protocol header"]
     assert sock.recv(100) == b""
     sock.close()
+
+
+def test_a_direct_client_on_the_trusted_address_needs_no_header(cluster: Cluster) -> None:
+    sock = line_client(cluster, TRUSTED)
+    assert lines(sock, 1)[0].startswith("INFO welcome")
+    sock.sendall(b"JOIN direct local\n")
+    assert lines(sock, 1) == ["INFO joined room direct"]
+    sock.close()
+
+
+def test_a_health_check_that_connects_and_leaves_is_quiet(cluster: Cluster) -> None:
+    for _ in range(3):
+        sock = line_client(cluster, TRUSTED)
+        sock.shutdown(socket.SHUT_WR)
+        sock.recv(4096)
+        sock.close()
+    sock = line_client(cluster, TRUSTED)
+    sock.sendall(b"PROX")  # a header cut short, then gone
+    sock.shutdown(socket.SHUT_WR)
+    sock.close()
+    probe = line_client(cluster, OTHER)
+    assert lines(probe, 1)[0].startswith("INFO welcome")
+    probe.close()
+    assert "Traceback" not in cluster.log and "AssertionError" not in cluster.log

@@ -26,19 +26,56 @@ PROXIES = TrustedProxies.parse("10.0.0.0/8, 127.0.0.1, fd00::/8")
         ("127.0.0.1", [("x-forwarded-for", "198.51.100.7"), ("x-forwarded-proto", "https")],
          "198.51.100.7", "https"),
         ("127.0.0.1", [("x-forwarded-proto", "gopher")], "127.0.0.1", ""),
-        ("127.0.0.1", [("forwarded", 'for=192.0.2.60;proto=https;by=203.0.113.43')],
-         "192.0.2.60", "https"),
-        ("127.0.0.1", [("forwarded", 'for="[2001:db8:cafe::17]:4711"')], "2001:db8:cafe::17", ""),
-        ("127.0.0.1", [("forwarded", "for=unknown")], "127.0.0.1", ""),
-        # Forwarded wins over X-Forwarded-For when both are there
-        ("127.0.0.1", [("forwarded", "for=192.0.2.1"), ("x-forwarded-for", "192.0.2.2")],
-         "192.0.2.1", ""),
+        # the client's own Forwarded means nothing when the proxy speaks X-Forwarded-For
+        ("127.0.0.1", [("forwarded", "for=6.6.6.6"), ("x-forwarded-for", "192.0.2.2")],
+         "192.0.2.2", ""),
+        ("127.0.0.1", [("forwarded", "for=6.6.6.6")], "127.0.0.1", ""),
         ("::ffff:127.0.0.1", [("x-forwarded-for", "192.0.2.3")], "192.0.2.3", ""),
         ("fd00::1", [("x-forwarded-for", "2001:db8::5")], "2001:db8::5", ""),
     ],
 )  # fmt: skip
 def test_the_client_behind_a_trusted_proxy(peer, headers, client, proto) -> None:  # noqa: ANN001
     assert PROXIES.client_of(peer, headers) == (client, proto)
+
+
+FORWARDED = PROXIES.with_header("forwarded")
+
+
+@pytest.mark.parametrize(
+    ("value", "client", "proto"),
+    [
+        ("for=192.0.2.60;proto=https;by=203.0.113.43", "192.0.2.60", "https"),
+        ('for="[2001:db8:cafe::17]:4711"', "2001:db8:cafe::17", ""),
+        ("for=unknown", "127.0.0.1", ""),
+        ("for=6.6.6.6, for=192.0.2.9", "192.0.2.9", ""),  # the client's own entry is left
+        # quoted commas and semicolons separate nothing; the first for= of an element counts
+        ('for=203.0.113.7;host="a,for=6.6.6.6"', "203.0.113.7", ""),
+        ('for=203.0.113.7;host="a;for=6.6.6.6"', "203.0.113.7", ""),
+        ("for=203.0.113.7;for=6.6.6.6", "203.0.113.7", ""),
+        # the scheme is the nearest element's only
+        ("for=6.6.6.6;proto=https, for=192.0.2.9", "192.0.2.9", ""),
+    ],
+)
+def test_forwarded_when_the_proxy_speaks_it(value: str, client: str, proto: str) -> None:
+    assert FORWARDED.client_of("127.0.0.1", [("forwarded", value)]) == (client, proto)
+    # ... and X-Forwarded-For is then the client's to fake
+    assert FORWARDED.client_of("127.0.0.1", [("x-forwarded-for", "1.2.3.4")])[0] == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    ("networks", "key", "trusted"),
+    [
+        ("127.0.0.1", "127.0.0.1", True),
+        ("::1", "::/64", False),  # ::1 is trusted, the rest of its /64 is not
+        ("::/64", "::/64", True),
+        ("2001:db8::/120", "2001:db8::/64", False),
+        ("2001:db8::/48", "2001:db8::/64", True),
+        ("10.0.0.0/8", "::ffff:10.0.0.1", True),
+        ("10.0.0.0/8", "", False),
+    ],
+)
+def test_the_per_ip_cap_exemption_judges_the_whole_key(networks, key, trusted) -> None:  # noqa: ANN001
+    assert TrustedProxies.parse(networks).trusts_key(key) is trusted
 
 
 def test_no_trusted_proxy_believes_nobody() -> None:
