@@ -41,6 +41,7 @@ from router.http_static import StaticFiles
 from router.hub import Hub
 from router.policy import SessionRateLimit, address_key, close_refused
 from router.reading import SharedBufferReading, reading_class
+from router.tls import listener_options
 from web import WEB_ROOT
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ class HttpConnection(asyncio.Protocol):
             exchange.cancel()
         # keep the write side open: an answer may still be on its way (not over TLS, which
         # has no half-close: asyncio closes then whatever we answer)
-        return self.transport is not None and self.transport.get_extra_info("sslcontext") is None
+        return not self._tls
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self.state = CLOSED
@@ -503,7 +504,6 @@ async def start_http_server(
         port,
         start_serving=start_serving,
         backlog=backlog,
-        ssl=tls,
-        ssl_handshake_timeout=hub.settings.tls_handshake_timeout if tls else None,
+        **listener_options(tls, hub.settings.tls_handshake_timeout),
     )
     return HttpServer(server, api, connections)

@@ -39,6 +39,7 @@ from router.policy import TokenBucket, address_key, close_refused
 from router.proxies import PROXY_V1_MAX_BYTES, parse_proxy_v1
 from router.reading import SharedBufferReading, reading_class
 from router.settings import Settings
+from router.tls import listener_options
 
 log = logging.getLogger(__name__)
 
@@ -812,6 +813,5 @@ async def start_tcp_server(
         port,
         start_serving=start_serving,
         backlog=backlog,
-        ssl=tls,
-        ssl_handshake_timeout=hub.settings.tls_handshake_timeout if tls else None,
+        **listener_options(tls, hub.settings.tls_handshake_timeout),
     )

@@ -46,6 +46,14 @@ def load_chain(context: ssl.SSLContext, cert: str, key: Optional[str]) -> None:
         ) from error
 
 
+def listener_options(context: Optional[ssl.SSLContext], handshake_timeout: float) -> dict:
+    """The ``loop.create_server`` keywords of a listener that speaks TLS with *context*
+    (plaintext when None)."""
+    if context is None:
+        return {}
+    return {"ssl": context, "ssl_handshake_timeout": handshake_timeout}
+
+
 def reload(context: ssl.SSLContext, cert: str, key: Optional[str]) -> None:
     """SIGHUP: load the files again; on failure keep what was loaded, and say so. They are
     tried on a fresh context first: loading into the live one is not atomic (a certificate

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Iterator, List
+from typing import Iterator, List, Tuple
 
 import pytest
 
@@ -118,16 +118,7 @@ def test_port_in_use(kind: str) -> None:
     port = busy.getsockname()[1]
     try:
         cluster = Cluster(shards=SHARDS, **{f"{kind}_port": port})  # type: ignore[arg-type]
-        result = subprocess.run(
-            cluster.args,
-            env=cluster.env,
-            cwd=str(ROOT),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        leftovers = wait_gone(cluster.marked_pids(), ORPHAN_BOUND)
+        result, leftovers = run_to_exit(cluster)
     finally:
         busy.close()
     assert result.returncode == 1, result
@@ -141,10 +132,9 @@ def test_port_in_use(kind: str) -> None:
     assert leftovers == []
 
 
-def start_and_fail(*args: str) -> str:
-    """Run the cluster with *args*; assert it exits 1 with one line and leaves no process;
-    return the line."""
-    cluster = Cluster(shards=SHARDS, extra_args=list(args))
+def run_to_exit(cluster: Cluster) -> Tuple[subprocess.CompletedProcess, List[int]]:
+    """Run *cluster* in the foreground until it exits; its result and the processes of it
+    still alive once it has (none, if it cleaned up)."""
     result = subprocess.run(
         cluster.args,
         env=cluster.env,
@@ -154,7 +144,14 @@ def start_and_fail(*args: str) -> str:
         text=True,
         timeout=30,
     )
-    assert wait_gone(cluster.marked_pids(), ORPHAN_BOUND) == []
+    return result, wait_gone(cluster.marked_pids(), ORPHAN_BOUND)
+
+
+def start_and_fail(*args: str) -> str:
+    """Run the cluster with *args*; assert it exits 1 with one line and leaves no process;
+    return the line."""
+    result, leftovers = run_to_exit(Cluster(shards=SHARDS, extra_args=list(args)))
+    assert leftovers == []
     assert result.returncode == 1, result
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr  # one clear line, no traceback
