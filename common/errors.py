@@ -40,6 +40,7 @@ TOO_MANY_ROOMS_FOR_ADDRESS = "too_many_rooms_for_address"
 SHARD_TIMEOUT = "shard_timeout"
 ROOM_UNAVAILABLE = "room_unavailable"
 NOT_DELIVERED = "not_delivered"
+NO_SUCH_MEMBER = "no_such_member"
 # Flood control and caps.
 RATE_LIMITED = "rate_limited"
 TOO_MANY_SESSIONS = "too_many_sessions"
@@ -84,6 +85,8 @@ CATALOGUE: Dict[str, ErrorSpec] = {
         503,
         "message not delivered: room {room} restarted, send it again",
     ),
+    # A PRIVMSG to a name nobody in the room has (names are unique per room, not globally).
+    NO_SUCH_MEMBER: ErrorSpec("no member {username} in {room}", 404),
     RATE_LIMITED: ErrorSpec("too many requests", 429),
     TOO_MANY_SESSIONS: ErrorSpec("too many sessions, try again later", 503),
     TOO_MANY_SESSIONS_FOR_ADDRESS: ErrorSpec(

@@ -40,7 +40,7 @@ Identifiers:
 Completions: ``JOIN`` -> ``JOINED`` or ``FAIL``; ``MSG`` -> ``CHAT`` or ``FAIL``; ``LEAVE``
 -> ``LEFT`` (with the ``req``) or ``FAIL``; ``DROP`` -> ``LEFT`` events without a ``req``,
 then ``DONE``; ``NAMES``, ``ROOMS``, ``HISTORY``, ``SINCE``, ``REJOIN`` -> ``DONE`` or
-``FAIL``. Events with ``req == 0`` complete nothing.
+``FAIL``; ``PRIVMSG`` -> ``PRIVATE`` or ``FAIL``. Events with ``req == 0`` complete nothing.
 """
 
 from __future__ import annotations
@@ -90,7 +90,13 @@ SINCE = 8
 #: ``DONE`` with the room's epoch (unchanged if its history survived).
 REJOIN = 9
 
-COMMANDS = frozenset({JOIN, MSG, LEAVE, DROP, NAMES, ROOMS, HISTORY, SINCE, REJOIN})
+#: ``(PRIVMSG, req, deadline, cid, room, to, text)``: a direct message from a member of
+#: the room to the member named *to* (any spelling that collides with the name). Not
+#: recorded: no seq, no history. Completion: ``PRIVATE`` or ``FAIL`` (``not_in_room``:
+#: the sender is not a member; ``no_such_member``: nobody there has that name).
+PRIVMSG = 10
+
+COMMANDS = frozenset({JOIN, MSG, LEAVE, DROP, NAMES, ROOMS, HISTORY, SINCE, REJOIN, PRIVMSG})
 #: Applied whatever their deadline: a client that is gone must leave its rooms, a member
 #: must be put back.
 ALWAYS_APPLIED = frozenset({DROP, REJOIN})
@@ -120,7 +126,12 @@ FAIL = 105
 #: whose commit found it; it completes no command.
 STORAGE = 106
 
-EVENTS = frozenset({JOINED, CHAT, LEFT, DONE, FAIL, STORAGE})
+#: ``(PRIVATE, req, room, to_cid, sender, to, ts, text, wire)``: a direct message (the
+#: completion of its PRIVMSG): for the sender (the command's cid) and for *to_cid*, whose
+#: name in the room is *to*; *wire* is the ``PRIVMSG <room> <sender> <to> <text>`` line.
+PRIVATE = 107
+
+EVENTS = frozenset({JOINED, CHAT, LEFT, DONE, FAIL, STORAGE, PRIVATE})
 assert not COMMANDS & EVENTS, "an opcode is used twice"
 
 
@@ -163,6 +174,10 @@ def rejoin(req: int, deadline: float, cid: int, room: str, username: str) -> Com
     return (REJOIN, req, deadline, cid, room, username)
 
 
+def privmsg(req: int, deadline: float, cid: int, room: str, to: str, text: str) -> Command:
+    return (PRIVMSG, req, deadline, cid, room, to, text)
+
+
 def joined(req: int, room: str, cid: int, entry: Entry, epoch: int) -> Event:
     return (JOINED, req, room, cid, entry, epoch)
 
@@ -181,6 +196,12 @@ def done(req: int, result: Any) -> Event:
 
 def fail(req: int, code: str) -> Event:
     return (FAIL, req, code)
+
+
+def private(
+    req: int, room: str, to_cid: int, sender: str, to: str, ts: float, text: str, wire: bytes
+) -> Event:
+    return (PRIVATE, req, room, to_cid, sender, to, ts, text, wire)
 
 
 def storage(room: str, problem: Optional[str], lost: bool = False) -> Event:

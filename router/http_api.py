@@ -231,6 +231,7 @@ class HttpApi:
             "/api/session": {"GET": self._session_info},
             "/api/join": {"POST": self._join},
             "/api/send": {"POST": self._send},
+            "/api/privmsg": {"POST": self._privmsg},
             "/api/leave": {"POST": self._leave},
             "/api/poll": {"GET": self._poll},
             "/api/rooms": {"GET": self._rooms},
@@ -467,6 +468,22 @@ class HttpApi:
             exchange.respond(json_response(200, {"ok": True, "room": room, "id": seq}))
 
         self.hub.say(session.record, room, text, guarded(exchange, done), answer_refusal(exchange))
+
+    def _privmsg(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
+        session = self._session(request)
+        body = _json_object(request)
+        room = _room_field(body)
+        to = _name_field(body, "to", NameKind.USERNAME)
+        text = _text_field(body, room)
+        if not session.in_room(room):
+            raise failure_error(Refusal(errors.NOT_IN_ROOM, room))
+        self._admit(session, "send")
+
+        def done(name: str) -> None:
+            exchange.respond(json_response(200, {"ok": True, "room": room, "to": name}))
+
+        self.hub.privmsg(session.record, room, to, text, guarded(exchange, done),
+                         answer_refusal(exchange))  # fmt: skip
 
     def _leave(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
         session = self._session(request)

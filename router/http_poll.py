@@ -56,6 +56,8 @@ class RoomResult(NamedTuple):
     left: bool = False
     more: bool = False  # entries after these are waiting (the answer was full)
     notices: Tuple[str, ...] = ()  # lines for the room's members (see RoomFeed.notices)
+    private: Tuple[Dict[str, Any], ...] = ()  # direct messages from or to the session
+    private_dropped: int = 0  # direct messages dropped before (too many were waiting)
 
 
 def _take(feed: RoomFeed) -> Tuple[str, ...]:
@@ -188,6 +190,10 @@ def poll_payload(cursors: List[Cursor], results: Dict[str, RoomResult]) -> Dict[
             state["more"] = True
         if result.notices:
             state["notices"] = list(result.notices)
+        if result.private:
+            state["private"] = list(result.private)
+        if result.private_dropped:
+            state["private_dropped"] = result.private_dropped
         if result.left:
             state["left"] = True
         else:
@@ -278,21 +284,31 @@ class Poll(Waiter):
 
     def _finish(self, results: Dict[str, RoomResult]) -> None:
         self._stop()
-        # The notices go with the answer that is sent, not with one that was only built
-        # (a 429, a failed fetch): taken here, as it goes.
-        feeds = self.session.feeds
+        # The notices and direct messages go with the answer that is sent, not with one
+        # that was only built (a 429, a failed fetch): taken here, as it goes.
+        session = self.session
+        feeds = session.feeds
+        private = session.has_private(self.rooms)
         for room, result in results.items():
+            if result.left:
+                continue
             feed = feeds.get(room)
-            if feed is not None and feed.notices and not result.left:
-                results[room] = result._replace(notices=_take(feed))
+            if feed is not None and feed.notices:
+                result = results[room] = result._replace(notices=_take(feed))
+            if private:
+                messages, dropped = session.take_private(room)
+                if messages or dropped:
+                    results[room] = result._replace(private=tuple(messages),
+                                                    private_dropped=dropped)  # fmt: skip
         self._respond(200, poll_payload(self.cursors, results), ())
 
     def _notices_waiting(self) -> bool:
+        """True if notices or direct messages of the polled rooms wait for an answer."""
         feeds = self.session.feeds
         return any(
             feed is not None and feed.notices
             for feed in (feeds.get(cursor.room) for cursor in self.cursors)
-        )
+        ) or self.session.has_private(self.rooms)
 
     def evict(self) -> None:
         self._answer_now()

@@ -19,7 +19,13 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 from common import errors
 from common import messages as m
 from common.errors import Refusal
-from common.limits import MAX_POLLS_PER_SESSION, MAX_ROOM_NOTICES, MAX_SESSION_BACKLOG
+from common.limits import (
+    MAX_POLLS_PER_SESSION,
+    MAX_PRIVATE_WAITING,
+    MAX_PRIVATE_WAITING_CHARS,
+    MAX_ROOM_NOTICES,
+    MAX_SESSION_BACKLOG,
+)
 from router.hub import Client, ClientRecord, Hub, OnDone, OnFail
 
 log = logging.getLogger(__name__)
@@ -117,6 +123,12 @@ class HttpSession(Client):
         self.record: ClientRecord = hub.add(self, address, username)
         self.feeds: Dict[str, RoomFeed] = {}
         self.polls: List[Waiter] = []
+        #: Direct messages from or to this session not answered yet, oldest first, as
+        #: ``(room, message)`` (the message as the API shows it), and their text's size.
+        self.private: Deque[Tuple[str, Dict[str, Any]]] = deque()
+        self._private_chars = 0
+        #: room -> direct messages dropped since its last answer (too many were waiting).
+        self.private_dropped: Dict[str, int] = {}
         self.last_seen = time.monotonic()
         self.ended = False
 
@@ -161,6 +173,25 @@ class HttpSession(Client):
             if room in poll.rooms:
                 poll.wake()
 
+    def has_private(self, rooms: Dict[str, Any]) -> bool:
+        """True if a direct message (or the count of dropped ones) of *rooms* waits."""
+        return any(room in rooms for room, _ in self.private) or any(
+            room in rooms for room in self.private_dropped
+        )
+
+    def take_private(self, room: str) -> Tuple[List[Dict[str, Any]], int]:
+        """The direct messages of *room* waiting (taken: an answer carries them once), and
+        how many of them were dropped before."""
+        taken = [message for name, message in self.private if name == room]
+        if taken:
+            self._forget_private(room)
+        return taken, self.private_dropped.pop(room, 0)
+
+    def _forget_private(self, room: str) -> None:
+        kept = deque(item for item in self.private if item[0] != room)
+        self._private_chars = sum(len(message["text"]) for _, message in kept)
+        self.private = kept
+
     def end_polls(self, status: int, code: str, message: str) -> None:
         for poll in list(self.polls):
             poll.end(status, code, message)
@@ -173,6 +204,22 @@ class HttpSession(Client):
             feed.push(entry)
             self._notify(room)
 
+    def deliver_private(self, room: str, event: m.Event) -> None:
+        if room not in self.feeds:
+            return
+        _, _, _, _, sender, to, ts, text, _ = event
+        message = {"room": room, "type": "private", "from": sender, "to": to, "text": text,
+                   "ts": round(ts, 3)}  # fmt: skip
+        self.private.append((room, message))
+        self._private_chars += len(text)
+        while len(self.private) > MAX_PRIVATE_WAITING or (
+            self._private_chars > MAX_PRIVATE_WAITING_CHARS and len(self.private) > 1
+        ):
+            dropped_room, dropped = self.private.popleft()
+            self._private_chars -= len(dropped["text"])
+            self.private_dropped[dropped_room] = self.private_dropped.get(dropped_room, 0) + 1
+        self._notify(room)
+
     def on_joined(self, room: str, entry: m.Entry) -> None:
         feed = self.feeds[room] = RoomFeed(self.hub.epoch_of(room), entry[0] - 1)
         feed.push(entry)
@@ -180,6 +227,8 @@ class HttpSession(Client):
 
     def on_left(self, room: str) -> None:
         self.feeds.pop(room, None)
+        self._forget_private(room)
+        self.private_dropped.pop(room, None)
         self._notify(room)
 
     def on_refused(self, op: int, refusal: Refusal) -> None:
@@ -188,6 +237,8 @@ class HttpSession(Client):
     def on_room_lost(self, room: str) -> None:
         # The room is gone from under us (its shard was given up on).
         self.feeds.pop(room, None)
+        self._forget_private(room)
+        self.private_dropped.pop(room, None)
         self._notify(room)
 
     def on_room_notice(self, room: str, text: str) -> None:

@@ -91,6 +91,10 @@ class Client:
         for entry in entries:
             self.deliver(room, entry, wire)
 
+    def deliver_private(self, room: str, event: m.Event) -> None:
+        """A direct message in *room* from or to this client (a ``PRIVATE`` event, see
+        :mod:`common.messages`: sender, recipient, time, text and the wire line)."""
+
     def on_joined(self, room: str, entry: m.Entry) -> None:
         """This client's JOIN of *room* succeeded (also for requests with callbacks)."""
 
@@ -222,6 +226,7 @@ class Hub:
             m.HISTORY: self._complete_request,
             m.SINCE: self._complete_since,
             m.REJOIN: self._complete_rejoin,
+            m.PRIVMSG: self._complete_privmsg,
         }
 
     def attach(self, pool: ShardPool) -> None:
@@ -347,6 +352,22 @@ class Hub:
         if on_done is not None or on_fail is not None:
             self._handlers_of[command[1]] = (on_done, on_fail)
         self._links[index].send(command)
+
+    def privmsg(
+        self,
+        record: ClientRecord,
+        room: str,
+        to: str,
+        text: str,
+        on_done: Optional[OnDone] = None,
+        on_fail: Optional[OnFail] = None,
+    ) -> None:
+        """Send a direct message to the member of *room* named *to*, through the room's
+        shard (which checks both are members). The outcome: the message to both
+        (``client.deliver_private``; ``on_done(to)`` with the name as the room has it) or a
+        refusal (``no_such_member``, ``not_in_room``...)."""
+        command = m.privmsg(next(self._reqs), self._deadline(), record.cid, room, to, text)
+        self._send_for(record, room, command, on_done, on_fail)
 
     def leave(
         self,
@@ -522,7 +543,7 @@ class Hub:
                 self._left(command[m.CID], room, None, command, on_done)
             elif op == m.DROP:
                 self._outcome(on_done, None)
-            elif op == m.MSG:
+            elif op == m.MSG or op == m.PRIVMSG:
                 self._refuse(command, on_fail, Refusal(errors.NOT_DELIVERED, room))
             elif op != m.REJOIN:
                 self._refuse(command, on_fail, Refusal(errors.ROOM_UNAVAILABLE, room))
@@ -629,6 +650,8 @@ class Hub:
             self._member_joined(event, self.records.get(command[m.CID]), None)
         elif op == m.LEFT:
             self._left(event[3], event[2], event[4], None, None)
+        elif op == m.PRIVATE:
+            self._deliver_private(command, event)
 
     def _on_chats(self, flight: InFlight, run: List[m.Event]) -> None:
         """A run of CHAT events (completions of MSGs, nothing else in between, so no
@@ -707,6 +730,25 @@ class Hub:
     def _complete_msg(self, command: m.Command, event: m.Event) -> None:
         _, on_fail = self._handlers_for(command)
         self._refuse(command, on_fail, Refusal(event[2], command[m.ROOM]))  # a CHAT: _on_chats
+
+    def _complete_privmsg(self, command: m.Command, event: m.Event) -> None:
+        on_done, on_fail = self._handlers_for(command)
+        _, _, _, _, room, to, _ = command
+        if event[0] == m.FAIL:
+            self._refuse(command, on_fail, Refusal(event[2], room, username=to))
+            return
+        self._deliver_private(command, event)
+        self._outcome(on_done, event[5])  # the recipient's name as the room has it
+
+    def _deliver_private(self, command: m.Command, event: m.Event) -> None:
+        """A direct message to its recipient, and to its sender (the echo: its outcome),
+        once if they are the same client. Either may be gone by now."""
+        sender_cid, room, to_cid = command[m.CID], event[2], event[3]
+        self.metrics.private_messages += 1
+        for cid in (sender_cid, to_cid) if sender_cid != to_cid else (to_cid,):
+            record = self.records.get(cid)
+            if record is not None and not record.gone:
+                self._tell(record.client.deliver_private, room, event)
 
     def _complete_leave(self, command: m.Command, event: m.Event) -> None:
         on_done, on_fail = self._handlers_for(command)

@@ -24,6 +24,7 @@ class Metrics:
     def __init__(self) -> None:
         self.messages = 0  # chat messages fanned out
         self.deliveries = 0  # chat messages times the members they went to
+        self.private_messages = 0  # direct messages delivered (once each, echo not counted)
         self.refused: Dict[str, int] = {}  # commands refused, by error code
         self.flood_throttles: Dict[str, int] = {}  # by transport
         self.slow_consumers: Dict[str, int] = {}  # cut off for not reading, by transport
@@ -78,6 +79,8 @@ def render(hub: Hub) -> str:
     _family(out, "shardchat_deliveries_total", "counter",
             "Chat messages delivered, counted once per member.",
             [({}, metrics.deliveries)])  # fmt: skip
+    _family(out, "shardchat_private_messages_total", "counter", "Direct messages delivered.",
+            [({}, metrics.private_messages)])  # fmt: skip
     _family(
         out,
         "shardchat_refused_total",

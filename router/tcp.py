@@ -570,6 +570,9 @@ class TcpConnection(asyncio.Protocol, Client):
     def deliver_run(self, room: str, entries: List[m.Entry], wire: bytes) -> None:
         self.write(wire)
 
+    def deliver_private(self, room: str, event: m.Event) -> None:
+        self.write(event[-1])  # the PRIVMSG line
+
     def on_joined(self, room: str, entry: m.Entry) -> None:
         self._joined_once = True
         self.write(p.joined_line(room))
@@ -618,6 +621,10 @@ class TcpConnection(asyncio.Protocol, Client):
     def _msg(self, command: p.Msg) -> None:
         room, text = command  # the hot path: no attribute lookups on the named tuple
         self.hub.say(self.record, room, text)  # type: ignore[arg-type]
+
+    def _privmsg(self, command: p.Privmsg) -> None:
+        assert self.record is not None
+        self.hub.privmsg(self.record, command.room, command.to, command.text)
 
     def _join(self, command: p.Join) -> None:
         assert self.record is not None
@@ -774,6 +781,7 @@ class _Received(NamedTuple):
 #: connection: with thousands of connections that is memory for nothing).
 _DISPATCH: Dict[type, Callable[[TcpConnection, Any], None]] = {
     p.Msg: TcpConnection._msg,
+    p.Privmsg: TcpConnection._privmsg,
     p.Join: TcpConnection._join,
     p.Leave: TcpConnection._leave,
     p.Quit: TcpConnection._quit,

@@ -117,6 +117,7 @@ HELP_LINES = (
     "*   /rooms           list the rooms that have members",
     "*   /names [room]    list a room's members (default: the current room)",
     "*   /history [n]     show the last n events of the current room (n up to 500)",
+    "*   /dm <name> <msg> send a private message to a member of the current room",
     "*   /quit            leave every room and exit",
     "*   /help            show this help",
     "*   //text           send a message that starts with /",
@@ -208,6 +209,8 @@ def user_line_to_command(line: str, state: ClientState) -> UserAction:
     if not line.startswith("/"):
         return _message(line, state)
     name, _, rest = line[1:].partition(" ")
+    if name.lower() == "dm":
+        return _direct_message(rest, state)  # its text is kept as typed, like a message's
     command = _SLASH_COMMANDS.get(name.lower())
     if command is None:
         return _notice(state, f"! unknown command /{name}; type /help for the commands")
@@ -230,6 +233,18 @@ def _message(text: str, state: ClientState) -> UserAction:
     if state.current is None:
         return _not_in_a_room(state)
     return UserAction(state, send=(f"MSG {state.current} {text}",))
+
+
+def _direct_message(rest: str, state: ClientState) -> UserAction:
+    name, _, text = rest.lstrip(" ").partition(" ")
+    if not name or not text.strip():
+        return _usage(state, "/dm <name> <msg>")
+    if state.current is None:
+        return _not_in_a_room(state)
+    name = normalize_name(name)
+    if not is_valid_name(name, MAX_USERNAME_CHARS):
+        return _notice(state, f"! {USERNAME_RULE}")
+    return UserAction(state, send=(f"PRIVMSG {state.current} {name} {text}",))
 
 
 def _join(args: list[str], state: ClientState) -> UserAction:
@@ -348,13 +363,15 @@ def apply_server_line(state: ClientState, line: str) -> ClientState:
 
 def expects_reply(command: str) -> bool:
     """Return True if the protocol line ``command`` gets a reply ``reply_matches`` knows."""
-    return command.split(" ", 1)[0].upper() in ("JOIN", "MSG", "LEAVE", "NAMES", "ROOMS", "HISTORY")
+    verb = command.split(" ", 1)[0].upper()
+    return verb in ("JOIN", "MSG", "PRIVMSG", "LEAVE", "NAMES", "ROOMS", "HISTORY")
 
 
 def reply_matches(command: str, line: str, username: str) -> bool:
     """Return True if server ``line`` completes the reply to ``command``, sent as ``username``.
 
-    JOIN -> ``INFO joined room R``; MSG -> its echo ``MSG R username ...``; LEAVE -> ``INFO
+    JOIN -> ``INFO joined room R``; MSG -> its echo ``MSG R username ...``; PRIVMSG -> its
+    echo ``PRIVMSG R username <to> ...``; LEAVE -> ``INFO
     left room R``; NAMES -> ``NAMES R ...``; ROOMS -> ``END ROOMS k``; HISTORY -> ``END
     HISTORY R k``. ERROR lines are not matched here: they answer the oldest command waiting.
     """
@@ -367,6 +384,8 @@ def reply_matches(command: str, line: str, username: str) -> bool:
         return line == f"INFO left room {room}"
     if verb == "MSG":
         return line.startswith(f"MSG {room} {username} ")
+    if verb == "PRIVMSG":
+        return line.startswith(f"PRIVMSG {room} {username} ")
     if verb == "NAMES":
         return line == f"NAMES {room}" or line.startswith(f"NAMES {room} ")
     if verb == "HISTORY":
@@ -385,7 +404,8 @@ def reply_to_server_line(line: str) -> str | None:
 def format_server_line(line: str, tz: tzinfo | None = None) -> str | None:
     """Return how to show one server line to the user, or None to show nothing.
 
-    ``MSG room user text`` -> ``[room] user: text``; ``INFO`` -> ``* ...`` (the server's
+    ``MSG room user text`` -> ``[room] user: text``; ``PRIVMSG room from to text`` ->
+    ``[room] (private) from -> to: text``; ``INFO`` -> ``* ...`` (the server's
     welcome, which lists protocol commands, -> ``WELCOME_SHOWN``); ``ERROR`` -> ``! ...``;
     ``NAMES``, ``ROOM``, ``END ROOMS`` -> ``* ...``; ``HISTORY`` and ``END HISTORY`` ->
     ``~ [room] HH:MM ...`` with the time converted to ``tz`` (None: the local
@@ -414,6 +434,14 @@ def _format_msg(rest: str) -> str | None:
         return None
     room, user, text = parts
     return f"[{room}] {user}: {text}"
+
+
+def _format_privmsg(rest: str) -> str | None:
+    parts = rest.split(" ", 3)
+    if len(parts) < 4:
+        return None
+    room, sender, to, text = parts
+    return f"[{room}] (private) {sender} -> {to}: {text}"
 
 
 def _format_names(rest: str) -> str | None:
@@ -464,6 +492,7 @@ def _format_info(rest: str) -> str:
 
 _FORMATTERS: dict[str, Callable[[str], str | None]] = {
     "MSG": _format_msg,
+    "PRIVMSG": _format_privmsg,
     "INFO": _format_info,
     "ERROR": lambda rest: f"! {rest}",
     "NAMES": _format_names,

@@ -27,7 +27,7 @@ from common import errors
 from common import messages as m
 from common.limits import HISTORY_SIZE, MAX_EMPTY_ROOMS_PER_SHARD, MAX_ROOMS_LISTED
 from common.names import name_key, name_keys
-from common.protocol import msg_line
+from common.protocol import msg_line, privmsg_line
 from shard.storage import NOTHING_FAILED, CommitReport, HistoryStore, MemoryStore
 
 Clock = Callable[[], float]
@@ -117,6 +117,7 @@ class ShardCore:
             m.HISTORY: self._history,
             m.SINCE: self._since,
             m.REJOIN: self._rejoin,
+            m.PRIVMSG: self._privmsg,
         }
 
     # --- public ----------------------------------------------------------------------
@@ -196,6 +197,21 @@ class ShardCore:
         entry = room.record(self._clock(), m.KIND_CHAT, username, text)
         self._append(name, room.epoch, entry)
         events.append(m.chat(req, name, entry, msg_line(name, username, text)))
+
+    def _privmsg(self, events: List[m.Event], command: m.Command) -> None:
+        """A direct message between two members: an event for the router, nothing recorded
+        (no seq, no history, no storage)."""
+        _, req, _, cid, name, to, text = command
+        room = self._member_room(events, req, cid, name)
+        if room is None:
+            return
+        to_cid = next((room.keys[key] for key in name_keys(to) if key in room.keys), None)
+        if to_cid is None:
+            events.append(m.fail(req, errors.NO_SUCH_MEMBER))
+            return
+        sender, to = room.members[cid], room.members[to_cid]
+        wire = privmsg_line(name, sender, to, text)
+        events.append(m.private(req, name, to_cid, sender, to, self._clock(), text, wire))
 
     def _leave(self, events: List[m.Event], command: m.Command) -> None:
         _, req, _, cid, name = command

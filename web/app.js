@@ -61,6 +61,9 @@
     sendError: $("send-error"),
     memberList: $("member-list"),
     memberCount: $("member-count"),
+    privateTo: $("private-to"),
+    privateToName: $("private-to-name"),
+    privateCancel: $("private-cancel"),
   };
 
   // rooms: name -> {name, after, epoch, messages: [], members: [], unread}
@@ -72,6 +75,7 @@
     pollController: null,
     failures: 0,
     wake: null, // resolves the current retry wait early (the browser is back online)
+    privateTo: null, // the member of the current room the composer sends to privately
   };
 
   // --- API ------------------------------------------------------------------------------
@@ -280,6 +284,8 @@
     room.unread = 0;
     el.roomTitle.replaceChildren("#", isolated(name));
     el.composerInput.placeholder = "Message #" + isolate(name);
+    state.privateTo = null; // private messages go to a member of one room
+    el.privateTo.hidden = true;
     showError(el.sendError, "");
     renderRoomList();
     renderLog();
@@ -334,6 +340,9 @@
     if (message.type === "chat" && message.username === state.username) {
       item.classList.add("mine");
     }
+    if (message.type === "private" && message.from === state.username) {
+      item.classList.add("mine");
+    }
     if (message.ts) {
       const time = document.createElement("time");
       time.dateTime = new Date(message.ts * 1000).toISOString();
@@ -344,6 +353,14 @@
     body.className = "body";
     if (message.type === "chat") {
       body.append(isolated(message.username, "user"), ": ", linkified(message.text, "text"));
+    } else if (message.type === "private") {
+      const tag = document.createElement("span");
+      tag.className = "private-tag";
+      tag.textContent = "private";
+      const to = message.to === state.username ? "you" : message.to;
+      const from = message.from === state.username ? "you" : message.from;
+      body.append(tag, " ", isolated(from, "user"), " → ", isolated(to, "user"), ": ");
+      body.append(linkified(message.text, "text"));
     } else if ((message.kind === "join" || message.kind === "leave") && message.username) {
       // "alice joined lobby", built here so that both names are isolated.
       const verb = message.kind === "join" ? " joined " : " left ";
@@ -416,13 +433,36 @@
     const members = room ? room.members : [];
     const items = members.map((name) => {
       const item = document.createElement("li");
-      item.append(isolated(name));
-      if (name === state.username) item.classList.add("me-member");
+      if (name === state.username) {
+        item.append(isolated(name));
+        item.classList.add("me-member");
+        return item;
+      }
+      // Anyone else: a button that makes the composer send to them privately.
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "member-button";
+      button.title = "Send a private message";
+      button.append(isolated(name));
+      button.addEventListener("click", () => setPrivateTo(name));
+      item.append(button);
       return item;
     });
     el.memberList.replaceChildren(...items);
     el.memberCount.textContent = members.length ? "(" + members.length + ")" : "";
     el.membersToggle.textContent = "Members" + (members.length ? " (" + members.length + ")" : "");
+  }
+
+  // Who the composer sends to privately in the current room (null: the whole room).
+  function setPrivateTo(name) {
+    state.privateTo = name;
+    el.privateTo.hidden = !name;
+    el.privateToName.textContent = name || "";
+    const room = state.current ? "#" + isolate(state.current) : "";
+    el.composerInput.placeholder = name
+      ? "Private message to " + isolate(name) + " in " + room
+      : "Message " + room;
+    el.composerInput.focus();
   }
 
   function renderActiveRooms(rooms) {
@@ -550,6 +590,18 @@
         notice(room, text);
         added.push(room.messages[room.messages.length - 1]);
       }
+      for (const message of info.private || []) {
+        room.messages.push(message);
+        added.push(message);
+      }
+      if (info.private_dropped) {
+        notice(
+          room,
+          info.private_dropped +
+            " private message(s) in this room were dropped: too many waited for this page.",
+        );
+        added.push(room.messages[room.messages.length - 1]);
+      }
       room.after = Math.max(room.after, info.after);
       if (room.messages.length > MAX_MESSAGES_PER_ROOM) {
         room.messages.splice(0, room.messages.length - MAX_MESSAGES_PER_ROOM);
@@ -561,7 +613,7 @@
       if (room.name === state.current) {
         appendToLog(added);
       } else {
-        room.unread += added.filter((message) => message.type === "chat").length;
+        room.unread += added.filter((m) => m.type === "chat" || m.type === "private").length;
       }
     }
     renderRoomList();
@@ -784,8 +836,10 @@
     el.composerInput.value = "";
     updateLengthNote();
     showError(el.sendError, "");
+    const to = state.privateTo;
     try {
-      await api("POST", "/api/send", { room, text });
+      if (to) await api("POST", "/api/privmsg", { room, to, text });
+      else await api("POST", "/api/send", { room, text });
     } catch (error) {
       if (!el.composerInput.value) el.composerInput.value = text;
       updateLengthNote();
@@ -850,6 +904,7 @@
   el.joinForm.addEventListener("submit", onJoinSubmit);
   el.addRoomForm.addEventListener("submit", onAddRoomSubmit);
   el.composer.addEventListener("submit", onSend);
+  el.privateCancel.addEventListener("click", () => setPrivateTo(null));
   el.composerInput.addEventListener("input", updateLengthNote);
   window.addEventListener("online", wakeUp);
   el.leaveButton.addEventListener("click", () => state.current && leaveRoom(state.current));

@@ -451,3 +451,42 @@ def test_the_page_says_when_history_is_not_being_saved(browser: Browser, tmp_pat
         assert carol.errors == []
         alice.close()
         carol.page.context.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_member_gets_a_private_message_that_nobody_else_sees(
+    browser: Browser, cluster: Cluster, tmp_path: Path
+) -> None:
+    alice = open_chat(browser, cluster, viewport={"width": 1200, "height": 760})
+    join(alice, "alice", "quiet")
+    bob = open_chat(browser, cluster)
+    join(bob, "bob", "quiet")
+    carol = cluster.connect()
+    try:
+        carol.join("quiet", "carol")
+        page = alice.page
+        # Clicking a member's name makes the composer send to them privately.
+        page.locator("#member-list").get_by_role("button", name="carol").click()
+        expect(page.locator("#private-to")).to_be_visible()
+        expect(page.locator("#private-to-name")).to_have_text("carol")
+        send(alice, "psst, carol")
+        carol.read_until(lambda line: line == "PRIVMSG quiet alice carol psst, carol")
+        expect_line(alice, "you → carol: psst, carol")
+        carol.send("PRIVMSG quiet alice back to you")
+        expect_line(alice, "carol → you: back to you")
+        expect(log_line(alice, "back to you")).to_have_class("msg private")
+        page.screenshot(path=str(tmp_path / "private.png"))
+        save_to = os.environ.get("SHARDCHAT_SAVE_PRIVATE_SCREENSHOT")
+        if save_to:
+            shutil.copyfile(tmp_path / "private.png", save_to)
+        # Back to the room: the next message is for everyone, and bob saw neither.
+        page.get_by_role("button", name="Back to the room").click()
+        expect(page.locator("#private-to")).to_be_hidden()
+        send(alice, "hello everyone")
+        expect_line(bob, "alice: hello everyone")
+        expect(bob.page.locator("#log li.private")).to_have_count(0)
+        carol.read_until(lambda line: line == "MSG quiet alice hello everyone")
+    finally:
+        carol.close()
+    for watched in (alice, bob):
+        assert watched.dialogs == [] and watched.errors == []

@@ -45,6 +45,7 @@ HISTORY_TOO_MANY = (
     ("line", "shown"),
     [
         ("MSG lobby alice hello", "[lobby] alice: hello"),
+        ("PRIVMSG lobby alice bob psst  there", "[lobby] (private) alice -> bob: psst  there"),
         ("MSG lobby alice  two  spaces ", "[lobby] alice:  two  spaces "),
         ("MSG lobby alice /not a command", "[lobby] alice: /not a command"),
         ("MSG 日本 zoë ça va", "[日本] zoë: ça va"),
@@ -144,6 +145,7 @@ def test_reply_to_server_line(line: str, reply: str | None) -> None:
     [
         ("JOIN lobby bob", True),
         ("MSG lobby hi", True),
+        ("PRIVMSG lobby alice hi", True),
         ("LEAVE lobby", True),
         ("NAMES lobby", True),
         ("ROOMS", True),
@@ -151,7 +153,7 @@ def test_reply_to_server_line(line: str, reply: str | None) -> None:
         ("QUIT", False),
         ("PONG tok", False),
     ],
-    ids=["join", "msg", "leave", "names", "rooms", "history", "quit", "pong"],
+    ids=["join", "msg", "privmsg", "leave", "names", "rooms", "history", "quit", "pong"],
 )
 def test_expects_reply(command: str, expected: bool) -> None:
     assert expects_reply(command) is expected
@@ -166,6 +168,8 @@ def test_expects_reply(command: str, expected: bool) -> None:
         ("MSG lobby hi there", "MSG lobby bob hi there", True),
         ("MSG lobby hi", "MSG lobby alice hi", False),
         ("MSG lobby hi", "MSG dev bob hi", False),
+        ("PRIVMSG lobby alice hi", "PRIVMSG lobby bob alice hi", True),
+        ("PRIVMSG lobby bob hi", "PRIVMSG lobby alice bob hi", False),
         ("LEAVE lobby", "INFO left room lobby", True),
         ("LEAVE lobby", "INFO bob left lobby", False),
         ("NAMES lobby", "NAMES lobby alice bob", True),
@@ -186,6 +190,8 @@ def test_expects_reply(command: str, expected: bool) -> None:
         "msg-echo",
         "msg-other-user",
         "msg-other-room",
+        "privmsg-echo",
+        "privmsg-received-is-no-echo",
         "leave",
         "leave-other-user",
         "names",
@@ -235,6 +241,9 @@ NOWHERE = ClientState("bob")
         ("/history 1", BOB, ["HISTORY lobby 1"]),
         ("/history 500", BOB, ["HISTORY lobby 500"]),
         ("/history 0500", BOB, ["HISTORY lobby 0500"]),
+        ("/dm alice  hi  there ", BOB, ["PRIVMSG lobby alice  hi  there "]),
+        ("/DM alice hi", BOB_TWO_ROOMS, ["PRIVMSG dev alice hi"]),
+        ("/dm zoe\u0308 hi", BOB, ["PRIVMSG lobby zo\u00eb hi"]),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )
@@ -266,6 +275,11 @@ def test_user_line_sends(line: str, state: ClientState, send: list[str]) -> None
         ("/names", NOWHERE, "! you are not in a room; /join <room> first"),
         ("/names a b", BOB, "! usage: /names [room]"),
         ("/history", NOWHERE, "! you are not in a room; /join <room> first"),
+        ("/dm", BOB, "! usage: /dm <name> <msg>"),
+        ("/dm alice", BOB, "! usage: /dm <name> <msg>"),
+        ("/dm alice   ", BOB, "! usage: /dm <name> <msg>"),
+        ("/dm alice hi", NOWHERE, "! you are not in a room; /join <room> first"),
+        ("/dm al!ce hi", BOB, "! invalid username: 1-32 letters, digits, _ - ."),
         ("/history lots", BOB, HISTORY_USAGE),
         ("/history 0", BOB, HISTORY_USAGE),
         ("/history 000", BOB, HISTORY_USAGE),

@@ -138,6 +138,10 @@ COMMANDS = [
     ("MSG lobby JOIN x y", p.Msg("lobby", "JOIN x y")),
     ("LEAVE lobby", p.Leave("lobby")),
     ("leave lobby", p.Leave("lobby")),
+    ("PRIVMSG lobby bob hi", p.Privmsg("lobby", "bob", "hi")),
+    ("privmsg lobby Bob  inner   spaces kept ", p.Privmsg("lobby", "Bob", " inner   spaces kept ")),
+    ("PRIVMSG lobby\tbob\tMSG x y", p.Privmsg("lobby", "bob", "MSG x y")),
+    ("PRIVMSG lobby ｂｏｂ hi", p.Privmsg("lobby", "bob", "hi")),
     ("QUIT", p.Quit()),
     ("quit", p.Quit()),
     ("QUIT ", p.Quit()),
@@ -175,6 +179,12 @@ USAGE_ERRORS = [
     ("MSG lobby  \t ", "MSG <room> <text>"),
     ("LEAVE", "LEAVE <room>"),
     ("LEAVE a b", "LEAVE <room>"),
+    ("PRIVMSG", "PRIVMSG <room> <username> <text>"),
+    ("PRIVMSG lobby", "PRIVMSG <room> <username> <text>"),
+    ("PRIVMSG lobby bob", "PRIVMSG <room> <username> <text>"),
+    ("PRIVMSG lobby bob ", "PRIVMSG <room> <username> <text>"),
+    ("PRIVMSG lobby bob  \t ", "PRIVMSG <room> <username> <text>"),
+    ("PRIVMSG lobby b@d ", "PRIVMSG <room> <username> <text>"),
     ("NAMES", "NAMES <room>"),
     ("NAMES a b", "NAMES <room>"),
     ("ROOMS x", "ROOMS"),
@@ -185,6 +195,29 @@ USAGE_ERRORS = [
 @pytest.mark.parametrize(("line", "expected"), USAGE_ERRORS, ids=[u[0] for u in USAGE_ERRORS])
 def test_usage_error(line: str, expected: str) -> None:
     assert parse(line) == [usage(expected)]
+
+
+PRIVMSG_REFUSALS = [
+    ("PRIVMSG lobby b@d hi", b"ERROR invalid username: 1-32 letters, digits, _ - .\n"),
+    ("PRIVMSG lobby " + "b" * 33 + " hi", b"ERROR invalid username: 1-32 letters, digits, _ - .\n"),
+    ("PRIVMSG lo#by bob hi", b"ERROR invalid room name: 1-64 letters, digits, _ - .\n"),
+    ("PRIVMSG lobby bob " + "x" * (MAX_TEXT_CHARS + 1), b"ERROR message too long\n"),
+]
+
+
+@pytest.mark.parametrize(
+    ("line", "reply"), PRIVMSG_REFUSALS, ids=["name", "long-name", "room", "text"]
+)
+def test_privmsg_refusals_say_what_is_wrong(line: str, reply: bytes) -> None:
+    (event,) = parse(line)
+    assert isinstance(event, p.PeerError) and event.reply == reply and not event.fatal
+
+
+def test_privmsg_line_names_room_sender_and_recipient() -> None:
+    assert (
+        p.privmsg_line("lobby", "alice", "bob", "hi  there")
+        == b"PRIVMSG lobby alice bob hi  there\n"
+    )
 
 
 HISTORY_USAGE = ["HISTORY", "HISTORY a 1 2", "HISTORY a 0", "HISTORY a 501", "HISTORY a -1"]

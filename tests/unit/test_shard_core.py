@@ -14,7 +14,7 @@ from common import errors
 from common import messages as m
 from common.limits import HISTORY_SIZE, MAX_EMPTY_ROOMS_PER_SHARD
 from common.names import name_key
-from common.protocol import msg_line
+from common.protocol import msg_line, privmsg_line
 from shard.core import ShardCore
 
 pytestmark = pytest.mark.timeout(60)
@@ -190,6 +190,63 @@ def test_msg_when_not_in_room(core: ShardCore, situation: str) -> None:
         join(core, 2, "lobby", "bob")
         leave(core, 1, "lobby")
     assert say(core, 1, "lobby", "hi", req=3) == [m.fail(3, errors.NOT_IN_ROOM)]
+
+
+# --- direct messages -------------------------------------------------------------------
+
+
+def privmsg(core: ShardCore, cid: int, room: str, to: str, text: str, req: int = 5) -> List[tuple]:
+    return core.apply([m.privmsg(req, 0.0, cid, room, to, text)])
+
+
+@pytest.mark.parametrize("spelling", ["bob", "BOB", "Bob", "ｂｏｂ"])
+def test_privmsg_finds_the_member_by_any_spelling_of_the_name(
+    core: ShardCore, clock: FakeClock, spelling: str
+) -> None:
+    join(core, 1, "lobby", "alice")
+    join(core, 2, "lobby", "Bob")
+    wire = privmsg_line("lobby", "alice", "Bob", " psst ")
+    events = privmsg(core, 1, "lobby", spelling, " psst ", req=8)
+    assert events == [m.private(8, "lobby", 2, "alice", "Bob", clock.now, " psst ", wire)]
+
+
+def test_privmsg_is_not_recorded(core: ShardCore) -> None:
+    join(core, 1, "lobby", "alice")
+    join(core, 2, "lobby", "bob")
+    before = history(core, 1, "lobby")
+    privmsg(core, 1, "lobby", "bob", "secret")
+    assert history(core, 1, "lobby") == before
+    (event,) = say(core, 1, "lobby", "public")
+    assert event[3][0] == before[-1][0] + 1  # no seq was used by the direct message
+
+
+def test_privmsg_to_oneself_is_one_event(core: ShardCore) -> None:
+    join(core, 1, "lobby", "alice")
+    (event,) = privmsg(core, 1, "lobby", "alice", "note to self")
+    assert event[0] == m.PRIVATE and event[3] == 1
+
+
+@pytest.mark.parametrize(
+    ("situation", "code"),
+    [
+        ("sender-not-in-room", errors.NOT_IN_ROOM),
+        ("no-such-room", errors.NOT_IN_ROOM),
+        ("no-such-name", errors.NO_SUCH_MEMBER),
+        ("recipient-left", errors.NO_SUCH_MEMBER),
+        ("recipient-in-another-room", errors.NO_SUCH_MEMBER),
+    ],
+)
+def test_privmsg_refused(core: ShardCore, situation: str, code: str) -> None:
+    join(core, 2, "lobby", "bob")
+    if situation != "sender-not-in-room" and situation != "no-such-room":
+        join(core, 1, "lobby", "alice")
+    if situation == "recipient-left":
+        leave(core, 2, "lobby")
+    if situation == "recipient-in-another-room":
+        join(core, 3, "dev", "carol")
+    to = {"no-such-name": "zed", "recipient-in-another-room": "carol"}.get(situation, "bob")
+    room = "nowhere" if situation == "no-such-room" else "lobby"
+    assert privmsg(core, 1, room, to, "hi", req=4) == [m.fail(4, code)]
 
 
 # --- leave and drop ----------------------------------------------------------------------

@@ -101,6 +101,19 @@ class Model:
         wire = f"MSG {room} {username} {text}\n".encode()
         return [m.chat(req, room, entry, wire)]
 
+    def privmsg(self, ts: float, req: int, cid: int, room: str, to: str, text: str) -> List[tuple]:
+        """Nothing recorded; found by the name ignoring case, like a JOIN's collision."""
+        fail = self.not_in_room(req, cid, room)
+        if fail:
+            return [fail]
+        members = self.members[room]
+        found = [c for c, name in members.items() if name.casefold() == to.casefold()]
+        if not found:
+            return [m.fail(req, errors.NO_SUCH_MEMBER)]
+        sender, name = members[cid], members[found[0]]
+        wire = f"PRIVMSG {room} {sender} {name} {text}\n".encode()
+        return [m.private(req, room, found[0], sender, name, ts, text, wire)]
+
     def leave(self, ts: float, req: int, cid: int, room: str) -> List[tuple]:
         fail = self.not_in_room(req, cid, room)
         return [fail] if fail else [self.remove(room, cid, ts, req)]
@@ -189,6 +202,8 @@ class ShardCoreMachine(RuleBasedStateMachine):
             return model.msg(ts, req, cid, *args)
         if op == m.LEAVE:
             return model.leave(ts, req, cid, *args)
+        if op == m.PRIVMSG:
+            return model.privmsg(ts, req, cid, *args)
         if op == m.DROP:
             return model.drop(ts, req, cid)
         if op == m.NAMES:
@@ -219,6 +234,15 @@ class ShardCoreMachine(RuleBasedStateMachine):
     @rule(cid=st.sampled_from(CIDS), room=st.sampled_from(ROOMS), text=TEXTS)
     def msg(self, cid: int, room: str, text: str) -> None:
         self.one(m.msg(self.req(), 0.0, cid, room, text))
+
+    @rule(
+        cid=st.sampled_from(CIDS),
+        room=st.sampled_from(ROOMS),
+        to=st.sampled_from(USERNAMES),
+        text=TEXTS,
+    )
+    def privmsg(self, cid: int, room: str, to: str, text: str) -> None:
+        self.one(m.privmsg(self.req(), 0.0, cid, room, to, text))
 
     @rule(cid=st.sampled_from(CIDS), room=st.sampled_from(ROOMS))
     def leave(self, cid: int, room: str) -> None:

@@ -1,0 +1,221 @@
+"""Direct messages (``PRIVMSG`` / ``POST /api/privmsg``) on a real cluster with durable
+history in real files: they reach their recipient and their sender over either protocol,
+nobody else, never the room's history or its files; refusals say why; what waits for a
+browser session is bounded."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+
+from common.limits import MAX_PRIVATE_WAITING, MAX_PRIVATE_WAITING_CHARS, MAX_TEXT_CHARS
+from tests.cluster import Cluster, LineClient
+from tests.integration.test_http_api import Api, assert_error
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("history")
+
+
+@pytest.fixture(scope="module")
+def cluster(data_dir: Path) -> Iterator[Cluster]:
+    # A long poll timeout: a poll that is not woken by a direct message hangs (and fails).
+    args = ["--poll-timeout", "30", "--rate-limit", "0"]
+    with Cluster(shards=2, extra_args=args, data_dir=data_dir) as running:
+        yield running
+
+
+@pytest.fixture
+def room() -> str:
+    return "dm" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def clients(cluster: Cluster) -> Iterator[List[LineClient]]:
+    opened: List[LineClient] = []
+    yield opened
+    for client in opened:
+        client.close()
+
+
+@pytest.fixture
+def browsers(cluster: Cluster) -> Iterator[List[Api]]:
+    opened: List[Api] = []
+    yield opened
+    for browser in opened:
+        browser.close()
+
+
+def line_member(cluster: Cluster, clients: List[LineClient], room: str, name: str) -> LineClient:
+    client = cluster.connect()
+    clients.append(client)
+    client.join(room, name)
+    return client
+
+
+def browser_member(cluster: Cluster, browsers: List[Api], room: str, name: str) -> Api:
+    browser = Api(cluster)
+    browsers.append(browser)
+    browser.join(room, name)
+    return browser
+
+
+def drain(client: LineClient) -> None:
+    """Read what is waiting (others' joins) until the line is quiet."""
+    while True:
+        try:
+            client.readline(0.3)
+        except (TimeoutError, OSError):
+            return
+
+
+def private_of(payload: dict, room: str) -> List[dict]:
+    return payload["rooms"][room].get("private", [])
+
+
+def test_a_direct_message_reaches_its_recipient_and_its_sender_only(
+    cluster: Cluster, clients: List[LineClient], browsers: List[Api], room: str
+) -> None:
+    alice = line_member(cluster, clients, room, "alice")
+    bob = line_member(cluster, clients, room, "Bob")
+    carol = line_member(cluster, clients, room, "carol")
+    dave = browser_member(cluster, browsers, room, "dave")
+    cursors = dave.poll(f"room={room}&after=0")["cursors"]
+    for client in (alice, bob, carol):
+        drain(client)
+    alice.send(f"PRIVMSG {room} BOB  just  for you ")
+    expected = f"PRIVMSG {room} alice Bob  just  for you "
+    alice.expect(expected)  # the echo, with the name as the room has it
+    bob.expect(expected)
+    # A room message after it, through the same shard: whoever got neither by then never will.
+    alice.send(f"MSG {room} public")
+    alice.expect(f"MSG {room} alice public")
+    carol.expect(f"MSG {room} alice public")
+    answer = dave.poll(f"cursors={cursors}")
+    assert [message["text"] for message in answer["messages"]] == ["public"]
+    assert private_of(answer, room) == []
+
+
+def test_direct_messages_cross_the_protocols(
+    cluster: Cluster, clients: List[LineClient], browsers: List[Api], room: str
+) -> None:
+    alice = line_member(cluster, clients, room, "alice")
+    dave = browser_member(cluster, browsers, room, "dave")
+    cursors = dave.poll(f"room={room}&after=0")["cursors"]
+    drain(alice)
+    reply = dave.post("/api/privmsg", {"room": room, "to": "ALICE", "text": "from the web"})
+    assert reply.status == 200 and reply.json == {"ok": True, "room": room, "to": "alice"}
+    alice.expect(f"PRIVMSG {room} dave alice from the web")
+    # The browser's own copy comes in its poll, like its chat messages do.
+    mine = dave.poll(f"cursors={cursors}")
+    cursors = mine["cursors"]
+    assert [(m["from"], m["to"], m["text"]) for m in private_of(mine, room)] == [
+        ("dave", "alice", "from the web")
+    ]
+    # A waiting poll is woken by a direct message (the poll timeout is 30 s).
+    started = time.monotonic()
+    alice.send(f"PRIVMSG {room} dave back to you")
+    alice.expect(f"PRIVMSG {room} alice dave back to you")
+    answer = dave.poll(f"cursors={cursors}")
+    assert time.monotonic() - started < 10
+    (message,) = private_of(answer, room)
+    assert message["type"] == "private" and message["room"] == room
+    assert (message["from"], message["to"], message["text"]) == ("alice", "dave", "back to you")
+    assert isinstance(message["ts"], float)
+    assert answer["messages"] == []  # not a room event: no id, nothing in the room's stream
+
+
+def test_direct_messages_are_refused_with_a_reason(
+    cluster: Cluster, clients: List[LineClient], browsers: List[Api], room: str
+) -> None:
+    alice = line_member(cluster, clients, room, "alice")
+    outsider = cluster.connect()
+    clients.append(outsider)
+    dave = browser_member(cluster, browsers, room, "dave")
+    drain(alice)
+    alice.send(f"PRIVMSG {room} zed hi")
+    alice.expect(f"ERROR no member zed in {room}")
+    alice.send(f"PRIVMSG {room}x dave hi")
+    alice.expect(f"ERROR not in room {room}x")
+    alice.send(f"PRIVMSG {room} dave")
+    alice.expect("ERROR usage: PRIVMSG <room> <username> <text>")
+    alice.send(f"PRIVMSG {room} d@ve hi")
+    alice.expect("ERROR invalid username: 1-32 letters, digits, _ - .")
+    outsider.send(f"PRIVMSG {room} alice hi")
+    outsider.expect(f"ERROR not in room {room}")
+    error = assert_error(
+        dave.post("/api/privmsg", {"room": room, "to": "zed", "text": "hi"}), 404, "no_such_member"
+    )
+    assert error["message"] == f"no member zed in {room}"
+    assert_error(dave.post("/api/privmsg", {"room": room + "x", "to": "alice", "text": "hi"}),
+                 403, "not_in_room")  # fmt: skip
+    assert_error(dave.post("/api/privmsg", {"room": room, "to": "d@ve", "text": "hi"}),
+                 400, "invalid_username")  # fmt: skip
+    assert_error(dave.post("/api/privmsg", {"room": room, "to": "alice", "text": " "}),
+                 400, "invalid_text")  # fmt: skip
+    too_long = "x" * (MAX_TEXT_CHARS + 1)
+    assert_error(dave.post("/api/privmsg", {"room": room, "to": "alice", "text": too_long}),
+                 413, "text_too_long")  # fmt: skip
+    alice.no_line()  # none of those reached anyone
+
+
+def test_direct_messages_are_not_in_history_nor_on_disk(
+    cluster: Cluster, clients: List[LineClient], data_dir: Path, room: str
+) -> None:
+    alice = line_member(cluster, clients, room, "alice")
+    bob = line_member(cluster, clients, room, "bob")
+    drain(alice)
+    alice.send(f"MSG {room} before")
+    alice.expect(f"MSG {room} alice before")
+    secret = "secret-" + uuid.uuid4().hex
+    alice.send(f"PRIVMSG {room} bob {secret}")
+    alice.expect(f"PRIVMSG {room} alice bob {secret}")
+    alice.send(f"MSG {room} after")
+    alice.expect(f"MSG {room} alice after")
+    alice.send(f"HISTORY {room}")
+    lines = alice.read_until(lambda line: line.startswith(f"END HISTORY {room} "))
+    assert not any(secret in line for line in lines)
+    seqs = [int(line.split(" ")[2]) for line in lines[:-1]]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # no seq taken by it
+    assert lines[-2].endswith(" alice after") and lines[-3].endswith(" alice before")
+    bob.read_until(lambda line: secret in line)
+    # Nothing of it in any file of the data directory (slot files, their WALs).
+    stored = b"".join(path.read_bytes() for path in data_dir.rglob("*") if path.is_file())
+    assert b"before" in stored and secret.encode() not in stored
+
+
+def test_direct_messages_waiting_for_a_session_are_bounded(
+    cluster: Cluster, clients: List[LineClient], browsers: List[Api], room: str
+) -> None:
+    alice = line_member(cluster, clients, room, "alice")
+    dave = browser_member(cluster, browsers, room, "dave")
+    cursors = dave.poll(f"room={room}&after=0")["cursors"]
+    drain(alice)
+    extra = 5
+    for number in range(MAX_PRIVATE_WAITING + extra):
+        alice.send(f"PRIVMSG {room} dave n{number}")
+    for number in range(MAX_PRIVATE_WAITING + extra):
+        alice.expect(f"PRIVMSG {room} alice dave n{number}")
+    answer = dave.poll(f"cursors={cursors}")
+    cursors = answer["cursors"]
+    texts = [message["text"] for message in private_of(answer, room)]
+    assert texts == [f"n{number}" for number in range(extra, MAX_PRIVATE_WAITING + extra)]
+    assert answer["rooms"][room]["private_dropped"] == extra
+    # The size bound: long texts push the oldest out before the count does.
+    long_text = "y" * MAX_TEXT_CHARS
+    fit = MAX_PRIVATE_WAITING_CHARS // MAX_TEXT_CHARS
+    for number in range(fit + 2):
+        alice.send(f"PRIVMSG {room} dave {number}{long_text[1:]}")
+    for _ in range(fit + 2):
+        alice.readline()
+    answer = dave.poll(f"cursors={cursors}")
+    kept = [message["text"][0] for message in private_of(answer, room)]
+    assert kept == [str(number) for number in range(2, fit + 2)]
+    assert answer["rooms"][room]["private_dropped"] == 2
