@@ -7,19 +7,27 @@ Only a peer inside a trusted network is believed. From it, HTTP takes the client
 (the hop nearest us) past every trusted address: the first address that is not trusted is
 the client (a client cannot fake what our own proxy appended). The scheme comes from the
 nearest hop (``proto=`` or ``X-Forwarded-Proto``). The line protocol takes a PROXY protocol
-v1 header (``PROXY TCP4 <src> <dst> <sport> <dport>``) as its first line. From any other
-peer these headers mean nothing (HTTP) or are an unknown command (TCP)."""
+header in front of its first line: v1 (``PROXY TCP4 <src> <dst> <sport> <dport>\r\n``) or
+v2 (binary: a 12-byte signature, version and command, family, length, the addresses and
+any TLVs); :func:`read_proxy_header` tells them apart (sans-IO). From any other peer these
+headers mean nothing (HTTP) or are an unknown command (TCP)."""
 
 from __future__ import annotations
 
 import ipaddress
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 Address = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 #: The longest PROXY v1 header line, CRLF included (the protocol's own bound).
 PROXY_V1_MAX_BYTES = 107
+#: The longest PROXY v2 header we take, TLVs included: the protocol allows 16 + 65,535
+#: bytes; proxies send the addresses (at most 36 bytes) and a few TLVs (ALPN, authority,
+#: TLS details), and a peer is not to make us hold more than this before the welcome.
+PROXY_V2_MAX_BYTES = 1024
+#: The first 12 bytes of every PROXY v2 header (no text protocol starts with them).
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
 def _address(text: str) -> Optional[Address]:
@@ -158,6 +166,71 @@ def _forwarded(value: str) -> List[Dict[str, str]]:
     end_pair()
     elements.append(current)
     return elements
+
+
+class ProxyHeader(NamedTuple):
+    """What the front of a trusted peer's input says: *client* ``""`` keeps the peer's
+    address (no header, ``PROXY UNKNOWN``, a v2 ``LOCAL`` or unspecified family); *length*
+    is how many bytes of the input were the header (0: there was none)."""
+
+    client: str
+    length: int
+
+
+class BadProxyHeader(ValueError):
+    """The input starts like a PROXY header and is not a valid one."""
+
+
+def read_proxy_header(data: bytes) -> Optional[ProxyHeader]:
+    """The PROXY header at the front of *data* (everything a trusted peer sent so far), or
+    None while more bytes are needed to tell. Raises :class:`BadProxyHeader`."""
+    v1, v2 = b"PROXY ", PROXY_V2_SIGNATURE
+    if data.startswith(v1) or v1.startswith(data):
+        return _read_v1(data)
+    if data.startswith(v2) or v2.startswith(data):
+        return _read_v2(data)
+    return ProxyHeader("", 0)
+
+
+def _read_v1(data: bytes) -> Optional[ProxyHeader]:
+    end = data.find(b"\r\n", 0, PROXY_V1_MAX_BYTES)
+    if end < 0:
+        if len(data) >= PROXY_V1_MAX_BYTES:
+            raise BadProxyHeader("no CRLF within the first 107 bytes")
+        return None
+    client = parse_proxy_v1(data[:end])
+    if client is None:
+        raise BadProxyHeader("not a PROXY v1 line")
+    return ProxyHeader(client, end + 2)
+
+
+#: v2 family-and-transport byte -> (address bytes, address size) of a TCP stream.
+_V2_STREAMS = {0x11: (ipaddress.IPv4Address, 4), 0x21: (ipaddress.IPv6Address, 16)}
+
+
+def _read_v2(data: bytes) -> Optional[ProxyHeader]:
+    if len(data) < 16:
+        return None
+    version, command = data[12] >> 4, data[12] & 0x0F
+    family = data[13]
+    length = 16 + int.from_bytes(data[14:16], "big")
+    if version != 2 or command not in (0, 1):
+        raise BadProxyHeader("not PROXY v2, or a command other than LOCAL and PROXY")
+    if length > PROXY_V2_MAX_BYTES:
+        raise BadProxyHeader(f"a v2 header over {PROXY_V2_MAX_BYTES} bytes")
+    if len(data) < length:
+        return None
+    stream = _V2_STREAMS.get(family)
+    if command == 0 or family in (0x00, 0x31):  # LOCAL (a health check), UNSPEC, UNIX
+        return ProxyHeader("", length)
+    if stream is None:
+        raise BadProxyHeader(f"v2 family and transport 0x{family:02x} is not TCP")
+    kind, size = stream
+    if length < 16 + 2 * size + 4:
+        raise BadProxyHeader("a v2 header too short for its addresses")
+    source = kind(data[16 : 16 + size])
+    mapped = getattr(source, "ipv4_mapped", None)
+    return ProxyHeader(str(mapped or source), length)
 
 
 def parse_proxy_v1(line: bytes) -> Optional[str]:

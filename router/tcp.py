@@ -36,7 +36,7 @@ from common.limits import (
 )
 from router.hub import Client, ClientRecord, Hub
 from router.policy import TokenBucket, address_key, close_refused
-from router.proxies import PROXY_V1_MAX_BYTES, parse_proxy_v1
+from router.proxies import BadProxyHeader, read_proxy_header
 from router.reading import SharedBufferReading, reading_class
 from router.settings import Settings
 from router.tls import listener_options
@@ -198,26 +198,24 @@ class TcpConnection(asyncio.Protocol, Client):
         self.record = self.hub.add(self, self.address)
 
     def _read_proxy_header(self, data: bytes) -> bytes:
-        """From a trusted peer: take a PROXY v1 header off the front of the input, if it
-        starts with one, and become the hub's client under the address it names (else under
-        the peer's: a local client of a proxy's address needs none). Returns the input that
-        follows (b"" while a header is still coming). A malformed header closes."""
+        """From a trusted peer: take a PROXY header (v1 or v2) off the front of the input,
+        if it starts with one, and become the hub's client under the address it names (else
+        under the peer's: a local client of a proxy's address needs none). Returns the input
+        that follows (b"" while a header is still coming). A malformed header closes."""
         header = self._proxy_header
         assert header is not None
         header += data
-        if not header.startswith(b"PROXY "[: len(header)]):
-            return self._proxied_as(self.address, bytes(header))  # no header: a direct client
-        end = header.find(b"\r\n")
-        if end < 0:
-            if len(header) >= PROXY_V1_MAX_BYTES:
-                self._cut_off(BAD_PROXY_HEADER)
-            return b""
-        client = parse_proxy_v1(bytes(header[:end]))
-        if client is None:
+        try:
+            found = read_proxy_header(bytes(header))
+        except BadProxyHeader as error:
+            log.info("bad PROXY header from %s: %s", self.ip, error)
             self._cut_off(BAD_PROXY_HEADER)
             return b""
+        if found is None:
+            return b""  # more of it is coming
+        client, length = found
         return self._proxied_as(address_key(client) if client else self.address,
-                                bytes(header[end + 2 :]))  # fmt: skip
+                                bytes(header[length:]))  # fmt: skip
 
     def _proxied_as(self, address: str, rest: bytes) -> bytes:
         self._proxy_header = None

@@ -96,26 +96,41 @@ def lines(sock: socket.socket, count: int) -> list:
     return data.decode().splitlines()
 
 
-def test_the_proxy_protocol_names_the_tcp_client(cluster: Cluster) -> None:
+def proxy_v1(client: str) -> bytes:
+    return f"PROXY TCP4 {client} 127.0.0.1 4000 5000\r\n".encode()
+
+
+def proxy_v2(client: str) -> bytes:
+    """A PROXY v2 header (TCP over IPv4) with an ALPN TLV after the addresses, as HAProxy's
+    ``send-proxy-v2`` writes it."""
+    addresses = socket.inet_aton(client) + socket.inet_aton("127.0.0.1") + b"\x9c\x40\x13\x88"
+    body = addresses + b"\x01\x00\x02h2"
+    return b"\r\n\r\n\x00\r\nQUIT\n\x21\x11" + len(body).to_bytes(2, "big") + body
+
+
+@pytest.mark.parametrize("header", [proxy_v1, proxy_v2], ids=["v1", "v2"])
+def test_the_proxy_protocol_names_the_tcp_client(cluster: Cluster, header) -> None:  # noqa: ANN001
     # rooms per address is 2: through the proxy, each client has its own 2
     clients = []
+    version = header.__name__[-1]
     for n in range(3):
         sock = line_client(cluster, TRUSTED)
-        sock.sendall(f"PROXY TCP4 192.0.2.{n} 127.0.0.1 4000 5000\r\n".encode())
+        sock.sendall(header(f"192.0.{version}.{n}"))
         assert lines(sock, 1)[0].startswith("INFO welcome")
-        sock.sendall(f"JOIN pa{n} u{n}\nJOIN pb{n} u{n}\n".encode())
-        assert lines(sock, 2) == [f"INFO joined room pa{n}", f"INFO joined room pb{n}"]
+        sock.sendall(f"JOIN pa{version}{n} u{n}\nJOIN pb{version}{n} u{n}\n".encode())
+        got = lines(sock, 2)
+        assert got == [f"INFO joined room pa{version}{n}", f"INFO joined room pb{version}{n}"]
         clients.append(sock)
     # and more connections than --max-connections-per-ip 3 from the proxy itself
     extra = line_client(cluster, TRUSTED)
-    extra.sendall(b"PROXY TCP4 192.0.2.9 127.0.0.1 4000 5000\r\nJOIN pz z\n")
+    extra.sendall(header(f"192.0.{version}.9") + f"JOIN pz{version} z\n".encode())
     got = lines(extra, 2)
-    assert got[0].startswith("INFO welcome") and got[1] == "INFO joined room pz"
+    assert got[0].startswith("INFO welcome") and got[1] == f"INFO joined room pz{version}"
     # without the proxy, one address has only its 2 rooms
-    plain = line_client(cluster, "127.0.0.4")  # an address nothing else used
-    plain.sendall(b"JOIN qa q\nJOIN qb q\nJOIN qc q\n")
+    plain = line_client(cluster, f"127.0.0.{3 + int(version)}")  # an address nothing else used
+    plain.sendall(f"JOIN qa{version} q\nJOIN qb{version} q\nJOIN qc{version} q\n".encode())
     got = lines(plain, 4)
-    assert got[1:3] == ["INFO joined room qa", "INFO joined room qb"]
+    assert got[1:3] == [f"INFO joined room qa{version}", f"INFO joined room qb{version}"]
     assert got[3].startswith("ERROR") and "rooms" in got[3]
     for sock in (*clients, extra, plain):
         sock.close()

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
-from router.proxies import TrustedProxies, parse_proxy_v1
+from router.proxies import (
+    PROXY_V1_MAX_BYTES,
+    PROXY_V2_MAX_BYTES,
+    PROXY_V2_SIGNATURE,
+    BadProxyHeader,
+    ProxyHeader,
+    TrustedProxies,
+    parse_proxy_v1,
+    read_proxy_header,
+)
 
 PROXIES = TrustedProxies.parse("10.0.0.0/8, 127.0.0.1, fd00::/8")
 
@@ -108,3 +119,95 @@ def test_bad_networks_are_refused(text: str) -> None:
 )
 def test_proxy_v1_lines(line: bytes, client) -> None:  # noqa: ANN001
     assert parse_proxy_v1(line) == client
+
+
+# --- read_proxy_header: v1 and v2 at the front of a trusted peer's input -------------------
+
+
+def v2_header(
+    family: int, addresses: bytes, command: int = 1, version: int = 2, tlvs: bytes = b""
+) -> bytes:
+    body = addresses + tlvs
+    return (
+        PROXY_V2_SIGNATURE
+        + bytes([version << 4 | command, family])
+        + len(body).to_bytes(2, "big")
+        + body
+    )
+
+
+def v4_addresses(source: str, destination: str = "127.0.0.1") -> bytes:
+    return (
+        ipaddress.IPv4Address(source).packed
+        + ipaddress.IPv4Address(destination).packed
+        + (40000).to_bytes(2, "big")
+        + (5000).to_bytes(2, "big")
+    )
+
+
+def v6_addresses(source: str, destination: str = "::1") -> bytes:
+    return (
+        ipaddress.IPv6Address(source).packed
+        + ipaddress.IPv6Address(destination).packed
+        + (40000).to_bytes(2, "big")
+        + (5000).to_bytes(2, "big")
+    )
+
+
+TLV = bytes([0x01, 0x00, 0x02]) + b"h2"  # PP2_TYPE_ALPN "h2"
+
+GOOD_HEADERS = [
+    (b"PROXY TCP4 198.51.100.22 127.0.0.1 1 2\r\n", "198.51.100.22"),
+    (b"PROXY UNKNOWN\r\n", ""),
+    (v2_header(0x11, v4_addresses("198.51.100.22")), "198.51.100.22"),
+    (v2_header(0x11, v4_addresses("198.51.100.22"), tlvs=TLV), "198.51.100.22"),
+    (v2_header(0x21, v6_addresses("2001:db8::7")), "2001:db8::7"),
+    (v2_header(0x21, v6_addresses("::ffff:198.51.100.9")), "198.51.100.9"),
+    (v2_header(0x11, v4_addresses("198.51.100.22"), command=0), ""),  # LOCAL: a health check
+    (v2_header(0x00, b""), ""),  # UNSPEC
+]
+
+
+@pytest.mark.parametrize(("header", "client"), GOOD_HEADERS, ids=range(len(GOOD_HEADERS)))
+def test_a_proxy_header_names_the_client_and_leaves_what_follows(header: bytes, client) -> None:  # noqa: ANN001
+    found = read_proxy_header(header + b"JOIN lobby alice\n")
+    assert found == ProxyHeader(client, len(header))
+
+
+@pytest.mark.parametrize(("header", "client"), GOOD_HEADERS, ids=range(len(GOOD_HEADERS)))
+def test_a_proxy_header_split_anywhere_waits_for_the_rest(header: bytes, client) -> None:  # noqa: ANN001
+    for cut in range(1, len(header)):
+        assert read_proxy_header(header[:cut]) is None, cut
+    assert read_proxy_header(header) == ProxyHeader(client, len(header))
+
+
+@pytest.mark.parametrize(
+    "data", [b"JOIN lobby alice\n", b"P", b"\r\n", b"PROXY"], ids=["join", "p", "crlf", "proxy"]
+)
+def test_input_without_a_header_is_the_clients_own(data: bytes) -> None:
+    found = read_proxy_header(data + b"X")
+    assert found == ProxyHeader("", 0)
+
+
+BAD_HEADERS = [
+    v2_header(0x11, v4_addresses("198.51.100.22"), version=1),
+    v2_header(0x11, v4_addresses("198.51.100.22"), command=2),
+    v2_header(0x12, v4_addresses("198.51.100.22")),  # UDP over IPv4
+    v2_header(0x11, v4_addresses("198.51.100.22")[:8]),  # too short for its addresses
+    v2_header(0x21, v4_addresses("198.51.100.22")),  # IPv6 family, IPv4-sized addresses
+    v2_header(0x11, v4_addresses("198.51.100.22"), tlvs=b"\x00" * PROXY_V2_MAX_BYTES),
+    b"PROXY TCP4 not-an-address 127.0.0.1 1 2\r\n",
+    b"PROXY " + b"x" * PROXY_V1_MAX_BYTES,  # no CRLF where one must be
+]
+
+
+@pytest.mark.parametrize("data", BAD_HEADERS, ids=range(len(BAD_HEADERS)))
+def test_a_bad_proxy_header_is_refused(data: bytes) -> None:
+    with pytest.raises(BadProxyHeader):
+        read_proxy_header(data)
+
+
+def test_a_v2_header_over_the_limit_is_refused_before_it_is_all_read() -> None:
+    header = v2_header(0x11, v4_addresses("198.51.100.22"), tlvs=b"\x00" * PROXY_V2_MAX_BYTES)
+    with pytest.raises(BadProxyHeader):
+        read_proxy_header(header[:16])
