@@ -41,7 +41,7 @@ from router.http_static import StaticFiles
 from router.hub import Hub
 from router.policy import SessionRateLimit, address_key, close_refused
 from router.reading import SharedBufferReading, reading_class
-from router.tls import listener_options
+from router.tls import protocol_factory
 from web import WEB_ROOT
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,8 @@ class HttpConnection(asyncio.Protocol):
         self._proxied = False  # the peer is a trusted proxy (--trusted-proxy)
         self._tls = False  # the connection speaks TLS
         self._unread_check: Optional[asyncio.TimerHandle] = None  # slow-consumer timer
+        #: Counted by a TLS port's acceptor before the handshake (router/tls.py).
+        self.preadmitted = False
         self._socket_counted = False  # its descriptor is counted in the limiter's budget
         self._counted = False  # holds a slot in the hub's connection limiter
         self._exchange: Optional[Exchange] = None  # the request being answered
@@ -116,7 +118,9 @@ class HttpConnection(asyncio.Protocol):
         self.address = address_key(self.ip)
         self._proxied = self.api.hub.settings.trusted_proxies.trusts(self.ip)
         self._socket_counted = True
-        if not self.api.hub.limiter.open(self.address):  # TCP and HTTP share the caps
+        if self.preadmitted:  # a TLS port counted it when it was accepted
+            self.preadmitted = False
+        elif not self.api.hub.limiter.open(self.address):  # TCP and HTTP share the caps
             self.state = CLOSED
             close_refused(transport, SERVER_FULL_RESPONSE)
             return
@@ -498,12 +502,14 @@ async def start_http_server(
     hub.metrics.connections["http"] = lambda: len(connections)
     hub.metrics.sessions = lambda: len(api.sessions)
     connection_class = reading_class(loop, HttpConnection, BufferedHttpConnection)
-    server = await loop.create_server(
+    accept = protocol_factory(
+        loop,
+        tls,
+        hub.settings.tls_handshake_timeout,
+        hub.limiter,
         lambda: connection_class(api, connections),
-        host,
-        port,
-        start_serving=start_serving,
-        backlog=backlog,
-        **listener_options(tls, hub.settings.tls_handshake_timeout),
+    )
+    server = await loop.create_server(
+        accept, host, port, start_serving=start_serving, backlog=backlog
     )
     return HttpServer(server, api, connections)

@@ -39,7 +39,7 @@ from router.policy import TokenBucket, address_key, close_refused
 from router.proxies import BadProxyHeader, read_proxy_header
 from router.reading import SharedBufferReading, reading_class
 from router.settings import Settings
-from router.tls import listener_options
+from router.tls import protocol_factory
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class TcpConnection(asyncio.Protocol, Client):
 
     __slots__ = (
         "listener", "hub", "settings", "_loop", "_coalescer", "_parser", "_out", "transport",
-        "ip", "_socket_counted", "_counted", "state", "_bucket", "_waiting",
+        "ip", "preadmitted", "_socket_counted", "_counted", "state", "_bucket", "_waiting",
         "_resume", "_eof", "record", "_reply_pending", "_output_paused", "connected_at",
         "last_heard", "_ping_sent_at", "_joined_once", "_over_soft_since", "_reply_allowance",
         "_received_at", "_unparsed", "_parsing", "_input_done", "_quit_queued", "_tls",
@@ -133,6 +133,8 @@ class TcpConnection(asyncio.Protocol, Client):
         self._out: List[bytes] = []
         self.transport: Optional[asyncio.Transport] = None
         self.ip = ""
+        #: Counted by a TLS port's acceptor before the handshake (router/tls.py).
+        self.preadmitted = False
         self._socket_counted = False  # its descriptor is counted in the limiter's budget
         self._counted = False  # holds a slot in the connection limiter
         #: Where the connection is (see :class:`ConnectionState`).
@@ -179,7 +181,9 @@ class TcpConnection(asyncio.Protocol, Client):
         self.ip = str(peer[0]) if peer else ""
         self.address = address_key(self.ip)
         self._socket_counted = True
-        if not self.hub.limiter.open(self.address):
+        if self.preadmitted:  # a TLS port counted it when it was accepted
+            self.preadmitted = False
+        elif not self.hub.limiter.open(self.address):
             self.state = CLOSED
             close_refused(transport, SERVER_FULL)
             return
@@ -813,11 +817,10 @@ async def start_tcp_server(
     loop = asyncio.get_running_loop()
     listener = TcpListener(hub, loop)
     hub.metrics.connections["tcp"] = lambda: len(listener.connections)
+    settings = hub.settings
+    accept = protocol_factory(
+        loop, tls, settings.tls_handshake_timeout, hub.limiter, listener.new_connection
+    )
     return await loop.create_server(
-        listener.new_connection,
-        host,
-        port,
-        start_serving=start_serving,
-        backlog=backlog,
-        **listener_options(tls, hub.settings.tls_handshake_timeout),
+        accept, host, port, start_serving=start_serving, backlog=backlog
     )
