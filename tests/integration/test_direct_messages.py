@@ -130,6 +130,9 @@ def test_direct_messages_cross_the_protocols(
     assert (message["from"], message["to"], message["text"]) == ("alice", "dave", "back to you")
     assert isinstance(message["ts"], float)
     assert answer["messages"] == []  # not a room event: no id, nothing in the room's stream
+    metrics = dave.get("/metrics").body.decode()
+    (sample,) = [line for line in metrics.splitlines() if line.startswith("shardchat_private_")]
+    assert sample.startswith("shardchat_private_messages_total ") and int(sample.split()[1]) >= 2
 
 
 def test_direct_messages_are_refused_with_a_reason(
