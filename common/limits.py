@@ -145,7 +145,9 @@ FD_SPARE = 21
 #: Descriptors the router never hands to client connections: a refused socket lives three
 #: loop turns after accept (task, connection_made, connection_lost) while each turn may
 #: accept LISTEN_BACKLOG more on each of the 2 listeners (3 x 2 x 16 = 96), plus one shard
-#: start (restarts run one at a time), plus FD_SPARE: 128.
+#: start (restarts run one at a time), plus FD_SPARE: 128. (On a TLS port an admitted
+#: socket also holds its ``dup`` for one turn, up to 2 x 16 more in a burst, which the spare
+#: covers only in part: a ``dup`` that fails drops that one connection, logged.)
 FD_RESERVE = 3 * 2 * LISTEN_BACKLOG + SHARD_START_FDS + FD_SPARE
 
 #: Seconds between recounts of the router's real descriptor table while far from the limit

@@ -41,7 +41,7 @@ from router.http_static import StaticFiles
 from router.hub import Hub
 from router.policy import SessionRateLimit, address_key, close_refused
 from router.reading import SharedBufferReading, reading_class
-from router.tls import protocol_factory
+from router.tls import listener_options, protocol_factory
 from web import WEB_ROOT
 
 log = logging.getLogger(__name__)
@@ -509,7 +509,8 @@ async def start_http_server(
         hub.limiter,
         lambda: connection_class(api, connections),
     )
+    tls_options = listener_options(loop, tls, hub.settings.tls_handshake_timeout)
     server = await loop.create_server(
-        accept, host, port, start_serving=start_serving, backlog=backlog
+        accept, host, port, start_serving=start_serving, backlog=backlog, **tls_options
     )
     return HttpServer(server, api, connections)

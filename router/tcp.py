@@ -39,7 +39,7 @@ from router.policy import TokenBucket, address_key, close_refused
 from router.proxies import BadProxyHeader, read_proxy_header
 from router.reading import SharedBufferReading, reading_class
 from router.settings import Settings
-from router.tls import protocol_factory
+from router.tls import listener_options, protocol_factory
 
 log = logging.getLogger(__name__)
 
@@ -821,6 +821,7 @@ async def start_tcp_server(
     accept = protocol_factory(
         loop, tls, settings.tls_handshake_timeout, hub.limiter, listener.new_connection
     )
+    tls_options = listener_options(loop, tls, settings.tls_handshake_timeout)
     return await loop.create_server(
-        accept, host, port, start_serving=start_serving, backlog=backlog
+        accept, host, port, start_serving=start_serving, backlog=backlog, **tls_options
     )

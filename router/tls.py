@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from asyncio.proactor_events import BaseProactorEventLoop
 from typing import Callable, Optional, Protocol, Set
 
 from router.policy import ConnectionLimiter, address_key
@@ -73,10 +74,30 @@ def protocol_factory(
     factory: Callable[[], Admittable],
 ) -> Callable[[], asyncio.BaseProtocol]:
     """What a listener accepts with: *factory* itself for plaintext (*context* None), else
-    a :class:`TlsAcceptor`'s gate (the listener is then created without ``ssl=``)."""
-    if context is None:
+    a :class:`TlsAcceptor`'s gate (the listener is then created without ``ssl=``).
+    Where the acceptor cannot work (:func:`counts_handshakes` is False) use
+    :func:`listener_options` instead."""
+    if context is None or not counts_handshakes(loop):
         return factory
     return TlsAcceptor(loop, context, handshake_timeout, limiter, factory).gate
+
+
+def counts_handshakes(loop: asyncio.AbstractEventLoop) -> bool:
+    """False on a proactor loop (Windows): closing one of its socket transports shuts the
+    connection down (``shutdown(SHUT_RDWR)``), not just its descriptor, so the acceptor's
+    hand-over of a ``dup`` would kill it. There asyncio's own TLS listener does the
+    handshake, and a connection counts once it is done."""
+    return not isinstance(loop, BaseProactorEventLoop)
+
+
+def listener_options(
+    loop: asyncio.AbstractEventLoop, context: Optional[ssl.SSLContext], handshake_timeout: float
+) -> dict:
+    """The ``create_server`` keywords that go with :func:`protocol_factory`: asyncio's TLS
+    where the acceptor does not do it, else none."""
+    if context is None or counts_handshakes(loop):
+        return {}
+    return {"ssl": context, "ssl_handshake_timeout": handshake_timeout}
 
 
 class TlsAcceptor:

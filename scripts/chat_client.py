@@ -1646,6 +1646,12 @@ def open_connection(host: str, port: int, tls: Tls | None = None) -> tuple[LineC
                 f"{host}:{port}: the server's certificate is not trusted "
                 f"({exc.verify_message}); pass --ca FILE, or --insecure for a test server"
             ) from exc
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError) as exc:
+            sock.close()  # closed or reset before the handshake finished: not a plaintext answer
+            raise ConnectFailed(
+                f"{host}:{port} closed the connection during the TLS handshake: the server "
+                "may be full or refuse your address (try again later)"
+            ) from exc
         except (ssl.SSLError, OSError) as exc:
             sock.close()
             raise ConnectFailed(

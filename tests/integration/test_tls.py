@@ -155,9 +155,14 @@ def test_handshakes_count_against_the_caps_and_a_refusal_costs_none(
         assert read_line(served, buffer).startswith("INFO welcome")
         silent = socket.create_connection((capped.host, capped.tcp_port))  # no ClientHello
         for _ in range(3):
+            started = time.monotonic()
             with pytest.raises((ConnectionResetError, ssl.SSLError, EOFError, OSError)):
                 refused = tls_line_client(capped, cert)  # the handshake itself fails
                 read_line(refused, bytearray())
+            assert time.monotonic() - started < 5  # refused at once, not timed out
+        client = run_client(capped, "--tls", "--ca", str(cert), text="x\n")
+        assert client.returncode == 1, client.stdout
+        assert "closed the connection during the TLS handshake" in client.stderr
         other = socket.create_connection(
             (capped.host, capped.tcp_port), source_address=("127.0.0.2", 0)
         )
