@@ -364,13 +364,13 @@ MAX_SESSION_BACKLOG = HISTORY_SIZE
 #: next poll answer; older ones go first.
 MAX_ROOM_NOTICES = 8
 
-#: Direct messages a browser session holds until a poll of their room takes them, and their
-#: text's characters together: past either the oldest go (the next answer of that room
-#: counts them, ``private_dropped``). Each is the session's own copy, unlike room events
-#: (shared by every member), so they are bounded by size too: 256 sessions of one address
+#: Direct messages a browser session keeps for its polls (the newest), and their text's
+#: characters together: past either the oldest go, and a poll whose ``private=`` cursor is
+#: older gets ``private_missed``. Each is the session's own copy, unlike room events (one
+#: shared by every member), so they are bounded by size too: 256 sessions of one address
 #: hold at most 256 x 16 Ki characters of them.
-MAX_PRIVATE_WAITING = 32
-MAX_PRIVATE_WAITING_CHARS = 16 * 1024
+MAX_PRIVATE_KEPT = 32
+MAX_PRIVATE_KEPT_CHARS = 16 * 1024
 
 #: Seconds a client has to finish its TLS handshake (``--tls-handshake-timeout``); past it
 #: the connection is closed. asyncio's default is 60 s, a long time to hold a descriptor

@@ -22,7 +22,7 @@ from common.names import NameKind, NameRefusal, check_name, check_room, name_key
 from common.text import TextProblem, clean_text
 from router.http_hosts import host_allowed, origin_allowed
 from router.http_parser import Request
-from router.http_poll import Poll, encode_poll_payload, parse_cursors
+from router.http_poll import Poll, encode_poll_payload, parse_cursors, parse_private
 from router.http_session import COOKIE_NAME, HttpSession, SessionStore
 from router.http_static import StaticFiles
 from router.hub import Client, Hub
@@ -510,9 +510,13 @@ class HttpApi:
 
     def _poll(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
         session = self._session(request)
-        cursors = parse_cursors(_poll_query(params["query"]))
+        query = _poll_query(params["query"])
+        cursors = parse_cursors(query)
         if isinstance(cursors, str):
             raise ApiError(400, INVALID_CURSOR, cursors)
+        private = parse_private(query)
+        if isinstance(private, str):
+            raise ApiError(400, INVALID_CURSOR, private)
         for cursor in cursors:
             if not session.in_room(cursor.room):
                 raise failure_error(Refusal(errors.NOT_IN_ROOM, cursor.room))
@@ -527,7 +531,8 @@ class HttpApi:
             return self.admit(session, "fetch")
 
         max_bytes = self.hub.settings.poll_max_bytes
-        poll = Poll(self.hub, session, cursors, self.poll_timeout, respond, max_bytes, charge)
+        poll = Poll(self.hub, session, cursors, self.poll_timeout, respond, max_bytes, charge,
+                    private)  # fmt: skip
         exchange.on_cancel(poll.cancel, abandon_on_eof=True)
         poll.start()
 

@@ -56,8 +56,6 @@ class RoomResult(NamedTuple):
     left: bool = False
     more: bool = False  # entries after these are waiting (the answer was full)
     notices: Tuple[str, ...] = ()  # lines for the room's members (see RoomFeed.notices)
-    private: Tuple[Dict[str, Any], ...] = ()  # direct messages from or to the session
-    private_dropped: int = 0  # direct messages dropped before (too many were waiting)
 
 
 def _take(feed: RoomFeed) -> Tuple[str, ...]:
@@ -91,7 +89,20 @@ def _cursor(room: str, after: str, epoch: Optional[str]) -> Union[Cursor, str]:
 
 
 #: The query parameters of a poll.
-_POLL_PARAMETERS = ("room", "after", "epoch", "cursors")
+_POLL_PARAMETERS = ("room", "after", "epoch", "cursors", "private")
+
+
+def parse_private(query: Dict[str, List[str]]) -> Union[Optional[int], str]:
+    """The poll's direct-message cursor (``private=N``: the last direct message id the
+    client has; 0 for none yet), None if it asks for no direct messages, or a message
+    saying what is wrong."""
+    values = query.get("private")
+    if values is None:
+        return None
+    number = _number(values[0]) if len(values) == 1 else None
+    if number is None:
+        return f"private must be a whole number, once, got {values!r}"
+    return number
 
 
 def parse_cursors(query: Dict[str, List[str]]) -> Union[List[Cursor], str]:
@@ -190,10 +201,6 @@ def poll_payload(cursors: List[Cursor], results: Dict[str, RoomResult]) -> Dict[
             state["more"] = True
         if result.notices:
             state["notices"] = list(result.notices)
-        if result.private:
-            state["private"] = list(result.private)
-        if result.private_dropped:
-            state["private_dropped"] = result.private_dropped
         if result.left:
             state["left"] = True
         else:
@@ -234,8 +241,11 @@ class Poll(Waiter):
         respond: Respond,
         max_bytes: int = MAX_POLL_ANSWER_BYTES,
         charge: Optional[Charge] = None,
+        private: Optional[int] = None,
     ) -> None:
         self.hub = hub
+        #: The direct-message cursor (None: this poll asked for none).
+        self.private = private
         self.session = session
         # A poll answered from the shards at once (a cursor its feed does not cover: after=0,
         # an old or foreign one) costs the router a fetch and an answer however often it is
@@ -284,31 +294,29 @@ class Poll(Waiter):
 
     def _finish(self, results: Dict[str, RoomResult]) -> None:
         self._stop()
-        # The notices and direct messages go with the answer that is sent, not with one
-        # that was only built (a 429, a failed fetch): taken here, as it goes.
-        session = self.session
-        feeds = session.feeds
-        private = session.has_private(self.rooms)
+        # The notices go with the answer that is sent, not with one that was only built
+        # (a 429, a failed fetch): taken here, as it goes.
+        feeds = self.session.feeds
         for room, result in results.items():
-            if result.left:
-                continue
             feed = feeds.get(room)
-            if feed is not None and feed.notices:
-                result = results[room] = result._replace(notices=_take(feed))
-            if private:
-                messages, dropped = session.take_private(room)
-                if messages or dropped:
-                    results[room] = result._replace(private=tuple(messages),
-                                                    private_dropped=dropped)  # fmt: skip
-        self._respond(200, poll_payload(self.cursors, results), ())
+            if feed is not None and feed.notices and not result.left:
+                results[room] = result._replace(notices=_take(feed))
+        payload = poll_payload(self.cursors, results)
+        if self.private is not None:
+            messages, after, missed = self.session.private_after(self.private)
+            payload["private"] = messages
+            payload["private_after"] = after
+            payload["private_missed"] = missed
+        self._respond(200, payload, ())
 
     def _notices_waiting(self) -> bool:
-        """True if notices or direct messages of the polled rooms wait for an answer."""
+        """True if notices of the polled rooms, or direct messages after the poll's cursor,
+        wait for an answer."""
         feeds = self.session.feeds
         return any(
             feed is not None and feed.notices
             for feed in (feeds.get(cursor.room) for cursor in self.cursors)
-        ) or self.session.has_private(self.rooms)
+        ) or (self.private is not None and self.private != self.session.private_last)
 
     def evict(self) -> None:
         self._answer_now()

@@ -21,8 +21,8 @@ from common import messages as m
 from common.errors import Refusal
 from common.limits import (
     MAX_POLLS_PER_SESSION,
-    MAX_PRIVATE_WAITING,
-    MAX_PRIVATE_WAITING_CHARS,
+    MAX_PRIVATE_KEPT,
+    MAX_PRIVATE_KEPT_CHARS,
     MAX_ROOM_NOTICES,
     MAX_SESSION_BACKLOG,
 )
@@ -95,6 +95,8 @@ class Waiter:
     """What a session needs of a waiting poll (implemented by ``router.http_poll.Poll``)."""
 
     rooms: Dict[str, Any]
+    #: The poll's direct-message cursor (``private=``), or None if it asked for none.
+    private: Optional[int]
 
     def wake(self) -> None:
         """One of ``rooms`` has news (or the session's membership changed)."""
@@ -123,12 +125,14 @@ class HttpSession(Client):
         self.record: ClientRecord = hub.add(self, address, username)
         self.feeds: Dict[str, RoomFeed] = {}
         self.polls: List[Waiter] = []
-        #: Direct messages from or to this session not answered yet, oldest first, as
-        #: ``(room, message)`` (the message as the API shows it), and their text's size.
-        self.private: Deque[Tuple[str, Dict[str, Any]]] = deque()
+        #: The newest direct messages from or to this session, oldest first, as the API
+        #: shows them, each with its ``id`` (1, 2, ... for the session): polls read them
+        #: with a cursor (``private=``), as they read rooms, so several tabs each get them
+        #: all and an answer that was lost is read again. Bounded: MAX_PRIVATE_KEPT(_CHARS).
+        self.private: Deque[Dict[str, Any]] = deque()
         self._private_chars = 0
-        #: room -> direct messages dropped since its last answer (too many were waiting).
-        self.private_dropped: Dict[str, int] = {}
+        #: The id of the newest direct message (0: none yet).
+        self.private_last = 0
         self.last_seen = time.monotonic()
         self.ended = False
 
@@ -173,24 +177,15 @@ class HttpSession(Client):
             if room in poll.rooms:
                 poll.wake()
 
-    def has_private(self, rooms: Dict[str, Any]) -> bool:
-        """True if a direct message (or the count of dropped ones) of *rooms* waits."""
-        return any(room in rooms for room, _ in self.private) or any(
-            room in rooms for room in self.private_dropped
-        )
-
-    def take_private(self, room: str) -> Tuple[List[Dict[str, Any]], int]:
-        """The direct messages of *room* waiting (taken: an answer carries them once), and
-        how many of them were dropped before."""
-        taken = [message for name, message in self.private if name == room]
-        if taken:
-            self._forget_private(room)
-        return taken, self.private_dropped.pop(room, 0)
-
-    def _forget_private(self, room: str) -> None:
-        kept = deque(item for item in self.private if item[0] != room)
-        self._private_chars = sum(len(message["text"]) for _, message in kept)
-        self.private = kept
+    def private_after(self, after: int) -> Tuple[List[Dict[str, Any]], int, bool]:
+        """For a poll whose direct-message cursor is *after*: the messages after it, the
+        new cursor, and whether some it had not read are gone (dropped as the oldest). A
+        cursor from the future (not this session's) reads from the start."""
+        if after > self.private_last:
+            after = 0
+        messages = [message for message in self.private if message["id"] > after]
+        first = self.private[0]["id"] if self.private else self.private_last + 1
+        return messages, self.private_last, after < first - 1
 
     def end_polls(self, status: int, code: str, message: str) -> None:
         for poll in list(self.polls):
@@ -205,20 +200,19 @@ class HttpSession(Client):
             self._notify(room)
 
     def deliver_private(self, room: str, event: m.Event) -> None:
-        if room not in self.feeds:
-            return
         _, _, _, _, sender, to, ts, text, _ = event
-        message = {"room": room, "type": "private", "from": sender, "to": to, "text": text,
-                   "ts": round(ts, 3)}  # fmt: skip
-        self.private.append((room, message))
+        self.private_last += 1
+        message = {"id": self.private_last, "room": room, "type": "private", "from": sender,
+                   "to": to, "text": text, "ts": round(ts, 3)}  # fmt: skip
+        self.private.append(message)
         self._private_chars += len(text)
-        while len(self.private) > MAX_PRIVATE_WAITING or (
-            self._private_chars > MAX_PRIVATE_WAITING_CHARS and len(self.private) > 1
+        while len(self.private) > MAX_PRIVATE_KEPT or (
+            self._private_chars > MAX_PRIVATE_KEPT_CHARS and len(self.private) > 1
         ):
-            dropped_room, dropped = self.private.popleft()
-            self._private_chars -= len(dropped["text"])
-            self.private_dropped[dropped_room] = self.private_dropped.get(dropped_room, 0) + 1
-        self._notify(room)
+            self._private_chars -= len(self.private.popleft()["text"])
+        for poll in list(self.polls):
+            if poll.private is not None:
+                poll.wake()
 
     def on_joined(self, room: str, entry: m.Entry) -> None:
         feed = self.feeds[room] = RoomFeed(self.hub.epoch_of(room), entry[0] - 1)
@@ -227,8 +221,6 @@ class HttpSession(Client):
 
     def on_left(self, room: str) -> None:
         self.feeds.pop(room, None)
-        self._forget_private(room)
-        self.private_dropped.pop(room, None)
         self._notify(room)
 
     def on_refused(self, op: int, refusal: Refusal) -> None:
@@ -237,8 +229,6 @@ class HttpSession(Client):
     def on_room_lost(self, room: str) -> None:
         # The room is gone from under us (its shard was given up on).
         self.feeds.pop(room, None)
-        self._forget_private(room)
-        self.private_dropped.pop(room, None)
         self._notify(room)
 
     def on_room_notice(self, room: str, text: str) -> None:

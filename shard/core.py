@@ -67,6 +67,20 @@ class Room:
         return self.history[0][0] if self.history else self.seq + 1
 
 
+def _recipient(room: Room, to: str) -> Optional[int]:
+    """The member of *room* a message to *to* is for: the one of exactly that name, else
+    the one holding its primary key, else one holding its other key (``ΝΙΚΕ`` can match
+    both ``nike`` and ``νικε``, two members whose names do not collide: the exact and the
+    primary match decide first, always the same way)."""
+    exact = next((cid for cid, name in room.members.items() if name == to), None)
+    if exact is not None:
+        return exact
+    for key in name_keys(to):
+        if key in room.keys:
+            return room.keys[key]
+    return None
+
+
 def busiest_rooms(listing: List[Tuple[str, int]]) -> List[Tuple[str, int]]:
     """At most ``MAX_ROOMS_LISTED`` of ``(room, members)``: the most members first, ties
     by name (so every shard and the router agree on which ones make the cut)."""
@@ -205,7 +219,7 @@ class ShardCore:
         room = self._member_room(events, req, cid, name)
         if room is None:
             return
-        to_cid = next((room.keys[key] for key in name_keys(to) if key in room.keys), None)
+        to_cid = _recipient(room, to)
         if to_cid is None:
             events.append(m.fail(req, errors.NO_SUCH_MEMBER))
             return

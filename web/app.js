@@ -76,6 +76,7 @@
     failures: 0,
     wake: null, // resolves the current retry wait early (the browser is back online)
     privateTo: null, // the member of the current room the composer sends to privately
+    privateAfter: 0, // the id of the last direct message the page has (the poll's cursor)
   };
 
   // --- API ------------------------------------------------------------------------------
@@ -443,6 +444,7 @@
       button.type = "button";
       button.className = "member-button";
       button.title = "Send a private message";
+      button.setAttribute("aria-pressed", String(name === state.privateTo));
       button.append(isolated(name));
       button.addEventListener("click", () => setPrivateTo(name));
       item.append(button);
@@ -458,6 +460,7 @@
     state.privateTo = name;
     el.privateTo.hidden = !name;
     el.privateToName.textContent = name || "";
+    renderMembers();
     const room = state.current ? "#" + isolate(state.current) : "";
     el.composerInput.placeholder = name
       ? "Private message to " + isolate(name) + " in " + room
@@ -584,25 +587,15 @@
       entry.room.messages.push(message);
       entry.added.push(message);
     }
+    applyPrivate(data, fresh);
     for (const { room, info, added } of fresh.values()) {
       // After the messages: the server says them about what was just sent.
       for (const text of info.notices || []) {
         notice(room, text);
         added.push(room.messages[room.messages.length - 1]);
       }
-      for (const message of info.private || []) {
-        room.messages.push(message);
-        added.push(message);
-      }
-      if (info.private_dropped) {
-        notice(
-          room,
-          info.private_dropped +
-            " private message(s) in this room were dropped: too many waited for this page.",
-        );
-        added.push(room.messages[room.messages.length - 1]);
-      }
-      room.after = Math.max(room.after, info.after);
+
+      room.after = Math.max(room.after, info.after || 0);
       if (room.messages.length > MAX_MESSAGES_PER_ROOM) {
         room.messages.splice(0, room.messages.length - MAX_MESSAGES_PER_ROOM);
       }
@@ -617,6 +610,34 @@
       }
     }
     renderRoomList();
+  }
+
+  // Direct messages (a list for the whole session, read with their own cursor) go into
+  // their rooms, in time order with the room messages of the same answer.
+  function applyPrivate(data, fresh) {
+    if (data.private_missed && state.rooms.has(state.current)) {
+      const room = state.rooms.get(state.current);
+      if (!fresh.has(room.name)) fresh.set(room.name, { room, info: {}, added: [] });
+      notice(room, "Some private messages to you were dropped before this page could read them.");
+      fresh.get(room.name).added.push(room.messages[room.messages.length - 1]);
+    }
+    for (const message of data.private || []) {
+      if (message.id <= state.privateAfter) continue;
+      const room = state.rooms.get(message.room);
+      if (!room) continue;
+      if (!fresh.has(room.name)) fresh.set(room.name, { room, info: {}, added: [] });
+      const { added } = fresh.get(room.name);
+      insertByTime(room.messages, message, room.messages.length - added.length);
+      insertByTime(added, message, 0);
+    }
+    if (typeof data.private_after === "number") state.privateAfter = data.private_after;
+  }
+
+  // Insert `item` into `list` after every element from `from` on that is not later.
+  function insertByTime(list, item, from) {
+    let at = list.length;
+    while (at > from && list[at - 1].ts > item.ts) at -= 1;
+    list.splice(at, 0, item);
   }
 
   function backoffDelay() {
@@ -653,7 +674,8 @@
         const controller = new AbortController();
         state.pollController = controller;
         try {
-          const data = await api("GET", "/api/poll?cursors=" + cursors(), undefined, controller.signal);
+          const query = "cursors=" + cursors() + "&private=" + state.privateAfter;
+          const data = await api("GET", "/api/poll?" + query, undefined, controller.signal);
           state.failures = 0;
           setStatus("online", "Connected");
           applyPoll(data);
@@ -704,6 +726,7 @@
       } catch (error) {
         if (error.code === "name_taken" || error.code === "wrong_username") {
           state.rooms.clear();
+          state.privateAfter = 0; // a new session numbers its direct messages from 1
           showJoinView(error.message);
           return;
         }
@@ -742,6 +765,7 @@
     try {
       const data = await api("POST", "/api/join", { room, username });
       state.rooms.clear();
+      state.privateAfter = 0; // a new session numbers its direct messages from 1
       state.username = data.username;
       addRoom(data.room, data.epoch);
       enterChat(data.username);
@@ -852,6 +876,7 @@
     // Forget the rooms and stop the poll first: ending the session answers the waiting
     // poll 401, and a poll loop that still had rooms would join them all again.
     state.rooms.clear();
+    state.privateAfter = 0; // a new session numbers its direct messages from 1
     state.current = null;
     restartPoll();
     showJoinView();
@@ -895,6 +920,7 @@
       return;
     }
     state.rooms.clear();
+    state.privateAfter = 0; // a new session numbers its direct messages from 1
     for (const name of data.rooms) addRoom(name, data.epochs[name]);
     enterChat(data.username);
     const saved = localStorage.getItem(STORAGE_ROOM);

@@ -486,6 +486,14 @@ def test_a_member_gets_a_private_message_that_nobody_else_sees(
         expect_line(bob, "alice: hello everyone")
         expect(bob.page.locator("#log li.private")).to_have_count(0)
         carol.read_until(lambda line: line == "MSG quiet alice hello everyone")
+        # A direct message and a room message in one poll answer keep their order.
+        carol.send("PRIVMSG quiet alice first, privately")
+        carol.send("MSG quiet second, for all")
+        expect_line(alice, "carol: second, for all")
+        lines = page.locator("#log li").all_inner_texts()
+        first = next(i for i, text in enumerate(lines) if "first, privately" in text)
+        second = next(i for i, text in enumerate(lines) if "second, for all" in text)
+        assert first < second, lines
     finally:
         carol.close()
     for watched in (alice, bob):

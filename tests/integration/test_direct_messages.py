@@ -12,7 +12,7 @@ from typing import Iterator, List
 
 import pytest
 
-from common.limits import MAX_PRIVATE_WAITING, MAX_PRIVATE_WAITING_CHARS, MAX_TEXT_CHARS
+from common.limits import MAX_PRIVATE_KEPT, MAX_PRIVATE_KEPT_CHARS, MAX_TEXT_CHARS
 from tests.cluster import Cluster, LineClient
 from tests.integration.test_http_api import Api, assert_error
 
@@ -76,8 +76,12 @@ def drain(client: LineClient) -> None:
             return
 
 
-def private_of(payload: dict, room: str) -> List[dict]:
-    return payload["rooms"][room].get("private", [])
+def private_of(payload: dict) -> List[dict]:
+    return payload["private"]
+
+
+def texts(payload: dict) -> List[str]:
+    return [message["text"] for message in payload["private"]]
 
 
 def test_a_direct_message_reaches_its_recipient_and_its_sender_only(
@@ -87,7 +91,8 @@ def test_a_direct_message_reaches_its_recipient_and_its_sender_only(
     bob = line_member(cluster, clients, room, "Bob")
     carol = line_member(cluster, clients, room, "carol")
     dave = browser_member(cluster, browsers, room, "dave")
-    cursors = dave.poll(f"room={room}&after=0")["cursors"]
+    first = dave.poll(f"room={room}&after=0&private=0")
+    cursors, mark = first["cursors"], first["private_after"]
     for client in (alice, bob, carol):
         drain(client)
     alice.send(f"PRIVMSG {room} BOB  just  for you ")
@@ -98,9 +103,9 @@ def test_a_direct_message_reaches_its_recipient_and_its_sender_only(
     alice.send(f"MSG {room} public")
     alice.expect(f"MSG {room} alice public")
     carol.expect(f"MSG {room} alice public")
-    answer = dave.poll(f"cursors={cursors}")
+    answer = dave.poll(f"cursors={cursors}&private={mark}")
     assert [message["text"] for message in answer["messages"]] == ["public"]
-    assert private_of(answer, room) == []
+    assert private_of(answer) == [] and answer["private_after"] == mark
 
 
 def test_direct_messages_cross_the_protocols(
@@ -114,18 +119,19 @@ def test_direct_messages_cross_the_protocols(
     assert reply.status == 200 and reply.json == {"ok": True, "room": room, "to": "alice"}
     alice.expect(f"PRIVMSG {room} dave alice from the web")
     # The browser's own copy comes in its poll, like its chat messages do.
-    mine = dave.poll(f"cursors={cursors}")
-    cursors = mine["cursors"]
-    assert [(m["from"], m["to"], m["text"]) for m in private_of(mine, room)] == [
+    mine = dave.poll(f"cursors={cursors}&private=0")
+    cursors, mark = mine["cursors"], mine["private_after"]
+    assert [(m["from"], m["to"], m["text"]) for m in private_of(mine)] == [
         ("dave", "alice", "from the web")
     ]
     # A waiting poll is woken by a direct message (the poll timeout is 30 s).
     started = time.monotonic()
     alice.send(f"PRIVMSG {room} dave back to you")
     alice.expect(f"PRIVMSG {room} alice dave back to you")
-    answer = dave.poll(f"cursors={cursors}")
+    answer = dave.poll(f"cursors={cursors}&private={mark}")
     assert time.monotonic() - started < 10
-    (message,) = private_of(answer, room)
+    (message,) = private_of(answer)
+    assert message["id"] == mark + 1 == answer["private_after"]
     assert message["type"] == "private" and message["room"] == room
     assert (message["from"], message["to"], message["text"]) == ("alice", "dave", "back to you")
     assert isinstance(message["ts"], float)
@@ -202,23 +208,49 @@ def test_direct_messages_waiting_for_a_session_are_bounded(
     cursors = dave.poll(f"room={room}&after=0")["cursors"]
     drain(alice)
     extra = 5
-    for number in range(MAX_PRIVATE_WAITING + extra):
+    for number in range(MAX_PRIVATE_KEPT + extra):
         alice.send(f"PRIVMSG {room} dave n{number}")
-    for number in range(MAX_PRIVATE_WAITING + extra):
+    for number in range(MAX_PRIVATE_KEPT + extra):
         alice.expect(f"PRIVMSG {room} alice dave n{number}")
-    answer = dave.poll(f"cursors={cursors}")
-    cursors = answer["cursors"]
-    texts = [message["text"] for message in private_of(answer, room)]
-    assert texts == [f"n{number}" for number in range(extra, MAX_PRIVATE_WAITING + extra)]
-    assert answer["rooms"][room]["private_dropped"] == extra
+    answer = dave.poll(f"cursors={cursors}&private=0")
+    assert texts(answer) == [f"n{number}" for number in range(extra, MAX_PRIVATE_KEPT + extra)]
+    assert answer["private_missed"] is True  # the first five are gone, and it says so
+    mark = answer["private_after"]
+    # A cursor past the oldest one kept reads the rest, nothing missed.
+    again = dave.poll(f"cursors={cursors}&private={mark - 3}")
+    assert texts(again)[0] == f"n{MAX_PRIVATE_KEPT + extra - 3}" and not again["private_missed"]
     # The size bound: long texts push the oldest out before the count does.
     long_text = "y" * MAX_TEXT_CHARS
-    fit = MAX_PRIVATE_WAITING_CHARS // MAX_TEXT_CHARS
+    fit = MAX_PRIVATE_KEPT_CHARS // MAX_TEXT_CHARS
     for number in range(fit + 2):
         alice.send(f"PRIVMSG {room} dave {number}{long_text[1:]}")
     for _ in range(fit + 2):
         alice.readline()
-    answer = dave.poll(f"cursors={cursors}")
-    kept = [message["text"][0] for message in private_of(answer, room)]
-    assert kept == [str(number) for number in range(2, fit + 2)]
-    assert answer["rooms"][room]["private_dropped"] == 2
+    answer = dave.poll(f"cursors={cursors}&private={mark}")
+    assert [text[0] for text in texts(answer)] == [str(number) for number in range(2, fit + 2)]
+    assert answer["private_missed"] is True
+
+
+def test_every_tab_gets_each_direct_message_and_a_lost_answer_is_read_again(
+    cluster: Cluster, clients: List[LineClient], browsers: List[Api], room: str
+) -> None:
+    alice = line_member(cluster, clients, room, "alice")
+    tab = browser_member(cluster, browsers, room, "dave")
+    other_tab = Api(cluster)  # the same session (cookie) on another connection
+    browsers.append(other_tab)
+    other_tab.cookie = tab.cookie
+    cursors = tab.poll(f"room={room}&after=0")["cursors"]
+    drain(alice)
+    alice.send(f"PRIVMSG {room} dave to both tabs")
+    alice.expect(f"PRIVMSG {room} alice dave to both tabs")
+    for each in (tab, other_tab):
+        assert texts(each.poll(f"cursors={cursors}&private=0")) == ["to both tabs"]
+    # An answer the page never read (aborted, lost): the same cursor reads it again.
+    assert texts(tab.poll(f"cursors={cursors}&private=0")) == ["to both tabs"]
+    # A poll that asks for none gets none (and is not woken by them).
+    alice.send(f"MSG {room} public")
+    alice.expect(f"MSG {room} alice public")
+    plain = tab.poll(f"cursors={cursors}")
+    assert "private" not in plain and [m["text"] for m in plain["messages"]] == ["public"]
+    bad = tab.get(f"/api/poll?cursors={cursors}&private=-1")
+    assert_error(bad, 400, "invalid_cursor")

@@ -210,6 +210,20 @@ def test_privmsg_finds_the_member_by_any_spelling_of_the_name(
     assert events == [m.private(8, "lobby", 2, "alice", "Bob", clock.now, " psst ", wire)]
 
 
+@pytest.mark.parametrize(
+    ("to", "recipient"), [("nike", 1), ("NIKE", 1), ("νικε", 2), ("ΝΙΚΕ", 2), ("Νικε", 2)]
+)
+def test_privmsg_to_a_name_two_members_could_answer_to_is_decided_one_way(
+    core: ShardCore, to: str, recipient: int
+) -> None:
+    # "nike" and "νικε" do not collide (both may be in the room); "ΝΙΚΕ" reads as either.
+    join(core, 1, "g", "nike")
+    join(core, 2, "g", "νικε")
+    join(core, 3, "g", "sender")
+    (event,) = privmsg(core, 3, "g", to, "hi")
+    assert event[0] == m.PRIVATE and event[3] == recipient
+
+
 def test_privmsg_is_not_recorded(core: ShardCore) -> None:
     join(core, 1, "lobby", "alice")
     join(core, 2, "lobby", "bob")
