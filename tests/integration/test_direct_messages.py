@@ -254,3 +254,28 @@ def test_every_tab_gets_each_direct_message_and_a_lost_answer_is_read_again(
     assert "private" not in plain and [m["text"] for m in plain["messages"]] == ["public"]
     bad = tab.get(f"/api/poll?cursors={cursors}&private=-1")
     assert_error(bad, 400, "invalid_cursor")
+
+
+def test_direct_messages_take_flood_control_tokens_on_both_protocols() -> None:
+    """Like MSG: on TCP a burst past the bucket is throttled, not dropped; over HTTP past
+    it answers 429 with Retry-After."""
+    with Cluster(shards=1, extra_args=["--rate-limit", "5", "--rate-burst", "5"]) as limited:
+        alice = limited.connect(timeout=20)
+        dave = Api(limited)
+        try:
+            alice.join("flood", "alice")
+            dave.join("flood", "dave")
+            for number in range(15):
+                alice.send(f"PRIVMSG flood dave n{number}")
+            for number in range(15):  # every one arrives, in order
+                alice.read_until(lambda line, n=number: line == f"PRIVMSG flood alice dave n{n}")
+            metrics = dave.get("/metrics").body.decode()
+            assert 'shardchat_flood_throttles_total{transport="tcp"}' in metrics
+            statuses = [
+                dave.post("/api/privmsg", {"room": "flood", "to": "alice", "text": "x"}).status
+                for _ in range(12)
+            ]
+            assert 200 in statuses and 429 in statuses, statuses
+        finally:
+            alice.close()
+            dave.close()
