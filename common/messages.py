@@ -126,9 +126,11 @@ FAIL = 105
 #: whose commit found it; it completes no command.
 STORAGE = 106
 
-#: ``(PRIVATE, req, room, to_cid, sender, to, ts, text, wire)``: a direct message (the
-#: completion of its PRIVMSG): for the sender (the command's cid) and for *to_cid*, whose
-#: name in the room is *to*; *wire* is the ``PRIVMSG <room> <sender> <to> <text>`` line.
+#: ``(PRIVATE, req, room, to_cid, sender, to, ts, after, text, wire)``: a direct message
+#: (the completion of its PRIVMSG): for the sender (the command's cid) and for *to_cid*,
+#: whose name in the room is *to*; *after* is the room's seq when it was sent (its place
+#: in the room's stream: after that entry, before the next); *wire* is the
+#: ``PRIVMSG <room> <sender> <to> <text>`` line.
 PRIVATE = 107
 
 EVENTS = frozenset({JOINED, CHAT, LEFT, DONE, FAIL, STORAGE, PRIVATE})
@@ -199,9 +201,17 @@ def fail(req: int, code: str) -> Event:
 
 
 def private(
-    req: int, room: str, to_cid: int, sender: str, to: str, ts: float, text: str, wire: bytes
+    req: int,
+    room: str,
+    to_cid: int,
+    sender: str,
+    to: str,
+    ts: float,
+    after: int,
+    text: str,
+    wire: bytes,
 ) -> Event:
-    return (PRIVATE, req, room, to_cid, sender, to, ts, text, wire)
+    return (PRIVATE, req, room, to_cid, sender, to, ts, after, text, wire)
 
 
 def storage(room: str, problem: Optional[str], lost: bool = False) -> Event:

@@ -200,10 +200,10 @@ class HttpSession(Client):
             self._notify(room)
 
     def deliver_private(self, room: str, event: m.Event) -> None:
-        _, _, _, _, sender, to, ts, text, _ = event
+        _, _, _, _, sender, to, ts, after, text, _ = event
         self.private_last += 1
         message = {"id": self.private_last, "room": room, "type": "private", "from": sender,
-                   "to": to, "text": text, "ts": round(ts, 3)}  # fmt: skip
+                   "to": to, "text": text, "ts": round(ts, 3), "after": after}  # fmt: skip
         self.private.append(message)
         self._private_chars += len(text)
         while len(self.private) > MAX_PRIVATE_KEPT or (

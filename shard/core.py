@@ -225,7 +225,8 @@ class ShardCore:
             return
         sender, to = room.members[cid], room.members[to_cid]
         wire = privmsg_line(name, sender, to, text)
-        events.append(m.private(req, name, to_cid, sender, to, self._clock(), text, wire))
+        ts = self._clock()
+        events.append(m.private(req, name, to_cid, sender, to, ts, room.seq, text, wire))
 
     def _leave(self, events: List[m.Event], command: m.Command) -> None:
         _, req, _, cid, name = command

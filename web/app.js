@@ -613,7 +613,7 @@
   }
 
   // Direct messages (a list for the whole session, read with their own cursor) go into
-  // their rooms, in time order with the room messages of the same answer.
+  // their rooms at their place in the room's stream: after the room message `after`.
   function applyPrivate(data, fresh) {
     if (data.private_missed && state.rooms.has(state.current)) {
       const room = state.rooms.get(state.current);
@@ -627,17 +627,22 @@
       if (!room) continue;
       if (!fresh.has(room.name)) fresh.set(room.name, { room, info: {}, added: [] });
       const { added } = fresh.get(room.name);
-      insertByTime(room.messages, message, room.messages.length - added.length);
-      insertByTime(added, message, 0);
+      insertInStream(room.messages, message, room.messages.length - added.length);
+      insertInStream(added, message, 0);
     }
     if (typeof data.private_after === "number") state.privateAfter = data.private_after;
   }
 
-  // Insert `item` into `list` after every element from `from` on that is not later.
-  function insertByTime(list, item, from) {
+  // Insert the direct message `item` into `list`, before the room messages (from index
+  // `from` on) that came after it in the room's stream.
+  function insertInStream(list, item, from) {
     let at = list.length;
-    while (at > from && list[at - 1].ts > item.ts) at -= 1;
+    while (at > from && isRoomMessage(list[at - 1]) && list[at - 1].id > item.after) at -= 1;
     list.splice(at, 0, item);
+  }
+
+  function isRoomMessage(message) {
+    return message.type === "chat" || message.type === "info";
   }
 
   function backoffDelay() {

@@ -207,7 +207,9 @@ def test_privmsg_finds_the_member_by_any_spelling_of_the_name(
     join(core, 2, "lobby", "Bob")
     wire = privmsg_line("lobby", "alice", "Bob", " psst ")
     events = privmsg(core, 1, "lobby", spelling, " psst ", req=8)
-    assert events == [m.private(8, "lobby", 2, "alice", "Bob", clock.now, " psst ", wire)]
+    # after: the room's seq when it was sent (two joins so far)
+    expected = m.private(8, "lobby", 2, "alice", "Bob", clock.now, 2, " psst ", wire)
+    assert events == [expected]
 
 
 @pytest.mark.parametrize(

@@ -112,7 +112,7 @@ class Model:
             return [m.fail(req, errors.NO_SUCH_MEMBER)]
         sender, name = members[cid], members[found[0]]
         wire = f"PRIVMSG {room} {sender} {name} {text}\n".encode()
-        return [m.private(req, room, found[0], sender, name, ts, text, wire)]
+        return [m.private(req, room, found[0], sender, name, ts, self.seq[room], text, wire)]
 
     def leave(self, ts: float, req: int, cid: int, room: str) -> List[tuple]:
         fail = self.not_in_room(req, cid, room)
