@@ -432,6 +432,13 @@
   function renderMembers() {
     const room = state.rooms.get(state.current);
     const members = room ? room.members : [];
+    if (state.privateTo && room && !members.includes(state.privateTo)) {
+      // The one we were writing to left: back to the room, and say so.
+      notice(room, isolate(state.privateTo) + " left: your messages go to the room again.");
+      appendToLog([room.messages[room.messages.length - 1]]);
+      setPrivateTo(null, false); // renders the members again
+      return;
+    }
     const items = members.map((name) => {
       const item = document.createElement("li");
       if (name === state.username) {
@@ -456,7 +463,7 @@
   }
 
   // Who the composer sends to privately in the current room (null: the whole room).
-  function setPrivateTo(name) {
+  function setPrivateTo(name, focus = true) {
     state.privateTo = name;
     el.privateTo.hidden = !name;
     el.privateToName.textContent = name || "";
@@ -465,7 +472,7 @@
     el.composerInput.placeholder = name
       ? "Private message to " + isolate(name) + " in " + room
       : "Message " + room;
-    el.composerInput.focus();
+    if (focus) el.composerInput.focus();
   }
 
   function renderActiveRooms(rooms) {

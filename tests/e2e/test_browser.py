@@ -494,6 +494,12 @@ def test_a_member_gets_a_private_message_that_nobody_else_sees(
         first = next(i for i, text in enumerate(lines) if "first, privately" in text)
         second = next(i for i, text in enumerate(lines) if "second, for all" in text)
         assert first < second, lines
+        # Writing to someone who then leaves: the page goes back to the room and says so.
+        page.locator("#member-list").get_by_role("button", name="carol").click()
+        expect(page.locator("#private-to")).to_be_visible()
+        carol.send("LEAVE quiet")
+        expect_line(alice, "left: your messages go to the room again.")
+        expect(page.locator("#private-to")).to_be_hidden()
     finally:
         carol.close()
     for watched in (alice, bob):
