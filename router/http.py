@@ -85,11 +85,15 @@ class HttpConnection(asyncio.Protocol):
         self.peer: Any = None
         self.ip = ""
         self.address = ""  # the per-address limits' key of self.ip
+        self._client_address = ""  # whom requests count against (see connection_made)
         self._proxied = False  # the peer is a trusted proxy (--trusted-proxy)
         self._tls = False  # the connection speaks TLS
         self._unread_check: Optional[asyncio.TimerHandle] = None  # slow-consumer timer
         #: Counted by a TLS port's acceptor before the handshake (router/tls.py).
         self.preadmitted = False
+        #: The client a trusted proxy named before TLS (router/tls.py; "" kept the peer):
+        #: then the connection is that client's, and its forwarding headers mean nothing.
+        self.proxied_client: Optional[str] = None
         self._socket_counted = False  # its descriptor is counted in the limiter's budget
         self._counted = False  # holds a slot in the hub's connection limiter
         self._exchange: Optional[Exchange] = None  # the request being answered
@@ -117,6 +121,12 @@ class HttpConnection(asyncio.Protocol):
         self.ip = str(self.peer[0]) if self.peer else ""
         self.address = address_key(self.ip)
         self._proxied = self.api.hub.settings.trusted_proxies.trusts(self.ip)
+        # Whom its requests are counted against (self.address holds the connection's slot).
+        self._client_address = self.address
+        if self.proxied_client is not None:
+            self._proxied = False
+            if self.proxied_client:
+                self._client_address = address_key(self.proxied_client)
         self._socket_counted = True
         if self.preadmitted:  # a TLS port counted it when it was accepted
             self.preadmitted = False
@@ -296,7 +306,7 @@ class HttpConnection(asyncio.Protocol):
     def _start(self, request: Request) -> None:
         self._cancel_timers()
         self._request = request
-        address, https = self.address, self._tls
+        address, https = self._client_address, self._tls
         if self._proxied:  # a trusted proxy: the client is the one it names
             client, scheme = self.api.hub.settings.trusted_proxies.client_of(
                 self.ip, request.headers
@@ -508,6 +518,7 @@ async def start_http_server(
         hub.settings.tls_handshake_timeout,
         hub.limiter,
         lambda: connection_class(api, connections),
+        hub.settings.trusted_proxies.trusts,
     )
     tls_options = listener_options(loop, tls, hub.settings.tls_handshake_timeout)
     server = await loop.create_server(

@@ -115,8 +115,8 @@ class TcpConnection(asyncio.Protocol, Client):
 
     __slots__ = (
         "listener", "hub", "settings", "_loop", "_coalescer", "_parser", "_out", "transport",
-        "ip", "preadmitted", "_socket_counted", "_counted", "state", "_bucket", "_waiting",
-        "_resume", "_eof", "record", "_reply_pending", "_output_paused", "connected_at",
+        "ip", "preadmitted", "proxied_client", "_socket_counted", "_counted", "state", "_bucket",
+        "_waiting", "_resume", "_eof", "record", "_reply_pending", "_output_paused", "connected_at",
         "last_heard", "_ping_sent_at", "_joined_once", "_over_soft_since", "_reply_allowance",
         "_received_at", "_unparsed", "_parsing", "_input_done", "_quit_queued", "_tls",
         "_proxy_header",
@@ -135,6 +135,8 @@ class TcpConnection(asyncio.Protocol, Client):
         self.ip = ""
         #: Counted by a TLS port's acceptor before the handshake (router/tls.py).
         self.preadmitted = False
+        #: The client a trusted proxy named before TLS (router/tls.py; "" kept the peer).
+        self.proxied_client: Optional[str] = None
         self._socket_counted = False  # its descriptor is counted in the limiter's budget
         self._counted = False  # holds a slot in the connection limiter
         #: Where the connection is (see :class:`ConnectionState`).
@@ -196,6 +198,10 @@ class TcpConnection(asyncio.Protocol, Client):
         if settings.rate_limit > 0:
             self._bucket = TokenBucket(settings.rate_limit, settings.rate_burst, self.last_heard)
         self.write(p.WELCOME)
+        if self.proxied_client is not None:  # a trusted proxy's header came before TLS
+            client = self.proxied_client
+            self.record = self.hub.add(self, address_key(client) if client else self.address)
+            return
         if settings.trusted_proxies.trusts(self.ip):
             self._proxy_header = bytearray()  # a PROXY header may name the client first
             return
@@ -819,7 +825,12 @@ async def start_tcp_server(
     hub.metrics.connections["tcp"] = lambda: len(listener.connections)
     settings = hub.settings
     accept = protocol_factory(
-        loop, tls, settings.tls_handshake_timeout, hub.limiter, listener.new_connection
+        loop,
+        tls,
+        settings.tls_handshake_timeout,
+        hub.limiter,
+        listener.new_connection,
+        settings.trusted_proxies.trusts,
     )
     tls_options = listener_options(loop, tls, settings.tls_handshake_timeout)
     return await loop.create_server(

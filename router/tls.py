@@ -12,17 +12,25 @@ at once, without the handshake its refusal would cost. Then asyncio's TLS takes 
 handshake is done. A client that speaks plaintext to a TLS port fails its handshake: its
 socket is closed and (outside asyncio's debug mode) nothing is logged, so it costs nobody
 else anything; a handshake that does not finish in ``--tls-handshake-timeout`` seconds is
-closed the same way."""
+closed the same way.
+
+From a ``--trusted-proxy`` peer the acceptor first takes a PROXY protocol header (v1 or v2)
+off the front of the plain socket, if there is one (HAProxy and nginx send it before the
+TLS they pass through): it peeks, and reads no byte past the header, so the TLS handshake
+starts exactly where the header ends. The connection is then the named client's, and its
+protocol is told so (``proxied_client``)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from asyncio.proactor_events import BaseProactorEventLoop
 from typing import Callable, Optional, Protocol, Set
 
 from router.policy import ConnectionLimiter, address_key
+from router.proxies import PROXY_V2_MAX_BYTES, BadProxyHeader, read_proxy_header
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +70,9 @@ class Admittable(Protocol):
     over (and sets it False) instead of counting again."""
 
     preadmitted: bool
+    #: The client a trusted proxy's PROXY header named before TLS (``""``: the header
+    #: kept the peer's address); None if no header was read for it.
+    proxied_client: Optional[str]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None: ...
 
@@ -72,14 +83,15 @@ def protocol_factory(
     handshake_timeout: float,
     limiter: ConnectionLimiter,
     factory: Callable[[], Admittable],
+    trusts: Callable[[str], bool] = lambda ip: False,
 ) -> Callable[[], asyncio.BaseProtocol]:
     """What a listener accepts with: *factory* itself for plaintext (*context* None), else
-    a :class:`TlsAcceptor`'s gate (the listener is then created without ``ssl=``).
-    Where the acceptor cannot work (:func:`counts_handshakes` is False) use
-    :func:`listener_options` instead."""
+    a :class:`TlsAcceptor`'s gate (the listener is then created without ``ssl=``); the
+    peers *trusts* says yes to may send a PROXY header before TLS. Where the acceptor
+    cannot work (:func:`counts_handshakes` is False) use :func:`listener_options` instead."""
     if context is None or not counts_handshakes(loop):
         return factory
-    return TlsAcceptor(loop, context, handshake_timeout, limiter, factory).gate
+    return TlsAcceptor(loop, context, handshake_timeout, limiter, factory, trusts).gate
 
 
 def counts_handshakes(loop: asyncio.AbstractEventLoop) -> bool:
@@ -111,12 +123,14 @@ class TlsAcceptor:
         handshake_timeout: float,
         limiter: ConnectionLimiter,
         factory: Callable[[], Admittable],
+        trusts: Callable[[str], bool] = lambda ip: False,
     ) -> None:
         self._loop = loop
         self._context = context
         self._timeout = handshake_timeout
         self._limiter = limiter
         self._factory = factory
+        self._trusts = trusts
         #: Handshakes in progress (kept: a task nobody holds may be collected mid-way).
         self.handshakes: Set[asyncio.Task] = set()
 
@@ -127,7 +141,8 @@ class TlsAcceptor:
     def admit(self, transport: asyncio.BaseTransport) -> None:
         """A plain socket was accepted: count it, then start its handshake (or close it)."""
         peer = transport.get_extra_info("peername")
-        address = address_key(str(peer[0]) if peer else "")
+        ip = str(peer[0]) if peer else ""
+        address = address_key(ip)
         if not self._limiter.open(address):
             self._limiter.close(address, False)
             transport.abort()  # before TLS: a refusal costs no handshake
@@ -142,6 +157,20 @@ class TlsAcceptor:
         transport.abort()  # the copy holds the connection; nothing was read from it
         protocol = self._factory()
         protocol.preadmitted = True
+        if not self._trusts(ip):
+            self._start_handshake(protocol, sock, address)
+            return
+
+        def header_read(client: Optional[str]) -> None:
+            if client is None:  # a bad header, or none in time, or the peer went
+                self._give_back(protocol, sock, address)
+                return
+            protocol.proxied_client = client
+            self._start_handshake(protocol, sock, address)
+
+        _ProxyHeaderReader(self._loop, sock, self._timeout, header_read, ip)
+
+    def _start_handshake(self, protocol: Admittable, sock: socket.socket, address: str) -> None:
         task = self._loop.create_task(self._handshake(protocol, sock, address))
         self.handshakes.add(task)
         task.add_done_callback(self.handshakes.discard)
@@ -166,6 +195,65 @@ class TlsAcceptor:
             protocol.preadmitted = False
             sock.close()  # type: ignore[attr-defined]  # closed already, unless it failed early
             self._limiter.close(address, True)
+
+
+class _ProxyHeaderReader:
+    """Takes a PROXY header off the front of *sock* (a trusted peer's, before TLS) without
+    reading past it: it peeks at what arrived, takes off only bytes that are header, and
+    calls ``done(client)`` once it knows (``""``: no header, or one that keeps the peer's
+    address) or ``done(None)`` (a bad header, none within *timeout*, the peer gone).
+    Selector loops only (the acceptor is not used on others)."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        timeout: float,
+        done: Callable[[Optional[str]], None],
+        ip: str,
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._done: Optional[Callable[[Optional[str]], None]] = done
+        self._ip = ip
+        self._taken = bytearray()  # header bytes read off the socket so far
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._readable)
+        self._timer = loop.call_later(timeout, self._finish, None, "no PROXY header in time")
+
+    def _readable(self) -> None:
+        try:
+            peeked = self._sock.recv(PROXY_V2_MAX_BYTES, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self._finish(None, str(error))
+            return
+        if not peeked:
+            self._finish(None, "closed before TLS")
+            return
+        try:
+            found = read_proxy_header(bytes(self._taken) + peeked)
+        except BadProxyHeader as error:
+            self._finish(None, f"bad PROXY header: {error}")
+            return
+        if found is None:  # everything so far is header: take it off and wait for more
+            self._taken += self._sock.recv(len(peeked))
+            return
+        rest = found.length - len(self._taken)
+        if rest > 0:
+            self._sock.recv(rest)  # peeked already: exactly these are there
+        self._finish(found.client, "")
+
+    def _finish(self, client: Optional[str], why: str) -> None:
+        done, self._done = self._done, None
+        if done is None:
+            return
+        self._timer.cancel()
+        self._loop.remove_reader(self._sock.fileno())
+        if client is None:
+            log.info("closing a connection from %s before TLS: %s", self._ip, why)
+        done(client)
 
 
 class _Gate(asyncio.Protocol):

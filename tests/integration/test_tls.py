@@ -256,3 +256,81 @@ def test_the_terminal_client_over_tls(cluster: Cluster, certificate: Tuple[Path,
     assert untrusted.returncode == 1 and "certificate is not trusted" in untrusted.stderr
     assert "Traceback" not in untrusted.stderr
     assert run_client(cluster, "--ca", str(certificate[0])).returncode == 2
+
+
+def proxied_tls(cluster: Cluster, cert: Path, header: bytes, source: str = "127.0.0.1"):  # noqa: ANN201
+    """A TLS connection that a proxy at *source* opened with *header* in front (HAProxy's
+    ``send-proxy`` with TLS passed through)."""
+    raw = socket.create_connection(
+        (cluster.host, cluster.tcp_port), timeout=10, source_address=(source, 0)
+    )
+    raw.sendall(header)
+    return client_context(cert).wrap_socket(raw, server_hostname="localhost")
+
+
+def v1(client: str) -> bytes:
+    return f"PROXY TCP4 {client} 127.0.0.1 40000 5000\r\n".encode()
+
+
+def v2(client: str) -> bytes:
+    body = socket.inet_aton(client) + socket.inet_aton("127.0.0.1") + b"\x9c\x40\x13\x88"
+    return b"\r\n\r\n\x00\r\nQUIT\n\x21\x11" + len(body).to_bytes(2, "big") + body
+
+
+def test_a_proxy_header_before_tls_names_the_client(certificate: Tuple[Path, Path]) -> None:
+    cert, key = certificate
+    flags = ["--tls-cert", str(cert), "--tls-key", str(key), "--trusted-proxy", "127.0.0.1",
+             "--max-rooms-per-address", "2", "--max-sessions-per-address", "1"]  # fmt: skip
+    with Cluster(extra_args=flags) as proxied:
+        opened = []
+
+        def line_client(
+            header: bytes, source: str = "127.0.0.1"
+        ) -> Tuple[ssl.SSLSocket, bytearray]:
+            sock = proxied_tls(proxied, cert, header, source)
+            opened.append(sock)
+            buffer = bytearray()
+            assert read_line(sock, buffer).startswith("INFO welcome")
+            return sock, buffer
+
+        try:
+            first, one = line_client(v1("192.0.2.60"))
+            first.sendall(b"JOIN pt1 a\nJOIN pt2 a\n")
+            assert [read_line(first, one) for _ in range(2)] == [
+                "INFO joined room pt1",
+                "INFO joined room pt2",
+            ]
+            same, two = line_client(v2("192.0.2.60"))  # v2, the same client: its 2 rooms are used
+            same.sendall(b"JOIN pt3 b\n")
+            assert read_line(same, two) == "ERROR too many rooms for one address"
+            other, three = line_client(v1("192.0.2.61"))
+            other.sendall(b"JOIN pt3 c\n")
+            assert read_line(other, three) == "INFO joined room pt3"
+            direct, four = line_client(b"")  # the proxy's own address may send no header
+            direct.sendall(b"JOIN pt4 d\n")
+            assert read_line(direct, four) == "INFO joined room pt4"
+            for header, source in (
+                (b"PROXY TCP4 nonsense\r\n", "127.0.0.1"),
+                (v1("192.0.2.62"), "127.0.0.2"),
+            ):
+                with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+                    line_client(header, source)  # bad from the proxy; any from anyone else
+            # HTTPS through the proxy: sessions count against the client it names.
+            statuses = []
+            for client in ("192.0.2.70", "192.0.2.70", "192.0.2.71"):
+                https = http.client.HTTPSConnection("localhost", proxied.http_port, timeout=10)
+                raw = socket.create_connection((proxied.host, proxied.http_port), timeout=10)
+                raw.sendall(v1(client))
+                https.sock = client_context(cert).wrap_socket(raw, server_hostname="localhost")
+                body = json.dumps(
+                    {"room": "ptweb", "username": "w" + client.split(".")[-1] + str(len(statuses))}
+                )
+                headers = {"Content-Type": "application/json", "Host": "localhost"}
+                https.request("POST", "/api/join", body=body, headers=headers)
+                statuses.append(https.getresponse().status)
+                https.close()
+            assert statuses == [200, 429, 200]
+        finally:
+            for sock in opened:
+                sock.close()
+        assert "Traceback" not in proxied.log
