@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CIDR[,CIDR...]",
         help="reverse proxies whose word on the client is believed: from them HTTP takes the "
         "client from Forwarded / X-Forwarded-For (and https from X-Forwarded-Proto) and the "
-        "line protocol takes a PROXY protocol v1 header; every per-address limit then counts "
+        "line protocol takes a PROXY protocol header (v1 or v2; on TLS ports, before TLS, on both "
+        "listeners); every per-address limit then counts "
         "the real client (default: none)",
     )
     parser.add_argument(

@@ -30,7 +30,7 @@ from asyncio.proactor_events import BaseProactorEventLoop
 from typing import Callable, Optional, Protocol, Set
 
 from router.policy import ConnectionLimiter, address_key
-from router.proxies import PROXY_V2_MAX_BYTES, BadProxyHeader, read_proxy_header
+from router.proxies import PROXY_V2_MAX_BYTES, BadProxyHeader, ProxyHeader, read_proxy_header
 
 log = logging.getLogger(__name__)
 
@@ -161,24 +161,37 @@ class TlsAcceptor:
             self._start_handshake(protocol, sock, address)
             return
 
-        def header_read(client: Optional[str]) -> None:
-            if client is None:  # a bad header, or none in time, or the peer went
+        deadline = self._loop.time() + self._timeout  # the header and the handshake together
+
+        def header_read(found: Optional[ProxyHeader]) -> None:
+            if found is None:  # a bad header, or none in time, or the peer went
                 self._give_back(protocol, sock, address)
                 return
-            protocol.proxied_client = client
-            self._start_handshake(protocol, sock, address)
+            if found.length:  # there was one (None: the peer speaks for itself)
+                protocol.proxied_client = found.client
+            left = max(0.001, deadline - self._loop.time())
+            self._start_handshake(protocol, sock, address, left)
 
         _ProxyHeaderReader(self._loop, sock, self._timeout, header_read, ip)
 
-    def _start_handshake(self, protocol: Admittable, sock: socket.socket, address: str) -> None:
-        task = self._loop.create_task(self._handshake(protocol, sock, address))
+    def _start_handshake(
+        self,
+        protocol: Admittable,
+        sock: socket.socket,
+        address: str,
+        timeout: Optional[float] = None,
+    ) -> None:
+        handshake = self._handshake(protocol, sock, address, timeout or self._timeout)
+        task = self._loop.create_task(handshake)
         self.handshakes.add(task)
         task.add_done_callback(self.handshakes.discard)
 
-    async def _handshake(self, protocol: Admittable, sock: object, address: str) -> None:
+    async def _handshake(
+        self, protocol: Admittable, sock: object, address: str, timeout: float
+    ) -> None:
         try:
             await self._loop.connect_accepted_socket(
-                lambda: protocol, sock, ssl=self._context, ssl_handshake_timeout=self._timeout
+                lambda: protocol, sock, ssl=self._context, ssl_handshake_timeout=timeout
             )  # type: ignore[arg-type]
         except (OSError, asyncio.TimeoutError):
             pass  # plaintext, a timeout, a reset: asyncio closed the socket
@@ -200,21 +213,21 @@ class TlsAcceptor:
 class _ProxyHeaderReader:
     """Takes a PROXY header off the front of *sock* (a trusted peer's, before TLS) without
     reading past it: it peeks at what arrived, takes off only bytes that are header, and
-    calls ``done(client)`` once it knows (``""``: no header, or one that keeps the peer's
-    address) or ``done(None)`` (a bad header, none within *timeout*, the peer gone).
-    Selector loops only (the acceptor is not used on others)."""
+    calls ``done(header)`` once it knows (a :class:`~router.proxies.ProxyHeader` of
+    length 0: there is none) or ``done(None)`` (a bad header, none within *timeout*, the
+    peer gone). Selector loops only (the acceptor is not used on others)."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
         sock: socket.socket,
         timeout: float,
-        done: Callable[[Optional[str]], None],
+        done: Callable[[Optional[ProxyHeader]], None],
         ip: str,
     ) -> None:
         self._loop = loop
         self._sock = sock
-        self._done: Optional[Callable[[Optional[str]], None]] = done
+        self._done: Optional[Callable[[Optional[ProxyHeader]], None]] = done
         self._ip = ip
         self._taken = bytearray()  # header bytes read off the socket so far
         sock.setblocking(False)
@@ -230,30 +243,39 @@ class _ProxyHeaderReader:
             self._finish(None, str(error))
             return
         if not peeked:
-            self._finish(None, "closed before TLS")
+            self._finish(None, "")  # gone before TLS (a health check): nothing to say
             return
         try:
             found = read_proxy_header(bytes(self._taken) + peeked)
+            if found is not None and found.length < len(self._taken):
+                raise BadProxyHeader("it started like one and then was not")
         except BadProxyHeader as error:
             self._finish(None, f"bad PROXY header: {error}")
             return
-        if found is None:  # everything so far is header: take it off and wait for more
-            self._taken += self._sock.recv(len(peeked))
+        # Take off only header bytes: all that was peeked while more is needed, else the
+        # rest of the header (peeked already: exactly those are there).
+        wanted = len(peeked) if found is None else found.length - len(self._taken)
+        try:
+            taken = self._sock.recv(wanted) if wanted else b""
+        except OSError as error:
+            self._finish(None, str(error))
             return
-        rest = found.length - len(self._taken)
-        if rest > 0:
-            self._sock.recv(rest)  # peeked already: exactly these are there
-        self._finish(found.client, "")
+        if len(taken) != wanted:
+            self._finish(None, "the PROXY header went missing between peek and read")
+            return
+        self._taken += taken
+        if found is not None:
+            self._finish(found, "")
 
-    def _finish(self, client: Optional[str], why: str) -> None:
+    def _finish(self, found: Optional[ProxyHeader], why: str) -> None:
         done, self._done = self._done, None
         if done is None:
             return
         self._timer.cancel()
         self._loop.remove_reader(self._sock.fileno())
-        if client is None:
+        if found is None and why:
             log.info("closing a connection from %s before TLS: %s", self._ip, why)
-        done(client)
+        done(found)
 
 
 class _Gate(asyncio.Protocol):

@@ -272,6 +272,7 @@
     let room = state.rooms.get(name);
     if (!room) {
       room = { name, after: 0, epoch: epoch || null, messages: [], members: [], unread: 0 };
+      room.pendingPrivate = []; // direct messages waiting for the room's stream to reach them
       state.rooms.set(name, room);
     }
     return room;
@@ -362,6 +363,7 @@
       const from = message.from === state.username ? "you" : message.from;
       body.append(tag, " ", isolated(from, "user"), " → ", isolated(to, "user"), ": ");
       body.append(linkified(message.text, "text"));
+      if (message.elsewhere) body.append(" (in #", isolated(message.room), ")");
     } else if ((message.kind === "join" || message.kind === "leave") && message.username) {
       // "alice joined lobby", built here so that both names are isolated.
       const verb = message.kind === "join" ? " joined " : " left ";
@@ -602,6 +604,7 @@
         added.push(room.messages[room.messages.length - 1]);
       }
 
+      flushPrivate(room, added, info);
       room.after = Math.max(room.after, info.after || 0);
       if (room.messages.length > MAX_MESSAGES_PER_ROOM) {
         room.messages.splice(0, room.messages.length - MAX_MESSAGES_PER_ROOM);
@@ -622,22 +625,46 @@
   // Direct messages (a list for the whole session, read with their own cursor) go into
   // their rooms at their place in the room's stream: after the room message `after`.
   function applyPrivate(data, fresh) {
-    if (data.private_missed && state.rooms.has(state.current)) {
-      const room = state.rooms.get(state.current);
-      if (!fresh.has(room.name)) fresh.set(room.name, { room, info: {}, added: [] });
-      notice(room, "Some private messages to you were dropped before this page could read them.");
-      fresh.get(room.name).added.push(room.messages[room.messages.length - 1]);
+    if (typeof data.private_after !== "number") return;
+    // A cursor past the server's newest: the session is a new one, its ids start again.
+    const after = data.private_after < state.privateAfter ? 0 : state.privateAfter;
+    const current = state.rooms.get(state.current);
+    if (data.private_missed && after > 0 && current) {
+      if (!fresh.has(current.name)) fresh.set(current.name, { room: current, info: {}, added: [] });
+      notice(current, "Some private messages to you were dropped before this page could read them.");
+      fresh.get(current.name).added.push(current.messages[current.messages.length - 1]);
     }
     for (const message of data.private || []) {
-      if (message.id <= state.privateAfter) continue;
-      const room = state.rooms.get(message.room);
-      if (!room) continue;
+      if (message.id <= after) continue;
+      let room = state.rooms.get(message.room);
+      if (!room) {
+        // A room this page does not show (joined in another tab, or joining): show it in
+        // the current one, saying where it was sent, rather than not at all.
+        room = current;
+        if (!room) continue;
+        message.elsewhere = true;
+      }
       if (!fresh.has(room.name)) fresh.set(room.name, { room, info: {}, added: [] });
-      const { added } = fresh.get(room.name);
-      insertInStream(room.messages, message, room.messages.length - added.length);
-      insertInStream(added, message, 0);
+      room.pendingPrivate.push(message);
     }
-    if (typeof data.private_after === "number") state.privateAfter = data.private_after;
+    state.privateAfter = data.private_after;
+  }
+
+  // The waiting direct messages of `room` whose place in its stream the page has reached
+  // (or all of them, once the room has nothing more to send) go in, at that place.
+  function flushPrivate(room, added, info) {
+    if (!room.pendingPrivate.length) return;
+    const caughtUp = !info.more;
+    const waiting = [];
+    for (const message of room.pendingPrivate) {
+      if (message.elsewhere || caughtUp || message.after <= room.after) {
+        insertInStream(room.messages, message, room.messages.length - added.length);
+        insertInStream(added, message, 0);
+      } else {
+        waiting.push(message);
+      }
+    }
+    room.pendingPrivate = waiting;
   }
 
   // Insert the direct message `item` into `list`, before the room messages (from index
@@ -732,6 +759,7 @@
   // The session expired (a sleeping laptop, a server restart): join every room again.
   async function resumeSession() {
     setStatus("connecting", "Reconnecting…");
+    state.privateAfter = 0; // the rejoins make a new session, which numbers them from 1
     for (const name of [...state.rooms.keys()]) {
       try {
         await joinRoom(name);

@@ -10,6 +10,7 @@ there (for the README).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -504,3 +505,60 @@ def test_a_member_gets_a_private_message_that_nobody_else_sees(
         carol.close()
     for watched in (alice, bob):
         assert watched.dialogs == [] and watched.errors == []
+
+
+@pytest.mark.timeout(60)
+def test_direct_messages_wait_for_their_place_and_survive_a_new_session(
+    browser: Browser, cluster: Cluster
+) -> None:
+    """Poll answers made up by the test (``page.route``), to reach the cases a live server
+    reaches only by chance: a direct message whose place in the room comes after a cut-off
+    answer (``more``), a new session whose ids start again below the page's cursor, and a
+    direct message for a room the page does not show."""
+    watched = open_chat(browser, cluster)
+    page = watched.page
+    join(watched, "pat", "placed")
+    epoch = page.evaluate("fetch('/api/poll?room=placed&after=0').then(r => r.json())")["epoch"]
+
+    def chat(seq: int) -> dict:
+        return {"id": seq, "room": "placed", "username": "kim", "text": f"m{seq}",
+                "type": "chat", "kind": "chat", "ts": 1.0 + seq}  # fmt: skip
+
+    def dm(number: int, after: int, text: str, room: str = "placed") -> dict:
+        return {"id": number, "room": room, "type": "private", "from": "kim", "to": "pat",
+                "text": text, "ts": 1.0 + after, "after": after}  # fmt: skip
+
+    def answer(seqs: List[int], more: bool, private: List[dict], private_after: int) -> dict:
+        last = seqs[-1] if seqs else 1
+        return {"messages": [chat(seq) for seq in seqs],
+                "rooms": {"placed": {"after": last, "epoch": epoch, "missed": False, "more": more}},
+                "missed": False, "more": more, "cursors": f"placed:{last}:{epoch}",
+                "private": private, "private_after": private_after,
+                "private_missed": False}  # fmt: skip
+
+    answers = [
+        answer([2, 3, 4, 5], True, [dm(1, 8, "after m8")], 1),  # the room is cut off at m5
+        answer([6, 7, 8, 9], False, [], 1),
+        answer([10], False, [dm(4, 10, "before the new session")], 4),
+        answer([11], False, [dm(1, 11, "new session"), dm(2, 11, "elsewhere", "other")], 2),
+    ]
+
+    def fake(route) -> None:  # noqa: ANN001
+        if answers:
+            route.fulfill(
+                status=200, content_type="application/json", body=json.dumps(answers.pop(0))
+            )
+        else:
+            route.continue_()
+
+    page.route("**/api/poll?*", fake)
+    page.evaluate("window.dispatchEvent(new Event('online'))")  # nudge a waiting poll
+    page.locator("#room-list").get_by_role("button").first.click()  # re-poll
+    expect_line(watched, "m11")
+    texts = page.locator("#log li").all_inner_texts()
+    order = [next(i for i, text in enumerate(texts) if needle in text)
+             for needle in ("m8", "after m8", "m9", "new session", "elsewhere")]  # fmt: skip
+    assert order == sorted(order), texts
+    assert any("(in #" in text and "elsewhere" in text for text in texts)
+    # (the real server then sees a cursor it never gave out, and may answer 429: fine)
+    assert [error for error in watched.errors if "429" not in error] == []

@@ -330,6 +330,23 @@ def test_a_proxy_header_before_tls_names_the_client(certificate: Tuple[Path, Pat
                 statuses.append(https.getresponse().status)
                 https.close()
             assert statuses == [200, 429, 200]
+            # Without a PROXY header, HTTPS from the trusted proxy still names the client
+            # with X-Forwarded-For (a proxy that re-encrypts: nginx proxy_pass https://).
+            statuses = []
+            for client in ("192.0.2.80", "192.0.2.80", "192.0.2.81"):
+                https = http.client.HTTPSConnection(
+                    "localhost", proxied.http_port, timeout=10, context=client_context(cert)
+                )
+                body = json.dumps({"room": "ptxff", "username": f"x{len(statuses)}"})
+                headers = {"Content-Type": "application/json", "X-Forwarded-For": client}
+                https.request("POST", "/api/join", body=body, headers=headers)
+                statuses.append(https.getresponse().status)
+                https.close()
+            assert statuses == [200, 429, 200]
+            # And on the line protocol a PROXY line inside TLS still names the client.
+            inside, five = line_client(b"")
+            inside.sendall(v1("192.0.2.60") + b"JOIN pt5 e\n")
+            assert read_line(inside, five) == "ERROR too many rooms for one address"
         finally:
             for sock in opened:
                 sock.close()
