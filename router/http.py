@@ -41,7 +41,7 @@ from router.http_static import StaticFiles
 from router.hub import Hub
 from router.policy import SessionRateLimit, address_key, close_refused
 from router.reading import SharedBufferReading, reading_class
-from router.tls import listener_options, protocol_factory
+from router.tls import create_listener
 from web import WEB_ROOT
 
 log = logging.getLogger(__name__)
@@ -512,16 +512,9 @@ async def start_http_server(
     hub.metrics.connections["http"] = lambda: len(connections)
     hub.metrics.sessions = lambda: len(api.sessions)
     connection_class = reading_class(loop, HttpConnection, BufferedHttpConnection)
-    accept = protocol_factory(
-        loop,
-        tls,
-        hub.settings.tls_handshake_timeout,
-        hub.limiter,
-        lambda: connection_class(api, connections),
-        hub.settings.trusted_proxies.trusts,
-    )
-    tls_options = listener_options(loop, tls, hub.settings.tls_handshake_timeout)
-    server = await loop.create_server(
-        accept, host, port, start_serving=start_serving, backlog=backlog, **tls_options
-    )
+    server = await create_listener(
+        loop, lambda: connection_class(api, connections), host, port, context=tls,
+        settings=hub.settings, limiter=hub.limiter, start_serving=start_serving,
+        backlog=backlog,
+    )  # fmt: skip
     return HttpServer(server, api, connections)

@@ -131,8 +131,6 @@ class HttpSession(Client):
         #: all and an answer that was lost is read again. Bounded: MAX_PRIVATE_KEPT(_CHARS).
         self.private: Deque[Dict[str, Any]] = deque()
         self._private_chars = 0
-        #: The id of the newest direct message (0: none yet).
-        self.private_last = 0
         self.last_seen = time.monotonic()
         self.ended = False
 
@@ -177,6 +175,12 @@ class HttpSession(Client):
             if room in poll.rooms:
                 poll.wake()
 
+    @property
+    def private_last(self) -> int:
+        """The id of the newest direct message (0: none yet). The bounds drop only the
+        oldest, and never the last one, so it is always the deque's last."""
+        return self.private[-1]["id"] if self.private else 0
+
     def private_after(self, after: int) -> Tuple[List[Dict[str, Any]], int, bool]:
         """For a poll whose direct-message cursor is *after*: the messages after it, the
         new cursor, and whether some it had not read are gone (dropped as the oldest). A
@@ -201,8 +205,7 @@ class HttpSession(Client):
 
     def deliver_private(self, room: str, event: m.Event) -> None:
         _, _, _, _, sender, to, ts, after, text, _ = event
-        self.private_last += 1
-        message = {"id": self.private_last, "room": room, "type": "private", "from": sender,
+        message = {"id": self.private_last + 1, "room": room, "type": "private", "from": sender,
                    "to": to, "text": text, "ts": round(ts, 3), "after": after}  # fmt: skip
         self.private.append(message)
         self._private_chars += len(text)

@@ -39,7 +39,7 @@ from router.policy import TokenBucket, address_key, close_refused
 from router.proxies import BadProxyHeader, read_proxy_header
 from router.reading import SharedBufferReading, reading_class
 from router.settings import Settings
-from router.tls import listener_options, protocol_factory
+from router.tls import create_listener
 
 log = logging.getLogger(__name__)
 
@@ -823,16 +823,7 @@ async def start_tcp_server(
     loop = asyncio.get_running_loop()
     listener = TcpListener(hub, loop)
     hub.metrics.connections["tcp"] = lambda: len(listener.connections)
-    settings = hub.settings
-    accept = protocol_factory(
-        loop,
-        tls,
-        settings.tls_handshake_timeout,
-        hub.limiter,
-        listener.new_connection,
-        settings.trusted_proxies.trusts,
-    )
-    tls_options = listener_options(loop, tls, settings.tls_handshake_timeout)
-    return await loop.create_server(
-        accept, host, port, start_serving=start_serving, backlog=backlog, **tls_options
-    )
+    return await create_listener(
+        loop, listener.new_connection, host, port, context=tls, settings=hub.settings,
+        limiter=hub.limiter, start_serving=start_serving, backlog=backlog,
+    )  # fmt: skip

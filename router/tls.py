@@ -31,6 +31,7 @@ from typing import Callable, Optional, Protocol, Set
 
 from router.policy import ConnectionLimiter, address_key
 from router.proxies import PROXY_V2_MAX_BYTES, BadProxyHeader, ProxyHeader, read_proxy_header
+from router.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,35 @@ def protocol_factory(
     if context is None or not counts_handshakes(loop):
         return factory
     return TlsAcceptor(loop, context, handshake_timeout, limiter, factory, trusts).gate
+
+
+async def create_listener(
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], Admittable],
+    host: str,
+    port: int,
+    *,
+    context: Optional[ssl.SSLContext],
+    settings: Settings,
+    limiter: ConnectionLimiter,
+    start_serving: bool,
+    backlog: int,
+) -> asyncio.AbstractServer:
+    """Bind a listener whose connections *factory* makes: plaintext, or TLS-only with
+    *context* (through a :class:`TlsAcceptor` where it works, else asyncio's own TLS).
+    Both transports' listeners are made here. Raises ``OSError`` if it cannot bind."""
+    timeout = settings.tls_handshake_timeout
+    accept = protocol_factory(
+        loop, context, timeout, limiter, factory, settings.trusted_proxies.trusts
+    )
+    return await loop.create_server(
+        accept,
+        host,
+        port,
+        start_serving=start_serving,
+        backlog=backlog,
+        **listener_options(loop, context, timeout),
+    )
 
 
 def counts_handshakes(loop: asyncio.AbstractEventLoop) -> bool:

@@ -209,8 +209,9 @@ def user_line_to_command(line: str, state: ClientState) -> UserAction:
     if not line.startswith("/"):
         return _message(line, state)
     name, _, rest = line[1:].partition(" ")
-    if name.lower() == "dm":
-        return _direct_message(rest, state)  # its text is kept as typed, like a message's
+    with_text = _TEXT_COMMANDS.get(name.lower())
+    if with_text is not None:
+        return with_text(rest, state)
     command = _SLASH_COMMANDS.get(name.lower())
     if command is None:
         return _notice(state, f"! unknown command /{name}; type /help for the commands")
@@ -335,6 +336,12 @@ _SLASH_COMMANDS: dict[str, Callable[[list[str], ClientState], UserAction]] = {
     "names": _names,
     "history": _history,
     "help": _help,
+}
+
+#: Commands whose last argument is text, handed the rest of the line as typed (its spaces
+#: kept, like a message's) instead of split into names.
+_TEXT_COMMANDS: dict[str, Callable[[str, ClientState], UserAction]] = {
+    "dm": _direct_message,
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Tuple
 
 import pytest
 
@@ -76,6 +76,18 @@ def drain(client: LineClient) -> None:
             return
 
 
+def alice_and_dave(
+    cluster: Cluster, clients: List[LineClient], browsers: List[Api], room: str
+) -> Tuple[LineClient, Api, str]:
+    """alice on the line protocol and dave in a browser, both in *room*, with dave's
+    cursors read and alice's lines about him read away."""
+    alice = line_member(cluster, clients, room, "alice")
+    dave = browser_member(cluster, browsers, room, "dave")
+    cursors = dave.poll(f"room={room}&after=0")["cursors"]
+    drain(alice)
+    return alice, dave, cursors
+
+
 def private_of(payload: dict) -> List[dict]:
     return payload["private"]
 
@@ -111,10 +123,7 @@ def test_a_direct_message_reaches_its_recipient_and_its_sender_only(
 def test_direct_messages_cross_the_protocols(
     cluster: Cluster, clients: List[LineClient], browsers: List[Api], room: str
 ) -> None:
-    alice = line_member(cluster, clients, room, "alice")
-    dave = browser_member(cluster, browsers, room, "dave")
-    cursors = dave.poll(f"room={room}&after=0")["cursors"]
-    drain(alice)
+    alice, dave, cursors = alice_and_dave(cluster, clients, browsers, room)
     reply = dave.post("/api/privmsg", {"room": room, "to": "ALICE", "text": "from the web"})
     assert reply.status == 200 and reply.json == {"ok": True, "room": room, "to": "alice"}
     alice.expect(f"PRIVMSG {room} dave alice from the web")
@@ -203,10 +212,7 @@ def test_direct_messages_are_not_in_history_nor_on_disk(
 def test_direct_messages_waiting_for_a_session_are_bounded(
     cluster: Cluster, clients: List[LineClient], browsers: List[Api], room: str
 ) -> None:
-    alice = line_member(cluster, clients, room, "alice")
-    dave = browser_member(cluster, browsers, room, "dave")
-    cursors = dave.poll(f"room={room}&after=0")["cursors"]
-    drain(alice)
+    alice, dave, cursors = alice_and_dave(cluster, clients, browsers, room)
     extra = 5
     for number in range(MAX_PRIVATE_KEPT + extra):
         alice.send(f"PRIVMSG {room} dave n{number}")
