@@ -95,7 +95,8 @@ def test_terminal_client_comes_back_after_a_server_restart_on_the_same_port() ->
         client.type("back again\r")
         bob.expect("MSG lobby carol back again")
         client.type("/quit\r")
-        assert client.wait() == 0
+        status = client.wait()
+        assert status == 0, (client.output, client.proc.stderr.read().decode(errors="replace"))
         bob.expect("INFO carol left lobby")
     finally:
         client.close()
