@@ -389,3 +389,13 @@ MAX_POLLS_PER_SESSION = 4
 #: Browser sessions the router keeps at most; past it ``/api/join`` answers ``503``, so
 #: creating sessions cannot exhaust the router's memory.
 MAX_HTTP_SESSIONS = 100_000
+
+
+# --- a router tier (--routers N) -------------------------------------------------------------
+
+#: Bytes of one forwarded request or answer between two routers of a tier (a request's
+#: body is at most MAX_HTTP_BODY_BYTES, a poll answer about MAX_POLL_ANSWER_BYTES): a
+#: frame past it is refused, so a bad frame cannot make a router hold more.
+MAX_FORWARDED_BYTES = 8 * 1024 * 1024
+#: Routers at most (``--routers``): each is a process with a pipe pair to every shard.
+MAX_ROUTERS = 64

@@ -28,8 +28,10 @@ from router.http_hosts import WILDCARD_ADDRESSES
 from router.hub import Hub
 from router.policy import ConnectionLimiter, FdBudget, raise_fd_limit
 from router.settings import Settings
-from router.shards import ShardPool, ShardStartError, describe_error
+from router.shards import ShardPool, ShardStartError, TierShardPool, describe_error
+from router.siblings import Siblings, serve_siblings, token_prefix
 from router.tcp import start_tcp_server
+from router.tier import Seat, listen_to_supervisor
 from router.tls import TlsError, server_context
 from router.tls import reload as reload_tls
 
@@ -96,8 +98,10 @@ def same_port_message(port: int) -> Optional[str]:
 class Router:
     """One running router: hub, shard pool, listeners. Use :func:`serve`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, seat: Optional[Seat] = None) -> None:
         self.settings = settings
+        #: This router's place in a router tier (``--routers N``), None on its own.
+        self.seat = seat
         self.loop = asyncio.get_running_loop()
         self.loop.set_exception_handler(_log_loop_error)
         #: Every descriptor the router holds, against its open-file limit (raised to the
@@ -111,6 +115,7 @@ class Router:
         self.hub = Hub(self.loop, settings, limiter)
         self.pool: Optional[ShardPool] = None
         self.servers: List[asyncio.AbstractServer] = []
+        self.sibling_server: Optional[asyncio.AbstractServer] = None
         self.stop_requested = asyncio.Event()  # set it (or send SIGINT/SIGTERM) to stop
         self._recounter: Optional[asyncio.TimerHandle] = None
         #: Connections asyncio accepts per wake-up: few under an open-file limit (they
@@ -127,20 +132,27 @@ class Router:
         batch = self.accept_batch
         tls = self.tls
 
-        def start_tcp(hub: Hub, host: str, port: int) -> Awaitable[asyncio.AbstractServer]:
-            return start_tcp_server(hub, host, port, backlog=batch, tls=tls)
+        def start_tcp(
+            hub: Hub, host: str, port: int, **where: Any
+        ) -> Awaitable[asyncio.AbstractServer]:
+            return start_tcp_server(hub, host, port, backlog=batch, tls=tls, **where)
 
         listeners = [("tcp", config.tcp_port, start_tcp)]
         if config.http_port is not None:
             from router.http import start_http_server
 
-            def start_http(hub: Hub, host: str, port: int) -> Awaitable[asyncio.AbstractServer]:
-                return start_http_server(hub, host, port, backlog=batch, tls=tls)
+            def start_http(
+                hub: Hub, host: str, port: int, **where: Any
+            ) -> Awaitable[asyncio.AbstractServer]:
+                return start_http_server(hub, host, port, backlog=batch, tls=tls, **where)
 
             listeners.append(("http", config.http_port, start_http))
         for kind, port, start in listeners:
+            where = self.seat.listener(kind) if self.seat is not None else {}
+            if self.seat is not None:
+                port = self.seat.ports[kind]
             try:
-                self.servers.append(await start(self.hub, config.host, port))
+                self.servers.append(await start(self.hub, config.host, port, **where))
             except OSError as error:
                 self.close_listeners()
                 raise PortInUse(port_in_use_message(kind, config.host, port, error)) from error
@@ -148,6 +160,9 @@ class Router:
     def start_shards(self) -> None:
         """Start the shard processes. Raises :class:`ShardStartError` (the ones already
         started are closed again; join them with ``pool.join``)."""
+        if self.seat is not None:
+            self._attach_to_tier(self.seat)
+            return
         context = multiprocessing.get_context(self.settings.start_method)
         self.pool = ShardPool(
             self.settings.shard_count(),
@@ -166,6 +181,32 @@ class Router:
         self.fds.reconcile()
         self._warn_if_few_connections()
         self._recounter = self.loop.call_later(TIMER_SWEEP_INTERVAL, self._recount)
+
+    def _attach_to_tier(self, seat: Seat) -> None:
+        """Use the supervisor's shards (pipes in *seat*), and number our clients so that
+        the shards know they are ours (shard/fanout.py)."""
+        self.hub.number_clients(seat.routers + seat.index, seat.routers)
+        self.pool = TierShardPool(
+            seat.shard_pipes, self.loop, self.hub, self.settings.pipe_io, self.fds
+        )
+        self.pool.start()
+        self.hub.attach(self.pool)
+        self.fds.reconcile()
+        self._recounter = self.loop.call_later(TIMER_SWEEP_INTERVAL, self._recount)
+
+    async def serve_siblings(self) -> None:
+        """In a tier: session tokens name this router, and the other routers' requests
+        for its sessions are answered on its sibling port (router/siblings.py)."""
+        seat = self.seat
+        http = next((s for s in self.servers if hasattr(s, "api")), None)
+        if seat is None or http is None:
+            return
+        api = http.api  # type: ignore[attr-defined]
+        api.sessions.token_prefix = token_prefix(seat.index)
+        api.siblings = Siblings(seat.index, seat.sibling_ports, seat.secret)
+        self.sibling_server = await serve_siblings(
+            seat.sibling_socket, seat.secret, api.answer_forwarded
+        )
 
     def _warn_if_few_connections(self) -> None:
         capacity = self.fds.capacity()
@@ -195,7 +236,9 @@ class Router:
                 if self.accept_batch < LISTEN_QUEUE:
                     _lengthen_listen_queue(sock)
                 host, port = sock.getsockname()[:2]
-                log.info("listening %s %s:%d%s", kind, host, port, " (TLS)" if self.tls else "")
+                level = logging.INFO if self.seat is None else logging.DEBUG  # the supervisor's
+                tls = " (TLS)" if self.tls else ""
+                log.log(level, "listening %s %s:%d%s", kind, host, port, tls)
         if len(self.servers) > 1:
             self._log_allowed_hosts()
 
@@ -215,6 +258,8 @@ class Router:
     def close_listeners(self) -> None:
         for server in self.servers:
             server.close()
+        if self.sibling_server is not None:
+            self.sibling_server.close()
 
     async def shutdown(self) -> None:
         """Stop accepting, tell everyone, let the writes go out, stop the shards."""
@@ -231,13 +276,19 @@ class Router:
             await asyncio.to_thread(self.pool.join, SHARD_STOP_TIMEOUT)
 
 
-async def serve(settings: Settings, ready: Optional[Callable[[Router], None]] = None) -> int:
+async def serve(
+    settings: Settings,
+    ready: Optional[Callable[[Router], None]] = None,
+    seat: Optional[Seat] = None,
+) -> int:
     """Run a router until SIGINT/SIGTERM (or ``router.stop_requested`` is set). Returns the
     exit status: 0 after a clean shutdown, 1 if the data directory is unusable or a port
     could not be bound.
 
-    *ready* is called with the router once it accepts connections."""
-    if settings.data_dir is not None:
+    *ready* is called with the router once it accepts connections. With *seat*, it is
+    one router of a tier (router/tier.py): the supervisor checked the data directory, bound
+    the ports and started the shards."""
+    if settings.data_dir is not None and seat is None:
         from shard.slot_files import StorageError, check_data_dir
 
         try:
@@ -252,7 +303,7 @@ async def serve(settings: Settings, ready: Optional[Callable[[Router], None]] = 
             log.error("%s", message)
             return 1
     try:
-        router = Router(settings)
+        router = Router(settings, seat)
     except TlsError as error:
         log.error("%s", error)
         return 1
@@ -269,12 +320,15 @@ async def serve(settings: Settings, ready: Optional[Callable[[Router], None]] = 
         if router.pool is not None:
             await asyncio.to_thread(router.pool.join, SHARD_STOP_TIMEOUT)
         return 1
-    if settings.data_dir is not None:
+    if seat is not None:
+        pass  # the supervisor says where history is kept
+    elif settings.data_dir is not None:
         log.info("history kept in %s (--in-memory to keep none)", settings.data_dir)
     else:
         log.info("history kept in memory only: it is lost when a shard stops")
     try:
         await router.start_serving()
+        await router.serve_siblings()
     except PortInUse as error:
         log.error("%s", error)
         router.close_listeners()
@@ -288,6 +342,8 @@ async def serve(settings: Settings, ready: Optional[Callable[[Router], None]] = 
             router.loop.add_signal_handler(signal.SIGHUP, reload_tls, context, cert, key)
         except (NotImplementedError, RuntimeError):
             pass  # no signal handlers on this loop: restart to load a new certificate
+    if seat is not None:
+        listen_to_supervisor(seat, router)
     if ready is not None:
         ready(router)
     await router.stop_requested.wait()

@@ -9,12 +9,13 @@ import os
 import sys
 from typing import Any, Callable, List, Optional
 
-from common.limits import MAX_SHARDS
+from common.limits import MAX_ROUTERS, MAX_SHARDS
 from common.proctitle import set_process_name
 from router.app import run
 from router.http_hosts import AllowedHosts
 from router.proxies import PROXY_HEADERS, TrustedProxies
 from router.settings import Settings, default_shard_count
+from router.tier import LISTENER_MODES, default_listener_mode, run_supervisor
 
 #: Where history is kept unless ``--data-dir`` or ``--in-memory`` says otherwise (relative
 #: to the working directory).
@@ -32,6 +33,13 @@ def _shards(text: str) -> int:
     count = int(text)
     if not 1 <= count <= MAX_SHARDS:
         raise argparse.ArgumentTypeError(f"shards must be 1-{MAX_SHARDS}, got {count}")
+    return count
+
+
+def _routers(text: str) -> int:
+    count = int(text)
+    if not 1 <= count <= MAX_ROUTERS:
+        raise argparse.ArgumentTypeError(f"routers must be 1-{MAX_ROUTERS}, got {count}")
     return count
 
 
@@ -76,6 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_shard_count(),
         help=f"number of shard processes (default: CPU count, at least 2; now "
         f"{default_shard_count()})",
+    )
+    parser.add_argument(
+        "--routers",
+        type=_routers,
+        default=1,
+        help=f"number of router processes accepting on the same ports (default 1; at most "
+        f"{MAX_ROUTERS}); more than one: a supervisor starts them, see docs/ARCHITECTURE.md",
+    )
+    parser.add_argument(
+        "--listener",
+        choices=LISTENER_MODES,
+        default=default_listener_mode(),
+        help="how several routers share a port: reuseport (each binds it with SO_REUSEPORT "
+        "and the kernel balances; the default on Linux) or shared (one socket they all "
+        f"accept on; the default elsewhere; now {default_listener_mode()})",
     )
     parser.add_argument(
         "--log-level",
@@ -264,6 +287,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         tcp_port=args.tcp_port,
         http_port=args.http_port,
         shards=args.shards,
+        routers=args.routers,
         log_level=args.log_level,
         start_method=args.start_method,
         crash_shard=args.fault_crash_shard,
@@ -293,7 +317,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     # The lifecycle lines (listening on..., shards started/restarted, stopped) are printed
     # whatever the level: people and tools read the real ports from them.
-    for name in ("router.app", "router.shards"):
+    for name in ("router.app", "router.shards", "router.tier"):
         logger = logging.getLogger(name)
         logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
-    return run(settings_from_args(args))
+    settings = settings_from_args(args)
+    if settings.routers > 1:
+        return run_supervisor(settings, args.listener)
+    return run(settings)

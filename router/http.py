@@ -497,6 +497,7 @@ async def start_http_server(
     start_serving: bool = False,
     backlog: int = LISTEN_QUEUE,
     tls: Optional[ssl.SSLContext] = None,
+    **where: Any,
 ) -> asyncio.AbstractServer:
     """Bind the HTTP listener (browser UI and JSON API; HTTPS only with *tls*, and its
     session cookies ``Secure``), not yet accepting unless
@@ -515,6 +516,6 @@ async def start_http_server(
     server = await create_listener(
         loop, lambda: connection_class(api, connections), host, port, context=tls,
         settings=hub.settings, limiter=hub.limiter, start_serving=start_serving,
-        backlog=backlog,
+        backlog=backlog, **where,
     )  # fmt: skip
     return HttpServer(server, api, connections)

@@ -9,6 +9,7 @@ codes, never messages) and a message. See ``docs/PROTOCOL.md``, "JSON API (HTTP)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -29,6 +30,7 @@ from router.hub import Client, Hub
 from router.metrics import CONTENT_TYPE as METRICS_TYPE
 from router.metrics import render as render_metrics
 from router.shards import ShardState
+from router.siblings import Siblings
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +227,8 @@ class HttpApi:
         #: The listener speaks TLS: session cookies get ``Secure``.
         self.secure_cookies = False
         self._anonymous = hub.add(_Anonymous())
+        #: The tier's other routers (``--routers N``), None for a router on its own.
+        self.siblings: Optional[Siblings] = None
         self._routes: Dict[str, Dict[str, Handler]] = {
             "/healthz": {"GET": self._healthz},
             "/metrics": {"GET": self._metrics},
@@ -241,7 +245,47 @@ class HttpApi:
 
     def handle(self, request: Request, exchange: Exchange) -> None:
         """Answer *request* through *exchange* (now or later). Never raises: refusals
-        become error responses, and anything unexpected is logged and answered 500."""
+        become error responses, and anything unexpected is logged and answered 500.
+        In a router tier, a request of another router's session is answered by that
+        router (router/siblings.py)."""
+        if self.siblings is not None and request.path.startswith("/api/"):
+            owner = self.siblings.foreign_owner(cookie_value(request, COOKIE_NAME))
+            if owner is not None:
+                self._forward(owner, request, exchange)
+                return
+        self._handle_here(request, exchange)
+
+    def answer_forwarded(
+        self, request: Request, address: str, https: bool, respond: Callable[[Response], None]
+    ) -> Callable[[], None]:
+        """Answer a request another router of the tier took for one of our sessions;
+        returns what to call if that router stops waiting."""
+        exchange = Exchange(respond, address, https)
+        self._handle_here(request, exchange)
+        return exchange.cancel
+
+    def _forward(self, owner: int, request: Request, exchange: Exchange) -> None:
+        assert self.siblings is not None
+        hop = self.hub.loop.create_task(
+            self.siblings.forward(owner, request, exchange.address, exchange.https)
+        )
+        exchange.on_cancel(hop.cancel, abandon_on_eof=request.path == "/api/poll")
+
+        def answered(task: asyncio.Task) -> None:
+            if task.cancelled() or exchange.finished:
+                return
+            error = task.exception()
+            if error is not None:
+                log.error("forwarding to router %d failed", owner, exc_info=error)
+            response = task.result() if error is None else None
+            if response is not None:
+                exchange.respond(response)
+            else:  # the owner is gone, and its sessions with it: unknown here too
+                self._handle_here(request, exchange)
+
+        hop.add_done_callback(answered)
+
+    def _handle_here(self, request: Request, exchange: Exchange) -> None:
         try:
             self._dispatch(request, exchange)
         except ApiError as error:

@@ -264,6 +264,8 @@ class SessionStore:
         self.loop = loop
         self.ttl = ttl
         self.sessions: Dict[str, HttpSession] = {}
+        #: What tokens start with: ``r<index>.`` in a router tier (router/siblings.py).
+        self.token_prefix = ""
         self._sweeper: Optional[asyncio.TimerHandle] = None
 
     def __len__(self) -> int:
@@ -280,7 +282,7 @@ class SessionStore:
         """A new session for *username*, registered with the hub. The caller has checked
         the caps (``MAX_HTTP_SESSIONS``, and counted it for *address* with
         ``hub.addresses.session_refusal``); :meth:`end` gives the address's slot back."""
-        token = secrets.token_urlsafe(32)
+        token = self.token_prefix + secrets.token_urlsafe(32)
         session = HttpSession(self.hub, token, username, address)
         self.sessions[token] = session
         if self._sweeper is None:

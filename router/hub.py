@@ -229,6 +229,11 @@ class Hub:
             m.PRIVMSG: self._complete_privmsg,
         }
 
+    def number_clients(self, first: int, step: int) -> None:
+        """Give clients the ids *first*, *first* + *step*, ... (router *r* of a tier of *N*:
+        ``N + r`` and steps of *N*, so that a shard knows each client's router)."""
+        self._cids = itertools.count(first, step)
+
     def attach(self, pool: ShardPool) -> None:
         self.pool = pool
         self._shard_of = pool.index_of
@@ -601,8 +606,12 @@ class Hub:
                 continue
             i += 1
             if not event[m.EVENT_REQ]:
-                if op == m.LEFT:
-                    self._left(event[3], event[2], event[4], None, None)  # part of a DROP
+                if op == m.LEFT:  # part of a DROP, or another router's client's LEAVE
+                    self._left(event[3], event[2], event[4], None, None)
+                elif op == m.JOINED:  # another router's client (a router tier)
+                    self._member_joined(event, None, None)
+                elif op == m.PRIVATE:  # from another router's client to one of ours
+                    self._deliver_private_to(event[3], event)
                 else:
                     self._on_storage(event[2], event[3], event[4])
                 continue
@@ -664,6 +673,8 @@ class Hub:
         by_room: Dict[str, List[m.Event]] = {}
         for event in run:
             by_room.setdefault(event[2], []).append(event)
+            if not event[1]:
+                continue  # another router's client's message (a router tier)
             command = commands.popleft()
             if flight.timed_out:
                 flight.timed_out -= 1
@@ -743,12 +754,16 @@ class Hub:
     def _deliver_private(self, command: m.Command, event: m.Event) -> None:
         """A direct message to its recipient, and to its sender (the echo: its outcome),
         once if they are the same client. Either may be gone by now."""
-        sender_cid, room, to_cid = command[m.CID], event[2], event[3]
+        sender_cid, to_cid = command[m.CID], event[3]
         self.metrics.private_messages += 1
         for cid in (sender_cid, to_cid) if sender_cid != to_cid else (to_cid,):
-            record = self.records.get(cid)
-            if record is not None and not record.gone:
-                self._tell(record.client.deliver_private, room, event)
+            self._deliver_private_to(cid, event)
+
+    def _deliver_private_to(self, cid: int, event: m.Event) -> None:
+        """A direct message to client *cid*, if it is still here."""
+        record = self.records.get(cid)
+        if record is not None and not record.gone:
+            self._tell(record.client.deliver_private, event[2], event)
 
     def _complete_leave(self, command: m.Command, event: m.Event) -> None:
         on_done, on_fail = self._handlers_for(command)

@@ -34,6 +34,7 @@ class Settings:
     tcp_port: int = 5000
     http_port: Optional[int] = 8000
     shards: int = 0  # 0: default_shard_count()
+    routers: int = 1  # router processes (--routers); more than 1: a tier (router/tier.py)
     log_level: str = "INFO"
     start_method: str = "spawn"
     pipe_io: str = ""  # "selector" or "threads"; "": the platform's default (router.pipes)

@@ -456,3 +456,132 @@ class ShardPool:
     def join(self, timeout: float) -> None:
         for link in self.links:
             link.join(timeout)
+
+
+# --- a router of a router tier (``--routers N``): the supervisor owns the shards -----------
+
+
+class _Attachment:
+    """Stands for the shard process in a tier router: the supervisor owns the process;
+    this router only has its two pipe ends (one attachment per pair it was given)."""
+
+    pid: Optional[int] = None
+    exitcode: Optional[int] = None
+
+    def close(self) -> None:
+        pass
+
+
+class TierShardLink(ShardLink):
+    """A shard of a router tier: its pipes come from the supervisor (at start, and again
+    after the supervisor restarted the shard); this router never starts or stops it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._given: Optional[tuple] = None
+
+    def give(self, commands_out: Connection, events_in: Connection) -> None:
+        """The pipe pair to use at the next :meth:`start`."""
+        self._given = (commands_out, events_in)
+
+    def start(self) -> None:
+        if self._given is None:
+            raise ShardStartError(self.index, RuntimeError("no pipes from the supervisor"))
+        commands_out, events_in = self._given
+        self._given = None
+        attachment = _Attachment()
+        self.process = attachment
+        try:
+            self._connect(attachment, commands_out, events_in)
+        except (OSError, RuntimeError) as error:
+            commands_out.close()
+            events_in.close()
+            raise ShardStartError(self.index, error) from None
+        self.state = ShardState.RUNNING
+        self.epoch += 1
+
+    def join(self, timeout: float) -> None:
+        pass  # the supervisor's process, not ours
+
+
+class TierShardPool(ShardPool):
+    """The shards as one router of a tier sees them: attached to the pipes the supervisor
+    made; a shard that dies is down here until the supervisor says it is back
+    (:meth:`on_supervisor`), or lost."""
+
+    def __init__(
+        self,
+        pipes: List[tuple],
+        loop: asyncio.AbstractEventLoop,
+        listener: ShardListener,
+        pipe_io: str = "",
+        fds: Optional[FdBudget] = None,
+    ) -> None:
+        self._loop = loop
+        self._listener = listener
+        self.links = [
+            TierShardLink(
+                i,
+                multiprocessing.get_context("spawn"),
+                loop,
+                listener,
+                self._on_exit,
+                pipe_io=pipe_io,
+            )  # fmt: skip
+            for i in range(len(pipes))
+        ]
+        for link, (commands_out, events_in) in zip(self.links, pipes):
+            link.give(commands_out, events_in)
+        self._room_shard = {}
+        self._restarts = {i: deque() for i in range(len(pipes))}
+        self.restarts_done = {}
+        self.give_ups = {}
+        self.stopping = False
+        self._fds = fds
+        if fds is not None:
+            fds.shard_fds_set_aside = len(pipes) * SHARD_FDS
+
+    def start(self) -> None:
+        """Attach every shard's pipes. Raises :class:`ShardStartError`."""
+        try:
+            for link in self.links:
+                link.start()
+        finally:
+            self._count_fds()
+        log.debug("attached to %d shards", len(self.links))
+
+    def _on_exit(self, link: ShardLink) -> None:
+        self._count_fds()
+        if self.stopping:
+            return
+        link.state = ShardState.RESTARTING  # the supervisor restarts it, or gives up
+        log.error("shard %d is down; waiting for the supervisor to restart it", link.index)
+        self._listener.on_shard_down(link.index)
+
+    def on_supervisor(self, message: tuple) -> None:
+        """``("shard", index, commands_out, events_in)``: shard *index* was restarted, here
+        are the new pipes; ``("lost", index)``: the supervisor gave up on it."""
+        kind, index = message[0], message[1]
+        link = self.links[index]
+        if self.stopping:
+            for end in message[2:]:
+                end.close()
+            return
+        if kind == "lost":
+            link.state = ShardState.GIVEN_UP
+            self.give_ups[index] = self.give_ups.get(index, 0) + 1
+            self._listener.on_shard_lost(index)
+            return
+        if link.state is ShardState.RUNNING:  # restarted before its end-of-file got here
+            link._exited(link.process)
+        link.give(message[2], message[3])
+        try:
+            link.start()
+        except ShardStartError as error:
+            log.error("shard %d: cannot attach its new pipes (%s)", index, error.reason)
+            return
+        finally:
+            self._count_fds()
+        self.restarts_done[index] = self.restarts_done.get(index, 0) + 1
+        log.info("shard %d restarted (epoch %d)", index, link.epoch)
+        self._listener.on_shard_restarted(index)

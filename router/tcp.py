@@ -816,14 +816,16 @@ async def start_tcp_server(
     start_serving: bool = False,
     backlog: int = LISTEN_QUEUE,
     tls: Optional[ssl.SSLContext] = None,
+    **where: Any,
 ) -> asyncio.AbstractServer:
     """Bind the line-protocol listener (not yet accepting unless *start_serving*). asyncio
     accepts up to *backlog* connections per loop wake-up and listens with it. With *tls*,
-    it speaks TLS only."""
+    it speaks TLS only. *where*: ``sock`` or ``reuse_port`` (a router tier, see
+    :func:`router.tls.create_listener`)."""
     loop = asyncio.get_running_loop()
     listener = TcpListener(hub, loop)
     hub.metrics.connections["tcp"] = lambda: len(listener.connections)
     return await create_listener(
         loop, listener.new_connection, host, port, context=tls, settings=hub.settings,
-        limiter=hub.limiter, start_serving=start_serving, backlog=backlog,
+        limiter=hub.limiter, start_serving=start_serving, backlog=backlog, **where,
     )  # fmt: skip

@@ -106,20 +106,26 @@ async def create_listener(
     limiter: ConnectionLimiter,
     start_serving: bool,
     backlog: int,
+    sock: Optional[socket.socket] = None,
+    reuse_port: bool = False,
 ) -> asyncio.AbstractServer:
     """Bind a listener whose connections *factory* makes: plaintext, or TLS-only with
     *context* (through a :class:`TlsAcceptor` where it works, else asyncio's own TLS).
-    Both transports' listeners are made here. Raises ``OSError`` if it cannot bind."""
+    Both transports' listeners are made here. Raises ``OSError`` if it cannot bind.
+    A router of a tier listens on the supervisor's *sock*, or binds with *reuse_port*
+    (``SO_REUSEPORT``: the kernel spreads the connections over the tier's routers)."""
     timeout = settings.tls_handshake_timeout
     accept = protocol_factory(
         loop, context, timeout, limiter, factory, settings.trusted_proxies.trusts
     )
+    where: dict = {"sock": sock} if sock is not None else {"host": host, "port": port}
+    if reuse_port:
+        where["reuse_port"] = True
     return await loop.create_server(
         accept,
-        host,
-        port,
         start_serving=start_serving,
         backlog=backlog,
+        **where,
         **listener_options(loop, context, timeout),
     )
 

@@ -167,6 +167,15 @@ class ShardCore:
         """Close the store (what is staged and not committed is dropped, as a crash would)."""
         self.store.close()
 
+    def members_of(self, room: str) -> List[int]:
+        """The cids of *room*'s members now (none if the room has none)."""
+        found = self.rooms.get(room)
+        return list(found.members) if found is not None else []
+
+    def clients(self) -> List[int]:
+        """The cids of every client in some room of this shard."""
+        return list(self._client_rooms)
+
     def rooms_of(self, cid: int) -> Set[str]:
         """Names of the rooms client *cid* is in on this shard (a copy)."""
         return set(self._client_rooms.get(cid, ()))
