@@ -1,0 +1,336 @@
+"""A router tier (``--routers 2``) on real processes and real loopback sockets.
+
+Which router holds an accepted connection is read from ``/proc`` (the server side's socket
+inode among the router's descriptors), so most of these run on Linux only; both ways of
+sharing a port (``--listener reuseport`` and ``shared``) run here.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import pytest
+
+from tests.cluster import PROC, Cluster, LineClient, child_pids, pid_alive, wait_gone
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads which process holds a socket in /proc"
+)
+
+MODES = ["reuseport", "shared"]
+
+
+def tier(mode: str = "reuseport", shards: int = 2, **kwargs: object) -> Cluster:
+    extra = ["--routers", "2", "--listener", mode, "--rate-limit", "0"]
+    return Cluster(shards=shards, extra_args=extra, **kwargs)  # type: ignore[arg-type]
+
+
+def comm(pid: int) -> str:
+    try:
+        return (PROC / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def routers(cluster: Cluster) -> Dict[int, int]:
+    """Router index -> pid, from the supervisor's children's process names."""
+    assert cluster.proc is not None
+    found = {}
+    for pid in child_pids(cluster.proc.pid):
+        name = comm(pid)
+        if name.startswith("shardchat-r"):
+            found[int(name[len("shardchat-r") :])] = pid
+    return found
+
+
+def shards_of(cluster: Cluster) -> Dict[int, int]:
+    assert cluster.proc is not None
+    found = {}
+    for pid in child_pids(cluster.proc.pid):
+        name = comm(pid)
+        if name.startswith("shardchat-sh"):
+            found[int(name[len("shardchat-sh") :])] = pid
+    return found
+
+
+def wait_for_router(cluster: Cluster, index: int, old: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid = routers(cluster).get(index)
+        if pid is not None and pid != old:
+            return pid
+        time.sleep(0.05)
+    raise AssertionError(f"router {index} was not restarted:\n{cluster.log}")
+
+
+def server_inode(client: LineClient, server_port: int) -> Optional[int]:
+    """The inode of the server's end of *client*'s connection, from /proc/net/tcp."""
+    local = client.sock.getsockname()[1]
+    for line in (PROC / "net" / "tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        here, there = fields[1], fields[2]
+        if int(here.split(":")[1], 16) == server_port and int(there.split(":")[1], 16) == local:
+            return int(fields[9])
+    return None
+
+
+def holder(pids: Dict[int, int], inode: int) -> Optional[int]:
+    """The index of the router whose descriptors include socket *inode*."""
+    target = f"socket:[{inode}]"
+    for index, pid in pids.items():
+        fd_dir = PROC / str(pid) / "fd"
+        for fd in fd_dir.iterdir():
+            try:
+                if os.readlink(fd) == target:
+                    return index
+            except OSError:
+                continue
+    return None
+
+
+def on_router(cluster: Cluster, client: LineClient) -> int:
+    inode = server_inode(client, cluster.tcp_port)
+    assert inode is not None
+    index = holder(routers(cluster), inode)
+    assert index is not None, "no router holds the connection"
+    return index
+
+
+def one_on_each(cluster: Cluster, tries: int = 64) -> Tuple[LineClient, LineClient]:
+    """A connection on router 0 and one on router 1 (the others are closed)."""
+    found: Dict[int, LineClient] = {}
+    spare: List[LineClient] = []
+    for _ in range(tries):
+        client = cluster.connect()
+        index = on_router(cluster, client)
+        if index in found:
+            spare.append(client)
+        else:
+            found[index] = client
+        if len(found) == 2:
+            break
+    for client in spare:
+        client.close()
+    assert len(found) == 2, f"every connection went to router {list(found)}"
+    return found[0], found[1]
+
+
+@pytest.fixture(params=MODES)
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    with tier(request.param) as running:
+        yield running
+
+
+def test_connections_are_served_by_both_routers(cluster: Cluster) -> None:
+    clients = [cluster.connect() for _ in range(24)]
+    try:
+        held = {on_router(cluster, client) for client in clients}
+        assert held == {0, 1}
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_one_room_across_two_routers_works_both_ways(cluster: Cluster) -> None:
+    alice, bob = one_on_each(cluster)
+    try:
+        alice.join("lobby", "alice")
+        bob.join("lobby", "bob")
+        alice.expect("INFO bob joined lobby")
+        alice.send("MSG lobby hello from router 0")
+        bob.expect("MSG lobby alice hello from router 0")
+        alice.expect("MSG lobby alice hello from router 0")
+        bob.send("MSG lobby and back from router 1")
+        alice.expect("MSG lobby bob and back from router 1")
+        bob.expect("MSG lobby bob and back from router 1")
+        for client in (alice, bob):
+            client.send("NAMES lobby")
+            client.expect("NAMES lobby alice bob")
+            client.send("HISTORY lobby 2")
+            client.read_until(lambda line: line.startswith("END HISTORY"))
+        bob.send("PRIVMSG lobby alice just for you")
+        alice.expect("PRIVMSG lobby bob alice just for you")
+        bob.expect("PRIVMSG lobby bob alice just for you")
+        bob.send("LEAVE lobby")
+        alice.expect("INFO bob left lobby")
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_a_username_taken_on_the_other_router_is_refused(cluster: Cluster) -> None:
+    first, second = one_on_each(cluster)
+    try:
+        first.join("lobby", "carol")
+        second.send("JOIN lobby Carol")  # one spelling of the same name (PROTOCOL.md)
+        second.expect("ERROR name taken in lobby")
+        second.join("lobby", "dave")
+        first.expect("INFO dave joined lobby")
+    finally:
+        first.close()
+        second.close()
+
+
+def request(
+    port: int, method: str, path: str, body: Optional[dict] = None, cookie: str = ""
+) -> Tuple[int, Dict[str, str], dict]:
+    """One request on a fresh connection (``Connection: close``)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Connection": "close", "Content-Type": "application/json"}
+    if cookie:
+        headers["Cookie"] = cookie
+    payload = json.dumps(body) if body is not None else None
+    try:
+        connection.request(method, path, body=payload, headers=headers)
+        response = connection.getresponse()
+        data = response.read()
+        return response.status, dict(response.getheaders()), json.loads(data or b"{}")
+    finally:
+        connection.close()
+
+
+def test_one_browser_session_on_fresh_connections_works_20_times_in_a_row(
+    cluster: Cluster,
+) -> None:
+    port = cluster.http_port
+    status, headers, answer = request(port, "POST", "/api/join", {"room": "web", "username": "w"})
+    assert status == 200, answer
+    cookie = headers["Set-Cookie"].split(";")[0]
+    after = answer["id"]
+    listener = cluster.connect()
+    try:
+        listener.join("web", "listener")
+        for i in range(20):
+            status, _, answer = request(
+                port, "POST", "/api/send", {"room": "web", "text": f"m{i}"}, cookie
+            )
+            assert status == 200, (i, answer)
+            listener.expect(f"MSG web w m{i}")
+            status, _, answer = request(
+                port, "GET", f"/api/poll?room=web&after={after}&timeout=5", cookie=cookie
+            )
+            assert status == 200, (i, answer)
+            texts = [message["text"] for message in answer["messages"]]
+            assert f"m{i}" in texts, (i, answer)
+            after = answer["messages"][-1]["id"]
+    finally:
+        listener.close()
+
+
+def test_kill_9_of_a_router_drops_only_its_own_connections(cluster: Cluster) -> None:
+    survivor, victim = one_on_each(cluster)  # survivor on router 0, victim on router 1
+    try:
+        survivor.join("lobby", "stays")
+        victim.join("lobby", "goes")
+        survivor.expect("INFO goes joined lobby")
+        old = routers(cluster)[1]
+        os.kill(old, signal.SIGKILL)
+        survivor.expect("INFO goes left lobby")
+        assert victim.read_all_until_closed() is not None
+        survivor.send("MSG lobby still here")
+        survivor.expect("MSG lobby stays still here")
+        wait_for_router(cluster, 1, old)
+        deadline = time.monotonic() + 5
+        newcomer = None
+        while newcomer is None:
+            try:
+                newcomer = cluster.connect()
+            except OSError:
+                assert time.monotonic() < deadline, "no new connection within 5 s"
+                time.sleep(0.1)
+        newcomer.join("lobby", "new")
+        survivor.expect("INFO new joined lobby")
+        newcomer.send("NAMES lobby")
+        newcomer.expect("NAMES lobby new stays")
+        newcomer.close()
+        cluster.wait_for_log(r"router 1 restarted")
+    finally:
+        survivor.close()
+        victim.close()
+
+
+def test_a_shard_crash_is_handled_for_every_router(cluster: Cluster) -> None:
+    first, second = one_on_each(cluster)
+    try:
+        first.join("lobby", "one")
+        second.join("lobby", "two")
+        first.expect("INFO two joined lobby")
+        victim = shards_of(cluster)[cluster_shard_of("lobby")]
+        os.kill(victim, signal.SIGKILL)
+        for client in (first, second):
+            client.expect("INFO room lobby restarted, history lost")
+        second.send("MSG lobby after the crash")
+        first.expect("MSG lobby two after the crash")
+        first.send("NAMES lobby")
+        first.expect("NAMES lobby one two")
+    finally:
+        first.close()
+        second.close()
+
+
+def cluster_shard_of(room: str, shards: int = 2) -> int:
+    from common.hashing import room_to_shard
+
+    return room_to_shard(room, shards)
+
+
+def test_ctrl_c_stops_the_whole_tier_and_leaves_no_process() -> None:
+    cluster = tier(new_session=True).start()
+    everyone = cluster.marked_pids()
+    assert len(everyone) >= 5  # supervisor, 2 routers, 2 shards
+    client = cluster.connect()
+    client.join("lobby", "x")
+    cluster.signal_group(signal.SIGINT)
+    assert cluster.proc is not None
+    assert cluster.proc.wait(15) == 0
+    assert "INFO server shutting down" in client.read_all_until_closed()
+    assert wait_gone(everyone, 10) == []
+    client.close()
+    cluster.stop()
+
+
+def test_kill_9_of_the_supervisor_ends_every_child() -> None:
+    cluster = tier().start()
+    try:
+        everyone = [pid for pid in cluster.marked_pids() if pid != cluster.proc.pid]
+        assert cluster.proc is not None
+        os.kill(cluster.proc.pid, signal.SIGKILL)
+        assert wait_gone(everyone, 15) == []
+    finally:
+        cluster.stop()
+
+
+def test_durable_history_is_the_same_from_both_routers(tmp_path: Path) -> None:
+    with tier(data_dir=tmp_path / "data") as cluster:
+        first, second = one_on_each(cluster)
+        try:
+            first.join("kept", "a")
+            for i in range(5):
+                first.send(f"MSG kept line {i}")
+                first.expect(f"MSG kept a line {i}")
+            second.join("kept", "b")
+            histories = []
+            for client in (first, second):
+                client.send("HISTORY kept 6")
+                lines = client.read_until(lambda line: line.startswith("END HISTORY"))
+                histories.append([line for line in lines if line.startswith("HISTORY kept")])
+            assert histories[0] == histories[1] and len(histories[0]) == 6
+        finally:
+            first.close()
+            second.close()
+
+
+def test_routers_1_is_a_single_router_process() -> None:
+    with Cluster(shards=1, extra_args=["--routers", "1"]) as cluster:
+        assert cluster.proc is not None
+        assert comm(cluster.proc.pid) == "shardchat"
+        children = [comm(pid) for pid in child_pids(cluster.proc.pid)]
+        assert not [name for name in children if name.startswith("shardchat-r")]
+        assert pid_alive(cluster.proc.pid)
