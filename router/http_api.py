@@ -28,6 +28,7 @@ from router.http_session import COOKIE_NAME, HttpSession, SessionStore
 from router.http_static import StaticFiles
 from router.hub import Client, Hub
 from router.metrics import CONTENT_TYPE as METRICS_TYPE
+from router.metrics import merge as merge_metrics
 from router.metrics import render as render_metrics
 from router.shards import ShardState
 from router.siblings import Siblings
@@ -150,6 +151,8 @@ class Exchange:
         #: True for a request that only waits (a poll): if the client closes its side,
         #: nobody wants the answer. Other requests are answered even after the client's EOF.
         self.abandon_on_eof = False
+        #: Another router of the tier took the request and forwarded it here.
+        self.forwarded = False
 
     def respond(self, response: Response) -> None:
         if not self.finished:
@@ -261,6 +264,7 @@ class HttpApi:
         """Answer a request another router of the tier took for one of our sessions;
         returns what to call if that router stops waiting."""
         exchange = Exchange(respond, address, https)
+        exchange.forwarded = True
         self._handle_here(request, exchange)
         return exchange.cancel
 
@@ -398,8 +402,35 @@ class HttpApi:
         _too_fast(wait)
 
     def _metrics(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
-        body = render_metrics(self.hub).encode("utf-8")
-        exchange.respond(Response(200, body, (("Content-Type", METRICS_TYPE),)))
+        siblings = self.siblings
+        if siblings is None:
+            body = render_metrics(self.hub).encode("utf-8")
+            exchange.respond(Response(200, body, (("Content-Type", METRICS_TYPE),)))
+        elif exchange.forwarded:  # another router gathers the tier's: ours only
+            body = render_metrics(self.hub, siblings.index).encode("utf-8")
+            exchange.respond(Response(200, body, (("Content-Type", METRICS_TYPE),)))
+        else:
+            self._gather_metrics(request, exchange)
+
+    def _gather_metrics(self, request: Request, exchange: Exchange) -> None:
+        """A tier's metrics: every router's samples, labelled ``router="i"``, in one
+        answer (a scrape lands on any router: each must see the whole tier)."""
+        assert self.siblings is not None
+        siblings, own = self.siblings, render_metrics(self.hub, self.siblings.index)
+
+        async def gather() -> None:
+            others = [
+                siblings.forward(index, request, exchange.address, exchange.https)
+                for index in range(len(siblings.ports))
+                if index != siblings.index
+            ]
+            answers = await asyncio.gather(*others)
+            texts = [own] + [a.body.decode("utf-8") for a in answers if a and a.status == 200]
+            body = merge_metrics(texts).encode("utf-8")
+            exchange.respond(Response(200, body, (("Content-Type", METRICS_TYPE),)))
+
+        task = self.hub.loop.create_task(gather())
+        exchange.on_cancel(task.cancel)
 
     def _healthz(self, request: Request, exchange: Exchange, params: Dict[str, Any]) -> None:
         pool = self.hub.pool

@@ -7,7 +7,8 @@ the live state (connections, sessions, rooms, shards) at scrape time."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Tuple
+import functools
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:
     from router.hub import Hub
@@ -51,10 +52,13 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _family(out: List[str], name: str, kind: str, text: str, samples: Samples) -> None:
+def _labelled_family(
+    out: List[str], name: str, kind: str, text: str, samples: Samples, common: Dict[str, str]
+) -> None:
     out.append(f"# HELP {name} {text}")
     out.append(f"# TYPE {name} {kind}")
     for labels, value in samples:
+        labels = {**labels, **common}
         label = ",".join(f'{key}="{_escape(val)}"' for key, val in sorted(labels.items()))
         number = repr(float(value)) if isinstance(value, float) else str(int(value))
         out.append(f"{name}{{{label}}} {number}" if label else f"{name} {number}")
@@ -64,10 +68,13 @@ def _by(label: str, counts: Dict) -> Samples:  # noqa: ANN401 - str or int keys
     return [({label: str(key)}, value) for key, value in sorted(counts.items())]
 
 
-def render(hub: Hub) -> str:
-    """The exposition text of *hub*'s router."""
+def render(hub: Hub, router: Optional[int] = None) -> str:
+    """The exposition text of *hub*'s router; in a tier, every sample is labelled with the
+    *router* index (see :func:`merge`)."""
     metrics = hub.metrics
     out: List[str] = []
+    common = {"router": str(router)} if router is not None else {}
+    _family = functools.partial(_labelled_family, common=common)
     connections = [({"transport": t}, count()) for t, count in sorted(metrics.connections.items())]
     _family(out, "shardchat_connections", "gauge", "Open client connections.", connections)
     _family(out, "shardchat_sessions", "gauge", "Live browser sessions.",
@@ -120,3 +127,22 @@ def render(hub: Hub) -> str:
             "Bytes waiting to be written to the shard's pipe.",
             [({"shard": str(link.index)}, link.backlog_bytes) for link in links])  # fmt: skip
     return "\n".join(out) + "\n"
+
+
+def merge(texts: Sequence[str]) -> str:
+    """One exposition of several routers' (:func:`render` with their index): each family's
+    ``HELP`` and ``TYPE`` once, then every router's samples of it."""
+    families: Dict[str, List[str]] = {}
+    for text in texts:
+        name = ""
+        for line in text.splitlines():
+            if line.startswith("# HELP "):
+                name = line.split(" ", 3)[2]
+                head = name not in families
+                families.setdefault(name, [])
+            elif not line or (line.startswith("# TYPE ") and not head):
+                continue
+            if line.startswith("#") and not head:
+                continue
+            families[name].append(line)
+    return "".join(line + "\n" for lines in families.values() for line in lines)

@@ -329,6 +329,30 @@ def _close_orphaned_pipes(before: Set[int]) -> None:
             pass  # closed meanwhile
 
 
+class RestartPolicy:
+    """When to start a dead process again (a shard; in a tier, a router too): after a
+    backoff doubling from ``RESTART_BACKOFF_MIN`` to ``RESTART_BACKOFF_MAX``, and no more
+    than ``MAX_RESTARTS`` times within ``RESTART_WINDOW`` seconds."""
+
+    def __init__(self) -> None:
+        self._times: Deque[float] = deque()
+
+    @property
+    def recent(self) -> int:
+        """Starts within the window (as of the last :meth:`next_delay`)."""
+        return len(self._times)
+
+    def next_delay(self, now: float) -> Optional[float]:
+        """Seconds to wait before the next start (counted as one), or None: give up."""
+        while self._times and self._times[0] < now - RESTART_WINDOW:
+            self._times.popleft()
+        if len(self._times) >= MAX_RESTARTS:
+            return None
+        delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN * 2 ** len(self._times))
+        self._times.append(now)
+        return delay
+
+
 class ShardPool:
     """All shards, the room -> shard routing (cached stable hash) and their supervision.
 
@@ -355,7 +379,7 @@ class ShardPool:
             for i in range(count)
         ]
         self._room_shard: Dict[str, int] = {}
-        self._restarts: Dict[int, Deque[float]] = {i: deque() for i in range(count)}
+        self._restarts = {i: RestartPolicy() for i in range(count)}
         #: For /metrics: restarts that succeeded, and give-ups, per shard.
         self.restarts_done: Dict[int, int] = {}
         self.give_ups: Dict[int, int] = {}
@@ -410,24 +434,20 @@ class ShardPool:
     def _schedule_restart(self, link: ShardLink, what: str) -> None:
         """The shard is down (*what* says how): start it again after the backoff, or give
         up once it has been (re)started ``MAX_RESTARTS`` times within ``RESTART_WINDOW``."""
-        now = time.monotonic()
-        history = self._restarts[link.index]
-        while history and history[0] < now - RESTART_WINDOW:
-            history.popleft()
-        if len(history) >= MAX_RESTARTS:
+        policy = self._restarts[link.index]
+        delay = policy.next_delay(time.monotonic())
+        if delay is None:
             link.state = ShardState.GIVEN_UP
             self.give_ups[link.index] = self.give_ups.get(link.index, 0) + 1
             log.error(
                 "shard %d %s after %d restarts in %.0fs; giving up: its rooms are unavailable",
                 link.index,
                 what,
-                len(history),
+                policy.recent,
                 RESTART_WINDOW,
             )
             self._listener.on_shard_lost(link.index)
             return
-        delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN * 2 ** len(history))
-        history.append(now)
         link.state = ShardState.RESTARTING
         log.error("shard %d %s; restarting in %.1fs", link.index, what, delay)
         self._loop.call_later(delay, self._restart, link)
@@ -533,7 +553,6 @@ class TierShardPool(ShardPool):
         for link, (commands_out, events_in) in zip(self.links, pipes):
             link.give(commands_out, events_in)
         self._room_shard = {}
-        self._restarts = {i: deque() for i in range(len(pipes))}
         self.restarts_done = {}
         self.give_ups = {}
         self.stopping = False

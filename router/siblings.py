@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 _LENGTH = struct.Struct("!I")
 #: Seconds to connect to a sibling router on loopback before taking it for dead.
 CONNECT_TIMEOUT = 2.0
+#: Seconds a connection to a sibling port may take to send its request frame (a router
+#: sends it at once): one that sends nothing holds no descriptor longer than this.
+FIRST_FRAME_TIMEOUT = 5.0
 
 
 def token_prefix(index: int) -> str:
@@ -113,7 +116,10 @@ async def serve_siblings(
 
     async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            data = await read_frame(reader)
+            try:
+                data = await asyncio.wait_for(read_frame(reader), FIRST_FRAME_TIMEOUT)
+            except asyncio.TimeoutError:
+                return  # not one of ours: ours write the frame at once
             if data is None or not hmac.compare_digest(data[: len(secret)], secret):
                 return
             request, address, https = pickle.loads(data[len(secret) :])

@@ -35,26 +35,19 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import secrets
 import signal
 import socket
 import sys
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from common.limits import (
-    LISTEN_QUEUE,
-    MAX_RESTARTS,
-    RESTART_BACKOFF_MAX,
-    RESTART_BACKOFF_MIN,
-    RESTART_WINDOW,
-    SHARD_STOP_TIMEOUT,
-    SHUTDOWN_TIMEOUT,
-)
+from common.limits import LISTEN_QUEUE, SHARD_STOP_TIMEOUT, SHUTDOWN_TIMEOUT
+from router.shards import RestartPolicy
 
 log = logging.getLogger(__name__)
 
@@ -143,24 +136,6 @@ def run_tier_router(settings: Any, seat: Seat) -> None:
 # --- the supervisor -----------------------------------------------------------------------
 
 
-class Restarts:
-    """The shards' restart policy, for one child: backoff doubling from
-    ``RESTART_BACKOFF_MIN``, and no more than ``MAX_RESTARTS`` within ``RESTART_WINDOW``."""
-
-    def __init__(self) -> None:
-        self._times: Deque[float] = deque()
-
-    def next_delay(self, now: float) -> Optional[float]:
-        """Seconds to wait before the next start, or None: give up."""
-        while self._times and self._times[0] < now - RESTART_WINDOW:
-            self._times.popleft()
-        if len(self._times) >= MAX_RESTARTS:
-            return None
-        delay = min(RESTART_BACKOFF_MAX, RESTART_BACKOFF_MIN * 2 ** len(self._times))
-        self._times.append(now)
-        return delay
-
-
 class Supervisor:
     """Starts, watches and stops a tier. Blocking; runs in the process that was started."""
 
@@ -178,8 +153,8 @@ class Supervisor:
         self.router_controls: List[Optional[Connection]] = [None] * self.routers
         self.shard_procs: List[Any] = [None] * self.shards
         self.shard_controls: List[Optional[Connection]] = [None] * self.shards
-        self.router_restarts = [Restarts() for _ in range(self.routers)]
-        self.shard_restarts = [Restarts() for _ in range(self.shards)]
+        self.router_restarts = [RestartPolicy() for _ in range(self.routers)]
+        self.shard_restarts = [RestartPolicy() for _ in range(self.shards)]
         #: (when, "router" or "shard", index): starts waiting for their backoff.
         self.pending: List[Tuple[float, str, int]] = []
         self.stopping = False
@@ -450,9 +425,16 @@ def run_supervisor(settings: Any, listener_mode: str = "") -> int:
     def on_signal(signum: int, frame: Any) -> None:
         supervisor.stopping = True
 
+    def on_hangup(signum: int, frame: Any) -> None:
+        for process in supervisor.router_procs:  # each reloads its TLS certificate
+            if process is not None and process.pid is not None:
+                os.kill(process.pid, signal.SIGHUP)
+
     for name in ("SIGINT", "SIGTERM"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), on_signal)
+    if settings.tls_cert and hasattr(signal, "SIGHUP"):  # routers handle it only then
+        signal.signal(signal.SIGHUP, on_hangup)
     supervisor.start_all()
     if not supervisor.wait_ready():
         log.error("a router could not start (see its lines above)")

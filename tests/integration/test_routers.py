@@ -334,3 +334,29 @@ def test_routers_1_is_a_single_router_process() -> None:
         children = [comm(pid) for pid in child_pids(cluster.proc.pid)]
         assert not [name for name in children if name.startswith("shardchat-r")]
         assert pid_alive(cluster.proc.pid)
+
+
+def test_metrics_from_any_router_cover_the_whole_tier(cluster: Cluster) -> None:
+    first, second = one_on_each(cluster)
+    try:
+        first.join("m", "one")
+        second.join("m", "two")
+        first.expect("INFO two joined m")
+        first.send("MSG m counted")
+        second.expect("MSG m one counted")
+        for _ in range(4):  # each scrape may land on either router
+            connection = http.client.HTTPConnection("127.0.0.1", cluster.http_port, timeout=10)
+            connection.request("GET", "/metrics", headers={"Connection": "close"})
+            text = connection.getresponse().read().decode()
+            connection.close()
+            assert text.count("# TYPE shardchat_deliveries_total counter") == 1
+            deliveries = {
+                line.split('router="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("shardchat_deliveries_total")
+            }
+            assert set(deliveries) == {"0", "1"}
+            assert sum(deliveries.values()) >= 2  # one to each router's member
+    finally:
+        first.close()
+        second.close()
