@@ -1,11 +1,24 @@
 #!/usr/bin/env python3
-"""Shard-count experiment: the cluster at several shard counts against the threaded baseline.
+"""Shard-count experiment: the cluster at several shard (and router) counts against the
+threaded baseline.
 
 For every planned run this starts a fresh server (``scripts/start_cluster.py`` with
-``--shards N``, or ``scripts/baseline_threaded_server.py``) on free loopback ports, waits
-until it answers, drives it with one ``scripts/loadgen.py`` scenario (passing the server's
-PIDs with ``--pids`` so CPU% and RSS per process are sampled), stops it (SIGTERM, wait)
-and goes on to the next run. Runs are sequential and bounded in time.
+``--shards N --routers R``, or ``scripts/baseline_threaded_server.py``) on free loopback
+ports, waits until it answers, drives it with one ``scripts/loadgen.py`` scenario (passing
+the server's PIDs with ``--pids`` so CPU% and RSS per process are sampled), stops it
+(SIGTERM, wait) and goes on to the next run. Runs are sequential and bounded in time.
+
+The router dimension (``--routers``, default 1: one router, as before). One count runs
+every cluster run with that many routers; more than one adds the router sweep: fanout and
+longpoll (those of ``--scenarios``) at every ``--routers`` count x every shard count
+(``--shards``, default 1,2,4). With more than one router the started process is a
+supervisor whose children are the routers; its processes are found in /proc by their
+names (``/proc/PID/comm``: ``shardchat-rN`` routers, ``shardchat-shN`` shards). Each run
+then reports the CPU time per tier over the measured window (user+system, read from
+/proc/PID/stat by the loadgen at the window's start and end), as microseconds per
+delivery for the router tier (the router itself when there is one) and per published
+message for the shard tier: that shows the scaling even though the loadgen shares the
+machine's cores. Where there is no /proc those figures stay empty.
 
 Writes, into ``--out`` (default: a new directory ``results/<date>-<time>/`` in the checkout,
 which git ignores; the published results in ``docs/perf/`` are replaced only when asked
@@ -18,6 +31,8 @@ stderr):
 * ``shard_experiment.json`` every loadgen result as received, plus the run metadata
 * ``shard_experiment.png``  deliveries/s and p99 latency against the shard count, the
   baseline as a reference line (only if matplotlib is installed; see ``PLOT_HINT``)
+* ``router_experiment.png`` (router sweep) deliveries/s and router-tier CPU us per delivery
+  against the total number of server processes, one line per scenario and router count
 * ``router_profile_<scenario>.txt`` py-spy's raw stacks (``--profile``)
 
 Examples::
@@ -26,6 +41,10 @@ Examples::
     python scripts/shard_experiment.py                      # full run, 39 runs, about 11 min
     python scripts/shard_experiment.py --out docs/perf --profile fanout,longpoll  # publish
     python scripts/shard_experiment.py --scenarios fanout --shards 1,2,4,8,16
+    python scripts/shard_experiment.py --scenarios fanout,longpoll --routers 1,2,4 \
+        --shards 1,2,4        # router sweep: 20 configurations x 3 = 60 runs, about 16 min
+    python scripts/shard_experiment.py --scenarios fanout --routers 1,2 --shards 1,2 \
+        --repeats 1 --attempts 1 --duration 3 --warmup 1   # 5 runs, about 40 s (34 s seen)
 
 It says at the start how many runs it plans and about how long they take.
 
@@ -85,6 +104,17 @@ CLUSTER_FLAGS = (
 IN_MEMORY_FLAGS = ("--in-memory",)
 LISTENING = re.compile(r"listening (tcp|http) (\S+):(\d+)")
 SHARD_PIDS = re.compile(r"started \d+ shard processes \(pids \[([\d, ]*)\]\)")
+#: The cluster's process names (``/proc/PID/comm``): ``shardchat`` is the started process
+#: (the router, or with several routers the supervisor), then ``shardchat-r<i>`` routers and
+#: ``shardchat-sh<j>`` shards. multiprocessing's resource tracker keeps a python name.
+TIER_COMM = re.compile(r"shardchat-(r|sh)(\d+)")
+PROC = Path("/proc")
+
+#: The router sweep (``--routers`` with more than one count): these scenarios, at every
+#: router count x these shard counts (``--shards`` replaces them).
+ROUTER_SWEEP_SCENARIOS = ("fanout", "longpoll")
+ROUTER_SWEEP_SHARDS = (1, 2, 4)
+ROUTER_PLOT = "router_experiment.png"
 
 SERVER_START_TIMEOUT_S = 30.0  # spawn-starting 8 shards on a busy 2-core machine
 SERVER_STOP_TIMEOUT_S = 15.0  # the router's own shutdown is bounded well below this
@@ -174,16 +204,20 @@ QUICK_TIMING = Timing(
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One planned run: a scenario against the cluster at ``shards``, or the baseline."""
+    """One planned run: a scenario against the cluster at ``shards`` and ``routers``, or the
+    baseline (whose ``routers`` means nothing)."""
 
     scenario: Scenario
     server: str  # "cluster" or "baseline"
     shards: Optional[int]
     size: Tuple[int, int, int]
+    routers: int = 1
 
     @property
     def label(self) -> str:
         where = f"cluster shards={self.shards}" if self.server == "cluster" else "baseline"
+        if self.server == "cluster" and self.routers != 1:
+            where += f" routers={self.routers}"
         return f"{self.scenario.name} {where}"
 
 
@@ -193,16 +227,22 @@ def plan_runs(
     sweep: Sequence[str],
     fixed_shards: int,
     quick: bool,
+    router_counts: Sequence[int] = (1,),
+    router_shards: Sequence[int] = ROUTER_SWEEP_SHARDS,
 ) -> List[RunSpec]:
     """Return the runs for ``names``, in order: each scenario's cluster runs, then its baseline.
 
     Scenarios in ``sweep`` run the cluster at every count of ``shard_counts`` plus
     ``fixed_shards``; the others at ``fixed_shards`` only. ``stuck`` is compared with
-    ``fanout`` at the same shard count, so choosing ``stuck`` adds those fanout runs.
+    ``fanout`` at the same shard count, so choosing ``stuck`` adds those fanout runs. All of
+    these run at the fewest of ``router_counts``; with more than one router count, the
+    scenarios of ROUTER_SWEEP_SCENARIOS also run at every router count x ``router_shards``.
+    The cluster runs are in order of router count, then shard count.
     """
     wanted = list(names)
     if "stuck" in wanted and "fanout" not in wanted:
         wanted.insert(wanted.index("stuck"), "fanout")
+    fixed_routers = min(router_counts)
     runs: List[RunSpec] = []
     for name in wanted:
         scenario = SCENARIOS[name]
@@ -210,12 +250,91 @@ def plan_runs(
         counts = sorted(set(shard_counts) | {fixed_shards}) if name in sweep else [fixed_shards]
         if name == "fanout" and "fanout" not in names:
             counts = [fixed_shards]  # only the reference for stuck
-        runs += [RunSpec(scenario, "cluster", n, size) for n in counts]
+        configs = {(fixed_routers, n) for n in counts}
+        if len(set(router_counts)) > 1 and name in ROUTER_SWEEP_SCENARIOS and name in names:
+            configs |= {(r, n) for r in router_counts for n in router_shards}
+        runs += [RunSpec(scenario, "cluster", n, size, r) for r, n in sorted(configs)]
         runs.append(RunSpec(scenario, "baseline", None, size))
     return runs
 
 
+def server_processes(routers: Optional[int], shards: Optional[int]) -> int:
+    """Processes of a server: routers + shards, + the supervisor when there are several
+    routers; the baseline (``shards`` None) is one."""
+    if shards is None:
+        return 1
+    tier = routers or 1
+    return tier + shards + (1 if tier > 1 else 0)
+
+
 # --- server processes ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tiers:
+    """A server's PIDs by role: the started process, the router tier and the shard tier.
+
+    With one router (and for the baseline) the router tier is the started process itself;
+    with several, the started process is the supervisor and belongs to neither tier.
+    """
+
+    main: int
+    routers: Tuple[int, ...]
+    shards: Tuple[int, ...]
+
+    @property
+    def pids(self) -> List[int]:
+        """Every PID: the started process first, then the routers, then the shards."""
+        return [self.main, *(p for p in self.routers if p != self.main), *self.shards]
+
+    @property
+    def supervised(self) -> bool:
+        """True if the started process is a supervisor (not itself a router)."""
+        return self.main not in self.routers
+
+    def as_dict(self) -> Dict[str, Any]:
+        """For the JSON file."""
+        return {"main": self.main, "routers": list(self.routers), "shards": list(self.shards)}
+
+
+def read_processes(proc: Path = PROC) -> Dict[int, Tuple[int, str]]:
+    """``{pid: (parent pid, comm)}`` of every process readable in ``proc``; {} without it."""
+    out: Dict[int, Tuple[int, str]] = {}
+    try:
+        entries = [e for e in os.listdir(proc) if e.isdigit()]
+    except OSError:
+        return out
+    for entry in entries:
+        try:
+            stat = (proc / entry / "stat").read_text(encoding="ascii", errors="replace")
+            comm = (proc / entry / "comm").read_text(encoding="ascii", errors="replace")
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])  # field 4, after "(comm) state"
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile, or not ours to read
+        out[int(entry)] = (ppid, comm.strip())
+    return out
+
+
+def classify_tiers(root: int, processes: Dict[int, Tuple[int, str]], routers: int) -> Tiers:
+    """The tiers of the cluster started as ``root``, from ``{pid: (ppid, comm)}``.
+
+    Routers are ``root`` itself when ``routers`` is 1, else its ``shardchat-r<i>``
+    descendants; shards are the ``shardchat-sh<j>`` descendants; both in index order.
+    Other descendants (the resource tracker) belong to neither.
+    """
+    children: Dict[int, List[int]] = {}
+    for pid, (ppid, _) in processes.items():
+        children.setdefault(ppid, []).append(pid)
+    found: Dict[str, List[Tuple[int, int]]] = {"r": [], "sh": []}
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        named = TIER_COMM.fullmatch(processes[pid][1])
+        if named:
+            found[named.group(1)].append((int(named.group(2)), pid))
+    router_pids = (root,) if routers == 1 else tuple(p for _, p in sorted(found["r"]))
+    return Tiers(root, router_pids, tuple(p for _, p in sorted(found["sh"])))
 
 
 class ServerProcess:
@@ -245,6 +364,18 @@ class ServerProcess:
     def pids(self) -> List[int]:
         """The server's PIDs: the main process (router or baseline) first, then shards."""
         return [self.pid, *self.shard_pids]
+
+    def tiers(self, routers: int) -> Tiers:
+        """The server's processes by tier (call once it answers).
+
+        With one router (or the baseline) the router is this process and the shards are
+        the PIDs the cluster logged; with several, both are found in /proc by name (no
+        routers or shards where there is no /proc). Processes started later (a router or
+        shard restarted during the run) are not included.
+        """
+        if routers == 1:
+            return Tiers(self.pid, (self.pid,), tuple(self.shard_pids))
+        return classify_tiers(self.pid, read_processes(), routers)
 
     def start(self, timeout: float = SERVER_START_TIMEOUT_S) -> None:
         """Start the process and wait for its ports; raise RuntimeError if they never come."""
@@ -312,7 +443,8 @@ def server_argv(spec: RunSpec) -> Tuple[List[str], bool]:
     """Return the command line of ``spec``'s server and whether it has shards."""
     if spec.server == "cluster":
         argv = [sys.executable, str(START_CLUSTER), "--host", HOST, "--tcp-port", "0"]
-        argv += ["--http-port", "0", "--shards", str(spec.shards), *CLUSTER_FLAGS]
+        argv += ["--http-port", "0", "--shards", str(spec.shards)]
+        argv += ["--routers", str(spec.routers), *CLUSTER_FLAGS]
         return [*argv, *IN_MEMORY_FLAGS], True
     argv = [sys.executable, str(BASELINE), "--host", HOST, "--tcp-port", "0", "--http-port", "0"]
     return argv, False
@@ -342,8 +474,11 @@ def wait_ready(port: int, cluster: bool, timeout: float = READY_TIMEOUT_S) -> No
 # --- one run --------------------------------------------------------------------------------
 
 
-def loadgen_argv(spec: RunSpec, server: ServerProcess, timing: Timing) -> List[str]:
-    """Return the loadgen command line for ``spec`` against ``server``."""
+def loadgen_argv(
+    spec: RunSpec, server: ServerProcess, timing: Timing, pids: Optional[Sequence[int]] = None
+) -> List[str]:
+    """Return the loadgen command line for ``spec`` against ``server``, sampling ``pids``
+    (default: the server's main process and logged shards)."""
     rooms, members, publishers = spec.size
     return [
         sys.executable,
@@ -374,7 +509,7 @@ def loadgen_argv(spec: RunSpec, server: ServerProcess, timing: Timing) -> List[s
         "--connect-timeout",
         str(timing.connect_timeout),
         "--pids",
-        ",".join(str(pid) for pid in server.pids),
+        ",".join(str(pid) for pid in (server.pids if pids is None else pids)),
         "--log-level",
         "WARNING",
     ]
@@ -429,25 +564,31 @@ def parse_loadgen_output(returncode: int, stdout: str, stderr: str) -> Dict[str,
 
 def execute(
     spec: RunSpec, timing: Timing, during: Optional[Callable[[ServerProcess], None]] = None
-) -> Tuple[Dict[str, Any], List[int]]:
+) -> Tuple[Dict[str, Any], Optional[Tiers]]:
     """Start the server, run the loadgen against it, stop the server.
 
     ``during`` is called with the server while the loadgen runs (the profiler). Returns the
-    loadgen result (with ``"error"`` if anything failed) and the server PIDs.
+    loadgen result (with ``"error"`` if anything failed) and the server's processes (None
+    if it never started).
     """
     argv, sharded = server_argv(spec)
-    server = ServerProcess(argv, want_shard_pids=sharded)
+    routers = spec.routers if sharded else 1
+    # Several routers: the supervisor logs no shard PIDs; they are read from /proc instead.
+    server = ServerProcess(argv, want_shard_pids=sharded and routers == 1)
     with server:
         try:
             server.start()
             wait_ready(server.ports["tcp"], cluster=sharded)
         except (RuntimeError, OSError) as exc:
-            return {"error": f"{exc}"[:ERROR_TAIL_CHARS]}, server.pids if server.proc else []
+            tiers = server.tiers(routers) if server.proc else None
+            return {"error": f"{exc}"[:ERROR_TAIL_CHARS]}, tiers
+        tiers = server.tiers(routers)
         hook = None if during is None else (lambda: during(server))
-        result = run_loadgen(loadgen_argv(spec, server, timing), timing.budget(), hook)
+        argv = loadgen_argv(spec, server, timing, tiers.pids)
+        result = run_loadgen(argv, timing.budget(), hook)
         if server.proc is not None and server.proc.poll() is not None:
             result.setdefault("error", f"server exited early: {server.output_tail()}")
-        return result, server.pids
+        return result, tiers
 
 
 # --- router profile -------------------------------------------------------------------------
@@ -535,7 +676,8 @@ def profile_run(spec: RunSpec, timing: Timing, out: Path) -> Tuple[Dict[str, Any
         if problem:
             failure.append(problem)
 
-    result, pids = execute(spec, timing, during)
+    result, tiers = execute(spec, timing, during)
+    pids = tiers.pids if tiers else []
     summary: Dict[str, Any] = {"run": spec.label, "file": path.name, "pids": pids}
     summary["scenario"] = spec.scenario.name
     if failure:
@@ -594,7 +736,9 @@ def profile_section(profile: Dict[str, Any]) -> List[str]:
 COLUMNS = [
     "scenario",
     "server",
+    "routers",
     "shards",
+    "server_processes",
     "status",
     "rooms",
     "members",
@@ -617,6 +761,13 @@ COLUMNS = [
     "loadgen_cpu_pct",
     "machine_cpu_pct",
     "others_cpu_pct",
+    "deliveries",
+    "published",
+    "measured_s",
+    "router_tier_cpu_s",
+    "shard_tier_cpu_s",
+    "router_us_per_delivery",
+    "shard_us_per_message",
     "router_rss_mb",
     "shards_rss_mb",
     "total_rss_mb",
@@ -637,16 +788,28 @@ def kib_to_mb(kib: Optional[float]) -> Optional[float]:
     return None if kib is None else round(kib * 1024 / 1e6, 1)
 
 
-def resource_columns(resources: Dict[str, Any], pids: List[int]) -> Dict[str, Any]:
-    """CPU% and RSS columns from the loadgen's ``resources`` (``pids[0]`` is the router)."""
+def resource_columns(resources: Dict[str, Any], tiers: Optional[Tiers]) -> Dict[str, Any]:
+    """CPU% and RSS columns from the loadgen's ``resources``.
+
+    The router columns are the router tier's (summed over routers when there are several);
+    the total RSS also counts a supervisor.
+    """
     out: Dict[str, Any] = {}
-    if not pids or not resources.get(str(pids[0])):
+    if tiers is None or not resources.get(str(tiers.main)):
         return out
-    main = resources[str(pids[0])]
-    shards = [resources[str(p)] for p in pids[1:] if str(p) in resources]
-    out["router_cpu_pct"] = main.get("cpu_percent")
-    out["router_rss_mb"] = kib_to_mb(main.get("rss_max_kib"))
+    main = resources[str(tiers.main)]
+    routers = [resources[str(p)] for p in tiers.routers if str(p) in resources]
+    shards = [resources[str(p)] for p in tiers.shards if str(p) in resources]
+    if not tiers.supervised:
+        out["router_cpu_pct"] = main.get("cpu_percent")
+        out["router_rss_mb"] = kib_to_mb(main.get("rss_max_kib"))
+    elif routers:
+        cpus = [r.get("cpu_percent") for r in routers if r.get("cpu_percent") is not None]
+        out["router_cpu_pct"] = round(sum(cpus), 1) if cpus else None
+        out["router_rss_mb"] = kib_to_mb(sum(r.get("rss_max_kib") or 0 for r in routers))
     rss_total = main.get("rss_max_kib") or 0
+    if tiers.supervised:
+        rss_total += sum(r.get("rss_max_kib") or 0 for r in routers)
     if shards:
         cpus = [s.get("cpu_percent") or 0.0 for s in shards]
         rss = sum(s.get("rss_max_kib") or 0 for s in shards)
@@ -662,15 +825,63 @@ def resource_columns(resources: Dict[str, Any], pids: List[int]) -> Dict[str, An
     return out
 
 
-def make_row(spec: RunSpec, result: Dict[str, Any], pids: List[int]) -> Dict[str, Any]:
+def tier_cpu_seconds(
+    resources: Dict[str, Any], pids: Sequence[int], measured_s: Optional[float]
+) -> Optional[float]:
+    """CPU seconds (user+system) that ``pids`` used in the loadgen's measured window.
+
+    The loadgen reads utime+stime from /proc/PID/stat at the window's start and end and
+    reports them as ``cpu_percent`` of one core over ``measured_s``; this undoes that. A
+    process without both readings (it exited) adds nothing; None if none has them (no
+    /proc, or no such process).
+    """
+    if not measured_s or measured_s <= 0:
+        return None
+    shares = [(resources.get(str(p)) or {}).get("cpu_percent") for p in pids]
+    known = [share for share in shares if share is not None]
+    if not known:
+        return None
+    return sum(known) * measured_s / 100.0
+
+
+def us_per(cpu_s: Optional[float], count: Any) -> Optional[float]:
+    """Microseconds of CPU per unit of ``count`` (deliveries, messages); None if either is
+    missing or there were none."""
+    if cpu_s is None or not isinstance(count, (int, float)) or count <= 0:
+        return None
+    return round(cpu_s * 1e6 / count, 2)
+
+
+def tier_columns(result: Dict[str, Any], tiers: Optional[Tiers]) -> Dict[str, Any]:
+    """CPU per tier in the measured window: seconds, us per delivery (router tier) and us
+    per published message (shard tier). Empty where it was not measured."""
+    resources = result.get("resources") or {}
+    measured = result.get("measured_s")
+    if tiers is None or resources.get("available") is False:
+        return {}
+    router_s = tier_cpu_seconds(resources, tiers.routers, measured)
+    shard_s = tier_cpu_seconds(resources, tiers.shards, measured)
+    return {
+        "router_tier_cpu_s": None if router_s is None else round(router_s, 3),
+        "shard_tier_cpu_s": None if shard_s is None else round(shard_s, 3),
+        "router_us_per_delivery": us_per(router_s, result.get("deliveries")),
+        "shard_us_per_message": us_per(shard_s, result.get("published")),
+    }
+
+
+def make_row(spec: RunSpec, result: Dict[str, Any], tiers: Optional[Tiers]) -> Dict[str, Any]:
     """Flatten one run's loadgen result into a CSV row (missing numbers stay empty)."""
     rooms, members, publishers = spec.size
     row: Dict[str, Any] = dict.fromkeys(COLUMNS)
     row.update(scenario=spec.scenario.name, server=spec.server, shards=spec.shards)
+    row["routers"] = spec.routers if spec.server == "cluster" else None
+    row["server_processes"] = server_processes(row["routers"], spec.shards)
     row.update(rooms=rooms, members=members, publishers=publishers)
     row["status"] = "failed" if result.get("error") else "ok"
     row["error"] = result.get("error")
     for key in ("connections", "connect_join_s", "deliveries_per_s", "published_per_s"):
+        row[key] = result.get(key)
+    for key in ("deliveries", "published", "measured_s"):
         row[key] = result.get(key)
     for key in ("losses", "error_lines", "disconnected"):
         row[key] = result.get(key)
@@ -678,7 +889,9 @@ def make_row(spec: RunSpec, result: Dict[str, Any], pids: List[int]) -> Dict[str
     row.update(p50_ms=latency.get("p50"), p99_ms=latency.get("p99"), max_ms=latency.get("max"))
     row["latency_samples"] = latency.get("samples")
     row["stuck_closed"] = (result.get("stuck") or {}).get("closed_by_server")
-    row.update(resource_columns(result.get("resources") or {}, pids))
+    row.update(resource_columns(result.get("resources") or {}, tiers))
+    if spec.server == "cluster":
+        row.update(tier_columns(result, tiers))
     return row
 
 
@@ -690,6 +903,10 @@ def progress_line(label: str, row: Dict[str, Any]) -> str:
     cpu = f"router/server {fmt(row['router_cpu_pct'])}% CPU"
     if row["max_shard_cpu_pct"] is not None:
         cpu += f", max shard {fmt(row['max_shard_cpu_pct'])}%"
+    if row.get("router_us_per_delivery") is not None:
+        cpu += f", router tier {fmt(row['router_us_per_delivery'], 2)} us/delivery"
+    if row.get("shard_us_per_message") is not None:
+        cpu += f", shard tier {fmt(row['shard_us_per_message'], 2)} us/message"
     return (
         f"{head}: {fmt(row['deliveries_per_s'], 0)} deliveries/s, p99 {fmt(row['p99_ms'])} ms, "
         f"connect+join {fmt(row['connect_join_s'], 2)} s, {cpu}, "
@@ -700,15 +917,32 @@ def progress_line(label: str, row: Dict[str, Any]) -> str:
 # --- ratios and goals -------------------------------------------------------------------------
 
 
+def row_routers(row: Dict[str, Any]) -> int:
+    """A row's router count (1 when it has none: the baseline, rows from before routers)."""
+    return row.get("routers") or 1
+
+
 def find_row(
-    rows: Sequence[Dict[str, Any]], scenario: str, server: str, shards: Optional[int] = None
+    rows: Sequence[Dict[str, Any]],
+    scenario: str,
+    server: str,
+    shards: Optional[int] = None,
+    routers: int = 1,
 ) -> Optional[Dict[str, Any]]:
-    """The successful row of ``scenario`` on ``server`` (at ``shards`` for the cluster)."""
+    """The successful row of ``scenario`` on ``server`` (at ``shards`` and ``routers`` for
+    the cluster)."""
     for row in rows:
         same = row["scenario"] == scenario and row["server"] == server
-        if same and row["status"] == "ok" and (server == "baseline" or row["shards"] == shards):
+        if not same or row["status"] != "ok":
+            continue
+        if server == "baseline" or (row["shards"] == shards and row_routers(row) == routers):
             return row
     return None
+
+
+def several_routers(rows: Sequence[Dict[str, Any]]) -> bool:
+    """True if some cluster row ran with more than one router (the tables then say so)."""
+    return any(r["server"] == "cluster" and row_routers(r) != 1 for r in rows)
 
 
 def ratio(a: Any, b: Any) -> Optional[float]:
@@ -730,6 +964,7 @@ def baseline_ratios(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
         out.append(
             {
                 "scenario": row["scenario"],
+                "routers": row_routers(row),
                 "shards": row["shards"],
                 "deliveries_ratio": ratio(row["deliveries_per_s"], base["deliveries_per_s"]),
                 "p99_ratio": ratio(row["p99_ms"], base["p99_ms"]),
@@ -756,19 +991,22 @@ def judge(name: str, target: str, value: Optional[float], ok: Callable[[float], 
 
 
 def vs_baseline(
-    rows: Sequence[Dict[str, Any]], scenario: str, shards: int, key: str
+    rows: Sequence[Dict[str, Any]], scenario: str, shards: int, key: str, routers: int = 1
 ) -> Optional[float]:
-    """Cluster ``key`` at ``shards`` divided by the baseline's, for ``scenario``."""
-    cluster = find_row(rows, scenario, "cluster", shards)
+    """Cluster ``key`` at ``shards`` (and ``routers``) divided by the baseline's, for
+    ``scenario``."""
+    cluster = find_row(rows, scenario, "cluster", shards, routers)
     base = find_row(rows, scenario, "baseline")
     if cluster is None or base is None:
         return None
     return ratio(cluster[key], base[key])
 
 
-def shard_cost(rows: Sequence[Dict[str, Any]]) -> Tuple[Optional[float], str]:
-    """(1 - fanout deliveries/s at the most shards / at the fewest, "1->8") or (None, "")."""
+def shard_cost(rows: Sequence[Dict[str, Any]], routers: int = 1) -> Tuple[Optional[float], str]:
+    """(1 - fanout deliveries/s at the most shards / at the fewest, "1->8") or (None, ""),
+    at ``routers`` routers."""
     fanout = [r for r in rows if r["scenario"] == "fanout" and r["server"] == "cluster"]
+    fanout = [r for r in fanout if row_routers(r) == routers]
     fanout = sorted((r for r in fanout if r["status"] == "ok"), key=lambda r: r["shards"])
     if len(fanout) < 2:
         return None, ""
@@ -779,7 +1017,7 @@ def shard_cost(rows: Sequence[Dict[str, Any]]) -> Tuple[Optional[float], str]:
 
 
 def stuck_kept(
-    rows: Sequence[Dict[str, Any]], server: str, shards: Optional[int]
+    rows: Sequence[Dict[str, Any]], server: str, shards: Optional[int], routers: int = 1
 ) -> Dict[str, Any]:
     """Deliveries/s of ``stuck`` over ``fanout`` on the same server: raw and per reader.
 
@@ -787,8 +1025,8 @@ def stuck_kept(
     that is not slowed down at all keeps (members - 1) / members of the raw deliveries;
     the per-reader ratio corrects for that and is 1.0 for no slow-down.
     """
-    stuck = find_row(rows, "stuck", server, shards)
-    fanout = find_row(rows, "fanout", server, shards)
+    stuck = find_row(rows, "stuck", server, shards, routers)
+    fanout = find_row(rows, "fanout", server, shards, routers)
     if stuck is None or fanout is None:
         return {}
     raw = ratio(stuck["deliveries_per_s"], fanout["deliveries_per_s"])
@@ -799,45 +1037,46 @@ def stuck_kept(
     return {"raw": raw, "per_reader": per_reader}
 
 
-def evaluate_goals(rows: Sequence[Dict[str, Any]], shards: int) -> List[Goal]:
-    """Judge the issue's goals, the cluster at ``shards`` against the baseline."""
-    at = f" ({shards} shards)"
+def evaluate_goals(rows: Sequence[Dict[str, Any]], shards: int, routers: int = 1) -> List[Goal]:
+    """Judge the issue's goals, the cluster at ``shards`` (and ``routers``) against the
+    baseline."""
+    at = goal_at(shards, routers)
     goals = [
         judge(
             "fan-out 10x20x2 deliveries/s vs baseline" + at,
             f">= {GOAL_FANOUT_DELIVERIES}x",
-            vs_baseline(rows, "fanout", shards, "deliveries_per_s"),
+            vs_baseline(rows, "fanout", shards, "deliveries_per_s", routers),
             lambda v: v >= GOAL_FANOUT_DELIVERIES,
         ),
         judge(
             "fan-out 10x20x2 p99 vs baseline" + at,
             f"<= {GOAL_FANOUT_P99}x",
-            vs_baseline(rows, "fanout", shards, "p99_ms"),
+            vs_baseline(rows, "fanout", shards, "p99_ms", routers),
             lambda v: v <= GOAL_FANOUT_P99,
         ),
         judge(
             "1 room x 200 deliveries/s vs baseline" + at,
             f">= {GOAL_FANOUT200_DELIVERIES}x",
-            vs_baseline(rows, "fanout-200", shards, "deliveries_per_s"),
+            vs_baseline(rows, "fanout-200", shards, "deliveries_per_s", routers),
             lambda v: v >= GOAL_FANOUT200_DELIVERIES,
         ),
     ]
-    goals += connection_goals(rows, shards)
+    goals += connection_goals(rows, shards, routers)
     goals += [
         judge(
             "long-poll 10x20x2 deliveries/s vs baseline" + at,
             f">= {GOAL_LONGPOLL_DELIVERIES:g}x",
-            vs_baseline(rows, "longpoll", shards, "deliveries_per_s"),
+            vs_baseline(rows, "longpoll", shards, "deliveries_per_s", routers),
             lambda v: v >= GOAL_LONGPOLL_DELIVERIES,
         ),
         judge(
             "long-poll p99 ms" + at,
             f"< {GOAL_LONGPOLL_P99_MS:g} ms",
-            (find_row(rows, "longpoll", "cluster", shards) or {}).get("p99_ms"),
+            (find_row(rows, "longpoll", "cluster", shards, routers) or {}).get("p99_ms"),
             lambda v: v < GOAL_LONGPOLL_P99_MS,
         ),
     ]
-    cost, label = shard_cost(rows)
+    cost, label = shard_cost(rows, routers)
     goals.append(
         judge(
             f"fan-out cost of {label or '1->8'} shards (1 - deliveries ratio)",
@@ -849,10 +1088,15 @@ def evaluate_goals(rows: Sequence[Dict[str, Any]], shards: int) -> List[Goal]:
     return goals
 
 
-def connection_goals(rows: Sequence[Dict[str, Any]], shards: int) -> List[Goal]:
+def goal_at(shards: int, routers: int) -> str:
+    """' (2 shards)', or ' (2 shards, 4 routers)' with more than one router."""
+    return f" ({shards} shards)" if routers == 1 else f" ({shards} shards, {routers} routers)"
+
+
+def connection_goals(rows: Sequence[Dict[str, Any]], shards: int, routers: int = 1) -> List[Goal]:
     """The 5,100-connection goals (connect time, throughput, p99, memory)."""
-    at = f" ({shards} shards)"
-    cluster = find_row(rows, "connections", "cluster", shards) or {}
+    at = goal_at(shards, routers)
+    cluster = find_row(rows, "connections", "cluster", shards, routers) or {}
     connect = cluster.get("connect_join_s")
     if connect is not None and (cluster.get("disconnected") or cluster.get("error_lines")):
         connect = float("inf")  # not all of them stayed connected: not met
@@ -866,13 +1110,13 @@ def connection_goals(rows: Sequence[Dict[str, Any]], shards: int) -> List[Goal]:
         judge(
             "connections deliveries/s vs baseline" + at,
             f">= {GOAL_CONNECTIONS_DELIVERIES}x",
-            vs_baseline(rows, "connections", shards, "deliveries_per_s"),
+            vs_baseline(rows, "connections", shards, "deliveries_per_s", routers),
             lambda v: v >= GOAL_CONNECTIONS_DELIVERIES,
         ),
         judge(
             "connections p99 vs baseline" + at,
             f"<= {GOAL_CONNECTIONS_P99}x",
-            vs_baseline(rows, "connections", shards, "p99_ms"),
+            vs_baseline(rows, "connections", shards, "p99_ms", routers),
             lambda v: v <= GOAL_CONNECTIONS_P99,
         ),
         judge(
@@ -950,6 +1194,8 @@ def run_table(rows: Sequence[Dict[str, Any]], kept: Sequence[Dict[str, Any]]) ->
     ranged = any(r.get("deliveries_min") != r.get("deliveries_max") for r in kept)
     if ranged:
         columns.insert(6, ("range", "deliveries_range", None))
+    if several_routers(rows):
+        columns.insert(2, ("routers", "routers", None))
     lines = ["| " + " | ".join(h for h, _, _ in columns) + " |"]
     lines.append("|" + "|".join(" --- " for _ in columns) + "|")
     for row in kept:
@@ -962,11 +1208,17 @@ def run_table(rows: Sequence[Dict[str, Any]], kept: Sequence[Dict[str, Any]]) ->
     if failures:
         lines.append("")
         lines += [
-            f"- **{r['scenario']} {r['server']} {fmt(r['shards'])} (round {r.get('repeat')}) "
-            f"failed:** {r['error']}"
+            f"- **{r['scenario']} {r['server']} {fmt(r['shards'])}{routers_suffix(r)} "
+            f"(round {r.get('repeat')}) failed:** {r['error']}"
             for r in failures
         ]
     return lines
+
+
+def routers_suffix(row: Dict[str, Any]) -> str:
+    """' x 4 routers' for a cluster row with more than one router, else ''."""
+    n = row_routers(row)
+    return f" x {n} routers" if row["server"] == "cluster" and n != 1 else ""
 
 
 def deliveries_range(row: Dict[str, Any]) -> Optional[str]:
@@ -979,14 +1231,22 @@ def deliveries_range(row: Dict[str, Any]) -> Optional[str]:
 
 def ratio_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
     """The Markdown table of cluster/baseline ratios, plus stuck's kept deliveries."""
-    lines = ["| scenario | shards | deliveries/s ratio | p99 ratio |", "| --- | --- | --- | --- |"]
+    routed = several_routers(rows)
+    head = "| scenario | routers | shards |" if routed else "| scenario | shards |"
+    lines = [f"{head} deliveries/s ratio | p99 ratio |"]
+    lines.append("|" + " --- |" * (head.count("|") + 1))
     for r in baseline_ratios(rows):
+        where = f"{r['routers']} | {r['shards']}" if routed else f"{r['shards']}"
         lines.append(
-            f"| {r['scenario']} | {r['shards']} | {fmt_ratio(r['deliveries_ratio'])} "
+            f"| {r['scenario']} | {where} | {fmt_ratio(r['deliveries_ratio'])} "
             f"| {fmt_ratio(r['p99_ratio'])} |"
         )
     stuck = [
-        (row["server"], row["shards"], stuck_kept(rows, row["server"], row["shards"]))
+        (
+            row["server"],
+            row["shards"],
+            stuck_kept(rows, row["server"], row["shards"], row_routers(row)),
+        )
         for row in rows
         if row["scenario"] == "stuck"
     ]
@@ -1001,6 +1261,51 @@ def ratio_table(rows: Sequence[Dict[str, Any]]) -> List[str]:
                 f"| {server} | {fmt(shards)} | {fmt_ratio(kept.get('raw'))} "
                 f"| {fmt_ratio(kept.get('per_reader'))} |"
             )
+    return lines
+
+
+ROUTER_TABLE = (
+    ("scenario", "scenario", None),
+    ("routers", "routers", None),
+    ("shards", "shards", None),
+    ("server processes", "server_processes", None),
+    ("deliveries/s", "deliveries_per_s", 0),
+    ("p99 ms", "p99_ms", 2),
+    ("router tier CPU%", "router_cpu_pct", 0),
+    ("shards CPU%", "shards_cpu_pct", 0),
+    ("router us/delivery", "router_us_per_delivery", 2),
+    ("shard us/message", "shard_us_per_message", 2),
+    ("status", "status", None),
+)
+
+
+def router_rows(kept: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The kept cluster rows, by scenario (in plan order), router count and shard count."""
+    order = {name: i for i, name in enumerate(SCENARIOS)}
+    cluster = [r for r in kept if r["server"] == "cluster"]
+    return sorted(
+        cluster, key=lambda r: (order.get(r["scenario"], 99), row_routers(r), r["shards"] or 0)
+    )
+
+
+def router_table(kept: Sequence[Dict[str, Any]]) -> List[str]:
+    """The Markdown table of the router dimension: per configuration, throughput, p99 and
+    CPU per delivery (router tier) and per message (shard tier)."""
+    lines = [
+        "Deliveries/s, p99 and CPU% are the kept (median) run's; *server processes* counts "
+        "routers and shards, and the supervisor when there is more than one router. CPU per "
+        "tier is user+system time over the measured window (read from /proc/PID/stat by the "
+        "loadgen at its start and end): the router tier's per delivery, the shard tier's per "
+        "published message.",
+        "",
+        "| " + " | ".join(h for h, _, _ in ROUTER_TABLE) + " |",
+        "|" + "|".join(" --- " for _ in ROUTER_TABLE) + "|",
+    ]
+    for row in router_rows(kept):
+        cells = [fmt(row.get(key), 1 if d is None else d) for _, key, d in ROUTER_TABLE]
+        if contended(row):
+            cells[-1] = "ok, **busy machine**"
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -1043,8 +1348,11 @@ def write_markdown(
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
-def write_plot(path: Path, rows: Sequence[Dict[str, Any]], cores: int) -> Optional[str]:
-    """Deliveries/s and p99 against the shard count; return why it was skipped, or None."""
+def write_plot(
+    path: Path, rows: Sequence[Dict[str, Any]], cores: int, routers: int = 1
+) -> Optional[str]:
+    """Deliveries/s and p99 against the shard count (the cluster at ``routers`` routers);
+    return why it was skipped, or None."""
     try:
         import matplotlib
 
@@ -1052,6 +1360,7 @@ def write_plot(path: Path, rows: Sequence[Dict[str, Any]], cores: int) -> Option
         import matplotlib.pyplot as plt
     except ImportError:
         return PLOT_HINT
+    rows = [r for r in rows if r["server"] != "cluster" or row_routers(r) == routers]
     swept = sorted(
         {r["scenario"] for r in rows if r["server"] == "cluster" and r["status"] == "ok"}
     )
@@ -1073,17 +1382,91 @@ def write_plot(path: Path, rows: Sequence[Dict[str, Any]], cores: int) -> Option
         axis.set_ylim(bottom=0)
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=8)
-    fig.suptitle(f"shardchat cluster vs threaded baseline ({cores}-core machine, loopback)")
+    title = "shardchat cluster vs threaded baseline"
+    if routers != 1:
+        title += f", {routers} routers"
+    fig.suptitle(f"{title} ({cores}-core machine, loopback)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
 
 
-def cluster_points(rows: Sequence[Dict[str, Any]], scenario: str) -> List[Dict[str, Any]]:
-    """Successful cluster rows of ``scenario``, by shard count."""
+def cluster_points(
+    rows: Sequence[Dict[str, Any]], scenario: str, routers: Optional[int] = None
+) -> List[Dict[str, Any]]:
+    """Successful cluster rows of ``scenario`` (at ``routers`` if given), by shard count."""
     points = [r for r in rows if r["scenario"] == scenario and r["server"] == "cluster"]
+    if routers is not None:
+        points = [r for r in points if row_routers(r) == routers]
     return sorted((r for r in points if r["status"] == "ok"), key=lambda r: r["shards"])
+
+
+def router_lines(rows: Sequence[Dict[str, Any]]) -> List[Tuple[str, int, List[Dict[str, Any]]]]:
+    """(scenario, routers, successful rows by shard count) of every scenario that ran at
+    more than one router count: the router plot's lines."""
+    out = []
+    for scenario in SCENARIOS:
+        counts = sorted({row_routers(r) for r in cluster_points(rows, scenario)})
+        if len(counts) > 1:
+            out += [(scenario, n, cluster_points(rows, scenario, n)) for n in counts]
+    return out
+
+
+def write_router_plot(path: Path, rows: Sequence[Dict[str, Any]], cores: int) -> Optional[str]:
+    """Deliveries/s and router-tier CPU us per delivery against the total number of server
+    processes, a line per scenario and router count (its points are the shard counts);
+    return why it was skipped, or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return PLOT_HINT
+    lines = router_lines(rows)
+    if not lines:
+        return "no scenario ran at more than one router count"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    router_counts = sorted({n for _, n, _ in lines})
+    styles = ["-", "--", ":", "-."]
+    scenarios = list(dict.fromkeys(name for name, _, _ in lines))
+    for scenario, routers, points in lines:
+        color = colors[router_counts.index(routers) % len(colors)]
+        style = styles[scenarios.index(scenario) % len(styles)]
+        xs = [r["server_processes"] for r in points]
+        label = f"{scenario}, {routers} router{'s' if routers > 1 else ''}"
+        for axis, key in ((left, "deliveries_per_s"), (right, "router_us_per_delivery")):
+            shown = [(x, r[key], r["shards"]) for x, r in zip(xs, points) if r[key] is not None]
+            if not shown:
+                continue
+            axis.plot(
+                [x for x, _, _ in shown],
+                [y for _, y, _ in shown],
+                marker="o",
+                linestyle=style,
+                color=color,
+                label=label,
+            )
+            for x, y, shards in shown:
+                axis.annotate(
+                    f"{shards}sh", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
+    left.set_ylabel("deliveries/s")
+    right.set_ylabel("router tier CPU us per delivery")
+    for axis in (left, right):
+        axis.set_xlabel("server processes (routers + shards + supervisor)")
+        ticks = sorted({r["server_processes"] for _, _, points in lines for r in points})
+        axis.set_xticks(ticks)
+        axis.set_ylim(bottom=0)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.suptitle(f"shardchat routers x shards ({cores}-core machine, loopback; point: shards)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
 
 
 def plot_scenario(
@@ -1118,7 +1501,7 @@ def parse_counts(text: str) -> List[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a list of whole numbers: {text!r}") from None
     if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError("shard counts must be at least 1")
+        raise argparse.ArgumentTypeError("counts must be at least 1")
     return counts
 
 
@@ -1184,7 +1567,20 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument(
         "--shards",
         type=parse_counts,
-        help="shard counts for the swept scenarios (default 1,2,4,8; --quick 1,2)",
+        help="shard counts for the swept scenarios (default 1,2,4,8; --quick 1,2); also "
+        "those of the router sweep (default 1,2,4)",
+    )
+    parser.add_argument(
+        "--routers",
+        type=parse_counts,
+        default=[1],
+        help="router counts (default 1). One count: every cluster run has that many "
+        "routers. Several: the other runs use the fewest, and "
+        f"{' and '.join(ROUTER_SWEEP_SCENARIOS)} (those of --scenarios) also run at every "
+        "router count x every shard count (--shards, default "
+        f"{','.join(map(str, ROUTER_SWEEP_SHARDS))}), reporting CPU us per delivery (router "
+        "tier) and per message (shard tier) and plotting deliveries/s against the number "
+        "of server processes",
     )
     parser.add_argument(
         "--sweep",
@@ -1264,11 +1660,14 @@ def one_run(spec: RunSpec, timing: Timing) -> Tuple[Dict[str, Any], Dict[str, An
     load = load_average()
     started_at = datetime.datetime.now().isoformat(timespec="seconds")
     t0 = time.monotonic()
-    result, pids = execute(spec, timing)
-    row = make_row(spec, result, pids)
+    result, tiers = execute(spec, timing)
+    row = make_row(spec, result, tiers)
     row.update(load1_before=(load or "").split("/")[0] or None, started_at=started_at)
     row["wall_s"] = round(time.monotonic() - t0, 1)
-    raw = {"run": spec.label, "shards": spec.shards, "pids": pids, "result": result}
+    raw = {"run": spec.label, "shards": spec.shards, "routers": row["routers"]}
+    raw.update(pids=tiers.pids if tiers else [], result=result)
+    if tiers is not None and spec.server == "cluster":
+        raw["tiers"] = tiers.as_dict()
     return row, raw
 
 
@@ -1285,6 +1684,12 @@ def resolve(args: argparse.Namespace) -> Tuple[Timing, List[int], int, Path]:
     if out is None:
         out = fresh_directory(RESULTS, args.quick, datetime.datetime.now())
     return timing, counts, fixed, out
+
+
+def resolve_routers(args: argparse.Namespace) -> Tuple[List[int], List[int]]:
+    """Router counts and the router sweep's shard counts for ``args``."""
+    shards = args.shards or ([1, 2] if args.quick else list(ROUTER_SWEEP_SHARDS))
+    return sorted(set(args.routers)), shards
 
 
 def fresh_directory(base: Path, quick: bool, now: datetime.datetime) -> Path:
@@ -1391,10 +1796,11 @@ def mark_kept(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     the lowest and highest deliveries/s of its configuration's successful repeats. A
     configuration whose repeats all failed keeps its first failure. Returns the kept rows.
     """
-    groups: Dict[Tuple[Any, Any, Any], List[Dict[str, Any]]] = {}
+    groups: Dict[Tuple[Any, Any, Any, Any], List[Dict[str, Any]]] = {}
     for row in rows:
         row["kept"] = False
-        groups.setdefault((row["scenario"], row["server"], row["shards"]), []).append(row)
+        key = (row["scenario"], row["server"], row["shards"], row.get("routers"))
+        groups.setdefault(key, []).append(row)
     kept = []
     for group in groups.values():
         ok = sorted(
@@ -1424,11 +1830,18 @@ def write_results(
     document = {"meta": meta, "rows": rows, "runs": raws, "profiles": profiles}
     paths[2].write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
     png = out / f"{STEM}.png"
-    skipped = write_plot(png, kept, os.cpu_count() or 1)
+    skipped = write_plot(png, kept, os.cpu_count() or 1, meta.get("fixed_routers", 1))
     if skipped:
         log(f"no plot: {skipped}")
     else:
         paths.append(png)
+    if len(meta.get("router_counts", [1])) > 1:
+        routers_png = out / ROUTER_PLOT
+        skipped = write_router_plot(routers_png, kept, os.cpu_count() or 1)
+        if skipped:
+            log(f"no router plot: {skipped}")
+        else:
+            paths.append(routers_png)
     return paths
 
 
@@ -1483,8 +1896,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the experiment and write its results; see the module docstring for exit codes."""
     args = parse_args(argv)
     timing, counts, fixed, out = resolve(args)
+    router_counts, router_shards = resolve_routers(args)
     out.mkdir(parents=True, exist_ok=True)
-    runs = plan_runs(args.scenarios, counts, args.sweep, fixed, args.quick)
+    runs = plan_runs(
+        args.scenarios, counts, args.sweep, fixed, args.quick, router_counts, router_shards
+    )
     attempts = args.attempts or (1 if args.quick else 3)
     repeats = args.repeats or (1 if args.quick else 3)
     load_before = load_average()
@@ -1515,6 +1931,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "attempts": attempts,
         "repeats": repeats,
         "fixed_shards": fixed,
+        "router_counts": router_counts,
+        "router_shards": router_shards if len(router_counts) > 1 else [],
+        "fixed_routers": min(router_counts),
         "quick": args.quick,
     }
     profiles = profile_all(args.profile, fixed, timing, out, args.quick)
@@ -1527,20 +1946,21 @@ def main(argv: Optional[List[str]] = None) -> int:
 def summary_lines(
     rows: Sequence[Dict[str, Any]], kept: Sequence[Dict[str, Any]], meta: Dict[str, Any]
 ) -> List[str]:
-    """The tables of the Markdown file (runs, ratios, goals), for stdout."""
+    """The tables of the Markdown file (runs, routers, ratios, goals), for stdout."""
+    routers = meta.get("fixed_routers", 1)
+    where = f"{meta['fixed_shards']} shards" + (f", {routers} routers" if routers != 1 else "")
+    lines = ["## Runs", "", *runs_note(meta), *run_table(rows, kept), ""]
+    if meta.get("router_counts", [1]) != [1]:
+        lines += ["## Routers x shards", "", *router_table(kept), ""]
     return [
-        "## Runs",
-        "",
-        *runs_note(meta),
-        *run_table(rows, kept),
-        "",
+        *lines,
         "## Cluster against the threaded baseline",
         "",
         *ratio_table(kept),
         "",
-        f"## Goals (cluster at {meta['fixed_shards']} shards)",
+        f"## Goals (cluster at {where})",
         "",
-        *goal_table(evaluate_goals(kept, meta["fixed_shards"])),
+        *goal_table(evaluate_goals(kept, meta["fixed_shards"], routers)),
     ]
 
 

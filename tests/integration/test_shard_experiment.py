@@ -59,6 +59,7 @@ def test_quick_run_writes_csv_markdown_and_json(tmp_path: Path) -> None:
     assert not any(line.startswith("[") for line in done.stdout.splitlines())
     assert done.stdout.startswith("## Runs\n")
     assert done.stdout.count("| fanout | cluster |") == 2
+    assert "## Routers x shards" not in done.stdout  # only with --routers
 
     with (tmp_path / "shard_experiment.csv").open(newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -76,6 +77,11 @@ def test_quick_run_writes_csv_markdown_and_json(tmp_path: Path) -> None:
         if row["server"] == "cluster":
             assert row["max_shard_cpu_pct"] != "", where
             assert float(row["shards_rss_mb"]) > 0, where
+            # One router (the default): the router plus its shards; CPU per tier measured.
+            assert row["routers"] == "1", where
+            assert int(row["server_processes"]) == int(row["shards"]) + 1, where
+            assert float(row["router_us_per_delivery"]) >= 0, where
+            assert float(row["shard_us_per_message"]) >= 0, where
 
     markdown = (tmp_path / "shard_experiment.md").read_text(encoding="utf-8")
     for heading in ("## Runs", "## Cluster against the threaded baseline", "## Goals"):
