@@ -116,6 +116,7 @@ class Router:
         self.pool: Optional[ShardPool] = None
         self.servers: List[asyncio.AbstractServer] = []
         self.sibling_server: Optional[asyncio.AbstractServer] = None
+        self.siblings: Optional[Siblings] = None
         self.stop_requested = asyncio.Event()  # set it (or send SIGINT/SIGTERM) to stop
         self._recounter: Optional[asyncio.TimerHandle] = None
         #: Connections asyncio accepts per wake-up: few under an open-file limit (they
@@ -203,7 +204,7 @@ class Router:
             return
         api = http.api  # type: ignore[attr-defined]
         api.sessions.token_prefix = token_prefix(seat.index)
-        api.siblings = Siblings(seat.index, seat.sibling_ports, seat.secret)
+        api.siblings = self.siblings = Siblings(seat.index, seat.sibling_ports, seat.secret)
         self.sibling_server = await serve_siblings(
             seat.sibling_socket, seat.secret, api.answer_forwarded
         )
@@ -260,6 +261,8 @@ class Router:
             server.close()
         if self.sibling_server is not None:
             self.sibling_server.close()
+        if self.siblings is not None:
+            self.siblings.close()
 
     async def shutdown(self) -> None:
         """Stop accepting, tell everyone, let the writes go out, stop the shards."""

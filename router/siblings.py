@@ -8,10 +8,11 @@ another router hands the parsed request to that router over loopback and writes 
 answer; the owner answers it exactly as if it had taken the connection itself (the
 client's address and scheme go along, so the per-address limits count the real client).
 
-The hop: one loopback TCP connection per forwarded request to the owner's *sibling port*
-(bound by the supervisor, one per router, kept across that router's restarts), carrying
-one frame each way: ``secret + pickle((request, address, https))`` there, ``pickle(response)``
-back. The secret (random, per cluster, given to every router at start) comes first and is
+The hop: a loopback TCP connection to the owner's *sibling port* (bound by the
+supervisor, one per router, kept across that router's restarts), carrying one request at a
+time, one frame each way: ``secret + pickle((request, address, https))`` there,
+``pickle(response)`` back; kept open for the next request (at most ``MAX_IDLE_HOPS`` idle
+per sibling). The secret (random, per cluster, given to every router at start) comes first and is
 checked before anything is unpickled: only this cluster's routers can speak on the port.
 A long-poll waits on the owner like any poll; if the browser goes away, the forwarding
 router closes the hop, and the owner cancels the poll.
@@ -28,7 +29,8 @@ import hmac
 import logging
 import pickle
 import struct
-from typing import Any, Callable, List, Optional
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from common.limits import MAX_FORWARDED_BYTES
 
@@ -40,6 +42,14 @@ CONNECT_TIMEOUT = 2.0
 #: Seconds a connection to a sibling port may take to send its request frame (a router
 #: sends it at once): one that sends nothing holds no descriptor longer than this.
 FIRST_FRAME_TIMEOUT = 5.0
+#: Seconds an idle hop stays open on the owner's side, and (less, so that the owner never
+#: closes one as it is reused) how long the forwarding side reuses one.
+HOP_IDLE_SECONDS = 30.0
+HOP_REUSE_SECONDS = 20.0
+#: Idle hops kept per sibling: beyond, a finished hop is closed (a burst of forwarded
+#: long-polls opens as many as there are polls; they are not all kept).
+MAX_IDLE_HOPS = 64
+HIGHEST = pickle.HIGHEST_PROTOCOL
 
 
 def token_prefix(index: int) -> str:
@@ -75,12 +85,16 @@ async def read_frame(reader: asyncio.StreamReader) -> Optional[bytes]:
 
 class Siblings:
     """This router's view of the tier's others: their sibling ports (``ports[i]`` is
-    router *i*'s) and the cluster's secret."""
+    router *i*'s) and the cluster's secret. Hops (loopback connections to a sibling) are
+    kept open between requests, at most ``MAX_IDLE_HOPS`` idle per sibling, so a
+    forwarded request costs no connect."""
 
     def __init__(self, index: int, ports: List[int], secret: bytes) -> None:
         self.index = index
         self.ports = ports
         self.secret = secret
+        #: owner -> idle hops, newest last: (reader, writer, when it became idle).
+        self._idle: Dict[int, List[Tuple[Any, Any, float]]] = {}
 
     def foreign_owner(self, token: Optional[str]) -> Optional[int]:
         """The other router that owns the session *token* names, or None."""
@@ -91,56 +105,119 @@ class Siblings:
 
     async def forward(self, owner: int, request: Any, address: str, https: bool) -> Any:
         """Have router *owner* answer *request*; its response, or None if it cannot be
-        reached (or broke off). Cancelled when the client goes away: the hop is closed."""
+        reached (or broke off). Cancelled when the client goes away: the hop is closed,
+        which cancels the request there."""
+        payload = frame(self.secret + pickle.dumps((request, address, https), HIGHEST))
+        hop = self._take(owner)
+        if hop is not None:
+            answer = await self._ask(owner, hop, payload)
+            if answer is not None:
+                return answer
+            # An idle hop found closed (the owner restarted): it never got the request.
+        hop = await self._connect(owner)
+        return await self._ask(owner, hop, payload) if hop is not None else None
+
+    async def _ask(self, owner: int, hop: Tuple[Any, Any], payload: bytes) -> Any:
+        reader, writer = hop
+        done = False
         try:
-            reader, writer = await asyncio.wait_for(
+            writer.write(payload)
+            answer = await read_frame(reader)
+            if answer is None:
+                return None
+            response = pickle.loads(answer)
+            done = True
+            return response
+        except OSError:
+            return None
+        finally:
+            if done:
+                self._give_back(owner, reader, writer)
+            else:
+                writer.close()
+
+    async def _connect(self, owner: int) -> Optional[Tuple[Any, Any]]:
+        try:
+            return await asyncio.wait_for(
                 asyncio.open_connection("127.0.0.1", self.ports[owner]), CONNECT_TIMEOUT
             )
         except (OSError, asyncio.TimeoutError):
             return None
-        try:
-            payload = pickle.dumps((request, address, https), pickle.HIGHEST_PROTOCOL)
-            writer.write(frame(self.secret + payload))
-            answer = await read_frame(reader)
-            return pickle.loads(answer) if answer is not None else None
-        finally:
+
+    def _take(self, owner: int) -> Optional[Tuple[Any, Any]]:
+        idle = self._idle.get(owner)
+        now = time.monotonic()
+        while idle:
+            reader, writer, since = idle.pop()
+            if now - since < HOP_REUSE_SECONDS and not writer.is_closing():
+                return reader, writer
             writer.close()
+        return None
+
+    def _give_back(self, owner: int, reader: Any, writer: Any) -> None:
+        idle = self._idle.setdefault(owner, [])
+        if len(idle) >= MAX_IDLE_HOPS or writer.is_closing():
+            writer.close()
+            return
+        idle.append((reader, writer, time.monotonic()))
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for _, writer, _ in idle:
+                writer.close()
+        self._idle.clear()
 
 
 async def serve_siblings(
     sock: Any, secret: bytes, handle: Callable[[Any, str, bool, Callable[[Any], None]], Any]
 ) -> asyncio.AbstractServer:
-    """Answer forwarded requests on *sock* (this router's sibling port). *handle* is called
-    with (request, address, https, respond) and returns a cancel function (called if the
-    forwarding router closes the hop before the answer)."""
+    """Answer forwarded requests on *sock* (this router's sibling port), one at a time
+    per hop. *handle* is called with (request, address, https, respond) and returns a
+    cancel function (called if the forwarding router closes the hop before the answer)."""
 
-    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve_hop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            try:
-                data = await asyncio.wait_for(read_frame(reader), FIRST_FRAME_TIMEOUT)
-            except asyncio.TimeoutError:
-                return  # not one of ours: ours write the frame at once
-            if data is None or not hmac.compare_digest(data[: len(secret)], secret):
-                return
-            request, address, https = pickle.loads(data[len(secret) :])
-            answered: asyncio.Future = asyncio.get_running_loop().create_future()
-
-            def respond(response: Any) -> None:
-                if not answered.done():
-                    answered.set_result(response)
-
-            cancel = handle(request, address, https, respond)
-            gone = asyncio.ensure_future(reader.read(1))  # the hop closed: nobody waits
-            await asyncio.wait({answered, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if answered.done():
-                gone.cancel()
-                writer.write(frame(pickle.dumps(answered.result(), pickle.HIGHEST_PROTOCOL)))
-                await writer.drain()
-            else:
-                cancel()
+            first = True
+            while await _answer_one(reader, writer, secret, handle, first):
+                first = False
         except (ConnectionError, pickle.UnpicklingError, ValueError, TypeError) as error:
             log.debug("forwarded request broke off: %s", error)
         finally:
             writer.close()
 
-    return await asyncio.start_server(one, sock=sock)
+    return await asyncio.start_server(serve_hop, sock=sock)
+
+
+async def _answer_one(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    secret: bytes,
+    handle: Callable[[Any, str, bool, Callable[[Any], None]], Any],
+    first: bool,
+) -> bool:
+    """Read one forwarded request and answer it; False when the hop is to be closed."""
+    wait = FIRST_FRAME_TIMEOUT if first else HOP_IDLE_SECONDS
+    try:
+        data = await asyncio.wait_for(read_frame(reader), wait)
+    except asyncio.TimeoutError:
+        return False  # a first frame comes at once; an idle hop is given up
+    if data is None or not hmac.compare_digest(data[: len(secret)], secret):
+        return False
+    request, address, https = pickle.loads(data[len(secret) :])
+    answered: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def respond(response: Any) -> None:
+        if not answered.done():
+            answered.set_result(response)
+
+    cancel = handle(request, address, https, respond)
+    # One request at a time per hop: anything read now is the hop closing (cancel).
+    gone = asyncio.ensure_future(reader.read(1))
+    await asyncio.wait({answered, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not answered.done():
+        cancel()
+        return False
+    gone.cancel()
+    writer.write(frame(pickle.dumps(answered.result(), HIGHEST)))
+    await writer.drain()
+    return True
