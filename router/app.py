@@ -204,7 +204,11 @@ class Router:
             return
         api = http.api  # type: ignore[attr-defined]
         api.sessions.token_prefix = token_prefix(seat.index)
-        api.siblings = self.siblings = Siblings(seat.index, seat.sibling_ports, seat.secret)
+        # An answer comes within a long-poll's wait (plus its linger and a shard's timeout).
+        wait = self.settings.poll_timeout + self.settings.request_timeout + 5.0
+        api.siblings = self.siblings = Siblings(
+            seat.index, seat.sibling_ports, seat.secret, answer_timeout=wait
+        )
         self.sibling_server = await serve_siblings(
             seat.sibling_socket, seat.secret, api.answer_forwarded
         )

@@ -216,6 +216,10 @@ Handler = Callable[[Request, Exchange, Dict[str, Any]], None]
 Action = Callable[[Exchange], None]
 
 
+#: Seconds a tier's /metrics waits for each other router's samples (router/siblings.py).
+METRICS_GATHER_TIMEOUT = 2.0
+
+
 class HttpApi:
     """Routes, JSON commands and the static page. One per HTTP listener."""
 
@@ -424,8 +428,13 @@ class HttpApi:
                 for index in range(len(siblings.ports))
                 if index != siblings.index
             ]
-            answers = await asyncio.gather(*others)
-            texts = [own] + [a.body.decode("utf-8") for a in answers if a and a.status == 200]
+            # A router that is down (restarting) is left out, not waited for.
+            answers = await asyncio.gather(
+                *(asyncio.wait_for(other, METRICS_GATHER_TIMEOUT) for other in others),
+                return_exceptions=True,
+            )
+            good = [a for a in answers if isinstance(a, Response) and a.status == 200]
+            texts = [own] + [answer.body.decode("utf-8") for answer in good]
             body = merge_metrics(texts).encode("utf-8")
             exchange.respond(Response(200, body, (("Content-Type", METRICS_TYPE),)))
 

@@ -134,7 +134,7 @@ def merge(texts: Sequence[str]) -> str:
     ``HELP`` and ``TYPE`` once, then every router's samples of it."""
     families: Dict[str, List[str]] = {}
     for text in texts:
-        name = ""
+        name, head = "", False
         for line in text.splitlines():
             if line.startswith("# HELP "):
                 name = line.split(" ", 3)[2]
@@ -144,5 +144,5 @@ def merge(texts: Sequence[str]) -> str:
                 continue
             if line.startswith("#") and not head:
                 continue
-            families[name].append(line)
+            families.setdefault(name, []).append(line)
     return "".join(line + "\n" for lines in families.values() for line in lines)

@@ -9,11 +9,12 @@ answer; the owner answers it exactly as if it had taken the connection itself (t
 client's address and scheme go along, so the per-address limits count the real client).
 
 The hop: a loopback TCP connection to the owner's *sibling port* (bound by the
-supervisor, one per router, kept across that router's restarts), carrying one request at a
-time, one frame each way: ``secret + pickle((request, address, https))`` there,
-``pickle(response)`` back; kept open for the next request (at most ``MAX_IDLE_HOPS`` idle
-per sibling). The secret (random, per cluster, given to every router at start) comes first and is
-checked before anything is unpickled: only this cluster's routers can speak on the port.
+supervisor, one per router, kept across that router's restarts). It starts with the
+cluster's secret (random, given to every router at start), read and checked before
+anything else: only this cluster's routers can speak on the port, and nothing is
+unpickled or buffered for anyone else. Then one request at a time, one frame each way:
+``pickle((request, address, https))`` there, ``pickle(response)`` back; kept open for
+the next request (at most ``MAX_IDLE_HOPS`` idle per sibling).
 A long-poll waits on the owner like any poll; if the browser goes away, the forwarding
 router closes the hop, and the owner cancels the poll.
 
@@ -46,6 +47,9 @@ FIRST_FRAME_TIMEOUT = 5.0
 #: closes one as it is reused) how long the forwarding side reuses one.
 HOP_IDLE_SECONDS = 30.0
 HOP_REUSE_SECONDS = 20.0
+#: Connections to a sibling port that have not shown the secret yet, at most (each for at
+#: most FIRST_FRAME_TIMEOUT): more are closed at once.
+MAX_PENDING_HOPS = 64
 #: Idle hops kept per sibling: beyond, a finished hop is closed (a burst of forwarded
 #: long-polls opens as many as there are polls; they are not all kept).
 MAX_IDLE_HOPS = 64
@@ -89,10 +93,16 @@ class Siblings:
     kept open between requests, at most ``MAX_IDLE_HOPS`` idle per sibling, so a
     forwarded request costs no connect."""
 
-    def __init__(self, index: int, ports: List[int], secret: bytes) -> None:
+    def __init__(
+        self, index: int, ports: List[int], secret: bytes, answer_timeout: float = 60.0
+    ) -> None:
         self.index = index
         self.ports = ports
         self.secret = secret
+        #: Seconds to wait for a forwarded request's answer (longer than a long-poll):
+        #: past it the owner counts as gone. Its port is the supervisor's and stays open
+        #: while it restarts, so a dead owner is found by this, not by a refused connect.
+        self.answer_timeout = answer_timeout
         #: owner -> idle hops, newest last: (reader, writer, when it became idle).
         self._idle: Dict[int, List[Tuple[Any, Any, float]]] = {}
 
@@ -107,7 +117,7 @@ class Siblings:
         """Have router *owner* answer *request*; its response, or None if it cannot be
         reached (or broke off). Cancelled when the client goes away: the hop is closed,
         which cancels the request there."""
-        payload = frame(self.secret + pickle.dumps((request, address, https), HIGHEST))
+        payload = frame(pickle.dumps((request, address, https), HIGHEST))
         hop = self._take(owner)
         if hop is not None:
             answer = await self._ask(owner, hop, payload)
@@ -122,7 +132,11 @@ class Siblings:
         done = False
         try:
             writer.write(payload)
-            answer = await read_frame(reader)
+            try:
+                answer = await asyncio.wait_for(read_frame(reader), self.answer_timeout)
+            except asyncio.TimeoutError:
+                log.warning("router %d did not answer a forwarded request in time", owner)
+                return None
             if answer is None:
                 return None
             response = pickle.loads(answer)
@@ -138,11 +152,13 @@ class Siblings:
 
     async def _connect(self, owner: int) -> Optional[Tuple[Any, Any]]:
         try:
-            return await asyncio.wait_for(
+            reader, writer = await asyncio.wait_for(
                 asyncio.open_connection("127.0.0.1", self.ports[owner]), CONNECT_TIMEOUT
             )
         except (OSError, asyncio.TimeoutError):
             return None
+        writer.write(self.secret)  # first, once: nothing is read from a hop before it
+        return reader, writer
 
     def _take(self, owner: int) -> Optional[Tuple[Any, Any]]:
         idle = self._idle.get(owner)
@@ -175,11 +191,23 @@ async def serve_siblings(
     per hop. *handle* is called with (request, address, https, respond) and returns a
     cancel function (called if the forwarding router closes the hop before the answer)."""
 
+    pending = [0]  # hops that have not shown the secret yet
+
     async def serve_hop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            first = True
-            while await _answer_one(reader, writer, secret, handle, first):
-                first = False
+            if pending[0] >= MAX_PENDING_HOPS:
+                return  # a flood of connections that prove nothing: refuse at once
+            pending[0] += 1
+            try:
+                shown = await asyncio.wait_for(reader.readexactly(len(secret)), FIRST_FRAME_TIMEOUT)
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError):
+                return
+            finally:
+                pending[0] -= 1
+            if not hmac.compare_digest(shown, secret):
+                return
+            while await _answer_one(reader, writer, handle):
+                pass
         except (ConnectionError, pickle.UnpicklingError, ValueError, TypeError) as error:
             log.debug("forwarded request broke off: %s", error)
         finally:
@@ -191,19 +219,17 @@ async def serve_siblings(
 async def _answer_one(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
-    secret: bytes,
     handle: Callable[[Any, str, bool, Callable[[Any], None]], Any],
-    first: bool,
 ) -> bool:
-    """Read one forwarded request and answer it; False when the hop is to be closed."""
-    wait = FIRST_FRAME_TIMEOUT if first else HOP_IDLE_SECONDS
+    """Read one forwarded request on a hop that showed the secret and answer it; False
+    when the hop is to be closed."""
     try:
-        data = await asyncio.wait_for(read_frame(reader), wait)
+        data = await asyncio.wait_for(read_frame(reader), HOP_IDLE_SECONDS)
     except asyncio.TimeoutError:
-        return False  # a first frame comes at once; an idle hop is given up
-    if data is None or not hmac.compare_digest(data[: len(secret)], secret):
+        return False  # an idle hop is given up
+    if data is None:
         return False
-    request, address, https = pickle.loads(data[len(secret) :])
+    request, address, https = pickle.loads(data)
     answered: asyncio.Future = asyncio.get_running_loop().create_future()
 
     def respond(response: Any) -> None:

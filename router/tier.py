@@ -33,6 +33,7 @@ The messages on the control pipes (tuples; Connections in them cross processes b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -304,7 +305,7 @@ class Supervisor:
             due = [p for p in self.pending if p[0] <= now]
             self.pending = [p for p in self.pending if p[0] > now]
             for _, what, index in due:
-                (self.restart_router if what == "router" else self.restart_shard)(index)
+                self._restart(what, index)
             sentinels: Dict[Any, Tuple[str, int]] = {}
             for r, process in enumerate(self.router_procs):
                 if process is not None:
@@ -313,9 +314,12 @@ class Supervisor:
                 if process is not None:
                     sentinels[process.sentinel] = ("shard", j)
             controls = {c: r for r, c in enumerate(self.router_controls) if c is not None}
-            for ready in wait([*sentinels, *controls], 0.25):
+            shards = {c: j for j, c in enumerate(self.shard_controls) if c is not None}
+            for ready in wait([*sentinels, *controls, *shards], 0.25):
                 if ready in controls:
                     self._read_router(controls[ready])
+                elif ready in shards:
+                    self._read_shard(shards[ready])
                 elif not self.stopping:
                     self._died(*sentinels[ready])
 
@@ -329,15 +333,42 @@ class Supervisor:
             _close(control)
             self.router_controls[r] = None
 
+    def _restart(self, what: str, index: int) -> None:
+        """Start a dead child again; one that cannot be started (no descriptors, no
+        memory) counts as having died again."""
+        try:
+            (self.restart_router if what == "router" else self.restart_shard)(index)
+        except OSError as error:
+            log.error("%s %d could not be restarted (%s)", what, index, error)
+            self._schedule(what, index, None)
+
+    def _read_shard(self, j: int) -> None:
+        """``("stalled", r)``: router *r* takes nothing from shard *j* (stopped, stuck):
+        it is killed, and restarted like any router that died."""
+        control = self.shard_controls[j]
+        if control is None:
+            return
+        try:
+            message = control.recv()
+        except (EOFError, OSError):
+            return  # the shard died: its sentinel says so
+        process = self.router_procs[message[1]] if message[0] == "stalled" else None
+        if process is not None:
+            log.error("router %d stalled shard %d's events; killing it", message[1], j)
+            process.kill()
+
     def _died(self, what: str, index: int) -> None:
         procs = self.router_procs if what == "router" else self.shard_procs
         controls = self.router_controls if what == "router" else self.shard_controls
         process = procs[index]
         process.join(1.0)  # its sentinel says it has ended: this reaps it
-        code = process.exitcode
         procs[index] = None
         _close(controls[index])
         controls[index] = None
+        self._schedule(what, index, process.exitcode)
+
+    def _schedule(self, what: str, index: int, code: Optional[int]) -> None:
+        """Restart *what* *index* after its backoff, or give up on it."""
         policy = (self.router_restarts if what == "router" else self.shard_restarts)[index]
         delay = policy.next_delay(time.monotonic())
         if delay is None:
@@ -427,8 +458,9 @@ def run_supervisor(settings: Any, listener_mode: str = "") -> int:
 
     def on_hangup(signum: int, frame: Any) -> None:
         for process in supervisor.router_procs:  # each reloads its TLS certificate
-            if process is not None and process.pid is not None:
-                os.kill(process.pid, signal.SIGHUP)
+            if process is not None and process.exitcode is None:
+                with contextlib.suppress(OSError):
+                    os.kill(process.pid, signal.SIGHUP)
 
     for name in ("SIGINT", "SIGTERM"):
         if hasattr(signal, name):

@@ -10,16 +10,19 @@ router closed it or died, even by ``kill -9``) or when its parent process is gon
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
+import queue
 import signal
 import sys
+import threading
 from multiprocessing.connection import Connection, wait
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from common import messages as m
-from common.limits import MAX_SHARD_BATCH
+from common.limits import MAX_SHARD_BACKLOG_BYTES, MAX_SHARD_BATCH
 from common.proctitle import set_process_name
 from shard.core import ShardCore
 from shard.fanout import NO_ROUTER, RouterFanout, router_of
@@ -96,9 +99,9 @@ def run_tier_shard(
         stream=sys.stderr,
     )
     core = ShardCore(store=SqliteStore(data_dir, index, shard_count)) if data_dir else ShardCore()
-    tier = _TierLinks(core, links)
+    tier = _TierLinks(core, links, control)
     try:
-        tier.serve(control)
+        tier.serve()
     finally:
         core.close()
         tier.close()
@@ -112,84 +115,178 @@ GONE_ROUTER_REQ = -1
 
 
 class _TierLinks:
-    """A tier shard's pipes to its routers, and what it does when one goes or comes."""
+    """A tier shard's pipes to its routers, and what it does when one goes or comes.
 
-    def __init__(self, core: ShardCore, links: List[Tuple[Connection, Connection]]) -> None:
+    Events go to each router through its own :class:`_EventSender` (a thread and a bounded
+    queue), so a router that stops reading stalls only itself: past ``MAX_SHARD_BACKLOG_BYTES``
+    waiting for it, the shard tells the supervisor (``("stalled", r)``), which restarts it,
+    and sends it nothing more."""
+
+    def __init__(
+        self, core: ShardCore, links: List[Tuple[Connection, Connection]], control: Connection
+    ) -> None:
         self.core = core
+        self.control = control
         self.commands: List[Optional[Connection]] = [c for c, _ in links]
-        self.events: List[Optional[Connection]] = [e for _, e in links]
+        self.senders: List[Optional[_EventSender]] = [
+            _EventSender(r, events, self._stalled) for r, (_, events) in enumerate(links)
+        ]
         self.fanout = RouterFanout(len(links), core.members_of)
+        self._stalls: queue.SimpleQueue[int] = queue.SimpleQueue()
 
-    def serve(self, control: Connection) -> None:
-        loads = pickle.loads
+    def serve(self) -> None:
+        control = self.control
         while True:
+            while not self._stalls.empty():
+                self._report_stall(self._stalls.get())
             readers = [c for c in self.commands if c is not None]
             ready = wait([control, *readers], PARENT_CHECK_INTERVAL)
             batch: List[m.Command] = []
             sources: List[int] = []
+            gone: List[int] = []
             for conn in ready:
                 if conn is control:
-                    if not self._on_control(control, batch, sources):
+                    if not self._on_control(batch, sources):
                         return
-                    continue
-                if conn not in self.commands:
-                    continue  # replaced by the supervisor's message just read
-                router = self.commands.index(conn)
-                try:
-                    while True:
-                        commands = loads(conn.recv_bytes())
-                        batch.extend(commands)
-                        sources.extend([router] * len(commands))
-                        if len(batch) >= MAX_SHARD_BATCH or not conn.poll():
-                            break
-                except (EOFError, OSError):
-                    self._router_gone(router, batch, sources)
-            if not ready:
-                self._send(self.fanout.split((), (), self.core.idle()))
-                continue
+                elif conn in self.commands:  # (not one just replaced by the supervisor)
+                    router = self.commands.index(conn)
+                    if not self._read(conn, router, batch, sources):
+                        gone.append(router)
             if batch:
-                self._send(self.fanout.split(batch, sources, self.core.apply(batch)))
+                self._apply(batch, sources)
+            elif not ready:
+                self._send(self.fanout.split((), (), self.core.idle()))
+            for router in gone:
+                self._router_gone(router)
 
-    def _on_control(self, control: Connection, batch: List[m.Command], sources: List[int]) -> bool:
-        """A message from the supervisor (False: it is gone). ``("router", r, commands,
-        events)``: router *r* was restarted; these are its new pipes."""
+    def _read(self, conn: Connection, router: int, batch: list, sources: list) -> bool:
+        """Take what router *router* sent (False: its pipe ended, it is gone)."""
         try:
-            message = control.recv()
+            while True:
+                commands = pickle.loads(conn.recv_bytes())
+                batch.extend(commands)
+                sources.extend([router] * len(commands))
+                if len(batch) >= MAX_SHARD_BATCH or not conn.poll():
+                    return True
+        except (EOFError, OSError):
+            return False
+
+    def _apply(self, batch: List[m.Command], sources: List[int]) -> None:
+        self._send(self.fanout.split(batch, sources, self.core.apply(batch)))
+
+    def _on_control(self, batch: List[m.Command], sources: List[int]) -> bool:
+        """A message from the supervisor (False: it is gone). ``("router", r, commands,
+        events)``: router *r* was restarted; these are its new pipes. What was read from
+        the others is applied first, then the old router's clients leave, then the new
+        pipes are used: nothing of the old router reaches the new one."""
+        try:
+            message = self.control.recv()
         except (EOFError, OSError):
             return False
         _, router, commands, events = message
-        if self.commands[router] is not None:
-            self._router_gone(router, batch, sources)
-        self.commands[router], self.events[router] = commands, events
+        if batch:
+            self._apply(batch, sources)
+            del batch[:], sources[:]
+        if self.commands[router] is not None or self.senders[router] is not None:
+            self._router_gone(router)
+        self.commands[router] = commands
+        self.senders[router] = _EventSender(router, events, self._stalled)
         return True
 
-    def _router_gone(self, router: int, batch: List[m.Command], sources: List[int]) -> None:
-        """Router *router* died: its clients leave every room here (the other routers'
-        members hear them leave), before anything its successor sends."""
-        for end in (self.commands[router], self.events[router]):
-            if end is not None:
-                end.close()
-        self.commands[router] = self.events[router] = None
+    def _router_gone(self, router: int) -> None:
+        """Router *router* died: close its pipes, and its clients leave every room here now
+        (the other routers' members hear them leave). Called after what it sent was
+        applied, so none of its JOINs can come after its clients' DROPs."""
+        conn, sender = self.commands[router], self.senders[router]
+        self.commands[router] = self.senders[router] = None
+        if conn is not None:
+            conn.close()
+        if sender is not None:
+            sender.close()
         routers = self.fanout.routers
-        for cid in self.core.clients():
-            if router_of(cid, routers) == router:
-                batch.append(m.drop(GONE_ROUTER_REQ, 0.0, cid))
-                sources.append(NO_ROUTER)
+        drops = [
+            m.drop(GONE_ROUTER_REQ, 0.0, cid)
+            for cid in self.core.clients()
+            if router_of(cid, routers) == router
+        ]
+        if drops:
+            self._apply(drops, [NO_ROUTER] * len(drops))
+
+    def _stalled(self, router: int) -> None:
+        """(On a sender's thread.) Router *router* has taken nothing for too long."""
+        self._stalls.put(router)
+
+    def _report_stall(self, router: int) -> None:
+        sender = self.senders[router]
+        if sender is None or not sender.stalled:
+            return
+        log.error("router %d takes no events; asking the supervisor to restart it", router)
+        try:
+            self.control.send(("stalled", router))
+        except OSError:
+            pass  # the supervisor is gone: the control pipe's end-of-file says so
 
     def _send(self, per_router: List[List[m.Event]]) -> None:
-        dumps, highest = pickle.dumps, pickle.HIGHEST_PROTOCOL
         for router, events in enumerate(per_router):
-            out = self.events[router]
-            if events and out is not None:
-                try:
-                    out.send_bytes(dumps(events, highest))
-                except OSError:
-                    log.debug("router %d is gone", router)  # its command pipe says so next
+            sender = self.senders[router]
+            if events and sender is not None:
+                sender.send(pickle.dumps(events, pickle.HIGHEST_PROTOCOL))
 
     def close(self) -> None:
-        for end in (*self.commands, *self.events):
-            if end is not None:
-                end.close()
+        for conn in self.commands:
+            if conn is not None:
+                conn.close()
+        for sender in self.senders:
+            if sender is not None:
+                sender.close()
+
+
+class _EventSender:
+    """Writes one router's event messages on a thread, so the shard's loop never blocks on
+    that router. What waits is bounded (``MAX_SHARD_BACKLOG_BYTES``): past it the router
+    counts as stalled, *on_stall* is called once and nothing more is queued for it."""
+
+    def __init__(self, router: int, events: Connection, on_stall: Callable[[int], None]) -> None:
+        self.router = router
+        self._events = events
+        self._on_stall = on_stall
+        self._queue: queue.SimpleQueue[Optional[bytes]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._waiting = 0  # bytes queued and not yet written
+        self.stalled = False
+        self._thread = threading.Thread(target=self._run, name=f"router-{router}", daemon=True)
+        self._thread.start()
+
+    def send(self, data: bytes) -> None:
+        with self._lock:
+            if self.stalled:
+                return
+            if self._waiting + len(data) > MAX_SHARD_BACKLOG_BYTES:
+                self.stalled = True
+                self._on_stall(self.router)
+                return
+            self._waiting += len(data)
+        self._queue.put(data)
+
+    def _run(self) -> None:
+        while True:
+            data = self._queue.get()
+            if data is None:
+                break
+            try:
+                self._events.send_bytes(data)
+            except OSError:
+                break  # the router is gone; its command pipe says so
+            with self._lock:
+                self._waiting -= len(data)
+        self._events.close()
+
+    def close(self) -> None:
+        """Stop after what is queued (a stalled router's pipe is closed at once)."""
+        if self.stalled:
+            with contextlib.suppress(OSError):
+                self._events.close()
+        self._queue.put(None)
 
 
 def _close_inherited_fds(keep: Sequence[int]) -> None:
