@@ -87,7 +87,9 @@ HISTORY = 7
 SINCE = 8
 #: ``(REJOIN, req, deadline, cid, room, username)``: put a member back after the shard
 #: restarted (from the router's membership). No entry, no event but the completion:
-#: ``DONE`` with the room's epoch (unchanged if its history survived).
+#: ``DONE`` with the room's epoch (unchanged if its history survived), or ``FAIL
+#: name_taken`` if someone else has the name by now (a router tier: another router's JOIN
+#: came first); the member is then not in the room.
 REJOIN = 9
 
 #: ``(PRIVMSG, req, deadline, cid, room, to, text)``: a direct message from a member of

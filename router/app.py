@@ -38,6 +38,11 @@ from router.tls import reload as reload_tls
 log = logging.getLogger(__name__)
 
 
+#: In a tier, each start of a router numbers its clients from ``2 ** this`` past the
+#: previous start's first (about 4 billion clients each, in steps of N).
+CID_INCARNATION_BITS = 32
+
+
 class PortInUse(Exception):
     """A listener could not bind or listen; the message says why, in one line, and what to
     do about it."""
@@ -186,7 +191,8 @@ class Router:
     def _attach_to_tier(self, seat: Seat) -> None:
         """Use the supervisor's shards (pipes in *seat*), and number our clients so that
         the shards know they are ours (shard/fanout.py)."""
-        self.hub.number_clients(seat.routers + seat.index, seat.routers)
+        first = seat.routers * (1 + (seat.incarnation << CID_INCARNATION_BITS)) + seat.index
+        self.hub.number_clients(first, seat.routers)
         self.pool = TierShardPool(
             seat.shard_pipes, self.loop, self.hub, self.settings.pipe_io, self.fds
         )

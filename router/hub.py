@@ -824,6 +824,12 @@ class Hub:
     def _complete_rejoin(self, command: m.Command, event: m.Event) -> None:
         room, cid = command[m.ROOM], command[m.CID]
         if event[0] != m.DONE:
+            if event[0] == m.FAIL and event[2] == errors.NAME_TAKEN:
+                # Its name was taken before it was put back (a router tier): it is out.
+                client = self.members.get(room, {}).get(cid)
+                self._left(cid, room, None, None, None)
+                if client is not None:
+                    self._tell(client.on_room_lost, room)
             return
         epoch = event[2]
         previous = self._epochs_before.get(self.pool.index_of(room) if self.pool else 0, {})

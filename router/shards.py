@@ -227,11 +227,16 @@ class ShardLink:
 
     def _connect(self, process: Any, commands_out: Connection, events_in: Connection) -> None:
         index, on_events = self.index, self._listener.on_shard_events
+
+        def events_of_this_incarnation(events: List[tuple]) -> None:
+            if self.process is process:  # a dead one's last events answer nothing now
+                on_events(index, events)
+
         self._pipes = self._pipes_class(
             self._loop,
             commands_out,
             events_in,
-            lambda events: on_events(index, events),
+            events_of_this_incarnation,
             lambda: self._exited(process),
         )
 
@@ -571,7 +576,7 @@ class TierShardPool(ShardPool):
 
     def _on_exit(self, link: ShardLink) -> None:
         self._count_fds()
-        if self.stopping:
+        if self.stopping or link.state is ShardState.GIVEN_UP:
             return
         link.state = ShardState.RESTARTING  # the supervisor restarts it, or gives up
         log.error("shard %d is down; waiting for the supervisor to restart it", link.index)
@@ -586,13 +591,13 @@ class TierShardPool(ShardPool):
             for end in message[2:]:
                 end.close()
             return
+        if link.state is ShardState.RUNNING:  # said before its end-of-file got here
+            link._exited(link.process)
         if kind == "lost":
             link.state = ShardState.GIVEN_UP
             self.give_ups[index] = self.give_ups.get(index, 0) + 1
             self._listener.on_shard_lost(index)
             return
-        if link.state is ShardState.RUNNING:  # restarted before its end-of-file got here
-            link._exited(link.process)
         link.give(message[2], message[3])
         try:
             link.start()

@@ -81,6 +81,9 @@ class Seat:
     sibling_socket: Optional[socket.socket] = None
     sibling_ports: List[int] = field(default_factory=list)
     secret: bytes = b""
+    #: How many times this router was started before (its clients' ids start past all
+    #: of its predecessors', so none is mistaken for a predecessor's client).
+    incarnation: int = 0
 
     def listener(self, kind: str) -> Dict[str, Any]:
         """The ``create_server`` keywords for the *kind* listener."""
@@ -155,6 +158,7 @@ class Supervisor:
         self.shard_procs: List[Any] = [None] * self.shards
         self.shard_controls: List[Optional[Connection]] = [None] * self.shards
         self.router_restarts = [RestartPolicy() for _ in range(self.routers)]
+        self.router_starts = [0] * self.routers
         self.shard_restarts = [RestartPolicy() for _ in range(self.shards)]
         #: (when, "router" or "shard", index): starts waiting for their backoff.
         self.pending: List[Tuple[float, str, int]] = []
@@ -242,7 +246,9 @@ class Supervisor:
             sibling_socket=self.sibling_sockets[r],
             sibling_ports=[s.getsockname()[1] for s in self.sibling_sockets],
             secret=self.secret,
+            incarnation=self.router_starts[r],
         )
+        self.router_starts[r] += 1
         process = self.context.Process(
             target=run_tier_router, args=(self.settings, seat), name=f"shardchat-router-{r}"
         )

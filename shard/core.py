@@ -204,11 +204,18 @@ class ShardCore:
         _, req, _, cid, name, username = command
         room = self.rooms.get(name) or self._revive(name)
         keys = name_keys(username)
-        if cid not in room.members and not any(key in room.keys for key in keys):
-            room.add(cid, username, keys)
-            self._client_rooms.setdefault(cid, set()).add(name)
-        elif not room.members:
-            self._retire(room)
+        if cid in room.members:
+            events.append(m.done(req, room.epoch))
+            return
+        if any(key in room.keys for key in keys):
+            # Taken meanwhile (in a router tier, another router's JOIN reached the restarted
+            # shard first): the member is not put back, and its router is told.
+            if not room.members:
+                self._retire(room)
+            events.append(m.fail(req, errors.NAME_TAKEN))
+            return
+        room.add(cid, username, keys)
+        self._client_rooms.setdefault(cid, set()).add(name)
         events.append(m.done(req, room.epoch))
 
     def _msg(self, events: List[m.Event], command: m.Command) -> None:

@@ -17,8 +17,9 @@ list per router:
   point of the batch; a ``PRIVATE`` to the recipient's router instead.
 
 Membership counts per router are kept from the events themselves (a ``JOINED`` adds one, a
-``LEFT`` takes one away after it was sent, so the leaver's router hears it) and recomputed
-from the shard's rooms after a batch with ``REJOIN`` s, which add members without an event.
+``LEFT`` takes one away after it was sent, so the leaver's router hears it, a ``REJOIN``'s
+``DONE`` adds one) and recomputed from the shard's rooms after a batch with ``REJOIN`` s,
+which may count a member already there twice.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class RouterFanout:
                 position += 1
                 if command[m.OP] == m.REJOIN:
                     rejoined.add(command[m.ROOM])
+                    if event[0] == m.DONE:  # put back (or already there): counts from now
+                        self._change(command[m.ROOM], router_of(command[m.CID], self.routers), 1)
             self._send(out, event, source)
         for room in rejoined:
             self.recount(room)

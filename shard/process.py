@@ -261,7 +261,8 @@ class _EventSender:
         with self._lock:
             if self.stalled:
                 return
-            if self._waiting + len(data) > MAX_SHARD_BACKLOG_BYTES:
+            # (One message bigger than the bound still goes, if nothing waits before it.)
+            if self._waiting and self._waiting + len(data) > MAX_SHARD_BACKLOG_BYTES:
                 self.stalled = True
                 self._on_stall(self.router)
                 return

@@ -360,3 +360,21 @@ def test_metrics_from_any_router_cover_the_whole_tier(cluster: Cluster) -> None:
     finally:
         first.close()
         second.close()
+
+
+def test_a_session_whose_router_died_is_unknown_everywhere(cluster: Cluster) -> None:
+    port = cluster.http_port
+    status, headers, answer = request(port, "POST", "/api/join", {"room": "gone", "username": "g"})
+    assert status == 200, answer
+    cookie = headers["Set-Cookie"].split(";")[0]
+    owner = int(cookie.split("=", 1)[1][1:].split(".", 1)[0])  # sc_session=r<owner>.<random>
+    old = routers(cluster)[owner]
+    os.kill(old, signal.SIGKILL)
+    wait_for_router(cluster, owner, old)
+    started = time.monotonic()
+    for _ in range(6):  # fresh connections: they land on either router
+        status, _, answer = request(
+            port, "GET", "/api/poll?room=gone&after=0&timeout=1", cookie=cookie
+        )
+        assert status == 401 and answer["error"]["code"] == "no_session", answer
+    assert time.monotonic() - started < 10

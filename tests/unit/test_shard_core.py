@@ -495,8 +495,10 @@ def test_rejoin_is_silent_and_answers_the_epoch(core: ShardCore) -> None:
     assert core.apply([m.rejoin(7, 0.0, 1, "lobby", "alice")]) == [m.done(7, EPOCH)]
     assert names(core, "lobby") == ["alice"]
     assert history(core, 1, "lobby") == []  # no entry
-    assert core.apply([m.rejoin(8, 0.0, 2, "lobby", "ALICE")]) == [m.done(8, EPOCH)]  # name taken
+    # The name is someone else's (taken first in a router tier): not put back, and said so.
+    assert core.apply([m.rejoin(8, 0.0, 2, "lobby", "ALICE")]) == [m.fail(8, errors.NAME_TAKEN)]
     assert names(core, "lobby") == ["alice"]
+    assert core.apply([m.rejoin(9, 0.0, 1, "lobby", "alice")]) == [m.done(9, EPOCH)]  # is there
 
 
 def test_a_new_core_has_a_new_epoch() -> None:

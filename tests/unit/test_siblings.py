@@ -1,0 +1,90 @@
+"""router/siblings.py: tokens, and the sibling port refusing what does not show the secret."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import pytest
+
+from router import siblings
+from router.siblings import Siblings, owner_of, serve_siblings, token_prefix
+
+
+@pytest.mark.parametrize(
+    ("token", "owner"),
+    [("r0.abc", 0), ("r12.x-y_z", 12), ("abc", None), ("r.x", None), ("rx.y", None), ("", None),
+     (None, None), ("r12345.x", None)],
+)  # fmt: skip
+def test_owner_of(token: object, owner: object) -> None:
+    assert owner_of(token) == owner  # type: ignore[arg-type]
+
+
+def test_foreign_owner_is_another_router_of_the_tier() -> None:
+    tier = Siblings(1, [1000, 1001, 1002], b"s")
+    assert tier.foreign_owner(token_prefix(1) + "x") is None  # ours
+    assert tier.foreign_owner(token_prefix(2) + "x") == 2
+    assert tier.foreign_owner(token_prefix(3) + "x") is None  # no such router
+
+
+def run(coroutine):  # noqa: ANN001, ANN201
+    return asyncio.run(coroutine)
+
+
+def test_a_hop_without_the_secret_is_closed_and_nothing_is_handled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(siblings, "FIRST_FRAME_TIMEOUT", 0.5)
+    handled = []
+
+    async def scenario() -> bytes:
+        sock = socket.create_server(("127.0.0.1", 0))
+        server = await serve_siblings(sock, b"S" * 32, lambda *args: handled.append(args))
+        port = sock.getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        # A frame announcing 8 MiB, no secret: refused on its first 32 bytes.
+        writer.write(struct.pack("!I", 8 << 20) + b"x" * 28)
+        closed = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        server.close()
+        return closed
+
+    assert run(scenario()) == b""
+    assert handled == []
+
+
+def test_a_forwarded_request_is_answered_and_the_hop_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = b"K" * 32
+
+    def handle(request, address, https, respond):  # noqa: ANN001, ANN202
+        respond(("answer", request, address, https))
+        return lambda: None
+
+    async def scenario() -> tuple:
+        sock = socket.create_server(("127.0.0.1", 0))
+        server = await serve_siblings(sock, secret, handle)
+        tier = Siblings(0, [0, sock.getsockname()[1]], secret)
+        first = await tier.forward(1, "req1", "10.0.0.1", True)
+        second = await tier.forward(1, "req2", "10.0.0.2", False)
+        kept = len(tier._idle[1])
+        tier.close()
+        server.close()
+        await asyncio.sleep(0.05)  # the hop's end reaches the server
+        return first, second, kept
+
+    first, second, kept = run(scenario())
+    assert first == ("answer", "req1", "10.0.0.1", True)
+    assert second == ("answer", "req2", "10.0.0.2", False)
+    assert kept == 1  # one hop, reused
+
+
+def test_an_owner_that_does_not_answer_counts_as_gone() -> None:
+    async def scenario() -> object:
+        sock = socket.create_server(("127.0.0.1", 0))  # listening, never accepting
+        tier = Siblings(0, [0, sock.getsockname()[1]], b"K" * 32, answer_timeout=0.3)
+        answer = await tier.forward(1, "req", "10.0.0.1", False)
+        sock.close()
+        return answer
+
+    assert run(scenario()) is None

@@ -1,0 +1,128 @@
+"""shard/process.py's tier loop (_TierLinks) on real pipes, in this process: routers that
+die, are replaced, or stop reading."""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import threading
+from typing import Iterator, List
+
+import pytest
+
+from common import messages as m
+from shard import process
+from shard.core import ShardCore
+
+ROUTERS = 2
+
+
+class Harness:
+    """A tier shard serving two fake routers on real pipes, on a thread."""
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.commands: List = []  # the routers' ends: commands they write
+        self.events: List = []  # the routers' ends: events they read
+        links = []
+        for _ in range(ROUTERS):
+            commands_in, commands_out = context.Pipe(duplex=False)
+            events_in, events_out = context.Pipe(duplex=False)
+            links.append((commands_in, events_out))
+            self.commands.append(commands_out)
+            self.events.append(events_in)
+        self.control, shard_control = context.Pipe()
+        self.core = ShardCore(clock=lambda: 1000.0, epoch=1)
+        self.tier = process._TierLinks(self.core, links, shard_control)
+        self.thread = threading.Thread(target=self.tier.serve, daemon=True)
+        self.thread.start()
+
+    def send(self, router: int, *commands: m.Command) -> None:
+        self.commands[router].send_bytes(pickle.dumps(list(commands)))
+
+    def receive(self, router: int, timeout: float = 5.0) -> List[m.Event]:
+        assert self.events[router].poll(timeout), f"router {router} got nothing"
+        return pickle.loads(self.events[router].recv_bytes())
+
+    def receive_until(self, router: int, op: int) -> List[m.Event]:
+        got: List[m.Event] = []
+        while not any(event[0] == op for event in got):
+            got.extend(self.receive(router))
+        return got
+
+    def stop(self) -> None:
+        self.control.close()
+        self.thread.join(5)
+        self.tier.close()
+
+
+@pytest.fixture
+def tier() -> Iterator[Harness]:
+    harness = Harness()
+    yield harness
+    harness.stop()
+
+
+def cid(router: int, n: int) -> int:
+    return ROUTERS + router + n * ROUTERS
+
+
+def test_a_join_read_with_its_routers_end_of_file_leaves_no_ghost(tier: Harness) -> None:
+    a, b = cid(0, 1), cid(1, 1)
+    tier.send(0, m.join(1, 0.0, a, "lobby", "alice"))
+    assert tier.receive(0)[0][0] == m.JOINED
+    tier.send(1, m.join(1, 0.0, b, "lobby", "bob"))
+    tier.commands[1].close()  # router 1 dies with its JOIN unread
+    events = tier.receive_until(0, m.LEFT)
+    assert [(e[0], e[3]) for e in events] == [(m.JOINED, b), (m.LEFT, b)]
+    assert tier.core.members_of("lobby") == [a]
+
+
+def test_a_replaced_routers_clients_leave_before_its_successor_hears_anything(
+    tier: Harness,
+) -> None:
+    a, b = cid(0, 1), cid(1, 1)
+    tier.send(0, m.join(1, 0.0, a, "lobby", "alice"))
+    tier.receive(0)
+    tier.send(1, m.join(1, 0.0, b, "lobby", "bob"))
+    tier.receive(1)
+    tier.receive(0)  # bob joined
+    context = multiprocessing.get_context("spawn")
+    commands_in, commands_out = context.Pipe(duplex=False)
+    events_in, events_out = context.Pipe(duplex=False)
+    tier.control.send(("router", 1, commands_in, events_out))
+    assert [(e[0], e[3]) for e in tier.receive(0)] == [(m.LEFT, b)]
+    assert tier.core.members_of("lobby") == [a]
+    b2 = cid(1, 1) + (1 << 32) * ROUTERS  # the successor's first client
+    commands_out.send_bytes(pickle.dumps([m.join(1, 0.0, b2, "lobby", "bob")]))
+    assert events_in.poll(5)
+    first = pickle.loads(events_in.recv_bytes())
+    assert [(e[0], e[1]) for e in first] == [(m.JOINED, 1)]  # nothing of its predecessor
+
+
+def test_a_router_that_takes_nothing_is_reported_and_stalls_no_one(
+    tier: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process, "MAX_SHARD_BACKLOG_BYTES", 8192)
+    a, b = cid(0, 1), cid(1, 1)
+    tier.send(0, m.join(1, 0.0, a, "r", "alice"))
+    tier.receive(0)
+    tier.send(1, m.join(1, 0.0, b, "r", "bob"))
+    tier.receive(1)
+    tier.receive(0)
+    text = "x" * 200
+    sent = 0
+    while not tier.control.poll(0):  # router 1 reads nothing from here on
+        req = sent + 2
+        tier.send(0, *[m.msg(req * 100 + i, 0.0, a, "r", text) for i in range(4)])
+        got = tier.receive(0)  # router 0 keeps getting its events all along
+        assert all(event[0] == m.CHAT for event in got)
+        sent += 1
+        assert sent < 5000, "never reported"
+    assert tier.control.recv() == ("stalled", 1)
+
+
+def test_the_shard_exits_when_the_supervisor_goes(tier: Harness) -> None:
+    tier.control.close()
+    tier.thread.join(5)
+    assert not tier.thread.is_alive()
