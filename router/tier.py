@@ -28,7 +28,9 @@ The messages on the control pipes (tuples; Connections in them cross processes b
 - router → supervisor: ``("ready", index)`` once it accepts connections;
 - supervisor → router: ``("shard", j, commands_out, events_in)`` (shard *j* is back),
   ``("lost", j)`` (given up on), ``("stop",)``;
-- supervisor → shard: ``("router", r, commands_in, events_out)`` (router *r* is back).
+- supervisor → shard: ``("router", r, commands_in, events_out)`` (router *r* is back);
+- shard → supervisor: ``("stalled", r)`` (router *r* takes no events: it is killed and
+  restarted).
 """
 
 from __future__ import annotations
