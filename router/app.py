@@ -250,8 +250,8 @@ class Router:
                 level = logging.INFO if self.seat is None else logging.DEBUG  # the supervisor's
                 tls = " (TLS)" if self.tls else ""
                 log.log(level, "listening %s %s:%d%s", kind, host, port, tls)
-        if len(self.servers) > 1:
-            self._log_allowed_hosts()
+        if len(self.servers) > 1 and (self.seat is None or self.seat.index == 0):
+            self._log_allowed_hosts()  # in a tier, once
 
     def _log_allowed_hosts(self) -> None:
         config = self.settings

@@ -562,3 +562,34 @@ def test_direct_messages_wait_for_their_place_and_survive_a_new_session(
     assert any("(in #" in text and "elsewhere" in text for text in texts)
     # (the real server then sees a cursor it never gave out, and may answer 429: fine)
     assert [error for error in watched.errors if "429" not in error] == []
+
+
+@pytest.mark.timeout(60)
+def test_the_page_works_through_a_router_tier(browser: Browser) -> None:
+    """With --routers 2 the page's connections land on either router: its session's
+    requests are forwarded to its owner, and everything works as with one router."""
+    with Cluster(extra_args=["--routers", "2", "--poll-timeout", "5"]) as tier:
+        alice = open_chat(browser, tier)
+        join(alice, "alice", "tier")
+        bob = open_chat(browser, tier)
+        join(bob, "bob", "tier")
+        expect_line(alice, "bob joined tier")
+        carol = tier.connect()
+        try:
+            carol.join("tier", "carol")
+            expect_line(alice, "carol joined tier")
+            for i in range(5):  # each send and poll on whichever router takes it
+                send(alice, f"from alice {i}")
+                expect_line(bob, f"alice: from alice {i}")
+                carol.expect(f"MSG tier alice from alice {i}")
+            carol.send("MSG tier from the terminal")
+            expect_line(alice, "carol: from the terminal")
+            expect_line(bob, "carol: from the terminal")
+            expect(alice.page.locator("#member-list li")).to_have_text(["alice", "bob", "carol"])
+            bob.page.reload()
+            expect_line(bob, "alice: from alice 4")
+        finally:
+            carol.close()
+        for watched in (alice, bob):
+            assert watched.dialogs == []
+            assert watched.errors == []
