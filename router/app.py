@@ -289,6 +289,21 @@ class Router:
             await asyncio.to_thread(self.pool.join, SHARD_STOP_TIMEOUT)
 
 
+def start_problem(settings: Settings) -> Optional[str]:
+    """The one line that says why *settings* cannot start (an unusable data directory,
+    the same port for both listeners), or None. Reads every slot file: blocking."""
+    if settings.data_dir is not None:
+        from shard.slot_files import StorageError, check_data_dir
+
+        try:
+            check_data_dir(settings.data_dir)
+        except StorageError as error:
+            return str(error)
+    if settings.http_port is not None and settings.tcp_port == settings.http_port:
+        return same_port_message(settings.tcp_port)
+    return None
+
+
 async def serve(
     settings: Settings,
     ready: Optional[Callable[[Router], None]] = None,
@@ -301,19 +316,11 @@ async def serve(
     *ready* is called with the router once it accepts connections. With *seat*, it is
     one router of a tier (router/tier.py): the supervisor checked the data directory, bound
     the ports and started the shards."""
-    if settings.data_dir is not None and seat is None:
-        from shard.slot_files import StorageError, check_data_dir
-
-        try:
-            # Before any shard serves, off the loop (it reads every slot file).
-            await asyncio.to_thread(check_data_dir, settings.data_dir)
-        except StorageError as error:
-            log.error("%s", error)
-            return 1
-    if settings.http_port is not None and settings.tcp_port == settings.http_port:
-        message = same_port_message(settings.tcp_port)
-        if message is not None:
-            log.error("%s", message)
+    if seat is None:
+        # Before any shard serves, off the loop (it reads every slot file).
+        problem = await asyncio.to_thread(start_problem, settings)
+        if problem is not None:
+            log.error("%s", problem)
             return 1
     try:
         router = Router(settings, seat)

@@ -374,10 +374,12 @@ class ShardPool:
         pipe_io: str = "",
         fds: Optional[FdBudget] = None,
         data_dir: Optional[str] = None,
+        links: Optional[List[ShardLink]] = None,
     ) -> None:
         self._loop = loop
         self._listener = listener
-        self.links = [
+        #: The shards; *links* when given (a tier router's, attached to given pipes).
+        self.links = links or [
             ShardLink(
                 i, context, loop, listener, self._on_exit, log_level, pipe_io, data_dir, count
             )  # fmt: skip
@@ -542,28 +544,13 @@ class TierShardPool(ShardPool):
         pipe_io: str = "",
         fds: Optional[FdBudget] = None,
     ) -> None:
-        self._loop = loop
-        self._listener = listener
-        self.links = [
-            TierShardLink(
-                i,
-                multiprocessing.get_context("spawn"),
-                loop,
-                listener,
-                self._on_exit,
-                pipe_io=pipe_io,
-            )  # fmt: skip
-            for i in range(len(pipes))
-        ]
-        for link, (commands_out, events_in) in zip(self.links, pipes):
+        context = multiprocessing.get_context("spawn")  # never used to start anything
+        links: List[ShardLink] = []
+        for i, (commands_out, events_in) in enumerate(pipes):
+            link = TierShardLink(i, context, loop, listener, self._on_exit, pipe_io=pipe_io)
             link.give(commands_out, events_in)
-        self._room_shard = {}
-        self.restarts_done = {}
-        self.give_ups = {}
-        self.stopping = False
-        self._fds = fds
-        if fds is not None:
-            fds.shard_fds_set_aside = len(pipes) * SHARD_FDS
+            links.append(link)
+        super().__init__(len(pipes), context, loop, listener, pipe_io=pipe_io, fds=fds, links=links)
 
     def start(self) -> None:
         """Attach every shard's pipes. Raises :class:`ShardStartError`."""

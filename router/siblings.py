@@ -34,10 +34,13 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from common.limits import MAX_FORWARDED_BYTES
+from router.pipes import frame
 
 log = logging.getLogger(__name__)
 
-_LENGTH = struct.Struct("!I")
+#: A frame's length header: router.pipes' (``multiprocessing.Connection``'s) own, whose
+#: :func:`router.pipes.frame` writes them (a frame here is far below its 2 GiB form).
+_LENGTH = struct.Struct("!i")
 #: Seconds to connect to a sibling router on loopback before taking it for dead.
 CONNECT_TIMEOUT = 2.0
 #: Seconds a connection to a sibling port may take to send its request frame (a router
@@ -71,16 +74,12 @@ def owner_of(token: Optional[str]) -> Optional[int]:
     return int(number)
 
 
-def frame(payload: bytes) -> bytes:
-    return _LENGTH.pack(len(payload)) + payload
-
-
 async def read_frame(reader: asyncio.StreamReader) -> Optional[bytes]:
     """One frame's payload, or None at end-of-file or when it is over the bound."""
     try:
         head = await reader.readexactly(_LENGTH.size)
         (length,) = _LENGTH.unpack(head)
-        if length > MAX_FORWARDED_BYTES:
+        if not 0 <= length <= MAX_FORWARDED_BYTES:
             return None
         return await reader.readexactly(length)
     except (asyncio.IncompleteReadError, ConnectionError):

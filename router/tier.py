@@ -429,21 +429,12 @@ def _join_all(processes: List[Any], timeout: float) -> None:
 def run_supervisor(settings: Any, listener_mode: str = "") -> int:
     """Run a tier until SIGINT/SIGTERM; the exit status (0 after a clean stop, 1 if it
     could not start)."""
-    from router.app import port_in_use_message, same_port_message
+    from router.app import port_in_use_message, start_problem
 
-    if settings.data_dir is not None:
-        from shard.slot_files import StorageError, check_data_dir
-
-        try:
-            check_data_dir(settings.data_dir)
-        except StorageError as error:
-            log.error("%s", error)
-            return 1
-    if settings.http_port is not None and settings.tcp_port == settings.http_port:
-        message = same_port_message(settings.tcp_port)
-        if message is not None:
-            log.error("%s", message)
-            return 1
+    problem = start_problem(settings)
+    if problem is not None:
+        log.error("%s", problem)
+        return 1
     if settings.tls_cert:
         from router.tls import TlsError, server_context
 

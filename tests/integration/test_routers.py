@@ -39,25 +39,23 @@ def comm(pid: int) -> str:
         return ""
 
 
-def routers(cluster: Cluster) -> Dict[int, int]:
-    """Router index -> pid, from the supervisor's children's process names."""
+def children_named(cluster: Cluster, prefix: str) -> Dict[int, int]:
+    """Index -> pid of the supervisor's children called *prefix* + index."""
     assert cluster.proc is not None
     found = {}
     for pid in child_pids(cluster.proc.pid):
         name = comm(pid)
-        if name.startswith("shardchat-r"):
-            found[int(name[len("shardchat-r") :])] = pid
+        if name.startswith(prefix) and name[len(prefix) :].isdigit():
+            found[int(name[len(prefix) :])] = pid
     return found
+
+
+def routers(cluster: Cluster) -> Dict[int, int]:
+    return children_named(cluster, "shardchat-r")
 
 
 def shards_of(cluster: Cluster) -> Dict[int, int]:
-    assert cluster.proc is not None
-    found = {}
-    for pid in child_pids(cluster.proc.pid):
-        name = comm(pid)
-        if name.startswith("shardchat-sh"):
-            found[int(name[len("shardchat-sh") :])] = pid
-    return found
+    return children_named(cluster, "shardchat-sh")
 
 
 def wait_for_router(cluster: Cluster, index: int, old: int, timeout: float = 10.0) -> int:
