@@ -86,6 +86,28 @@ async def read_frame(reader: asyncio.StreamReader) -> Optional[bytes]:
         return None
 
 
+#: What :meth:`Siblings._ask` returns for a hop that ended before any byte of an answer.
+_CLOSED = object()
+
+
+async def _read_answer(reader: asyncio.StreamReader) -> Any:
+    """An answer frame's payload; ``_CLOSED`` at end-of-file (or a reset) before any of it,
+    None if it broke off midway or is over the bound."""
+    try:
+        head = await reader.readexactly(_LENGTH.size)
+    except asyncio.IncompleteReadError as error:
+        return None if error.partial else _CLOSED
+    except ConnectionError:
+        return _CLOSED
+    (length,) = _LENGTH.unpack(head)
+    if not 0 <= length <= MAX_FORWARDED_BYTES:
+        return None
+    try:
+        return await reader.readexactly(length)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+
+
 class Siblings:
     """This router's view of the tier's others: their sibling ports (``ports[i]`` is
     router *i*'s) and the cluster's secret. Hops (loopback connections to a sibling) are
@@ -114,30 +136,37 @@ class Siblings:
 
     async def forward(self, owner: int, request: Any, address: str, https: bool) -> Any:
         """Have router *owner* answer *request*; its response, or None if it cannot be
-        reached (or broke off). Cancelled when the client goes away: the hop is closed,
-        which cancels the request there."""
+        reached, broke off or did not answer in time. Cancelled when the client goes away:
+        the hop is closed, which cancels the request there. The request is sent a second
+        time only when a reused hop was found closed before any byte of an answer (the
+        owner restarted or dropped the idle hop): never after a timeout or a partial
+        answer, where the owner may have applied it (one command, one outcome)."""
         payload = frame(pickle.dumps((request, address, https), HIGHEST))
         hop = self._take(owner)
         if hop is not None:
             answer = await self._ask(owner, hop, payload)
-            if answer is not None:
+            if answer is not _CLOSED:
                 return answer
-            # An idle hop found closed (the owner restarted): it never got the request.
         hop = await self._connect(owner)
-        return await self._ask(owner, hop, payload) if hop is not None else None
+        if hop is None:
+            return None
+        answer = await self._ask(owner, hop, payload)
+        return None if answer is _CLOSED else answer
 
     async def _ask(self, owner: int, hop: Tuple[Any, Any], payload: bytes) -> Any:
+        """The owner's response on *hop*; None (no answer to be had), or ``_CLOSED`` if
+        the hop ended before any byte of an answer came."""
         reader, writer = hop
         done = False
         try:
             writer.write(payload)
             try:
-                answer = await asyncio.wait_for(read_frame(reader), self.answer_timeout)
+                answer = await asyncio.wait_for(_read_answer(reader), self.answer_timeout)
             except asyncio.TimeoutError:
                 log.warning("router %d did not answer a forwarded request in time", owner)
                 return None
-            if answer is None:
-                return None
+            if answer is None or answer is _CLOSED:
+                return answer
             response = pickle.loads(answer)
             done = True
             return response

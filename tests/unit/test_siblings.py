@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 import socket
 import struct
 
@@ -88,3 +89,58 @@ def test_an_owner_that_does_not_answer_counts_as_gone() -> None:
         return answer
 
     assert run(scenario()) is None
+
+
+def test_a_request_the_owner_took_and_did_not_answer_in_time_is_not_sent_again() -> None:
+    secret = b"K" * 32
+    handled = []
+
+    def handle(request, address, https, respond):  # noqa: ANN001, ANN202
+        handled.append(request)
+        if request == "first":
+            respond("ok")  # the hop is kept for reuse; "second" is taken and never answered
+        return lambda: None
+
+    async def scenario() -> tuple:
+        sock = socket.create_server(("127.0.0.1", 0))
+        server = await serve_siblings(sock, secret, handle)
+        tier = Siblings(0, [0, sock.getsockname()[1]], secret, answer_timeout=0.3)
+        first = await tier.forward(1, "first", "10.0.0.1", False)
+        second = await tier.forward(1, "second", "10.0.0.1", False)
+        await asyncio.sleep(0.2)  # a second attempt, if any, would reach the handler
+        tier.close()
+        server.close()
+        return first, second
+
+    first, second = run(scenario())
+    assert (first, second) == ("ok", None)
+    assert handled == ["first", "second"]  # once each: a timeout is not a closed hop
+
+
+def test_a_reused_hop_found_closed_sends_the_request_on_a_new_one() -> None:
+    secret = b"K" * 32
+    received = []
+
+    async def owner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Answers one request per hop, then drops the hop (as a restarted owner's are).
+        assert await reader.readexactly(len(secret)) == secret
+        request = pickle.loads(await siblings.read_frame(reader))[0]
+        received.append(request)
+        writer.write(siblings.frame(pickle.dumps(("answer", request))))
+        await writer.drain()
+        writer.close()
+
+    async def scenario() -> tuple:
+        server = await asyncio.start_server(owner, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        tier = Siblings(0, [0, port], secret)
+        first = await tier.forward(1, "first", "10.0.0.1", False)
+        await asyncio.sleep(0.05)  # the owner's close reaches the idle hop
+        second = await tier.forward(1, "second", "10.0.0.1", False)
+        tier.close()
+        server.close()
+        return first, second
+
+    first, second = run(scenario())
+    assert (first, second) == (("answer", "first"), ("answer", "second"))
+    assert received == ["first", "second"]
