@@ -47,10 +47,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from common.limits import LISTEN_QUEUE, SHARD_STOP_TIMEOUT, SHUTDOWN_TIMEOUT
 from router.shards import RestartPolicy
+from shard.handoff import receive, send_with_ends
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def listen_to_supervisor(seat: Seat, router: Any) -> None:
     def read() -> None:
         while True:
             try:
-                message = seat.control.recv()
+                message = receive(seat.control)
             except (EOFError, OSError):
                 loop.call_soon_threadsafe(router.stop_requested.set)
                 return
@@ -164,6 +165,8 @@ class Supervisor:
         self.shard_restarts = [RestartPolicy() for _ in range(self.shards)]
         #: (when, "router" or "shard", index): starts waiting for their backoff.
         self.pending: List[Tuple[float, str, int]] = []
+        #: Shards given up on (every router, including one started later, is told).
+        self.given_up: List[int] = []
         self.stopping = False
 
     # --- ports ----------------------------------------------------------------------
@@ -281,9 +284,11 @@ class Supervisor:
         """Start router *r* again on new pipes; each shard gets its end."""
         mesh = [self._pipe_pair() for _ in range(self.shards)]
         for j, (shard_end, _) in enumerate(mesh):
-            self._tell(self.shard_controls[j], ("router", r, *shard_end))
+            self._tell(self.shard_controls[j], ("router", r), shard_end)
             _close(*shard_end)
         self._start_router(r, [router_end for _, router_end in mesh])
+        for j in self.given_up:  # its pipe to that shard is closed: not to wait for it
+            self._tell(self.router_controls[r], ("lost", j))
         log.info("router %d restarted (pid %s)", r, self.router_procs[r].pid)
 
     def restart_shard(self, j: int) -> None:
@@ -291,15 +296,18 @@ class Supervisor:
         mesh = [self._pipe_pair() for _ in range(self.routers)]
         self._start_shard(j, [shard_end for shard_end, _ in mesh])
         for r, (_, router_end) in enumerate(mesh):
-            self._tell(self.router_controls[r], ("shard", j, *router_end))
+            self._tell(self.router_controls[r], ("shard", j), router_end)
             _close(*router_end)
         log.info("shard %d restarted (pid %s)", j, self.shard_procs[j].pid)
 
-    def _tell(self, control: Optional[Connection], message: tuple) -> None:
+    def _tell(
+        self, control: Optional[Connection], message: tuple, ends: Sequence[Connection] = ()
+    ) -> None:
+        """Send *message* (and the pipe *ends*, see :mod:`shard.handoff`) to a child."""
         if control is None:
             return
         try:
-            control.send(message)
+            send_with_ends(control, message, ends) if ends else control.send(message)
         except OSError:
             log.debug("a control pipe is gone", exc_info=True)
 
@@ -382,6 +390,7 @@ class Supervisor:
         if delay is None:
             log.error("%s %d died (exit code %s) too often; giving up on it", what, index, code)
             if what == "shard":
+                self.given_up.append(index)
                 for control in self.router_controls:
                     self._tell(control, ("lost", index))
             elif not any(self.router_procs):

@@ -26,6 +26,7 @@ from common.limits import MAX_SHARD_BACKLOG_BYTES, MAX_SHARD_BATCH
 from common.proctitle import set_process_name
 from shard.core import ShardCore
 from shard.fanout import NO_ROUTER, RouterFanout, router_of
+from shard.handoff import receive
 from shard.storage import SqliteStore
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ class _TierLinks:
         the others is applied first, then the old router's clients leave, then the new
         pipes are used: nothing of the old router reaches the new one."""
         try:
-            message = self.control.recv()
+            message = receive(self.control)
         except (EOFError, OSError):
             return False
         _, router, commands, events = message

@@ -376,3 +376,87 @@ def test_a_session_whose_router_died_is_unknown_everywhere(cluster: Cluster) -> 
         )
         assert status == 401 and answer["error"]["code"] == "no_session", answer
     assert time.monotonic() - started < 10
+
+
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(PROC / str(pid) / "fd"))
+
+
+def test_pipes_handed_to_a_child_that_died_without_taking_them_leave_nothing_behind() -> None:
+    """A router restarted while a shard is stopped: its new pipes wait, unread, in that
+    shard's control pipe; the shard is then killed. The supervisor keeps no copy of them
+    (multiprocessing's resource sharer would, for ever) and the new router sees the shard
+    go and come back."""
+    cluster = tier(shards=2).start()
+    try:
+        assert cluster.proc is not None
+        supervisor = cluster.proc.pid
+        before = open_descriptors(supervisor)
+        shard = shards_of(cluster)[0]
+        os.kill(shard, signal.SIGSTOP)
+        old = routers(cluster)[0]
+        os.kill(old, signal.SIGKILL)
+        wait_for_router(cluster, 0, old)
+        os.kill(shard, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and shards_of(cluster).get(0) in (None, shard):
+            time.sleep(0.05)
+        assert shards_of(cluster).get(0) not in (None, shard), cluster.log
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and open_descriptors(supervisor) != before:
+            time.sleep(0.05)
+        assert open_descriptors(supervisor) == before, sorted(
+            os.readlink(PROC / str(supervisor) / "fd" / fd)
+            for fd in os.listdir(PROC / str(supervisor) / "fd")
+        )
+        room = next(f"room{i}" for i in range(100) if cluster_shard_of(f"room{i}") == 0)
+        first, second = one_on_each(cluster)
+        try:
+            first.join(room, "one")
+            second.join(room, "two")
+            first.expect(f"INFO two joined {room}")
+            second.send(f"MSG {room} through the new pipes")
+            first.expect(f"MSG {room} two through the new pipes")
+        finally:
+            first.close()
+            second.close()
+    finally:
+        cluster.stop()
+
+
+def scrape(cluster: Cluster) -> str:
+    connection = http.client.HTTPConnection("127.0.0.1", cluster.http_port, timeout=10)
+    connection.request("GET", "/metrics", headers={"Connection": "close"})
+    text = connection.getresponse().read().decode()
+    connection.close()
+    return text
+
+
+def test_a_router_started_after_a_shard_was_given_up_knows_it() -> None:
+    from common.limits import MAX_RESTARTS
+
+    cluster = tier(shards=2).start()
+    try:
+        victim = None
+        for _ in range(MAX_RESTARTS + 1):  # one death more than the policy restarts
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and shards_of(cluster).get(0) in (None, victim):
+                time.sleep(0.05)  # (a new shard is named once it has started)
+            victim = shards_of(cluster).get(0)
+            assert victim is not None, cluster.log
+            os.kill(victim, signal.SIGKILL)
+        given_up = 'shardchat_shard_give_ups_total{router="%d",shard="0"} 1'
+        old = routers(cluster)[0]
+        os.kill(old, signal.SIGKILL)
+        wait_for_router(cluster, 0, old)
+        deadline = time.monotonic() + 10
+        text = ""
+        while time.monotonic() < deadline:
+            text = scrape(cluster)
+            if given_up % 0 in text and given_up % 1 in text:
+                break
+            time.sleep(0.2)
+        assert given_up % 1 in text, text
+        assert given_up % 0 in text, text  # the new router 0 was told too
+    finally:
+        cluster.stop()
