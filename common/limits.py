@@ -288,6 +288,11 @@ DROP_TIMEOUT = 2.0
 #: instead of piling up in the router's memory.
 MAX_SHARD_BACKLOG_BYTES = 8 * 1024 * 1024
 
+#: Routers plus shards of a router tier on Windows, at most: its supervisor waits on each
+#: child's process and control pipe in one ``WaitForMultipleObjects``, which takes at most
+#: 63 handles (so 2 x 31, and one to spare).
+MAX_TIER_CHILDREN_WINDOWS = 31
+
 #: Shard supervision: a dead shard is restarted after a delay that starts at
 #: RESTART_BACKOFF_MIN and doubles up to RESTART_BACKOFF_MAX seconds; after more than
 #: MAX_RESTARTS restarts within RESTART_WINDOW seconds the router gives up on it (a shard

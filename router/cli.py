@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any, Callable, List, Optional
 
-from common.limits import MAX_ROUTERS, MAX_SHARDS
+from common.limits import MAX_ROUTERS, MAX_SHARDS, MAX_TIER_CHILDREN_WINDOWS
 from common.proctitle import set_process_name
 from router.app import run
 from router.http_hosts import AllowedHosts
@@ -41,6 +41,17 @@ def _routers(text: str) -> int:
     if not 1 <= count <= MAX_ROUTERS:
         raise argparse.ArgumentTypeError(f"routers must be 1-{MAX_ROUTERS}, got {count}")
     return count
+
+
+def tier_problem(routers: int, shards: int, platform: str = sys.platform) -> Optional[str]:
+    """Why a tier of *routers* routers and *shards* shards cannot run on *platform*, or
+    None: on Windows its supervisor waits on two handles per child in one call."""
+    if platform == "win32" and routers > 1 and routers + shards > MAX_TIER_CHILDREN_WINDOWS:
+        return (
+            f"on Windows --routers plus --shards must be at most {MAX_TIER_CHILDREN_WINDOWS}"
+            f" with several routers, got {routers} + {shards}"
+        )
+    return None
 
 
 def _allowed_hosts(text: str) -> AllowedHosts:
@@ -321,6 +332,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger = logging.getLogger(name)
         logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
     settings = settings_from_args(args)
+    problem = tier_problem(settings.routers, settings.shard_count())
+    if problem:
+        parser.error(problem)
     if settings.routers > 1:
         return run_supervisor(settings, args.listener)
     return run(settings)

@@ -51,8 +51,14 @@ FIRST_FRAME_TIMEOUT = 5.0
 HOP_IDLE_SECONDS = 30.0
 HOP_REUSE_SECONDS = 20.0
 #: Connections to a sibling port that have not shown the secret yet, at most (each for at
-#: most FIRST_FRAME_TIMEOUT): more are closed at once.
+#: most FIRST_FRAME_TIMEOUT). Past it the oldest of them is closed if it has waited
+#: PENDING_HOP_GRACE (a router shows the secret as it connects), else the new one is; a
+#: router whose new hop is closed before any answer tries again, NEW_HOP_ATTEMPTS times in
+#: all, NEW_HOP_BACKOFF seconds times the attempt apart (a burst of forwarded requests).
 MAX_PENDING_HOPS = 64
+PENDING_HOP_GRACE = 0.5
+NEW_HOP_ATTEMPTS = 4
+NEW_HOP_BACKOFF = 0.05
 #: Idle hops kept per sibling: beyond, a finished hop is closed (a burst of forwarded
 #: long-polls opens as many as there are polls; they are not all kept).
 MAX_IDLE_HOPS = 64
@@ -147,11 +153,16 @@ class Siblings:
             answer = await self._ask(owner, hop, payload)
             if answer is not _CLOSED:
                 return answer
-        hop = await self._connect(owner)
-        if hop is None:
-            return None
-        answer = await self._ask(owner, hop, payload)
-        return None if answer is _CLOSED else answer
+        for attempt in range(NEW_HOP_ATTEMPTS):
+            if attempt:  # refused before it read anything (a burst of new hops): again
+                await asyncio.sleep(NEW_HOP_BACKOFF * attempt)
+            hop = await self._connect(owner)
+            if hop is None:
+                return None
+            answer = await self._ask(owner, hop, payload)
+            if answer is not _CLOSED:
+                return answer
+        return None
 
     async def _ask(self, owner: int, hop: Tuple[Any, Any], payload: bytes) -> Any:
         """The owner's response on *hop*; None (no answer to be had), or ``_CLOSED`` if
@@ -219,19 +230,29 @@ async def serve_siblings(
     per hop. *handle* is called with (request, address, https, respond) and returns a
     cancel function (called if the forwarding router closes the hop before the answer)."""
 
-    pending = [0]  # hops that have not shown the secret yet
+    #: Hops that have not shown the secret yet, oldest first, with when they came.
+    pending: Dict[Any, float] = {}
+
+    def admit(writer: asyncio.StreamWriter) -> bool:
+        if len(pending) >= MAX_PENDING_HOPS:
+            oldest, since = next(iter(pending.items()))
+            if time.monotonic() - since < PENDING_HOP_GRACE:
+                return False  # a burst: refused at once (a router tries again)
+            del pending[oldest]
+            oldest.transport.abort()  # silent for too long while others wait: not a router
+        pending[writer] = time.monotonic()
+        return True
 
     async def serve_hop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            if pending[0] >= MAX_PENDING_HOPS:
-                return  # a flood of connections that prove nothing: refuse at once
-            pending[0] += 1
+            if not admit(writer):
+                return
             try:
                 shown = await asyncio.wait_for(reader.readexactly(len(secret)), FIRST_FRAME_TIMEOUT)
-            except (asyncio.TimeoutError, asyncio.IncompleteReadError):
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
                 return
             finally:
-                pending[0] -= 1
+                pending.pop(writer, None)
             if not hmac.compare_digest(shown, secret):
                 return
             while await _answer_one(reader, writer, handle):

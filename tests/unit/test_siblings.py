@@ -144,3 +144,61 @@ def test_a_reused_hop_found_closed_sends_the_request_on_a_new_one() -> None:
     first, second = run(scenario())
     assert (first, second) == (("answer", "first"), ("answer", "second"))
     assert received == ["first", "second"]
+
+
+def echo_handler(handled: list):  # noqa: ANN201
+    def handle(request, address, https, respond):  # noqa: ANN001, ANN202
+        handled.append(request)
+        respond(("answer", request))
+        return lambda: None
+
+    return handle
+
+
+def test_a_burst_of_forwarded_requests_past_the_pending_bound_is_all_answered() -> None:
+    secret = b"K" * 32
+    handled: list = []
+    count = siblings.MAX_PENDING_HOPS * 3  # all at once, no idle hop yet: a new hop each
+
+    async def scenario() -> list:
+        sock = socket.create_server(("127.0.0.1", 0), backlog=count)
+        server = await serve_siblings(sock, secret, echo_handler(handled))
+        tier = Siblings(0, [0, sock.getsockname()[1]], secret)
+        answers = await asyncio.gather(
+            *(tier.forward(1, f"req{i}", "10.0.0.1", False) for i in range(count))
+        )
+        tier.close()
+        server.close()
+        return list(answers)
+
+    answers = run(scenario())
+    assert answers == [("answer", f"req{i}") for i in range(count)]
+    assert sorted(handled) == sorted(f"req{i}" for i in range(count))  # each once
+
+
+def test_silent_connections_cannot_keep_a_router_from_forwarding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(siblings, "PENDING_HOP_GRACE", 0.1)
+    secret = b"K" * 32
+    handled: list = []
+
+    async def scenario() -> object:
+        sock = socket.create_server(("127.0.0.1", 0), backlog=256)
+        port = sock.getsockname()[1]
+        server = await serve_siblings(sock, secret, echo_handler(handled))
+        silent = [
+            await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(siblings.MAX_PENDING_HOPS)
+        ]
+        await asyncio.sleep(0.3)  # all of them pending, past the grace
+        tier = Siblings(0, [0, port], secret)
+        answer = await tier.forward(1, "real", "10.0.0.1", False)
+        tier.close()
+        for _, writer in silent:
+            writer.close()
+        server.close()
+        return answer
+
+    assert run(scenario()) == ("answer", "real")
+    assert handled == ["real"]
