@@ -143,10 +143,11 @@ class Siblings:
     async def forward(self, owner: int, request: Any, address: str, https: bool) -> Any:
         """Have router *owner* answer *request*; its response, or None if it cannot be
         reached, broke off or did not answer in time. Cancelled when the client goes away:
-        the hop is closed, which cancels the request there. The request is sent a second
-        time only when a reused hop was found closed before any byte of an answer (the
-        owner restarted or dropped the idle hop): never after a timeout or a partial
-        answer, where the owner may have applied it (one command, one outcome)."""
+        the hop is closed, which cancels the request there. The request is sent again
+        only when a hop was closed before any byte of an answer (an idle hop the owner
+        dropped, a new one refused in a burst; ``NEW_HOP_ATTEMPTS`` new hops at most):
+        never after a timeout or a partial answer, where the owner may have applied it
+        (one command, one outcome)."""
         payload = frame(pickle.dumps((request, address, https), HIGHEST))
         hop = self._take(owner)
         if hop is not None:
