@@ -288,6 +288,14 @@ DROP_TIMEOUT = 2.0
 #: instead of piling up in the router's memory.
 MAX_SHARD_BACKLOG_BYTES = 8 * 1024 * 1024
 
+#: In a router tier, a shard's events waiting for one router: past MAX_SHARD_BACKLOG_BYTES
+#: that router counts as stalled (and the supervisor restarts it) once it has taken none of
+#: them for ROUTER_STALL_SECONDS (stopped, stuck), and at once past MAX_ROUTER_BACKLOG_BYTES
+#: (it takes them, but more slowly than they come): a router that is only slow for a while
+#: catches up, and what waits for one stays bounded either way.
+ROUTER_STALL_SECONDS = 2.0
+MAX_ROUTER_BACKLOG_BYTES = 4 * MAX_SHARD_BACKLOG_BYTES
+
 #: Routers plus shards of a router tier on Windows, at most: its supervisor waits on each
 #: child's process and control pipe in one ``WaitForMultipleObjects``, which takes at most
 #: 63 handles (so 2 x 31, and one to spare).

@@ -18,11 +18,17 @@ import queue
 import signal
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection, wait
 from typing import Callable, List, Optional, Sequence, Tuple
 
 from common import messages as m
-from common.limits import MAX_SHARD_BACKLOG_BYTES, MAX_SHARD_BATCH
+from common.limits import (
+    MAX_ROUTER_BACKLOG_BYTES,
+    MAX_SHARD_BACKLOG_BYTES,
+    MAX_SHARD_BATCH,
+    ROUTER_STALL_SECONDS,
+)
 from common.proctitle import set_process_name
 from shard.core import ShardCore
 from shard.fanout import NO_ROUTER, RouterFanout, router_of
@@ -119,9 +125,9 @@ class _TierLinks:
     """A tier shard's pipes to its routers, and what it does when one goes or comes.
 
     Events go to each router through its own :class:`_EventSender` (a thread and a bounded
-    queue), so a router that stops reading stalls only itself: past ``MAX_SHARD_BACKLOG_BYTES``
-    waiting for it, the shard tells the supervisor (``("stalled", r)``), which restarts it,
-    and sends it nothing more."""
+    queue), so a router that stops reading stalls only itself: once it counts as stalled
+    (see :class:`_EventSender`), the shard tells the supervisor (``("stalled", r)``), which
+    restarts it, and sends it nothing more."""
 
     def __init__(
         self, core: ShardCore, links: List[Tuple[Connection, Connection]], control: Connection
@@ -138,6 +144,9 @@ class _TierLinks:
     def serve(self) -> None:
         control = self.control
         while True:
+            for sender in self.senders:
+                if sender is not None:
+                    sender.check()
             while not self._stalls.empty():
                 self._report_stall(self._stalls.get())
             readers = [c for c in self.commands if c is not None]
@@ -244,16 +253,26 @@ class _TierLinks:
 
 class _EventSender:
     """Writes one router's event messages on a thread, so the shard's loop never blocks on
-    that router. What waits is bounded (``MAX_SHARD_BACKLOG_BYTES``): past it the router
-    counts as stalled, *on_stall* is called once and nothing more is queued for it."""
+    that router. What waits is bounded: past ``MAX_SHARD_BACKLOG_BYTES`` the router counts
+    as stalled once it has taken nothing for ``ROUTER_STALL_SECONDS`` (:meth:`check`, from
+    the shard's loop), past ``MAX_ROUTER_BACKLOG_BYTES`` at once; then *on_stall* is called
+    once and nothing more is queued for it."""
 
-    def __init__(self, router: int, events: Connection, on_stall: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        router: int,
+        events: Connection,
+        on_stall: Callable[[int], None],
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.router = router
         self._events = events
         self._on_stall = on_stall
+        self._monotonic = monotonic
         self._queue: queue.SimpleQueue[Optional[bytes]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._waiting = 0  # bytes queued and not yet written
+        self._progress_at = monotonic()  # the last write done, or when waiting began
         self.stalled = False
         self._thread = threading.Thread(target=self._run, name=f"router-{router}", daemon=True)
         self._thread.start()
@@ -263,12 +282,26 @@ class _EventSender:
             if self.stalled:
                 return
             # (One message bigger than the bound still goes, if nothing waits before it.)
-            if self._waiting and self._waiting + len(data) > MAX_SHARD_BACKLOG_BYTES:
-                self.stalled = True
-                self._on_stall(self.router)
+            if self._waiting and self._waiting + len(data) > MAX_ROUTER_BACKLOG_BYTES:
+                self._stall()
                 return
+            if not self._waiting:
+                self._progress_at = self._monotonic()
             self._waiting += len(data)
         self._queue.put(data)
+
+    def check(self) -> None:
+        """Count the router as stalled if it is past the backlog bound and has taken
+        nothing for ``ROUTER_STALL_SECONDS``."""
+        with self._lock:
+            if self.stalled or self._waiting <= MAX_SHARD_BACKLOG_BYTES:
+                return
+            if self._monotonic() - self._progress_at >= ROUTER_STALL_SECONDS:
+                self._stall()
+
+    def _stall(self) -> None:
+        self.stalled = True
+        self._on_stall(self.router)
 
     def _run(self) -> None:
         while True:
@@ -281,6 +314,7 @@ class _EventSender:
                 break  # the router is gone; its command pipe says so
             with self._lock:
                 self._waiting -= len(data)
+                self._progress_at = self._monotonic()
         self._events.close()
 
     def close(self) -> None:

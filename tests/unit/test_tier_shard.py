@@ -6,7 +6,8 @@ from __future__ import annotations
 import multiprocessing
 import pickle
 import threading
-from typing import Iterator, List
+import time
+from typing import Callable, Iterator, List
 
 import pytest
 
@@ -104,6 +105,7 @@ def test_a_router_that_takes_nothing_is_reported_and_stalls_no_one(
     tier: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(process, "MAX_SHARD_BACKLOG_BYTES", 8192)
+    monkeypatch.setattr(process, "ROUTER_STALL_SECONDS", 0.3)
     a, b = cid(0, 1), cid(1, 1)
     tier.send(0, m.join(1, 0.0, a, "r", "alice"))
     tier.receive(0)
@@ -119,6 +121,71 @@ def test_a_router_that_takes_nothing_is_reported_and_stalls_no_one(
         assert all(event[0] == m.CHAT for event in got)
         sent += 1
         assert sent < 5000, "never reported"
+    assert tier.control.recv() == ("stalled", 1)
+
+
+def flood_while(tier: Harness, until: Callable[[], bool], sender: int, cid_: int) -> int:
+    """Router *sender* sends messages to room r (and takes its events) until *until*."""
+    text = "x" * 200
+    rounds = 0
+    while not until():
+        req = rounds + 2
+        tier.send(sender, *[m.msg(req * 100 + i, 0.0, cid_, "r", text) for i in range(4)])
+        tier.receive(sender)
+        rounds += 1
+        assert rounds < 1_000_000
+    return rounds
+
+
+def slow_reader(tier: Harness, router: int, stop: threading.Event, pause: float) -> None:
+    def read() -> None:
+        while not stop.is_set():
+            if tier.events[router].poll(0.05):
+                tier.events[router].recv_bytes()
+                time.sleep(pause)  # takes its events, but slowly
+
+    threading.Thread(target=read, daemon=True).start()
+
+
+def two_members(tier: Harness) -> tuple:
+    a, b = cid(0, 1), cid(1, 1)
+    tier.send(0, m.join(1, 0.0, a, "r", "alice"))
+    tier.receive(0)
+    tier.send(1, m.join(1, 0.0, b, "r", "bob"))
+    tier.receive(1)
+    tier.receive(0)
+    return a, b
+
+
+def test_a_router_that_takes_its_events_slowly_is_not_reported_past_the_bound(
+    tier: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process, "MAX_SHARD_BACKLOG_BYTES", 8192)
+    monkeypatch.setattr(process, "MAX_ROUTER_BACKLOG_BYTES", 64 * 1024 * 1024)
+    monkeypatch.setattr(process, "ROUTER_STALL_SECONDS", 1.0)
+    a, _ = two_members(tier)
+    stop = threading.Event()
+    slow_reader(tier, 1, stop, pause=0.01)
+    sender = tier.tier.senders[1]
+    assert sender is not None
+    deadline = time.monotonic() + 2.5
+    flood_while(tier, lambda: time.monotonic() > deadline, 0, a)
+    stop.set()
+    assert sender._waiting > 8192  # it was behind, past the bound...
+    assert not tier.control.poll(0.2)  # ...and not called stalled: it kept taking them
+
+
+def test_a_router_that_falls_ever_further_behind_is_reported_at_the_hard_bound(
+    tier: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process, "MAX_SHARD_BACKLOG_BYTES", 8192)
+    monkeypatch.setattr(process, "MAX_ROUTER_BACKLOG_BYTES", 256 * 1024)
+    monkeypatch.setattr(process, "ROUTER_STALL_SECONDS", 60.0)
+    a, _ = two_members(tier)
+    stop = threading.Event()
+    slow_reader(tier, 1, stop, pause=0.05)
+    flood_while(tier, lambda: tier.control.poll(0), 0, a)
+    stop.set()
     assert tier.control.recv() == ("stalled", 1)
 
 
