@@ -460,3 +460,57 @@ def test_a_router_started_after_a_shard_was_given_up_knows_it() -> None:
         assert given_up % 0 in text, text  # the new router 0 was told too
     finally:
         cluster.stop()
+
+
+def test_a_stopped_router_is_restarted_and_the_others_go_on() -> None:
+    """Router 1 stops (SIGSTOP) with a member in a busy room: the shard's events for it pile
+    up past the bound, it is reported stalled, the supervisor kills and restarts it, and
+    router 0's member has chatted all along."""
+    import socket
+    import threading
+
+    cluster = tier(shards=1).start()
+    first, second = one_on_each(cluster)
+    stop = threading.Event()
+    try:
+        first.join("busy", "one")
+        second.join("busy", "two")
+        first.expect("INFO two joined busy")
+        stopped = routers(cluster)[1]
+        os.kill(stopped, signal.SIGSTOP)
+        received = [0]
+
+        def drain() -> None:  # router 0's member takes its echoes all along
+            first.sock.settimeout(0.5)
+            echo, tail = b"MSG busy one ", b""
+            while not stop.is_set():
+                try:
+                    data = tail + first.sock.recv(1 << 20)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+                received[0] += data.count(echo)
+                tail = data[-(len(echo) - 1) :]
+
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        line = ("MSG busy " + "x" * 900 + "\n").encode()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and routers(cluster).get(1) == stopped:
+            first.send_raw(line * 200)
+            time.sleep(0.01)
+        assert routers(cluster).get(1) != stopped, cluster.log
+        wait_for_router(cluster, 1, stopped)
+        assert "router 1 takes no events" in cluster.log
+        before = received[0]
+        first.send_raw(line * 10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and received[0] < before + 10:
+            time.sleep(0.05)
+        assert received[0] >= before + 10  # router 0 still chats
+    finally:
+        stop.set()
+        first.close()
+        second.close()
+        cluster.stop()
