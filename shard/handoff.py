@@ -35,10 +35,19 @@ def send_with_ends(control: Connection, message: tuple, ends: Sequence[Connectio
     if not IN_BAND:
         control.send((*message, *ends))
         return
-    control.send((_WITH_ENDS, message, [(end.readable, end.writable) for end in ends]))
     fds = array.array("i", [end.fileno() for end in ends])
-    with socket.fromfd(control.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    sock = _borrowed(control)
+    try:
+        control.send((_WITH_ENDS, message, [(end.readable, end.writable) for end in ends]))
         sock.sendmsg([b"F"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+    finally:
+        sock.detach()
+
+
+def _borrowed(control: Connection) -> socket.socket:
+    """*control*'s own descriptor as a socket, without a duplicate (which could fail for
+    want of a descriptor between the message and its ends); ``detach()`` it after."""
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=control.fileno())
 
 
 def receive(control: Connection) -> Any:
@@ -56,8 +65,11 @@ def receive(control: Connection) -> Any:
 
 def _receive_fds(control: Connection, count: int) -> List[int]:
     fds = array.array("i")
-    with socket.fromfd(control.fileno(), socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    sock = _borrowed(control)
+    try:
         data, ancillary, flags, _ = sock.recvmsg(1, socket.CMSG_SPACE(count * fds.itemsize))
+    finally:
+        sock.detach()
     if not data:
         raise EOFError
     for level, kind, payload in ancillary:
