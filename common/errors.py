@@ -61,6 +61,7 @@ NOT_FOUND = "not_found"
 METHOD_NOT_ALLOWED = "method_not_allowed"
 UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 SHUTTING_DOWN = "shutting_down"
+ROUTER_TIMEOUT = "router_timeout"
 INTERNAL_ERROR = "internal_error"
 
 CATALOGUE: Dict[str, ErrorSpec] = {
@@ -107,6 +108,10 @@ CATALOGUE: Dict[str, ErrorSpec] = {
     METHOD_NOT_ALLOWED: ErrorSpec("method not allowed", 405),
     UNSUPPORTED_MEDIA_TYPE: ErrorSpec("send Content-Type: application/json", 415),
     SHUTTING_DOWN: ErrorSpec("server shutting down", 503, "the server is shutting down"),
+    # A router tier: the router holding the session did not answer a forwarded request.
+    ROUTER_TIMEOUT: ErrorSpec(
+        "no answer in time", 504, "the router holding this session did not answer in time"
+    ),
     INTERNAL_ERROR: ErrorSpec("internal error", 500),
 }
 

@@ -201,6 +201,11 @@ class Router:
         self.fds.reconcile()
         self._recounter = self.loop.call_later(TIMER_SWEEP_INTERVAL, self._recount)
 
+    def router_lost(self, index: int) -> None:
+        """The supervisor gave up on router *index*: its sessions are gone for good."""
+        if self.siblings is not None:
+            self.siblings.lost(index)
+
     async def serve_siblings(self) -> None:
         """In a tier: session tokens name this router, and the other routers' requests
         for its sessions are answered on its sibling port (router/siblings.py)."""

@@ -31,7 +31,7 @@ from router.metrics import CONTENT_TYPE as METRICS_TYPE
 from router.metrics import merge as merge_metrics
 from router.metrics import render as render_metrics
 from router.shards import ShardState
-from router.siblings import Siblings
+from router.siblings import NO_ANSWER, Siblings
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,9 @@ class HttpApi:
             if error is not None:
                 log.error("forwarding to router %d failed", owner, exc_info=error)
             response = task.result() if error is None else None
-            if response is not None:
+            if response is NO_ANSWER:  # it may have applied it: not to be done here too
+                exchange.respond(failure_error(Refusal(errors.ROUTER_TIMEOUT)).response())
+            elif response is not None:
                 exchange.respond(response)
             else:  # the owner is gone, and its sessions with it: unknown here too
                 self._handle_here(request, exchange)

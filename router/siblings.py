@@ -31,7 +31,7 @@ import logging
 import pickle
 import struct
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from common.limits import MAX_FORWARDED_BYTES
 from router.pipes import frame
@@ -55,9 +55,9 @@ HOP_REUSE_SECONDS = 20.0
 #: PENDING_HOP_GRACE (a router shows the secret as it connects), else the new one is; a
 #: router whose new hop is closed before any answer tries again, NEW_HOP_ATTEMPTS times in
 #: all, NEW_HOP_BACKOFF seconds times the attempt apart (a burst of forwarded requests).
-MAX_PENDING_HOPS = 64
+MAX_PENDING_HOPS = 1024
 PENDING_HOP_GRACE = 0.5
-NEW_HOP_ATTEMPTS = 4
+NEW_HOP_ATTEMPTS = 6
 NEW_HOP_BACKOFF = 0.05
 #: Idle hops kept per sibling: beyond, a finished hop is closed (a burst of forwarded
 #: long-polls opens as many as there are polls; they are not all kept).
@@ -94,6 +94,9 @@ async def read_frame(reader: asyncio.StreamReader) -> Optional[bytes]:
 
 #: What :meth:`Siblings._ask` returns for a hop that ended before any byte of an answer.
 _CLOSED = object()
+#: What :meth:`Siblings.forward` returns when the owner took the request but did not answer
+#: (in time, or whole): it may have applied it, so it is not tried anywhere else.
+NO_ANSWER = object()
 
 
 async def _read_answer(reader: asyncio.StreamReader) -> Any:
@@ -132,17 +135,26 @@ class Siblings:
         self.answer_timeout = answer_timeout
         #: owner -> idle hops, newest last: (reader, writer, when it became idle).
         self._idle: Dict[int, List[Tuple[Any, Any, float]]] = {}
+        #: Routers the supervisor gave up on: their sessions are gone, nothing is forwarded.
+        self._lost: Set[int] = set()
 
     def foreign_owner(self, token: Optional[str]) -> Optional[int]:
         """The other router that owns the session *token* names, or None."""
         owner = owner_of(token)
         if owner is None or owner == self.index or owner >= len(self.ports):
             return None
-        return owner
+        return None if owner in self._lost else owner
+
+    def lost(self, owner: int) -> None:
+        """Router *owner* was given up on: its sessions are answered as unknown here."""
+        self._lost.add(owner)
+        for _, writer, _ in self._idle.pop(owner, []):
+            writer.close()
 
     async def forward(self, owner: int, request: Any, address: str, https: bool) -> Any:
-        """Have router *owner* answer *request*; its response, or None if it cannot be
-        reached, broke off or did not answer in time. Cancelled when the client goes away:
+        """Have router *owner* answer *request*; its response, None if it cannot be
+        reached (it is gone, and its sessions with it), or ``NO_ANSWER`` if it broke off or
+        did not answer in time. Cancelled when the client goes away:
         the hop is closed, which cancels the request there. The request is sent again
         only when a hop was closed before any byte of an answer (an idle hop the owner
         dropped, a new one refused in a burst; ``NEW_HOP_ATTEMPTS`` new hops at most):
@@ -163,11 +175,12 @@ class Siblings:
             answer = await self._ask(owner, hop, payload)
             if answer is not _CLOSED:
                 return answer
+        log.warning("router %d refused %d new hops in a row", owner, NEW_HOP_ATTEMPTS)
         return None
 
     async def _ask(self, owner: int, hop: Tuple[Any, Any], payload: bytes) -> Any:
-        """The owner's response on *hop*; None (no answer to be had), or ``_CLOSED`` if
-        the hop ended before any byte of an answer came."""
+        """The owner's response on *hop*; ``NO_ANSWER`` (none in time, or a partial one), or
+        ``_CLOSED`` if the hop ended before any byte of an answer came."""
         reader, writer = hop
         done = False
         try:
@@ -176,14 +189,16 @@ class Siblings:
                 answer = await asyncio.wait_for(_read_answer(reader), self.answer_timeout)
             except asyncio.TimeoutError:
                 log.warning("router %d did not answer a forwarded request in time", owner)
-                return None
-            if answer is None or answer is _CLOSED:
+                return NO_ANSWER
+            if answer is None:
+                return NO_ANSWER
+            if answer is _CLOSED:
                 return answer
             response = pickle.loads(answer)
             done = True
             return response
         except OSError:
-            return None
+            return NO_ANSWER
         finally:
             if done:
                 self._give_back(owner, reader, writer)

@@ -114,6 +114,8 @@ def listen_to_supervisor(seat: Seat, router: Any) -> None:
                 return
             if message[0] == "stop":
                 loop.call_soon_threadsafe(router.stop_requested.set)
+            elif message[0] == "router_lost":
+                loop.call_soon_threadsafe(router.router_lost, message[1])
             else:
                 loop.call_soon_threadsafe(router.pool.on_supervisor, message)
 
@@ -165,6 +167,9 @@ class Supervisor:
         self.shard_restarts = [RestartPolicy() for _ in range(self.shards)]
         #: (when, "router" or "shard", index): starts waiting for their backoff.
         self.pending: List[Tuple[float, str, int]] = []
+        #: [shard][router]: how many times the shard was given new pipes of the router since
+        #: the shard started (its stall reports name it; an older one is not acted on).
+        self.generations = [[0] * self.routers for _ in range(self.shards)]
         #: Shards given up on (every router, including one started later, is told).
         self.given_up: List[int] = []
         self.stopping = False
@@ -238,6 +243,7 @@ class Supervisor:
         process.start()
         _close(theirs, *[end for link in links for end in link])
         self.shard_procs[j], self.shard_controls[j] = process, ours
+        self.generations[j] = [0] * self.routers
 
     def _start_router(self, r: int, pipes: List[Tuple[Connection, Connection]]) -> None:
         ours, theirs = self.context.Pipe()
@@ -284,6 +290,8 @@ class Supervisor:
         """Start router *r* again on new pipes; each shard gets its end."""
         mesh = [self._pipe_pair() for _ in range(self.shards)]
         for j, (shard_end, _) in enumerate(mesh):
+            if self.shard_controls[j] is not None:
+                self.generations[j][r] += 1
             self._tell(self.shard_controls[j], ("router", r), shard_end)
             _close(*shard_end)
         self._start_router(r, [router_end for _, router_end in mesh])
@@ -359,8 +367,9 @@ class Supervisor:
             self._schedule(what, index, None)
 
     def _read_shard(self, j: int) -> None:
-        """``("stalled", r)``: router *r* takes nothing from shard *j* (stopped, stuck):
-        it is killed, and restarted like any router that died."""
+        """``("stalled", r, generation)``: router *r* takes nothing from shard *j*
+        (stopped, stuck): it is killed, and restarted like any router that died; unless the
+        report is about a predecessor (the shard had not read of its restart yet)."""
         control = self.shard_controls[j]
         if control is None:
             return
@@ -368,9 +377,14 @@ class Supervisor:
             message = control.recv()
         except (EOFError, OSError):
             return  # the shard died: its sentinel says so
-        process = self.router_procs[message[1]] if message[0] == "stalled" else None
+        if message[0] != "stalled":
+            return
+        _, r, generation = message
+        process = self.router_procs[r]
+        if generation != self.generations[j][r]:
+            return  # about a router that was replaced meanwhile: not its successor
         if process is not None:
-            log.error("router %d stalled shard %d's events; killing it", message[1], j)
+            log.error("router %d stalled shard %d's events; killing it", r, j)
             process.kill()
 
     def _died(self, what: str, index: int) -> None:
@@ -396,6 +410,9 @@ class Supervisor:
             elif not any(self.router_procs):
                 log.error("no router left; stopping")
                 self.stopping = True
+            else:  # its sessions are gone: the others stop forwarding to it
+                for control in self.router_controls:
+                    self._tell(control, ("router_lost", index))
             return
         log.error("%s %d died (exit code %s); restarting in %.1fs", what, index, code, delay)
         self.pending.append((time.monotonic() + delay, what, index))

@@ -139,6 +139,9 @@ class _TierLinks:
             _EventSender(r, events, self._stalled) for r, (_, events) in enumerate(links)
         ]
         self.fanout = RouterFanout(len(links), core.members_of)
+        #: Per router, how many times the supervisor replaced its pipes here: a stall report
+        #: names it, so one about a router already replaced is not taken for its successor.
+        self.generations = [0] * len(links)
         self._stalls: queue.SimpleQueue[int] = queue.SimpleQueue()
 
     def serve(self) -> None:
@@ -201,6 +204,7 @@ class _TierLinks:
             self._router_gone(router)
         self.commands[router] = commands
         self.senders[router] = _EventSender(router, events, self._stalled)
+        self.generations[router] += 1
         return True
 
     def _router_gone(self, router: int) -> None:
@@ -232,7 +236,7 @@ class _TierLinks:
             return
         log.error("router %d takes no events; asking the supervisor to restart it", router)
         try:
-            self.control.send(("stalled", router))
+            self.control.send(("stalled", router, self.generations[router]))
         except OSError:
             pass  # the supervisor is gone: the control pipe's end-of-file says so
 

@@ -80,7 +80,7 @@ def test_a_forwarded_request_is_answered_and_the_hop_kept(monkeypatch: pytest.Mo
     assert kept == 1  # one hop, reused
 
 
-def test_an_owner_that_does_not_answer_counts_as_gone() -> None:
+def test_an_owner_that_does_not_answer_in_time_gives_no_answer() -> None:
     async def scenario() -> object:
         sock = socket.create_server(("127.0.0.1", 0))  # listening, never accepting
         tier = Siblings(0, [0, sock.getsockname()[1]], b"K" * 32, answer_timeout=0.3)
@@ -88,7 +88,26 @@ def test_an_owner_that_does_not_answer_counts_as_gone() -> None:
         sock.close()
         return answer
 
+    assert run(scenario()) is siblings.NO_ANSWER  # not "gone": it may have applied it
+
+
+def test_an_owner_that_is_gone_gives_none() -> None:
+    async def scenario() -> object:
+        sock = socket.create_server(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()  # nothing listens: refused
+        tier = Siblings(0, [0, port], b"K" * 32)
+        return await tier.forward(1, "req", "10.0.0.1", False)
+
     assert run(scenario()) is None
+
+
+def test_a_router_given_up_on_is_no_longer_forwarded_to() -> None:
+    tier = Siblings(0, [1000, 1001, 1002], b"s")
+    assert tier.foreign_owner(token_prefix(2) + "x") == 2
+    tier.lost(2)
+    assert tier.foreign_owner(token_prefix(2) + "x") is None  # answered here: unknown
+    assert tier.foreign_owner(token_prefix(1) + "x") == 1
 
 
 def test_a_request_the_owner_took_and_did_not_answer_in_time_is_not_sent_again() -> None:
@@ -113,7 +132,7 @@ def test_a_request_the_owner_took_and_did_not_answer_in_time_is_not_sent_again()
         return first, second
 
     first, second = run(scenario())
-    assert (first, second) == ("ok", None)
+    assert (first, second) == ("ok", siblings.NO_ANSWER)
     assert handled == ["first", "second"]  # once each: a timeout is not a closed hop
 
 
@@ -155,10 +174,16 @@ def echo_handler(handled: list):  # noqa: ANN201
     return handle
 
 
-def test_a_burst_of_forwarded_requests_past_the_pending_bound_is_all_answered() -> None:
+@pytest.mark.parametrize(("bound", "count"), [(None, 600), (32, 300)], ids=["real", "small"])
+def test_a_burst_of_forwarded_requests_is_all_answered(
+    monkeypatch: pytest.MonkeyPatch, bound: object, count: int
+) -> None:
+    """All at once, no idle hop yet: a new hop each, more than asyncio accepts in one go,
+    and (with the small bound) past the pending bound: refused hops are tried again."""
+    if bound is not None:
+        monkeypatch.setattr(siblings, "MAX_PENDING_HOPS", bound)
     secret = b"K" * 32
     handled: list = []
-    count = siblings.MAX_PENDING_HOPS * 3  # all at once, no idle hop yet: a new hop each
 
     async def scenario() -> list:
         sock = socket.create_server(("127.0.0.1", 0), backlog=count)

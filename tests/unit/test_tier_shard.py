@@ -121,7 +121,7 @@ def test_a_router_that_takes_nothing_is_reported_and_stalls_no_one(
         assert all(event[0] == m.CHAT for event in got)
         sent += 1
         assert sent < 5000, "never reported"
-    assert tier.control.recv() == ("stalled", 1)
+    assert tier.control.recv() == ("stalled", 1, 0)
 
 
 def flood_while(tier: Harness, until: Callable[[], bool], sender: int, cid_: int) -> int:
@@ -186,10 +186,54 @@ def test_a_router_that_falls_ever_further_behind_is_reported_at_the_hard_bound(
     slow_reader(tier, 1, stop, pause=0.05)
     flood_while(tier, lambda: tier.control.poll(0), 0, a)
     stop.set()
-    assert tier.control.recv() == ("stalled", 1)
+    assert tier.control.recv() == ("stalled", 1, 0)
 
 
 def test_the_shard_exits_when_the_supervisor_goes(tier: Harness) -> None:
     tier.control.close()
     tier.thread.join(5)
     assert not tier.thread.is_alive()
+
+
+class FakeProcess:
+    def __init__(self) -> None:
+        self.killed = 0
+
+    def kill(self) -> None:
+        self.killed += 1
+
+
+@pytest.mark.parametrize(("generation", "killed"), [(1, 1), (0, 0)], ids=["current", "stale"])
+def test_the_supervisor_kills_only_the_router_a_stall_report_is_about(
+    generation: int, killed: int
+) -> None:
+    from router.tier import Supervisor
+
+    supervisor = Supervisor.__new__(Supervisor)  # only the state _read_shard uses
+    ours, theirs = multiprocessing.get_context("spawn").Pipe()
+    router = FakeProcess()
+    supervisor.shard_controls = [ours]
+    supervisor.router_procs = [None, router]
+    supervisor.generations = [[0, 1]]  # router 1 was replaced once since shard 0 started
+    theirs.send(("stalled", 1, generation))
+    supervisor._read_shard(0)
+    assert router.killed == killed
+
+
+def test_a_stall_report_names_the_routers_generation(
+    tier: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process, "MAX_SHARD_BACKLOG_BYTES", 8192)
+    monkeypatch.setattr(process, "ROUTER_STALL_SECONDS", 0.3)
+    context = multiprocessing.get_context("spawn")
+    commands_in, commands_out = context.Pipe(duplex=False)
+    events_in, events_out = context.Pipe(duplex=False)
+    tier.control.send(("router", 1, commands_in, events_out))  # router 1 replaced once
+    a, b = cid(0, 1), cid(1, 1) + (1 << 32) * ROUTERS
+    tier.send(0, m.join(1, 0.0, a, "r", "alice"))
+    tier.receive(0)
+    commands_out.send_bytes(pickle.dumps([m.join(1, 0.0, b, "r", "bob")]))
+    assert events_in.poll(5)
+    events_in.recv_bytes()  # and it takes nothing from here on
+    flood_while(tier, lambda: tier.control.poll(0), 0, a)
+    assert tier.control.recv() == ("stalled", 1, 1)
