@@ -174,7 +174,7 @@ def echo_handler(handled: list):  # noqa: ANN201
     return handle
 
 
-@pytest.mark.parametrize(("bound", "count"), [(None, 600), (32, 300)], ids=["real", "small"])
+@pytest.mark.parametrize(("bound", "count"), [(None, 300), (32, 300)], ids=["real", "small"])
 def test_a_burst_of_forwarded_requests_is_all_answered(
     monkeypatch: pytest.MonkeyPatch, bound: object, count: int
 ) -> None:
