@@ -116,8 +116,24 @@ def one_on_each(cluster: Cluster, tries: int = 64) -> Tuple[LineClient, LineClie
             break
     for client in spare:
         client.close()
+    if len(found) == 1:  # (the shared listener: the same router may win every accept)
+        busy = next(iter(found))
+        found[1 - busy] = connect_while_stopped(cluster, busy)
     assert len(found) == 2, f"every connection went to router {list(found)}"
     return found[0], found[1]
+
+
+def connect_while_stopped(cluster: Cluster, busy: int) -> LineClient:
+    """A connection taken by the router other than *busy*: with one shared listening
+    socket, whichever router is free accepts (here: *busy* is stopped meanwhile)."""
+    pid = routers(cluster)[busy]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        client = cluster.connect()  # welcomed by the router that took it
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert on_router(cluster, client) == 1 - busy
+    return client
 
 
 @pytest.fixture(params=MODES)
@@ -128,14 +144,19 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
 
 def test_connections_are_served_by_both_routers(cluster: Cluster) -> None:
     """Each router holds some of the connections. With the shared listener the kernel
-    wakes both routers and whichever accepts first takes it, so a run of connections can
-    all go to one: up to 200 are opened, one at a time, until both have some."""
+    wakes both routers and whichever accepts first takes it, so idle, the same one may
+    take them all: then a connection is made while that one is stopped, and the other
+    takes it."""
     clients: List[LineClient] = []
     held = set()
     try:
-        while len(clients) < 200 and held != {0, 1}:
+        while len(clients) < 24:
             clients.append(cluster.connect())
             held.add(on_router(cluster, clients[-1]))
+        if len(held) == 1:
+            busy = next(iter(held))
+            clients.append(connect_while_stopped(cluster, busy))
+            held.add(1 - busy)
         assert held == {0, 1}, f"{len(clients)} connections, all on router {held}"
     finally:
         for client in clients:
