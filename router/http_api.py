@@ -428,7 +428,7 @@ class HttpApi:
             others = [
                 siblings.forward(index, request, exchange.address, exchange.https)
                 for index in range(len(siblings.ports))
-                if index != siblings.index
+                if index != siblings.index and not siblings.is_lost(index)
             ]
             # A router that is down (restarting) is left out, not waited for.
             answers = await asyncio.gather(

@@ -145,6 +145,10 @@ class Siblings:
             return None
         return None if owner in self._lost else owner
 
+    def is_lost(self, owner: int) -> bool:
+        """True if the supervisor gave up on router *owner*."""
+        return owner in self._lost
+
     def lost(self, owner: int) -> None:
         """Router *owner* was given up on: its sessions are answered as unknown here."""
         self._lost.add(owner)
@@ -176,7 +180,7 @@ class Siblings:
             if answer is not _CLOSED:
                 return answer
         log.warning("router %d refused %d new hops in a row", owner, NEW_HOP_ATTEMPTS)
-        return None
+        return NO_ANSWER  # alive (it refused them), only too busy: not "gone"
 
     async def _ask(self, owner: int, hop: Tuple[Any, Any], payload: bytes) -> Any:
         """The owner's response on *hop*; ``NO_ANSWER`` (none in time, or a partial one), or

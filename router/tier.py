@@ -22,15 +22,18 @@ pipe pairs, made here and handed to both ends), watches them all, and stops them
   one-router cluster does. If the supervisor dies (even ``kill -9``) every control pipe
   reaches end-of-file and every child exits.
 
-The messages on the control pipes (tuples; Connections in them cross processes by
-``multiprocessing``'s own pickling, which duplicates the descriptor or handle):
+The messages on the control pipes (tuples):
 
 - router → supervisor: ``("ready", index)`` once it accepts connections;
 - supervisor → router: ``("shard", j, commands_out, events_in)`` (shard *j* is back),
-  ``("lost", j)`` (given up on), ``("stop",)``;
+  ``("lost", j)`` (shard *j* given up on), ``("router_lost", r)`` (router *r* given up on:
+  forward it nothing), ``("stop",)``;
 - supervisor → shard: ``("router", r, commands_in, events_out)`` (router *r* is back);
-- shard → supervisor: ``("stalled", r)`` (router *r* takes no events: it is killed and
-  restarted).
+- shard → supervisor: ``("stalled", r, generation)`` (router *r*, as the shard's
+  *generation*-th set of its pipes, takes no events: it is killed and restarted).
+
+Pipe ends in a message reach a running child in its control pipe's socket (see
+:mod:`shard.handoff`).
 """
 
 from __future__ import annotations
@@ -158,6 +161,7 @@ class Supervisor:
         self.sockets: Dict[str, socket.socket] = {}  # the public ports' sockets
         self.ports: Dict[str, int] = {}
         self.sibling_sockets: List[socket.socket] = []
+        self.sibling_ports: List[int] = []
         self.router_procs: List[Any] = [None] * self.routers
         self.router_controls: List[Optional[Connection]] = [None] * self.routers
         self.shard_procs: List[Any] = [None] * self.shards
@@ -172,6 +176,8 @@ class Supervisor:
         self.generations = [[0] * self.routers for _ in range(self.shards)]
         #: Shards given up on (every router, including one started later, is told).
         self.given_up: List[int] = []
+        #: Routers given up on (every other router, including one started later, is told).
+        self.routers_given_up: List[int] = []
         self.stopping = False
 
     # --- ports ----------------------------------------------------------------------
@@ -194,6 +200,8 @@ class Supervisor:
         for _ in range(self.routers):
             sibling = socket.create_server(("127.0.0.1", 0), backlog=LISTEN_QUEUE)
             self.sibling_sockets.append(sibling)
+        #: (Kept: a given-up router's socket is closed, its port still names its place.)
+        self.sibling_ports = [s.getsockname()[1] for s in self.sibling_sockets]
 
     def _bind_public(self, host: str, port: int) -> socket.socket:
         family, kind, proto, _, address = socket.getaddrinfo(
@@ -255,7 +263,7 @@ class Supervisor:
             ports=dict(self.ports),
             sockets=dict(self.sockets) if self.mode == "shared" else {},
             sibling_socket=self.sibling_sockets[r],
-            sibling_ports=[s.getsockname()[1] for s in self.sibling_sockets],
+            sibling_ports=list(self.sibling_ports),
             secret=self.secret,
             incarnation=self.router_starts[r],
         )
@@ -297,6 +305,8 @@ class Supervisor:
         self._start_router(r, [router_end for _, router_end in mesh])
         for j in self.given_up:  # its pipe to that shard is closed: not to wait for it
             self._tell(self.router_controls[r], ("lost", j))
+        for other in self.routers_given_up:  # not to forward to it
+            self._tell(self.router_controls[r], ("router_lost", other))
         log.info("router %d restarted (pid %s)", r, self.router_procs[r].pid)
 
     def restart_shard(self, j: int) -> None:
@@ -407,12 +417,17 @@ class Supervisor:
                 self.given_up.append(index)
                 for control in self.router_controls:
                     self._tell(control, ("lost", index))
-            elif not any(self.router_procs):
+                return
+            self.routers_given_up.append(index)
+            if not any(self.router_procs) and not any(p[1] == "router" for p in self.pending):
                 log.error("no router left; stopping")
                 self.stopping = True
-            else:  # its sessions are gone: the others stop forwarding to it
-                for control in self.router_controls:
-                    self._tell(control, ("router_lost", index))
+                return
+            # Its sessions are gone: the others stop forwarding to it, and a hop that was
+            # on its way finds the port closed (not a queue that nobody accepts from).
+            self.sibling_sockets[index].close()
+            for control in self.router_controls:
+                self._tell(control, ("router_lost", index))
             return
         log.error("%s %d died (exit code %s); restarting in %.1fs", what, index, code, delay)
         self.pending.append((time.monotonic() + delay, what, index))

@@ -541,3 +541,45 @@ def test_a_stopped_router_is_restarted_and_the_others_go_on() -> None:
         first.close()
         second.close()
         cluster.stop()
+
+
+def poll_as(cluster: Cluster, token: str) -> Tuple[int, str, float]:
+    """A poll with the session cookie *token* on a new connection: (status, code, seconds)."""
+    started = time.monotonic()
+    connection = http.client.HTTPConnection("127.0.0.1", cluster.http_port, timeout=60)
+    headers = {"Cookie": f"sc_session={token}", "Connection": "close"}
+    connection.request("GET", "/api/poll?room=lobby&after=0", headers=headers)
+    response = connection.getresponse()
+    body = json.loads(response.read() or b"{}")
+    connection.close()
+    return response.status, body.get("error", {}).get("code", ""), time.monotonic() - started
+
+
+def test_a_router_given_up_on_is_not_forwarded_to_even_by_a_router_started_later() -> None:
+    from common.limits import MAX_RESTARTS
+
+    cluster = tier(shards=1).start()
+    try:
+        victim = None
+        for _ in range(MAX_RESTARTS + 1):  # router 1 dies once more than it is restarted
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and routers(cluster).get(1) in (None, victim):
+                time.sleep(0.05)
+            victim = routers(cluster).get(1)
+            assert victim is not None, cluster.log
+            os.kill(victim, signal.SIGKILL)
+        cluster.wait_for_log("router 1 died", timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "giving up on it" not in cluster.log:
+            time.sleep(0.05)
+        old = routers(cluster)[0]
+        os.kill(old, signal.SIGKILL)  # the router left is restarted: it is told too
+        wait_for_router(cluster, 0, old)
+        time.sleep(0.5)  # (it reads the supervisor's messages as it starts)
+        for _ in range(3):
+            status, code, _seconds = poll_as(cluster, "r1.no-such-session")
+            # Answered as unknown where it landed, not forwarded to a port nobody serves
+            # (that would be a 504 after the answer's deadline, a long-poll's wait).
+            assert (status, code) == (401, "no_session"), cluster.log
+    finally:
+        cluster.stop()
