@@ -80,18 +80,6 @@ def owner_of(token: Optional[str]) -> Optional[int]:
     return int(number)
 
 
-async def read_frame(reader: asyncio.StreamReader) -> Optional[bytes]:
-    """One frame's payload, or None at end-of-file or when it is over the bound."""
-    try:
-        head = await reader.readexactly(_LENGTH.size)
-        (length,) = _LENGTH.unpack(head)
-        if not 0 <= length <= MAX_FORWARDED_BYTES:
-            return None
-        return await reader.readexactly(length)
-    except (asyncio.IncompleteReadError, ConnectionError):
-        return None
-
-
 #: What :meth:`Siblings._ask` returns for a hop that ended before any byte of an answer.
 _CLOSED = object()
 #: What :meth:`Siblings.forward` returns when the owner took the request but did not answer
@@ -100,8 +88,8 @@ NO_ANSWER = object()
 
 
 async def _read_answer(reader: asyncio.StreamReader) -> Any:
-    """An answer frame's payload; ``_CLOSED`` at end-of-file (or a reset) before any of it,
-    None if it broke off midway or is over the bound."""
+    """A frame's payload; ``_CLOSED`` at end-of-file (or a reset) before any of it, None
+    if it broke off midway or is over the bound."""
     try:
         head = await reader.readexactly(_LENGTH.size)
     except asyncio.IncompleteReadError as error:
@@ -115,6 +103,12 @@ async def _read_answer(reader: asyncio.StreamReader) -> Any:
         return await reader.readexactly(length)
     except (asyncio.IncompleteReadError, ConnectionError):
         return None
+
+
+async def read_frame(reader: asyncio.StreamReader) -> Optional[bytes]:
+    """One frame's payload, or None at end-of-file or when it is over the bound."""
+    payload = await _read_answer(reader)
+    return None if payload is _CLOSED else payload
 
 
 class Siblings:

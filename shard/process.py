@@ -296,7 +296,10 @@ class _EventSender:
 
     def check(self) -> None:
         """Count the router as stalled if it is past the backlog bound and has taken
-        nothing for ``ROUTER_STALL_SECONDS``."""
+        nothing for ``ROUTER_STALL_SECONDS``. (Called for every batch: the usual answer,
+        "not behind", is read without the lock.)"""
+        if self._waiting <= MAX_SHARD_BACKLOG_BYTES:
+            return
         with self._lock:
             if self.stalled or self._waiting <= MAX_SHARD_BACKLOG_BYTES:
                 return

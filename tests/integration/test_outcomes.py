@@ -89,37 +89,39 @@ class TcpSender:
 
     def wait_for_outcomes(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while self._answered() < len(self.sent) and time.monotonic() < deadline:
+        while len(self._resolve()[0]) < len(self.sent) and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def _answered(self) -> int:
-        """How many of the commands sent have their outcome (late echoes not counted)."""
-        refused = set()
-        answered = 0
+    def _resolve(self) -> Tuple[List[Tuple[str, str]], List[str], List[str]]:
+        """Outcomes matched to commands in order: ((token, outcome) pairs, late echoes,
+        outcomes with no command left). A late echo is the one window a deadline cannot
+        close: a MSG the shard applied just before it was stopped, refused by the router at
+        its deadline, whose echo then comes after the refusals of the commands behind it
+        (each one logged; the caller counts them)."""
+        pairs: List[Tuple[str, str]] = []
+        refused, late, extra = set(), [], []
         for outcome in list(self.outcomes):
             if outcome.startswith("ok:") and outcome[3:] in refused:
-                continue
-            if not outcome.startswith("ok:") and answered < len(self.sent):
-                refused.add(self.sent[answered])
-            answered += 1
-        return answered
+                late.append(outcome[3:])
+            elif len(pairs) < len(self.sent):
+                token = self.sent[len(pairs)]
+                pairs.append((token, outcome))
+                if not outcome.startswith("ok:"):
+                    refused.add(token)
+            else:
+                extra.append(outcome)
+        return pairs, late, extra
 
     def tally(self) -> Tuple[List[str], List[str], List[str]]:
         """(delivered tokens, refused tokens, refused then echoed late); asserts one outcome
-        each, in order. The one exception is the window a deadline cannot close: a MSG the
-        shard applied just before it was stopped, refused by the router at its deadline,
-        whose echo then comes late, after the refusals of the commands behind it (each one
-        logged; the caller counts them)."""
+        each, in order (see :meth:`_resolve` for the one exception)."""
+        pairs, late, extra = self._resolve()
+        assert not extra, ("an outcome for nothing sent", extra[:5])
+        missing = self.sent[len(pairs) :]
+        assert not missing, ("no outcome", missing[:5], len(missing))
         delivered: List[str] = []
         refused: List[str] = []
-        late: List[str] = []
-        tokens = iter(self.sent)
-        for outcome in self.outcomes:
-            if outcome.startswith("ok:") and outcome[3:] in refused:
-                late.append(outcome[3:])
-                continue
-            token = next(tokens, None)
-            assert token is not None, ("an outcome for nothing sent", outcome)
+        for token, outcome in pairs:
             if outcome.startswith("ok:"):
                 assert outcome == "ok:" + token, (token, outcome)
                 delivered.append(token)
@@ -127,8 +129,6 @@ class TcpSender:
                 assert "not in room" not in outcome, outcome
                 assert outcome in refusals(self.room), outcome
                 refused.append(token)
-        missing = list(tokens)
-        assert not missing, ("no outcome", missing[:5], len(missing))
         return delivered, refused, late
 
 

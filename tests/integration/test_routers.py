@@ -11,7 +11,9 @@ import http.client
 import json
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -493,9 +495,6 @@ def test_a_stopped_router_is_restarted_and_the_others_go_on() -> None:
     """Router 1 stops (SIGSTOP) with a member in a busy room: the shard's events for it pile
     up past the bound, it is reported stalled, the supervisor kills and restarts it, and
     router 0's member has chatted all along."""
-    import socket
-    import threading
-
     cluster = tier(shards=1).start()
     first, second = one_on_each(cluster)
     stop = threading.Event()

@@ -68,6 +68,16 @@ def cid(router: int, n: int) -> int:
     return ROUTERS + router + n * ROUTERS
 
 
+def two_members(tier: Harness) -> tuple:
+    a, b = cid(0, 1), cid(1, 1)
+    tier.send(0, m.join(1, 0.0, a, "r", "alice"))
+    tier.receive(0)
+    tier.send(1, m.join(1, 0.0, b, "r", "bob"))
+    tier.receive(1)
+    tier.receive(0)
+    return a, b
+
+
 def test_a_join_read_with_its_routers_end_of_file_leaves_no_ghost(tier: Harness) -> None:
     a, b = cid(0, 1), cid(1, 1)
     tier.send(0, m.join(1, 0.0, a, "lobby", "alice"))
@@ -106,12 +116,7 @@ def test_a_router_that_takes_nothing_is_reported_and_stalls_no_one(
 ) -> None:
     monkeypatch.setattr(process, "MAX_SHARD_BACKLOG_BYTES", 8192)
     monkeypatch.setattr(process, "ROUTER_STALL_SECONDS", 0.3)
-    a, b = cid(0, 1), cid(1, 1)
-    tier.send(0, m.join(1, 0.0, a, "r", "alice"))
-    tier.receive(0)
-    tier.send(1, m.join(1, 0.0, b, "r", "bob"))
-    tier.receive(1)
-    tier.receive(0)
+    a, _ = two_members(tier)
     text = "x" * 200
     sent = 0
     while not tier.control.poll(0):  # router 1 reads nothing from here on
@@ -145,16 +150,6 @@ def slow_reader(tier: Harness, router: int, stop: threading.Event, pause: float)
                 time.sleep(pause)  # takes its events, but slowly
 
     threading.Thread(target=read, daemon=True).start()
-
-
-def two_members(tier: Harness) -> tuple:
-    a, b = cid(0, 1), cid(1, 1)
-    tier.send(0, m.join(1, 0.0, a, "r", "alice"))
-    tier.receive(0)
-    tier.send(1, m.join(1, 0.0, b, "r", "bob"))
-    tier.receive(1)
-    tier.receive(0)
-    return a, b
 
 
 def test_a_router_that_takes_its_events_slowly_is_not_reported_past_the_bound(
