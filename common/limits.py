@@ -259,6 +259,23 @@ STORAGE_MIN_FREE_BYTES = 1024 * 1024
 #: cannot grow the shard's memory beyond its own rooms' history.
 MAX_UNSTORED_ENTRIES = 100_000
 
+#: Seconds between moves of a durable shard's journal into its slot files (shard/journal.py),
+#: while entries wait: what a restart reads back, and what a power cut can lose, is at
+#: most this much traffic. A move writes only each room's last HISTORY_SIZE entries, so
+#: under heavy traffic in few rooms the longer the interval, the less is written twice.
+JOURNAL_MOVE_SECONDS = 2.0
+
+#: Entries journaled since the last move after which the next batch moves them at once:
+#: bounds the memory they wait in (~15 MB at 64-character texts) and a move's pause when
+#: they are spread over many rooms (about 1.2 us an entry written: ~60 ms; in few rooms a
+#: move writes only their last HISTORY_SIZE entries each).
+JOURNAL_MOVE_ENTRIES = 50_000
+
+#: Bytes of records journaled since the last move after which the next batch moves them:
+#: bounds the journal file (and a restart's reading) under long texts, where the entry
+#: count would allow 20,000 x 8 KiB.
+JOURNAL_MAX_BYTES = 8 * 1024 * 1024
+
 # --- cluster -----------------------------------------------------------------------------
 
 #: Default number of shard processes is the CPU count, but at least this many, so that the

@@ -298,10 +298,11 @@ def start_problem(settings: Settings) -> Optional[str]:
     """The one line that says why *settings* cannot start (an unusable data directory,
     the same port for both listeners), or None. Reads every slot file: blocking."""
     if settings.data_dir is not None:
-        from shard.slot_files import StorageError, check_data_dir
+        from shard.journal import prepare_data_dir
+        from shard.slot_files import StorageError
 
         try:
-            check_data_dir(settings.data_dir)
+            prepare_data_dir(settings.data_dir)
         except StorageError as error:
             return str(error)
     if settings.http_port is not None and settings.tcp_port == settings.http_port:

@@ -111,7 +111,7 @@ class ShardCore:
         self._monotonic = monotonic
         self.epoch = int(clock() * 1000) if epoch is None else epoch
         self.store: HistoryStore = store if store is not None else MemoryStore(clock, self.epoch)
-        self._append = self.store.append
+        self._record = self.store.record
         #: Rooms whose history is not being stored, and why (as last reported).
         self.unsaved: Dict[str, str] = {}
         #: Of those, the ones some of whose entries were given up (never to be stored).
@@ -197,7 +197,7 @@ class ShardCore:
         room.add(cid, username, keys)
         self._client_rooms.setdefault(cid, set()).add(name)
         entry = room.record(self._clock(), m.KIND_JOIN, username, f"{username} joined {name}")
-        self._append(name, room.epoch, entry)
+        self._record((name, room.epoch, entry))
         events.append(m.joined(req, name, cid, entry, room.epoch))
 
     def _rejoin(self, events: List[m.Event], command: m.Command) -> None:
@@ -225,7 +225,7 @@ class ShardCore:
             return
         username = room.members[cid]
         entry = room.record(self._clock(), m.KIND_CHAT, username, text)
-        self._append(name, room.epoch, entry)
+        self._record((name, room.epoch, entry))
         events.append(m.chat(req, name, entry, msg_line(name, username, text)))
 
     def _privmsg(self, events: List[m.Event], command: m.Command) -> None:
@@ -306,7 +306,7 @@ class ShardCore:
         if not rooms:
             del self._client_rooms[cid]
         entry = room.record(self._clock(), m.KIND_LEAVE, username, f"{username} left {room.name}")
-        self._append(room.name, room.epoch, entry)
+        self._record((room.name, room.epoch, entry))
         events.append(m.left(req, room.name, cid, entry))
         if not room.members:
             self._retire(room)

@@ -33,7 +33,7 @@ from common.proctitle import set_process_name
 from shard.core import ShardCore
 from shard.fanout import NO_ROUTER, RouterFanout, router_of
 from shard.handoff import receive
-from shard.storage import SqliteStore
+from shard.journal import open_store
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def run_shard(
         stream=sys.stderr,
     )
     parent_pid = os.getppid()
-    core = ShardCore(store=SqliteStore(data_dir, index, shard_count)) if data_dir else ShardCore()
+    core = ShardCore(store=open_store(data_dir, index, shard_count)) if data_dir else ShardCore()
     try:
         _serve(commands, events, core, parent_pid)
     finally:
@@ -105,7 +105,7 @@ def run_tier_shard(
         format=f"%(asctime)s shard-{index} %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    core = ShardCore(store=SqliteStore(data_dir, index, shard_count)) if data_dir else ShardCore()
+    core = ShardCore(store=open_store(data_dir, index, shard_count)) if data_dir else ShardCore()
     tier = _TierLinks(core, links, control)
     try:
         tier.serve()

@@ -158,6 +158,11 @@ class HistoryStore(Protocol):
         """Stage *entry* (the next of *room*'s history *epoch*) for the next commit."""
         ...
 
+    def record(self, item: Tuple[str, int, Entry]) -> None:
+        """``append(*item)``: what the shard calls for every entry (a store may make it a
+        bound ``list.append``, so that recording an entry runs no Python code)."""
+        ...
+
     def forget(self, room: str) -> None:
         """Stage the deletion of *room*'s stored history."""
         ...
@@ -196,6 +201,9 @@ class MemoryStore:
         return self._epochs.next()
 
     def append(self, room: str, epoch: int, entry: Entry) -> None:
+        """Nothing to stage."""
+
+    def record(self, item: Tuple[str, int, Entry]) -> None:
         """Nothing to stage."""
 
     def forget(self, room: str) -> None:
@@ -287,16 +295,27 @@ def merge(
         stored = None
     if not pending.entries:
         return stored
+    new: Sequence[Entry] = pending.entries
     base: Tuple[Entry, ...] = ()
-    if stored is not None and _continues(stored.epoch, stored.seq, pending):
-        base = stored.entries
-    entries = (base + tuple(pending.entries))[-HISTORY_SIZE:]
+    if stored is not None and pending.epoch == stored.epoch:
+        new = _after(new, stored.seq)
+        if not new:
+            return stored
+        if new[0][0] == stored.seq + 1:
+            base = stored.entries
+    entries = (base + tuple(new))[-HISTORY_SIZE:]
     assert pending.epoch is not None  # entries always come with their epoch
     return StoredRoom(name, pending.epoch, entries[-1][0], entries)
 
 
-def _continues(epoch: int, seq: int, pending: _Pending) -> bool:
-    return pending.epoch == epoch and pending.entries[0][0] == seq + 1
+def _after(entries: Sequence[Entry], seq: int) -> Sequence[Entry]:
+    """The *entries* (consecutive, of the stored history's epoch) newer than *seq*, the
+    stored history's last: entries staged again that are already stored (a journal replayed
+    after a crash that came between a move and cutting the journal back) are not new, and
+    must not be taken for a history that starts anew."""
+    if not entries or entries[0][0] > seq:
+        return entries
+    return [entry for entry in entries if entry[0] > seq]
 
 
 class SqliteStore:
@@ -383,8 +402,20 @@ class SqliteStore:
         the staged one starts the history anew (the stored one is replaced at commit).
         Raises ``ValueError`` for a room outside this shard's slots, or a seq outside
         ``1..2**STORAGE_SEQ_BITS - 1``."""
-        if not 0 < entry[0] <= SEQ_MASK:
-            raise ValueError(f"seq {entry[0]} is outside 1..{SEQ_MASK}")
+        self.extend(room, epoch, (entry,))
+
+    def record(self, item: Tuple[str, int, Entry]) -> None:
+        """``append(*item)``."""
+        self.extend(item[0], item[1], (item[2],))
+
+    def extend(self, room: str, epoch: int, entries: Sequence[Entry]) -> None:
+        """Stage *entries*, the next consecutive entries of *room*'s history *epoch*: what
+        :meth:`append` does for each of them, in one call. Raises ``ValueError`` as
+        :meth:`append` does."""
+        if not entries:
+            return
+        if not (0 < entries[0][0] and entries[-1][0] <= SEQ_MASK):
+            raise ValueError(f"seqs {entries[0][0]}..{entries[-1][0]} are outside 1..{SEQ_MASK}")
         pending = self._staged.get(room)
         if pending is None:
             pending = self._staged[room] = _Pending(self._slot_of(room), epoch)
@@ -392,7 +423,7 @@ class SqliteStore:
             fresh = _Pending(pending.slot, epoch, forget=pending.forget)
             fresh.failed = pending.failed
             pending = self._staged[room] = fresh
-        pending.entries.append(entry)
+        pending.entries.extend(entries)
 
     def forget(self, room: str) -> None:
         """Stage the deletion of *room*'s stored history (and drop its staged entries)."""
@@ -462,6 +493,17 @@ class SqliteStore:
         now, retry_at = self._monotonic(), self._retry_at
         slots = {pending.slot for pending in self._staged.values()}
         return any(slot not in retry_at or now >= retry_at[slot][0] for slot in slots)
+
+    def staged(self) -> List[Tuple[str, Optional[int], Optional[Entry]]]:
+        """What is staged, in the order it would be staged again: ``(room, None, None)``
+        for a forgotten room, then ``(room, epoch, entry)`` for each of its entries (what
+        :mod:`shard.journal` rewrites its file with when a move left some of it here)."""
+        items: List[Tuple[str, Optional[int], Optional[Entry]]] = []
+        for name, pending in self._staged.items():
+            if pending.forget:
+                items.append((name, None, None))
+            items.extend((name, pending.epoch, entry) for entry in pending.entries)
+        return items
 
     def unstored_entries(self) -> int:
         """How many staged entries are waiting (after a failed commit: for a retry)."""
@@ -613,6 +655,7 @@ def _write_room(
         row = None
     if not pending.entries:
         return None
+    entries: Sequence[Entry] = pending.entries
     if row is None:
         room_id = _insert_room(conn, name, pending.epoch)
         low = room_id << STORAGE_SEQ_BITS
@@ -624,19 +667,20 @@ def _write_room(
                 "SELECT max(key) FROM entries WHERE key BETWEEN ? AND ?", (low, low | SEQ_MASK)
             ).fetchone()[0]
             newest = top - low if top is not None else 0
-        if not _continues(epoch, newest, pending):
+        if epoch == pending.epoch:
+            entries = _after(entries, newest)
+            if not entries:
+                return (room_id, epoch, newest)  # all of them stored already
+        if epoch != pending.epoch or entries[0][0] != newest + 1:
             conn.execute("DELETE FROM entries WHERE key BETWEEN ? AND ?", (low, low | SEQ_MASK))
         if epoch != pending.epoch:
             conn.execute("UPDATE rooms SET epoch = ? WHERE id = ?", (pending.epoch, room_id))
     conn.executemany(
         "INSERT OR REPLACE INTO entries (key, ts, kind, username, text) VALUES (?, ?, ?, ?, ?)",
-        [
-            (low + seq, ts, kind, username, text)
-            for seq, ts, kind, username, text in pending.entries
-        ],
+        [(low + seq, ts, kind, username, text) for seq, ts, kind, username, text in entries],
     )
-    last = pending.entries[-1][0]
-    first = pending.entries[0][0]
+    last = entries[-1][0]
+    first = entries[0][0]
     # Retention in steps: entries past the last HISTORY_SIZE go once RETENTION_STEP of them
     # have piled up (a delete per commit would rewrite the room's oldest page every time).
     if (last - HISTORY_SIZE) // RETENTION_STEP > (first - 1 - HISTORY_SIZE) // RETENTION_STEP:

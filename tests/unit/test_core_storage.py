@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Dict, FrozenSet, List
+from typing import Dict, FrozenSet, List, Tuple
 
 from common import messages as m
 from router.hub import Hub, Membership
@@ -32,6 +32,9 @@ class FlakyStore(MemoryStore):
 
     def append(self, room: str, epoch: int, entry: m.Entry) -> None:
         self.staged.append(room)
+
+    def record(self, item: Tuple[str, int, m.Entry]) -> None:
+        self.append(*item)
 
     def commit(self) -> CommitReport:
         self.commits += 1
