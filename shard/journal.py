@@ -306,38 +306,53 @@ class JournaledStore:
         """Journal what this batch recorded (one write), and move everything to the slot
         files when a move is due. Never raises for I/O; what is not stored is reported as
         by :meth:`shard.storage.SqliteStore.commit`."""
-        batch = self._batch
-        if batch:
-            self._unstaged.extend(batch[self._batch_staged :] if self._batch_staged else batch)
-            self._waiting += len(batch)
-            if self._whole:
-                self._whole = self._write(batch)
-            batch.clear()
-            self._batch_staged = 0
+        self._journal_batch()
         if self._whole and not self._move_due():
             return NOTHING_FAILED
         return self._move()
 
+    def move(self) -> CommitReport:
+        """:meth:`commit`, and move everything that waits into the slot files now, due or
+        not. Never raises for I/O."""
+        self._journal_batch()
+        return self._move()
+
     def retry_due(self) -> bool:
         """True if a move is due (while the shard is idle: so the journal stays short)."""
-        return (self._move_due() or not self._whole) and self._store.retry_due()
+        if self._whole and not self._move_due():
+            return False
+        return bool(self._unstaged) or self._store.retry_due()
 
     def close(self, move: bool = True) -> None:
         """Move what waits (unless not *move*: as a crash would leave it) and close.
         Whatever this batch recorded and did not commit is dropped, as in a crash."""
         self._batch.clear()
         self._batch_staged = 0
-        if move:
+        if move and self._file is not None:
             self._move()
         if self._file is not None:
             self._file.close()
+            self._file = None
         self._store.close()
 
     def unstored_entries(self) -> int:
-        """Entries staged and not in the slot files yet."""
+        """Entries recorded and not in the slot files yet (only what a move would write:
+        each room's last ``HISTORY_SIZE``)."""
+        self._stage_waiting()
         return self._store.unstored_entries()
 
     # --- helpers ----------------------------------------------------------------------
+
+    def _journal_batch(self) -> None:
+        batch = self._batch
+        if not batch:
+            return
+        self._unstaged.extend(batch[self._batch_staged :] if self._batch_staged else batch)
+        self._waiting += len(batch)
+        if self._whole:
+            self._whole = self._write(batch)
+        batch.clear()
+        self._batch_staged = 0
 
     def _stage_waiting(self) -> None:
         """Stage everything recorded so far (what this batch recorded is journaled by its

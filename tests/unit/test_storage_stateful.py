@@ -23,8 +23,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from common.hashing import room_to_shard, room_to_slot
 from common.limits import HISTORY_SIZE, RETENTION_STEP
 from common.messages import KIND_CHAT, KIND_JOIN, KIND_LEAVE, Entry
+from shard.journal import JournaledStore, journal_path, prepare_data_dir
 from shard.slot_files import check_data_dir, slot_file_name
-from shard.storage import SqliteStore
+from shard.storage import HistoryStore, SqliteStore
 
 #: Rooms in different slots, and two that differ only by case (two rooms).
 ROOMS = ["lobby", "Lobby", "zoë", "日本", "room-7"]
@@ -52,7 +53,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.data_dir = Path(self.directory) / "data"
         check_data_dir(self.data_dir)
         self.count = 1
-        self.stores = [SqliteStore(self.data_dir)]
+        self.stores = [self.open_store(0, 1)]
         # What a load must show (committed + staged), and what is on disk (committed).
         self.visible: Dict[str, RoomModel] = {}
         self.committed: Dict[str, RoomModel] = {}
@@ -64,7 +65,13 @@ class StoreMachine(RuleBasedStateMachine):
             store.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
-    def store_of(self, room: str) -> SqliteStore:
+    def open_store(self, index: int, count: int) -> HistoryStore:
+        return SqliteStore(self.data_dir, index, count)
+
+    def crash(self, store: HistoryStore) -> None:
+        store.close()  # without a commit: the staged entries are gone
+
+    def store_of(self, room: str) -> HistoryStore:
         return self.stores[room_to_shard(room, self.count)]
 
     def model_of(self, room: str) -> RoomModel:
@@ -113,6 +120,10 @@ class StoreMachine(RuleBasedStateMachine):
     def commit(self) -> None:
         for store in self.stores:
             assert store.commit().ok
+        self.now_committed()
+
+    def now_committed(self) -> None:
+        """What every store staged is committed now."""
         self.committed = {room: _copy(model) for room, model in self.visible.items()}
         for room, model in self.committed.items():
             if model.entries:
@@ -123,11 +134,15 @@ class StoreMachine(RuleBasedStateMachine):
         if commit_first:
             self.commit()
         for store in self.stores:
-            store.close()  # without a commit, a crash: the staged entries are gone
+            self.crash(store)
         self.visible = {room: _copy(model) for room, model in self.committed.items()}
+        self.start_cluster()
         self.check_files()
         self.count = count
-        self.stores = [SqliteStore(self.data_dir, index, count) for index in range(count)]
+        self.stores = [self.open_store(index, count) for index in range(count)]
+
+    def start_cluster(self) -> None:
+        """What a cluster does at start, before any shard opens its store."""
 
     # --- checks ---------------------------------------------------------------------
 
@@ -184,5 +199,49 @@ def _read_file(data_dir: Path, room: str) -> Optional[Tuple[int, List[Entry]]]:
         conn.close()
 
 
+class JournaledStoreMachine(StoreMachine):
+    """The same model, the stores writing through their journals (moves every 100
+    entries, so bursts move in the middle of a batch's staging): a commit is a journal
+    write, a crash loses only what was not committed, a restart with another shard count
+    finds every room once the cluster's start moved the journals, and a crash of one
+    shard is recovered from its journal alone."""
+
+    def open_store(self, index: int, count: int) -> HistoryStore:
+        store = SqliteStore(self.data_dir, index, count)
+        return JournaledStore(store, journal_path(self.data_dir, index), move_entries=100)
+
+    def crash(self, store: HistoryStore) -> None:
+        assert isinstance(store, JournaledStore)
+        store.close(move=False)
+
+    def start_cluster(self) -> None:
+        prepare_data_dir(self.data_dir)
+
+    @rule(room=st.sampled_from(ROOMS))
+    def crash_one_shard(self, room: str) -> None:
+        """``kill -9`` of the shard of *room*, and its restart (same layout)."""
+        index = room_to_shard(room, self.count)
+        self.crash(self.stores[index])
+        for name in ROOMS:
+            if room_to_shard(name, self.count) == index:
+                if name in self.committed:
+                    self.visible[name] = _copy(self.committed[name])
+                else:
+                    self.visible.pop(name, None)
+        self.stores[index] = self.open_store(index, self.count)
+
+    @rule()
+    def move(self) -> None:
+        """A commit that moves everything into the slot files, due or not."""
+        for store in self.stores:
+            assert isinstance(store, JournaledStore)
+            assert store.move().ok
+        self.now_committed()
+
+
 StoreMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
 TestStoreAgainstModel = StoreMachine.TestCase
+JournaledStoreMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=25, deadline=None
+)
+TestJournaledStoreAgainstModel = JournaledStoreMachine.TestCase
