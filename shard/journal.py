@@ -280,6 +280,11 @@ class JournaledStore:
                 "%s; history is written without a journal", os_problem(self._path, error, "opened")
             )
             items, self._whole = [], False
+        foreign = [item for item in items if not store.owns(item[0])]
+        if foreign:  # (the start of a cluster moves every journal: only if it did not)
+            log.error("%s holds %d entries of rooms in other shards' slots; they are dropped",
+                      self._path, len(foreign))  # fmt: skip
+            items = [item for item in items if store.owns(item[0])]
         if items:
             stage(store, items)
             self._waiting = len(items)

@@ -509,6 +509,10 @@ class SqliteStore:
         """How many staged entries are waiting (after a failed commit: for a retry)."""
         return sum(len(pending.entries) for pending in self._staged.values())
 
+    def owns(self, room: str) -> bool:
+        """True if *room* is in one of this store's slots."""
+        return room_to_slot(room, self._slots) in self._owned
+
     def _slot_of(self, room: str) -> int:
         slot = room_to_slot(room, self._slots)
         if slot not in self._owned:

@@ -374,3 +374,23 @@ def test_a_full_disk_for_the_journal_moves_every_batch_until_it_can_be_written(
     loaded = store.load("lobby")
     assert (loaded.epoch, loaded.seq) == (epoch, 112)
     store.close()
+
+
+def test_a_journal_with_rooms_of_other_shards_does_not_stop_the_shard(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only if the start did not move the journals (it always does): the shard keeps its
+    own rooms' entries and drops the others', instead of failing at every restart."""
+    rooms = [f"room-{number}" for number in range(10)]
+    store = open_store(data_dir, 0, 1)
+    for room in rooms:
+        record(store, room, 3)
+    assert store.commit().ok
+    store.close(move=False)
+    with caplog.at_level(logging.ERROR):
+        mine = open_store(data_dir, 0, 2)
+    assert "entries of rooms in other shards' slots" in caplog.text
+    for room in rooms:
+        if room_to_shard(room, 2) == 0:
+            assert seqs(mine, room) == [1, 2, 3]
+    mine.close()
