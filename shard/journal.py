@@ -34,6 +34,7 @@ can lose what the slot files do not have yet (at most ``JOURNAL_MOVE_SECONDS`` o
 
 from __future__ import annotations
 
+import errno
 import logging
 import marshal
 import os
@@ -101,11 +102,16 @@ def decode(data: bytes) -> Tuple[List[Item], int]:
 
 def read_journal(path: Path) -> List[Item]:
     """The items *path* holds (none if it does not exist). Raises ``StorageError``."""
+    return _read(path)[0]
+
+
+def _read(path: Path) -> Tuple[List[Item], int, int]:
+    """``(items, intact bytes, file size)`` of *path*. Raises ``StorageError``."""
     try:
         with open(path, "rb") as file:
             data = file.read()
     except FileNotFoundError:
-        return []
+        return [], 0, 0
     except OSError as error:
         raise os_problem(path, error, "read") from None
     items, intact = decode(data)
@@ -115,13 +121,34 @@ def read_journal(path: Path) -> List[Item]:
             " the %d entries before them are kept",
             path, len(data) - intact, len(items),
         )  # fmt: skip
-    return items
+    return items, intact, len(data)
+
+
+def fold(items: Sequence[Item]) -> List[Item]:
+    """*items* as :func:`stage` would hand them over, as items again: per room, in the
+    order rooms first appear, a forget if there was one, then the entries of its last
+    epoch (at most ``HISTORY_SIZE``)."""
+    folded: List[Item] = []
+    for room, tail in _tails(items).items():
+        if tail.forget:
+            folded.append((room, None, None))
+        folded.extend((room, tail.epoch, entry) for entry in tail.entries)
+    return folded
 
 
 def stage(store: SqliteStore, items: Sequence[Item]) -> None:
     """Stage *items* in *store*: the same as forgetting and appending each in turn, but
     only what that would leave staged is handed over (per room: a forget if there was one,
     then the entries of its last epoch, at most ``HISTORY_SIZE``), in one call a room."""
+    for room, tail in _tails(items).items():
+        if tail.forget:
+            store.forget(room)
+        if tail.entries:
+            assert tail.epoch is not None
+            store.extend(room, tail.epoch, tail.entries)
+
+
+def _tails(items: Sequence[Item]) -> Dict[str, _RoomTail]:
     rooms: Dict[str, _RoomTail] = {}
     for room, epoch, entry in items:
         tail = rooms.get(room)
@@ -134,12 +161,7 @@ def stage(store: SqliteStore, items: Sequence[Item]) -> None:
             if tail.epoch != epoch:
                 tail.epoch, tail.entries = epoch, deque(maxlen=HISTORY_SIZE)
             tail.entries.append(entry)
-    for room, tail in rooms.items():
-        if tail.forget:
-            store.forget(room)
-        if tail.entries:
-            assert tail.epoch is not None
-            store.extend(room, tail.epoch, tail.entries)
+    return rooms
 
 
 class _RoomTail:
@@ -156,7 +178,12 @@ class _RoomTail:
 class JournalFile:
     """The journal file: appended to, cut back, rewritten. Holds a lock on it while open
     (where the OS has one: ``flock``), so a second cluster on the same directory cannot
-    move it away from under the shard that writes it. Raises ``OSError``."""
+    move it away from under the shard that writes it. Raises ``OSError``, or
+    ``StorageError`` (``in_use``) when another process holds the lock.
+
+    After a rewrite whose reopening failed the file is not open (``fd`` -1): every call
+    then fails with ``EBADF`` until :meth:`replace` succeeds, rather than act on whatever
+    file got that descriptor number since."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -164,43 +191,89 @@ class JournalFile:
         self.size = os.fstat(self._fd).st_size
 
     def append(self, data: bytes) -> None:
-        """Write *data* at the end in one call (a short write is finished). Raises
-        ``OSError``; what a failed call wrote is cut off again."""
+        """Write *data* at the end (a short write is finished). Raises ``OSError``; what a
+        failed call wrote is cut off again."""
         try:
-            written = os.write(self._fd, data)
-            while written < len(data):  # (regular files: only on a full disk or a signal)
-                written += os.write(self._fd, data[written:])
+            _write_all(self._fd, data)
         except OSError:
-            self._cut(self.size)
+            if self._fd >= 0:
+                self._cut(self.size)
             raise
         self.size += len(data)
 
     def clear(self) -> None:
         """Cut the file back to nothing. Raises ``OSError``."""
-        if self.size:
+        if self._fd < 0:
+            self.replace(b"")
+        elif self.size:
             self._cut(0)
+
+    def cut_to(self, size: int) -> None:
+        """Cut the file back to its first *size* bytes. Raises ``OSError``."""
+        if size < self.size:
+            self._cut(size)
 
     def replace(self, data: bytes) -> None:
         """Make *data* the whole file, atomically (a new file, fsynced, renamed over it: a
-        crash leaves the old one or the new one). Raises ``OSError``."""
+        crash leaves the old one or the new one). Raises ``OSError``/``StorageError``; the
+        old file is then still the journal (or, if only its reopening failed, the new one
+        is, not open: see the class docstring)."""
         building = self.path.with_name(self.path.name + ".new")
         fd = _open_locked(building, truncate=True)
         try:
-            os.write(fd, data)
+            _write_all(fd, data)
             os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(building)
+            raise
+        os.close(fd)
+        if os.name == "nt":  # Windows renames only over files nobody holds open
+            self._close_fd()
+        try:
+            os.replace(building, self.path)
+        except OSError:
+            _unlink_quietly(building)
+            if self._fd < 0:
+                self._fd = _open_locked(self.path)
+            raise
+        old, self._fd = self._fd, -1
+        try:
+            self._fd = _open_locked(self.path)
         finally:
-            os.close(fd)  # (Windows renames only files nobody holds open)
-        os.close(self._fd)
-        os.replace(building, self.path)
-        self._fd = _open_locked(self.path)
+            if old >= 0:
+                os.close(old)
         self.size = len(data)
 
     def close(self) -> None:
-        os.close(self._fd)
+        self._close_fd()
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def _cut(self, size: int) -> None:
         os.ftruncate(self._fd, size)
         self.size = size
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of *data* to *fd* (a regular file writes less than asked only when the
+    disk is nearly full or a signal came); ``OSError`` if it takes none of the rest."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass  # (a leftover .new is replaced by the next rewrite, and never read)
 
 
 def _open_locked(path: Path, truncate: bool = False) -> int:
@@ -211,6 +284,14 @@ def _open_locked(path: Path, truncate: bool = False) -> int:
         os.close(fd)
         raise
     return fd
+
+
+#: ``flock`` errors that mean "no locks on this file system" (NFS, SMB, some FUSE mounts):
+#: the journal is then used unlocked, as on Windows.
+_NO_LOCKS = frozenset(
+    getattr(errno, name) for name in ("ENOLCK", "ENOTSUP", "EOPNOTSUPP", "ENOSYS", "EINVAL")
+    if hasattr(errno, name)
+)  # fmt: skip
 
 
 def _lock(fd: int, path: Path) -> None:
@@ -227,6 +308,10 @@ def _lock(fd: int, path: Path) -> None:
             " directory?): stop it, or pass another --data-dir",
             IN_USE,
         ) from None
+    except OSError as error:
+        if error.errno not in _NO_LOCKS:
+            raise
+        log.warning("%s cannot be locked here (%s); using it unlocked", path, error)
 
 
 Clock = Callable[[], float]
@@ -268,18 +353,25 @@ class JournaledStore:
         #: The journal holds everything the store has staged (False: it could not be
         #: written; every commit moves at once until a move makes it whole again).
         self._whole = True
+        #: Rooms whose slot file could not be written for good (it is down for this
+        #: process): their last entries, kept in the journal for the next start to store
+        #: (and served from here if the room is loaded again), never dropped.
+        self._parked: Dict[str, List[Item]] = {}
         self._file: Optional[JournalFile] = None
+        self._reopen_at = 0.0  # when to try opening a journal that could not be opened
+        items: List[Item] = []
+        intact = size = 0
         try:
-            items = read_journal(self._path)
-            self._file = JournalFile(self._path)
-        except StorageError as error:
+            items, intact, size = _read(self._path)
+        except StorageError as error:  # unreadable: the next start of the cluster says so
             log.error("%s; history is written without a journal", error)
-            items, self._whole = [], False
-        except OSError as error:
-            log.error(
-                "%s; history is written without a journal", os_problem(self._path, error, "opened")
-            )
-            items, self._whole = [], False
+        self._open_journal()
+        if self._file is not None and intact < size:
+            try:  # a torn last record: new records must not go after it
+                self._file.cut_to(intact)
+            except OSError as error:
+                log.error("%s", os_problem(self._path, error, "written"))
+                self._whole = False
         foreign = [item for item in items if not store.owns(item[0])]
         if foreign:  # (the start of a cluster moves every journal: only if it did not)
             log.error("%s holds %d entries of rooms in other shards' slots; they are dropped",
@@ -294,6 +386,9 @@ class JournaledStore:
 
     def load(self, room: str) -> StoredRoom:
         self._stage_waiting()
+        parked = self._parked.pop(room, None)
+        if parked:  # its slot is down: the history it has is the one kept here
+            stage(self._store, parked)
         return self._store.load(room)
 
     def new_epoch(self, room: str) -> int:
@@ -330,7 +425,8 @@ class JournaledStore:
 
     def close(self, move: bool = True) -> None:
         """Move what waits (unless not *move*: as a crash would leave it) and close.
-        Whatever this batch recorded and did not commit is dropped, as in a crash."""
+        Whatever this batch recorded and did not commit is not journaled, as in a crash
+        (entries a load staged in the middle of it are moved all the same)."""
         self._batch.clear()
         self._batch_staged = 0
         if move and self._file is not None:
@@ -344,7 +440,8 @@ class JournaledStore:
         """Entries recorded and not in the slot files yet (only what a move would write:
         each room's last ``HISTORY_SIZE``)."""
         self._stage_waiting()
-        return self._store.unstored_entries()
+        parked = sum(1 for items in self._parked.values() for item in items if item[2])
+        return self._store.unstored_entries() + parked
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -369,6 +466,18 @@ class JournaledStore:
             stage(self._store, self._batch[self._batch_staged :])
             self._batch_staged = len(self._batch)
 
+    def _open_journal(self) -> None:
+        """Open the journal file (``_file`` stays None, and ``_whole`` False, if it cannot
+        be: every batch is then moved at once, and opening is tried again later)."""
+        try:
+            self._file = JournalFile(self._path)
+        except (OSError, StorageError) as error:
+            problem = error if isinstance(error, StorageError) else os_problem(
+                self._path, error, "opened")  # fmt: skip
+            log.error("%s; history is written without a journal for now", problem)
+            self._whole = False
+            self._reopen_at = self._monotonic() + self._move_seconds
+
     def _write(self, items: Sequence[Item]) -> bool:
         if self._file is None:
             return False
@@ -392,23 +501,41 @@ class JournaledStore:
         what is still staged (nothing, unless a slot failed)."""
         self._stage_waiting()
         report = self._store.commit()
-        self._moved_at = self._monotonic()
-        left = self._store.staged()  # (what a failing slot keeps: retried by the next move)
+        for room, items in _by_room(self._store.take_dropped()).items():
+            self._parked[room] = fold(self._parked.get(room, []) + items)
+        self._moved_at = now = self._monotonic()
+        # What a failing slot keeps (retried by the next move), and what a down one gave up.
+        left = self._store.staged()
+        for items in self._parked.values():
+            left.extend(items)
         self._waiting = 0
         if self._file is None:
-            return report
+            if now < self._reopen_at:
+                return report
+            self._open_journal()
+            if self._file is None:
+                return report
         try:
             if left:
                 self._file.replace(encode(left))
             else:
                 self._file.clear()
-        except OSError as error:
-            log.error("%s", os_problem(self._path, error, "written"))
+        except (OSError, StorageError) as error:
+            problem = error if isinstance(error, StorageError) else os_problem(
+                self._path, error, "written")  # fmt: skip
+            log.error("%s", problem)
             self._whole = False
         else:
             self._whole = True
         self._kept_bytes = self._file.size
         return report
+
+
+def _by_room(items: Sequence[Item]) -> Dict[str, List[Item]]:
+    rooms: Dict[str, List[Item]] = {}
+    for item in items:
+        rooms.setdefault(item[0], []).append(item)
+    return rooms
 
 
 # --- at the start of a cluster ----------------------------------------------------------
@@ -447,6 +574,7 @@ def prepare_data_dir(data_dir: Union[str, Path], slots: int = STORAGE_SLOTS) -> 
                 f"the journals in {path} cannot be moved into the slot files: {reason}"
             )
         for journal in held:
+            journal.close()  # (Windows deletes only files nobody holds open)
             os.unlink(journal.path)
     except OSError as error:
         raise os_problem(path, error, "written") from None

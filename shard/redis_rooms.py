@@ -1,29 +1,31 @@
-"""Rooms kept in Redis, shared by every node on one Redis (issue 12's storage half).
+"""Rooms kept in Redis, shared by every node on one Redis (``--redis URL``).
 
-Nothing here runs yet from ``start_cluster.py``: this module is the Redis side of the
-design, tested against a real ``redis-server`` (``tests/unit/test_redis_rooms.py``); the
-shard loop that will call it per batch is the next step (see docs/ARCHITECTURE.md).
-
-Per room, four keys sharing one hash tag (so one script may touch them all, on a single
-Redis or on Redis Cluster), the tag being a digest of the room's name (any name, braces
-included, gives a valid tag):
+The calls a shard makes for its rooms (:class:`RedisRooms`), each queued on a pipeline so
+that one batch of commands is one round trip (:mod:`shard.redis_node` drives them), and
+the keys they use. Per room, keys sharing one hash tag (so one script may touch them all,
+on a single Redis or on Redis Cluster), the tag being a digest of the room's name (any
+name, braces included, gives a valid tag):
 
 - ``sc:{T}:meta``   a hash: ``seq`` (the last sequence number given) and ``epoch``.
 - ``sc:{T}:log``    a Stream of the last ``HISTORY_SIZE`` entries; an entry's id is
-  ``<seq>-1``, so ``XRANGE`` by seq is a range read by id.
-- ``sc:{T}:who``    a hash: member id (``<node>:<cid>``) -> ``username`` and its name keys.
+  ``<seq>-1``, so a range of seqs is an ``XRANGE``.
+- ``sc:{T}:who``    a hash: member id (``<node>:<cid>``) -> JSON ``[username, key...]``.
 - ``sc:{T}:names``  a hash: name key -> member id (what makes a username unique per room
-  across nodes: the same keys the shard uses, :func:`common.names.name_keys`).
-- ``sc:{T}:alive``  a sorted set: member id -> the time (ms) its node's presence expires.
-- the channel ``sc:{T}:ch`` carries every entry, as the Stream holds it, to the nodes that
-  have members there.
+  across nodes: the same keys a shard uses, :func:`common.names.name_keys`).
+- ``sc:{T}:alive``  a sorted set: member id -> when (ms) its node's presence expires.
+- the channel ``sc:{T}:ch`` carries every entry, with its epoch and seq, to the nodes
+  that have members there.
+
+And one key outside the rooms: ``sc:rooms``, a sorted set room -> members (for ``ROOMS``),
+written by the nodes after their scripts (never inside one, so scripts touch one slot).
 
 Every change is one Lua script: it gives the next seq, appends to the Stream (trimmed to
-``HISTORY_SIZE``) and publishes, so seq order, history and what subscribers see agree. A
-node keeps its members alive by moving their expiry forward (:meth:`RedisRooms.refresh`);
-members of a node that stopped doing so (``kill -9``, a power cut) are removed, with a
-``leave`` entry everyone hears, by the next script that touches the room once their
-expiry has passed (:meth:`RedisRooms.expire`, which every node runs for its rooms).
+``HISTORY_SIZE``) and publishes, so seq order, history and what subscribers see agree; a
+chat line is one ``EVALSHA``. A node keeps its members present by moving their expiry
+forward (:meth:`RedisRooms.queue_refresh`); members of a node that stopped doing so
+(``kill -9``, a power cut, cut off) are removed, with a ``leave`` entry everyone hears, by
+the next script that changes the room after their expiry passed, or by the ``expire``
+script every node runs for its rooms.
 """
 
 from __future__ import annotations
@@ -31,126 +33,124 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Sequence, Tuple
 
 from common import messages as m
 from common.limits import HISTORY_SIZE
 
 #: Seconds a node's members stay present without the node refreshing them: a node that
-#: dies has its members removed (and their rooms hear them leave) this long after its last
-#: refresh. Nodes refresh every ``PRESENCE_SECONDS / 3``.
+#: dies has its members removed (and their rooms hear them leave) at most this long after
+#: its last refresh (``--redis-presence``). Nodes refresh every third of it.
 PRESENCE_SECONDS = 30.0
+
+#: The sorted set of rooms with members (room -> members, every node's together).
+ROOMS_KEY = "sc:rooms"
 
 Clock = Callable[[], float]
 
-_PREFIX = "sc:"
+# ARGV of every script: maxlen room now_ms ts fresh_epoch, then its own.
+_LIB = """
+local maxlen, room, now, ts, fresh = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local meta, log, who, names, alive, ch = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 
-# A leave (or an expiry's leave) and a chat line are entries like any other: seq, then the
-# Stream fields ts, kind, username, text. The payload published is the entry with its
-# epoch and the publishing node, JSON: [epoch, seq, ts, kind, username, text, node].
-
-_RECORD = """
-local function record(meta, log, ch, ts, kind, user, text, node)
+local function record(kind, user, text, node)
   local seq = redis.call('HINCRBY', meta, 'seq', 1)
   local epoch = redis.call('HGET', meta, 'epoch')
-  redis.call('XADD', log, 'MAXLEN', ARGV[1], seq .. '-1',
-             'ts', ts, 'k', kind, 'u', user, 't', text)
-  redis.call('PUBLISH', ch,
-             cjson.encode({tonumber(epoch), seq, ts, kind, user, text, node}))
+  redis.call('XADD', log, 'MAXLEN', maxlen, seq .. '-1', 'ts', ts, 'k', kind, 'u', user,
+             't', text)
+  redis.call('PUBLISH', ch, cjson.encode({tonumber(epoch), seq, ts, kind, user, text, node}))
   return seq
 end
 
 -- A room met for the first time (or whose keys Redis lost) starts a new history.
-local function open(meta, log, fresh_epoch)
-  if redis.call('HSETNX', meta, 'epoch', fresh_epoch) == 1 then
+local function open()
+  if redis.call('HSETNX', meta, 'epoch', fresh) == 1 then
     redis.call('DEL', log)
     redis.call('HSET', meta, 'seq', 0)
   end
   return tonumber(redis.call('HGET', meta, 'epoch'))
 end
 
--- Remove the members whose presence expired before now, each with a leave entry.
-local function expire(meta, log, who, names, alive, ch, now, ts)
-  local gone = redis.call('ZRANGEBYSCORE', alive, '-inf', '(' .. now)
-  for _, id in ipairs(gone) do
-    local info = redis.call('HGET', who, id)
-    if info then
-      local parts = cjson.decode(info)
-      for i = 2, #parts do
-        if redis.call('HGET', names, parts[i]) == id then redis.call('HDEL', names, parts[i]) end
-      end
-      redis.call('HDEL', who, id)
-      record(meta, log, ch, ts, 'leave', parts[1], '', 'expired')
-    end
-    redis.call('ZREM', alive, id)
+local function remove(id, node)
+  local info = redis.call('HGET', who, id)
+  redis.call('ZREM', alive, id)
+  if not info then return nil end
+  local parts = cjson.decode(info)
+  for i = 2, #parts do
+    if redis.call('HGET', names, parts[i]) == id then redis.call('HDEL', names, parts[i]) end
   end
+  redis.call('HDEL', who, id)
+  return record('leave', parts[1], parts[1] .. ' left ' .. room, node)
+end
+
+-- Remove the members whose presence expired, each with a leave entry.
+local function expire()
+  local gone = redis.call('ZRANGEBYSCORE', alive, '-inf', '(' .. now)
+  for _, id in ipairs(gone) do remove(id, 'expired') end
   return #gone
 end
 """
 
-# KEYS: meta log who names alive ch.
-# ARGV: maxlen now_ms ts fresh_epoch id username until_ms node key1 [key2 ...]
+# ARGV 6..: id username expiry_ms node quiet key1 [key2 ...]   (quiet: no entry, a REJOIN)
 _JOIN = (
-    _RECORD
+    _LIB
     + """
-local meta, log, who, names, alive, ch = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local now, ts, id, user, node = ARGV[2], ARGV[3], ARGV[5], ARGV[6], ARGV[8]
-local epoch = open(meta, log, ARGV[4])
-expire(meta, log, who, names, alive, ch, now, ts)
-if redis.call('HEXISTS', who, id) == 1 then return {'member', epoch} end
-for i = 9, #ARGV do
-  if redis.call('HEXISTS', names, ARGV[i]) == 1 then return {'taken', epoch} end
+local id, user, expiry, node, quiet = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local epoch = open()
+expire()
+if redis.call('HEXISTS', who, id) == 1 then
+  redis.call('ZADD', alive, expiry, id)
+  return {'member', epoch, 0, redis.call('HLEN', who)}
+end
+for i = 11, #ARGV do
+  if redis.call('HEXISTS', names, ARGV[i]) == 1 then
+    return {'taken', epoch, 0, redis.call('HLEN', who)}
+  end
 end
 local info = {user}
-for i = 9, #ARGV do
+for i = 11, #ARGV do
   redis.call('HSET', names, ARGV[i], id)
   table.insert(info, ARGV[i])
 end
 redis.call('HSET', who, id, cjson.encode(info))
-redis.call('ZADD', alive, ARGV[7], id)
-return {'joined', epoch, record(meta, log, ch, ts, 'join', user, '', node)}
+redis.call('ZADD', alive, expiry, id)
+local seq = 0
+if quiet == '0' then seq = record('join', user, user .. ' joined ' .. room, node) end
+return {'joined', epoch, seq, redis.call('HLEN', who)}
 """
 )
 
-# KEYS: meta log who names alive ch.  ARGV: maxlen now_ms ts fresh_epoch id node
+# ARGV 6..: id node
 _LEAVE = (
-    _RECORD
+    _LIB
     + """
-local meta, log, who, names, alive, ch = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local epoch = open(meta, log, ARGV[4])
-local info = redis.call('HGET', who, ARGV[5])
-if not info then return {'absent', epoch} end
-local parts = cjson.decode(info)
-for i = 2, #parts do
-  if redis.call('HGET', names, parts[i]) == ARGV[5] then redis.call('HDEL', names, parts[i]) end
-end
-redis.call('HDEL', who, ARGV[5])
-redis.call('ZREM', alive, ARGV[5])
-return {'left', epoch, record(meta, log, ch, ARGV[3], 'leave', parts[1], '', ARGV[6])}
+local epoch = open()
+local seq = remove(ARGV[6], ARGV[7])
+if not seq then return {'absent', epoch, 0, redis.call('HLEN', who)} end
+return {'left', epoch, seq, redis.call('HLEN', who)}
 """
 )
 
-# KEYS: meta log who names alive ch.  ARGV: maxlen now_ms ts fresh_epoch id text node
+# ARGV 6..: id text node
 _SAY = (
-    _RECORD
+    _LIB
     + """
-local meta, log, who, names, alive, ch = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local epoch = open(meta, log, ARGV[4])
-local info = redis.call('HGET', who, ARGV[5])
-if not info then return {'absent', epoch} end
-local user = cjson.decode(info)[1]
-return {'said', epoch, record(meta, log, ch, ARGV[3], 'msg', user, ARGV[6], ARGV[7])}
+local epoch = open()
+local info = redis.call('HGET', who, ARGV[6])
+if not info then return {'absent', epoch, 0} end
+return {'said', epoch, record('chat', cjson.decode(info)[1], ARGV[7], ARGV[8])}
 """
 )
 
-# KEYS: meta log who names alive ch.  ARGV: maxlen now_ms ts
 _EXPIRE = (
-    _RECORD
+    _LIB
     + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-return expire(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], ARGV[2], ARGV[3])
+if redis.call('EXISTS', meta) == 0 then return {0, 0} end
+return {expire(), redis.call('HLEN', who)}
 """
 )
+
+SCRIPTS = {"join": _JOIN, "leave": _LEAVE, "say": _SAY, "expire": _EXPIRE}
 
 
 def room_tag(room: str) -> str:
@@ -160,13 +160,17 @@ def room_tag(room: str) -> str:
 
 def room_keys(room: str) -> Tuple[str, str, str, str, str, str]:
     """``(meta, log, who, names, alive, channel)`` for *room*."""
-    base = f"{_PREFIX}{{{room_tag(room)}}}:"
-    return (base + "meta", base + "log", base + "who", base + "names", base + "alive", base + "ch")
+    base = f"sc:{{{room_tag(room)}}}:"
+    return tuple(base + part for part in ("meta", "log", "who", "names", "alive", "ch"))  # type: ignore[return-value]
 
 
 def channel_of(room: str) -> str:
     """The channel *room*'s entries are published on."""
     return room_keys(room)[5]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def decode_published(payload: Any) -> Tuple[int, m.Entry, str]:
@@ -175,19 +179,18 @@ def decode_published(payload: Any) -> Tuple[int, m.Entry, str]:
     return int(epoch), (int(seq), float(ts), kind, username, text), node
 
 
-def _entry_of(item: Tuple[Any, Any]) -> m.Entry:
-    """One Stream item (id, fields) as an entry."""
+def entry_of(item: Tuple[Any, Any]) -> m.Entry:
+    """One Stream item ``(id, fields)`` as an entry."""
     raw_id, fields = item
-    entry_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
-    get = {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in fields.items()
-    }
-    return (int(entry_id.split("-", 1)[0]), float(get["ts"]), get["k"], get["u"], get["t"])
+    get = {_text(k): _text(v) for k, v in fields.items()}
+    return (int(_text(raw_id).split("-", 1)[0]), float(get["ts"]), get["k"], get["u"], get["t"])
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def outcome_of(result: Sequence[Any]) -> Tuple[str, int, int, int]:
+    """``(outcome, epoch, seq, members)`` of a join/leave/say script's answer (seq 0: no
+    entry; members -1: not counted)."""
+    members = int(result[3]) if len(result) > 3 else -1
+    return _text(result[0]), int(result[1]), int(result[2]), members
 
 
 class RedisRooms:
@@ -195,8 +198,8 @@ class RedisRooms:
 
     *client* is a ``redis.asyncio.Redis``; *node* names this node (member ids are
     ``<node>:<cid>``). *clock* gives seconds since the epoch (entry times, presence
-    expiry; inject a fake one in tests). *fresh_epoch* gives the epoch a room gets when
-    its history starts (again).
+    expiry, a new room's epoch; inject a fake one in tests). Call :meth:`load` once
+    connected (and again after ``NOSCRIPT``: a restarted Redis forgot the scripts).
     """
 
     def __init__(
@@ -207,105 +210,152 @@ class RedisRooms:
         presence_seconds: float = PRESENCE_SECONDS,
         history_size: int = HISTORY_SIZE,
     ) -> None:
-        self._client = client
+        self.client = client
         self.node = node
         self._clock = clock
         self.presence_seconds = presence_seconds
         self._maxlen = str(history_size)
-        self._join = client.register_script(_JOIN)
-        self._leave = client.register_script(_LEAVE)
-        self._say = client.register_script(_SAY)
-        self._expire = client.register_script(_EXPIRE)
+        self._sha: dict = {}
+
+    async def load(self) -> None:
+        """Load the scripts into Redis (``SCRIPT LOAD``, idempotent)."""
+        for name, body in SCRIPTS.items():
+            self._sha[name] = await self.client.script_load(body)
 
     def member_id(self, cid: int) -> str:
         return f"{self.node}:{cid}"
 
-    def _common(self) -> List[str]:
+    def _call(self, pipe: Any, script: str, room: str, *args: str) -> None:
         now = self._clock()
-        return [self._maxlen, str(int(now * 1000)), repr(round(now, 6)), str(int(now * 1000))]
+        ms = str(int(now * 1000))
+        pipe.evalsha(
+            self._sha[script], 6, *room_keys(room), self._maxlen, room, ms, repr(round(now, 6)),
+            ms, *args,
+        )  # fmt: skip
 
-    async def join(
-        self, room: str, cid: int, username: str, keys: Sequence[str]
-    ) -> Tuple[str, int, Optional[int]]:
-        """Make *cid* a member as *username* holding name *keys* (none taken anywhere).
+    def _until(self) -> str:
+        return str(int((self._clock() + self.presence_seconds) * 1000))
 
-        Returns ``(outcome, epoch, seq)``: ``joined`` with the join entry's seq, or
-        ``taken`` (a key is held by a member on any node) or ``member`` (already in) with
-        seq ``None``."""
-        until = int((self._clock() + self.presence_seconds) * 1000)
-        result = await self._join(
-            keys=room_keys(room),
-            args=[*self._common(), self.member_id(cid), username, str(until), self.node, *keys],
-        )
-        return _outcome(result)
+    # --- queued on a pipeline: read the answers with outcome_of ------------------------
 
-    async def leave(self, room: str, cid: int) -> Tuple[str, int, Optional[int]]:
-        """Remove *cid* from *room*: ``('left', epoch, seq)`` or ``('absent', epoch, None)``."""
-        result = await self._leave(
-            keys=room_keys(room), args=[*self._common(), self.member_id(cid), self.node]
-        )
-        return _outcome(result)
+    def queue_join(
+        self, pipe: Any, room: str, cid: int, username: str, keys: Sequence[str],
+        quiet: bool = False,
+    ) -> None:  # fmt: skip
+        """Make *cid* a member as *username* holding name *keys*, none held on any node:
+        ``joined`` (with the join entry's seq; none if *quiet*, a member put back), or
+        ``taken``, or ``member`` (already in: its presence is refreshed)."""
+        self._call(pipe, "join", room, self.member_id(cid), username, self._until(), self.node,
+                   "1" if quiet else "0", *keys)  # fmt: skip
 
-    async def say(self, room: str, cid: int, text: str) -> Tuple[str, int, Optional[int]]:
-        """A chat line from member *cid*: ``('said', epoch, seq)`` or ``('absent', …)``."""
-        result = await self._say(
-            keys=room_keys(room), args=[*self._common(), self.member_id(cid), text, self.node]
-        )
-        return _outcome(result)
+    def queue_leave(self, pipe: Any, room: str, cid: int) -> None:
+        """``left`` (with the leave entry's seq) or ``absent``."""
+        self._call(pipe, "leave", room, self.member_id(cid), self.node)
 
-    async def refresh(self, members: Sequence[Tuple[str, int]]) -> None:
-        """Keep ``(room, cid)`` *members* of this node present for another
-        ``presence_seconds`` (one pipelined ``ZADD XX`` each)."""
-        until = int((self._clock() + self.presence_seconds) * 1000)
-        pipe = self._client.pipeline(transaction=False)
-        for room, cid in members:
-            pipe.zadd(room_keys(room)[4], {self.member_id(cid): until}, xx=True)
-        await pipe.execute()
+    def queue_say(self, pipe: Any, room: str, cid: int, text: str) -> None:
+        """A chat line from member *cid*: ``said`` (with its seq) or ``absent``."""
+        self._call(pipe, "say", room, self.member_id(cid), text, self.node)
+
+    def queue_expire(self, pipe: Any, room: str) -> None:
+        """Remove *room*'s members whose node stopped refreshing them (each leaves, heard
+        by all). Answer: ``[removed, members]``."""
+        self._call(pipe, "expire", room)
+
+    def queue_refresh(self, pipe: Any, room: str, cids: Sequence[int]) -> None:
+        """Keep this node's members *cids* of *room* present (``ZADD XX``: a member already
+        expired is not brought back)."""
+        until = int(self._until())
+        pipe.zadd(room_keys(room)[4], {self.member_id(cid): until for cid in cids}, xx=True)
+
+    def queue_count(self, pipe: Any, room: str, members: int) -> None:
+        """Record *room*'s member count in the rooms listing."""
+        if members > 0:
+            pipe.zadd(ROOMS_KEY, {room: members})
+        else:
+            pipe.zrem(ROOMS_KEY, room)
+
+    # --- reads ---------------------------------------------------------------------
+
+    @staticmethod
+    def queue_names(pipe: Any, room: str) -> None:
+        """Answer: the ``who`` values; :func:`names_of` makes them usernames."""
+        pipe.hvals(room_keys(room)[2])
+
+    @staticmethod
+    def queue_history(pipe: Any, room: str, n: int) -> None:
+        """Answer: the last *n* Stream items, newest first (:func:`entry_of` each)."""
+        pipe.xrevrange(room_keys(room)[1], count=max(1, n))
+
+    @staticmethod
+    def queue_range(pipe: Any, room: str, after: int, count: int) -> None:
+        """Answer: up to *count* Stream items with seq > *after*, oldest first."""
+        pipe.xrange(room_keys(room)[1], min=f"{after + 1}-1", count=max(1, count))
+
+    @staticmethod
+    def queue_state(pipe: Any, room: str) -> None:
+        """Answer: ``[epoch, seq]`` (``None`` each for a room Redis does not have)."""
+        pipe.hmget(room_keys(room)[0], ["epoch", "seq"])
+
+    # --- one call each (tests, tools) ----------------------------------------------
+
+    async def run(self, queue: Callable[..., None], *args: Any) -> Any:
+        pipe = self.client.pipeline(transaction=False)
+        queue(pipe, *args)
+        (answer,) = await pipe.execute()
+        return answer
+
+    async def join(self, room: str, cid: int, username: str, keys: Sequence[str]) -> Tuple:
+        return outcome_of(await self.run(self.queue_join, room, cid, username, keys))
+
+    async def leave(self, room: str, cid: int) -> Tuple:
+        return outcome_of(await self.run(self.queue_leave, room, cid))
+
+    async def say(self, room: str, cid: int, text: str) -> Tuple:
+        return outcome_of(await self.run(self.queue_say, room, cid, text))
 
     async def expire(self, room: str) -> int:
-        """Remove *room*'s members whose node stopped refreshing them (each leaves, heard
-        by all); the number removed."""
-        return int(await self._expire(keys=room_keys(room), args=self._common()))
+        return int((await self.run(self.queue_expire, room))[0])
+
+    async def refresh(self, room: str, cids: Sequence[int]) -> None:
+        await self.run(self.queue_refresh, room, cids)
 
     async def names(self, room: str) -> List[str]:
-        """The usernames in *room*, on every node, sorted."""
-        infos = await self._client.hvals(room_keys(room)[2])
-        return sorted(json.loads(_text(info))[0] for info in infos)
+        return names_of(await self.run(self.queue_names, room))
 
     async def state(self, room: str) -> Tuple[int, int]:
-        """``(epoch, seq)`` of *room*: ``(0, 0)`` if it has no history in Redis."""
-        epoch, seq = await self._client.hmget(room_keys(room)[0], ["epoch", "seq"])
-        return (int(epoch) if epoch is not None else 0, int(seq) if seq is not None else 0)
+        return state_of(await self.run(self.queue_state, room))
 
     async def history(self, room: str, n: int = HISTORY_SIZE) -> Tuple[int, List[m.Entry]]:
         """``(epoch, the last n entries, oldest first)``."""
-        pipe = self._client.pipeline(transaction=False)
-        pipe.hget(room_keys(room)[0], "epoch")
-        pipe.xrevrange(room_keys(room)[1], count=max(0, n))
-        epoch, items = await pipe.execute()
-        return (
-            int(epoch) if epoch is not None else 0,
-            [_entry_of(item) for item in reversed(items)],
-        )
+        epoch, _ = await self.state(room)
+        items = await self.run(self.queue_history, room, n)
+        return epoch, [entry_of(item) for item in reversed(items)]
 
     async def since(
         self, room: str, epoch: int, after: int, limit: int = HISTORY_SIZE
     ) -> Tuple[int, List[m.Entry], bool]:
         """What a node that last saw seq *after* of *epoch* missed: ``(epoch, entries,
-        missed)``, *missed* true when part of it is gone (trimmed, or a new epoch)."""
-        pipe = self._client.pipeline(transaction=False)
-        pipe.hmget(room_keys(room)[0], ["epoch", "seq"])
-        pipe.xrange(room_keys(room)[1], min=f"{after + 1}-1", count=max(1, limit))
-        (now_epoch, seq), items = await pipe.execute()
-        now = int(now_epoch) if now_epoch is not None else 0
-        entries = [_entry_of(item) for item in items]
-        if now != epoch:
-            return now, [], True
-        first = entries[0][0] if entries else int(seq or 0) + 1
-        return now, entries, first > after + 1
+        missed)``; *missed* when part of it is gone (trimmed, or a new epoch)."""
+        now, seq = await self.state(room)
+        entries = [entry_of(item) for item in await self.run(self.queue_range, room, after, limit)]
+        return now, entries, gap_lost(now, seq, epoch, after, entries)
 
 
-def _outcome(result: Sequence[Any]) -> Tuple[str, int, Optional[int]]:
-    outcome = _text(result[0])
-    seq = int(result[2]) if len(result) > 2 else None
-    return outcome, int(result[1]), seq
+def names_of(values: Sequence[Any]) -> List[str]:
+    """The usernames of a room's ``who`` values."""
+    return [json.loads(_text(value))[0] for value in values]
+
+
+def state_of(answer: Sequence[Any]) -> Tuple[int, int]:
+    """``(epoch, seq)`` of a ``queue_state`` answer; ``(0, 0)`` for a room Redis lacks."""
+    epoch, seq = answer
+    return (int(epoch) if epoch is not None else 0, int(seq) if seq is not None else 0)
+
+
+def gap_lost(epoch: int, seq: int, seen_epoch: int, after: int, entries: List[m.Entry]) -> bool:
+    """Whether some entry after seq *after* of *seen_epoch* is gone, given the room's
+    *epoch* and last *seq* now and the *entries* read from seq ``after + 1`` on."""
+    if epoch != seen_epoch:
+        return True
+    first = entries[0][0] if entries else seq + 1
+    return first > after + 1

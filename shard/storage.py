@@ -297,6 +297,8 @@ def merge(
         return stored
     new: Sequence[Entry] = pending.entries
     base: Tuple[Entry, ...] = ()
+    if stored is not None and pending.epoch is not None and pending.epoch < stored.epoch:
+        return stored  # an older history's entries (a stale journal replayed): not news
     if stored is not None and pending.epoch == stored.epoch:
         new = _after(new, stored.seq)
         if not new:
@@ -361,6 +363,8 @@ class SqliteStore:
         self._known: Dict[str, _Known] = {}
         # Staged rooms, oldest first: the ones that waited longest are given up first.
         self._staged: OrderedDict[str, _Pending] = OrderedDict()
+        # What commits gave up because a slot is down, until take_dropped() takes it.
+        self._given_up: List[Tuple[str, _Pending]] = []
 
     # --- the HistoryStore API ---------------------------------------------------------
 
@@ -462,8 +466,9 @@ class SqliteStore:
                 pending.failed = True
             if isinstance(self._files.get(slot), _DownSlot):
                 dropped.extend(name for name, _ in rooms)
-                for name, _ in rooms:
+                for name, pending in rooms:
                     del self._staged[name]
+                    self._given_up.append((name, pending))
         dropped.extend(self._shed_unstored())
         if not failed:
             return CommitReport(recovered=frozenset(recovered))
@@ -503,6 +508,17 @@ class SqliteStore:
             if pending.forget:
                 items.append((name, None, None))
             items.extend((name, pending.epoch, entry) for entry in pending.entries)
+        return items
+
+    def take_dropped(self) -> List[Tuple[str, Optional[int], Optional[Entry]]]:
+        """What commits gave up since the last call because a room's slot is down, as
+        :meth:`staged` lists it (:mod:`shard.journal` keeps it in its file instead)."""
+        items: List[Tuple[str, Optional[int], Optional[Entry]]] = []
+        for name, pending in self._given_up:
+            if pending.forget:
+                items.append((name, None, None))
+            items.extend((name, pending.epoch, entry) for entry in pending.entries)
+        self._given_up = []
         return items
 
     def unstored_entries(self) -> int:
@@ -671,6 +687,8 @@ def _write_room(
                 "SELECT max(key) FROM entries WHERE key BETWEEN ? AND ?", (low, low | SEQ_MASK)
             ).fetchone()[0]
             newest = top - low if top is not None else 0
+        if pending.epoch < epoch:
+            return (room_id, epoch, newest)  # an older history's entries: not news
         if epoch == pending.epoch:
             entries = _after(entries, newest)
             if not entries:

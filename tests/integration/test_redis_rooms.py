@@ -42,6 +42,8 @@ def run(server: RedisServer, body: Callable[..., Awaitable[Any]], nodes: int = 2
         clock = Clock()
         try:
             rooms = [RedisRooms(client, f"n{i}", clock) for i in range(nodes)]
+            for each in rooms:
+                await each.load()
             return await body(client, clock, *rooms)
         finally:
             await client.aclose()
@@ -55,15 +57,15 @@ def keys(username: str) -> List[str]:
 
 def test_a_username_is_unique_per_room_across_nodes(server: RedisServer) -> None:
     async def body(client: Any, clock: Clock, a: RedisRooms, b: RedisRooms) -> None:
-        outcome, epoch, seq = await a.join("lobby", 1, "Alice", keys("Alice"))
-        assert (outcome, seq) == ("joined", 1) and epoch > 0
+        outcome, epoch, seq, members = await a.join("lobby", 1, "Alice", keys("Alice"))
+        assert (outcome, seq, members) == ("joined", 1, 1) and epoch > 0
         assert (await b.join("lobby", 7, "alice", keys("alice")))[0] == "taken"
         assert (await b.join("lobby", 7, "ALİCE", keys("ALİCE")))[0] in ("taken", "joined")
         assert (await a.join("lobby", 1, "Alice", keys("Alice")))[0] == "member"
         assert (await b.join("other", 7, "alice", keys("alice")))[0] == "joined"
         assert (await a.leave("lobby", 1))[0] == "left"
         assert (await a.leave("lobby", 1))[0] == "absent"
-        assert (await b.join("lobby", 8, "alice", keys("alice")))[:1] == ("joined",)
+        assert (await b.join("lobby", 8, "alice", keys("alice")))[0] == "joined"
         assert "alice" in await a.names("lobby")
 
     run(server, body)
@@ -88,7 +90,8 @@ def test_history_and_the_published_entries_agree_in_seq_order(server: RedisServe
         await sub.aclose()
         assert [seq for seq, *_ in history] == list(range(1, 8))
         assert [(e, entry) for e, entry, _node in published] == [(epoch, x) for x in history]
-        assert [kind for _, _, kind, _, _ in history] == ["join", "join"] + ["msg"] * 5
+        assert [kind for _, _, kind, _, _ in history] == ["join", "join"] + ["chat"] * 5
+        assert history[0][4] == "ann joined lobby"
         assert history[2][3:] == ("bob", "t0") and history[3][3:] == ("ann", "t1")
         assert [node for *_, node in published][:2] == ["n0", "n1"]
 
@@ -119,11 +122,11 @@ def test_the_last_500_are_kept_and_a_gap_is_read_back_or_reported(server: RedisS
 
 def test_a_room_redis_lost_starts_a_new_epoch(server: RedisServer) -> None:
     async def body(client: Any, clock: Clock, a: RedisRooms, b: RedisRooms) -> None:
-        _, first, _ = await a.join("r", 1, "ann", keys("ann"))
+        _, first, _, _ = await a.join("r", 1, "ann", keys("ann"))
         await a.say("r", 1, "hello")
         await client.flushall()
         clock.now += 1
-        outcome, second, seq = await b.join("r", 2, "bob", keys("bob"))
+        outcome, second, seq, _ = await b.join("r", 2, "bob", keys("bob"))
         assert (outcome, seq) == ("joined", 1) and second != first
         assert (await a.since("r", first, 2))[2] is True
 
@@ -135,13 +138,13 @@ def test_a_dead_nodes_members_expire_and_are_heard_leaving(server: RedisServer) 
         await a.join("r", 1, "ann", keys("ann"))
         await b.join("r", 2, "bob", keys("bob"))
         clock.now += PRESENCE_SECONDS * 2 / 3
-        await b.refresh([("r", 2)])  # node b is alive; node a stopped refreshing
+        await b.refresh("r", [2])  # node b is alive; node a stopped refreshing
         assert await b.expire("r") == 0
         clock.now += PRESENCE_SECONDS / 2
         assert await b.expire("r") == 1
         assert await b.names("r") == ["bob"]
         _, history = await b.history("r")
-        assert history[-1][2:4] == ("leave", "ann")
+        assert history[-1][2:] == ("leave", "ann", "ann left r")
         assert (await b.join("r", 3, "ann", keys("ann")))[0] == "joined"
         assert await b.expire("nowhere") == 0
         assert await client.exists(room_keys("nowhere")[0]) == 0

@@ -394,3 +394,183 @@ def test_a_journal_with_rooms_of_other_shards_does_not_stop_the_shard(
         if room_to_shard(room, 2) == 0:
             assert seqs(mine, room) == [1, 2, 3]
     mine.close()
+
+
+# --- what a move or a start must not lose (each of these lost entries once) --------------
+
+
+def test_a_short_write_while_rewriting_the_journal_is_finished(
+    data_dir: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a nearly full disk a write may take part of what it is given; the rewrite must
+    write the rest (or fail), never rename a cut record over the journal."""
+    import shard.journal as journal_module
+
+    store = journaled(data_dir, clock)
+    epoch = record(store, "lobby", 300)
+    real_write, calls = os.write, []
+
+    def short_write(fd: int, data: bytes) -> int:  # the kernel's answer on a full disk
+        calls.append(len(data))
+        return real_write(fd, bytes(data[: max(1, len(data) // 3)]))
+
+    journal = store._file
+    assert journal is not None
+    monkeypatch.setattr(journal_module.os, "write", short_write)
+    journal.replace(encode([("lobby", epoch, entry(seq)) for seq in range(1, 301)]))
+    monkeypatch.undo()
+    assert len(calls) > 1  # it was cut short, and finished
+    items, intact = decode(journal_path(data_dir, 0).read_bytes())
+    assert intact == journal_path(data_dir, 0).stat().st_size and len(items) == 300
+    assert not journal_path(data_dir, 0).with_name("journal-000.log.new").exists()
+    store.close(move=False)
+
+
+def test_a_failed_rename_leaves_no_descriptor_pointing_elsewhere(
+    data_dir: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rewrite whose rename fails keeps the old journal in use; the slot files (opened
+    after it, perhaps on the descriptor number it had) are never truncated or closed."""
+    import shard.journal as journal_module
+
+    store = journaled(data_dir, clock, move_entries=1)
+    inner = store._store
+    epoch = record(store, "lobby", 3)
+    assert store.move().ok
+    monkeypatch.setattr(inner, "staged", lambda: [("lobby", epoch, entry(99))])  # "left"
+
+    real_replace = os.replace
+
+    def refuse(source: str, target: str) -> None:  # (only the journal's rename)
+        if Path(target) == journal_path(data_dir, 0):
+            raise PermissionError(13, "in use by another process")
+        real_replace(source, target)
+
+    monkeypatch.setattr(journal_module.os, "replace", refuse)
+    record(store, "dev", 1)  # a second slot file is opened now
+    assert store.commit().ok  # stored; only the journal's rewrite failed
+    monkeypatch.undo()
+    assert not store._whole
+    record(store, "dev", 2)
+    assert store.commit().ok  # a move makes the journal whole again
+    assert store._whole
+    store.close()
+    check = SqliteStore(data_dir)
+    assert [e[0] for e in check.load("lobby").entries] == [1, 2, 3]
+    assert [e[0] for e in check.load("dev").entries] == [1, 2, 3]
+    check.close()
+    assert not journal_path(data_dir, 0).with_name("journal-000.log.new").exists()
+
+
+def test_a_journal_that_cannot_be_opened_at_a_restart_is_still_replayed(
+    data_dir: Path, clock: Clock
+) -> None:
+    """A restarted shard that can read its journal but not lock it (the old process not
+    gone yet) serves the journaled history, in the same epoch; the next start replaying
+    the same journal again changes nothing."""
+    if os.name != "posix":
+        pytest.skip("journals are locked with flock (POSIX)")
+    import fcntl
+
+    store = journaled(data_dir, clock)
+    epoch = record(store, "lobby", 5, text="old")
+    assert store.commit().ok
+    store.close(move=False)  # kill -9
+    holder = os.open(journal_path(data_dir, 0), os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        store = journaled(data_dir, clock)
+    finally:
+        os.close(holder)
+    loaded = store.load("lobby")
+    assert (loaded.epoch, loaded.seq) == (epoch, 5)
+    record(store, "lobby", 3, text="new")
+    assert store.commit().ok
+    store.close()
+    prepare_data_dir(data_dir)
+    after = SqliteStore(data_dir).load("lobby")
+    assert after.epoch == epoch
+    assert [e[4] for e in after.entries] == ["old"] * 5 + ["new"] * 3
+
+
+def test_an_older_history_replayed_over_a_newer_one_changes_nothing(data_dir: Path) -> None:
+    store = SqliteStore(data_dir)
+    store.extend("lobby", 200, [entry(1, "new"), entry(2, "new")])
+    assert store.commit().ok
+    store.close()
+    store = SqliteStore(data_dir)
+    store.extend("lobby", 100, [entry(seq, "stale") for seq in range(1, 6)])
+    assert store.load("lobby").entries == (entry(1, "new"), entry(2, "new"))  # merge
+    assert store.commit().ok
+    store.close()
+    after = SqliteStore(data_dir).load("lobby")  # _write_room
+    assert (after.epoch, [e[4] for e in after.entries]) == (200, ["new", "new"])
+
+
+def test_entries_a_down_slot_cannot_take_stay_in_the_journal(data_dir: Path, clock: Clock) -> None:
+    """A slot file busy at a restart (so down for that process) does not make the replay
+    give up its entries: the journal keeps them, the room is served from them, and the
+    next start stores them."""
+    import sqlite3
+
+    store = journaled(data_dir, clock)
+    epoch = record(store, "lobby", 3)
+    assert store.move().ok
+    record(store, "lobby", 5)
+    assert store.commit().ok  # 4..8 journaled, echoed
+    store.close(move=False)
+    other = sqlite3.connect(str(slot_path(data_dir, "lobby")), isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        store = journaled(data_dir, clock)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert store.unstored_entries() == 5  # (1..3 are in the slot file, busy now)
+    kept, _ = decode(journal_path(data_dir, 0).read_bytes())
+    assert [item[2][0] for item in kept] == list(range(4, 9))
+    loaded = store.load("lobby")
+    assert (loaded.epoch, loaded.seq) == (epoch, 8)
+    record(store, "lobby", 1)
+    assert not store.move().ok  # told: not stored
+    store.close()
+    prepare_data_dir(data_dir)
+    assert [e[0] for e in SqliteStore(data_dir).load("lobby").entries] == list(range(1, 10))
+
+
+def test_a_journal_holding_only_a_torn_record_is_cut_at_the_start(
+    data_dir: Path, clock: Clock
+) -> None:
+    store = journaled(data_dir, clock)
+    record(store, "lobby", 3)
+    assert store.move().ok
+    store.close(move=False)
+    journal_path(data_dir, 0).write_bytes(encode([("lobby", 1, entry(4))])[:-3])  # torn
+    store = journaled(data_dir, clock)
+    assert journal_path(data_dir, 0).stat().st_size == 0
+    record(store, "lobby", 3)
+    assert store.commit().ok
+    store.close(move=False)  # a second crash: the new records must be readable
+    store = journaled(data_dir, clock)
+    assert seqs(store, "lobby") == [1, 2, 3, 4, 5, 6]
+    store.close()
+
+
+def test_a_file_system_without_locks_still_gets_a_journal(
+    data_dir: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if os.name != "posix":
+        pytest.skip("journals are locked with flock (POSIX)")
+    import errno
+    import fcntl
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    store = journaled(data_dir, clock)
+    assert store._file is not None and store._whole
+    record(store, "lobby", 2)
+    assert store.commit().ok
+    assert decode(journal_path(data_dir, 0).read_bytes())[0]
+    store.close()
