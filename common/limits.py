@@ -429,3 +429,23 @@ MAX_HTTP_SESSIONS = 100_000
 MAX_FORWARDED_BYTES = 8 * 1024 * 1024
 #: Routers at most (``--routers``): each is a process with a pipe pair to every shard.
 MAX_ROUTERS = 64
+
+
+# --- many nodes on one Redis (--redis; shard/redis_node.py) ----------------------------------
+
+#: Seconds a node's members stay present in Redis without the node refreshing them
+#: (``--redis-presence``): a node that dies (``kill -9``, a power cut, cut off) has its
+#: members removed, and their rooms hear them leave, at most this long after its last
+#: refresh. Nodes refresh every third of it.
+PRESENCE_SECONDS = 30.0
+
+#: Seconds a local command's completion waits for its entry to come back on the room's
+#: channel before the shard reads it from the room's Stream instead (a lost pub/sub message).
+REDIS_GAP_SECONDS = 0.5
+
+#: Seconds one Redis command (or a subscription's confirmation) may take before Redis
+#: counts as lost: the rooms' members are told, commands refused until it is back.
+REDIS_TIMEOUT_SECONDS = 5.0
+
+#: The longest wait between two attempts to reach a lost Redis (0.1 s, doubling, up to it).
+REDIS_BACKOFF_MAX_SECONDS = 5.0

@@ -135,7 +135,13 @@ STORAGE = 106
 #: ``PRIVMSG <room> <sender> <to> <text>`` line.
 PRIVATE = 107
 
-EVENTS = frozenset({JOINED, CHAT, LEFT, DONE, FAIL, STORAGE, PRIVATE})
+#: ``(NOTICE, 0, room, code)``: something the room's members are to be told, from a shard
+#: whose rooms are shared through Redis (``--redis``): ``shared_lost`` (Redis is
+#: unreachable: the room's commands are refused until it is back), ``shared_back``, and
+#: ``missed`` (entries of the room were lost between Redis and this node). Completes nothing.
+NOTICE = 108
+
+EVENTS = frozenset({JOINED, CHAT, LEFT, DONE, FAIL, STORAGE, PRIVATE, NOTICE})
 assert not COMMANDS & EVENTS, "an opcode is used twice"
 
 
@@ -218,6 +224,10 @@ def private(
 
 def storage(room: str, problem: Optional[str], lost: bool = False) -> Event:
     return (STORAGE, 0, room, problem, lost)
+
+
+def notice(room: str, code: str) -> Event:
+    return (NOTICE, 0, room, code)
 
 
 def command_room(command: Command) -> str:

@@ -179,6 +179,7 @@ class Router:
             self.settings.pipe_io,
             self.fds,
             self.settings.data_dir,
+            redis=self.settings.redis,
         )
         if self.settings.crash_shard is not None:
             self.pool.links[self.settings.crash_shard].crash_at_start = True
@@ -297,6 +298,12 @@ class Router:
 def start_problem(settings: Settings) -> Optional[str]:
     """The one line that says why *settings* cannot start (an unusable data directory,
     the same port for both listeners), or None. Reads every slot file: blocking."""
+    if settings.redis is not None:
+        from common.redis_spec import start_problem as redis_problem
+
+        problem = redis_problem(settings.redis, settings.redis_wait)
+        if problem is not None:
+            return problem
     if settings.data_dir is not None:
         from shard.journal import prepare_data_dir
         from shard.slot_files import StorageError
@@ -348,6 +355,9 @@ async def serve(
         return 1
     if seat is not None:
         pass  # the supervisor says where history is kept
+    elif settings.redis is not None:
+        log.info("rooms shared through Redis at %s as node %s", settings.redis.shown(),
+                 settings.redis.node)  # fmt: skip
     elif settings.data_dir is not None:
         log.info("history kept in %s (--in-memory to keep none)", settings.data_dir)
     else:

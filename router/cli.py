@@ -9,8 +9,9 @@ import os
 import sys
 from typing import Any, Callable, List, Optional
 
-from common.limits import MAX_ROUTERS, MAX_SHARDS, MAX_TIER_CHILDREN_WINDOWS
+from common.limits import MAX_ROUTERS, MAX_SHARDS, MAX_TIER_CHILDREN_WINDOWS, PRESENCE_SECONDS
 from common.proctitle import set_process_name
+from common.redis_spec import make_spec
 from router.app import run
 from router.http_hosts import AllowedHosts
 from router.proxies import PROXY_HEADERS, TrustedProxies
@@ -166,6 +167,28 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep history in memory only: it is lost when a shard or the cluster stops",
     )
+    history.add_argument(
+        "--redis",
+        metavar="URL",
+        help="share rooms (members, history, messages) with every node on this Redis: "
+        "redis://HOST:PORT/DB or rediss:// (TLS); a password in the URL or from "
+        'SHARDCHAT_REDIS_PASSWORD. Needs pip install "shardchat[redis]" (docs/DEPLOY.md)',
+    )
+    parser.add_argument(
+        "--redis-wait",
+        type=_number(float, 0, "--redis-wait"),
+        default=0.0,
+        metavar="SECONDS",
+        help="with --redis: wait this long for Redis to answer at start (default 0)",
+    )
+    parser.add_argument(
+        "--redis-presence",
+        type=_number(float, 1, "--redis-presence"),
+        default=PRESENCE_SECONDS,
+        metavar="SECONDS",
+        help="with --redis: a node that stops has its members removed this long after "
+        f"(default {PRESENCE_SECONDS:g}; docs/LIMITS.md)",
+    )
     _add_limit_flags(parser)
     return parser
 
@@ -306,7 +329,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         poll_timeout=args.poll_timeout,
         session_ttl=args.session_ttl,
         allowed_hosts=args.allowed_hosts,
-        data_dir=None if args.in_memory else os.path.abspath(args.data_dir),
+        data_dir=None if args.in_memory or args.redis else os.path.abspath(args.data_dir),
+        redis=make_spec(args.redis, args.redis_presence) if args.redis else None,
+        redis_wait=args.redis_wait,
         tls_cert=args.tls_cert,
         trusted_proxies=args.trusted_proxy.with_header(args.proxy_header),
         tls_key=args.tls_key,
@@ -331,7 +356,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     for name in ("router.app", "router.shards", "router.tier"):
         logger = logging.getLogger(name)
         logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as error:  # a --redis URL that is not one
+        parser.error(str(error))
     problem = tier_problem(settings.routers, settings.shard_count())
     if problem:
         parser.error(problem)

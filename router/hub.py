@@ -71,6 +71,12 @@ STORAGE_FAILED = (
     "messages are kept in memory only"
 )
 STORAGE_RECOVERED = "room {room} history saved again"
+#: What members hear when their room's shard, sharing rooms through Redis, says (NOTICE).
+ROOM_NOTICES = {
+    "shared_lost": "room {room} unavailable: the server lost its connection to Redis; reconnecting",
+    "shared_back": "room {room} available again",
+    "missed": "room {room} may have missed messages",
+}
 STORAGE_RECOVERED_WITH_LOSS = (
     "room {room} history saved again; some messages from while it was not were lost"
 )
@@ -612,6 +618,8 @@ class Hub:
                     self._member_joined(event, None, None)
                 elif op == m.PRIVATE:  # from another router's client to one of ours
                     self._deliver_private_to(event[3], event)
+                elif op == m.NOTICE:  # rooms shared through Redis (--redis)
+                    self._on_notice(event[2], event[3])
                 else:
                     self._on_storage(event[2], event[3], event[4])
                 continue
@@ -640,6 +648,15 @@ class Hub:
             text = STORAGE_FAILED
         else:
             text = STORAGE_RECOVERED_WITH_LOSS if lost else STORAGE_RECOVERED
+        for client in list(self.members.get(room, {}).values()):
+            self._tell(client.on_room_notice, room, text.format(room=room))
+
+    def _on_notice(self, room: str, code: str) -> None:
+        """Tell *room*'s members what its shard says about the shared store."""
+        text = ROOM_NOTICES.get(code)
+        if text is None:
+            log.warning("room %s: unknown notice %r from a shard", room, code)
+            return
         for client in list(self.members.get(room, {}).values()):
             self._tell(client.on_room_notice, room, text.format(room=room))
 

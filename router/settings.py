@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from common import limits as L
+from common.redis_spec import RedisSpec
 from router.http_hosts import AllowedHosts
 from router.proxies import TrustedProxies
 
@@ -45,6 +46,9 @@ class Settings:
     #: (``--in-memory``). The command line's default is ``shardchat-data``; a Settings built
     #: in code keeps nothing unless told.
     data_dir: Optional[str] = None
+    #: ``--redis``: the Redis this node shares its rooms through (then no data_dir).
+    redis: Optional[RedisSpec] = None
+    redis_wait: float = 0.0  # --redis-wait: seconds to wait for Redis at start
     #: ``--tls-cert`` / ``--tls-key``: both listeners speak TLS only (router/tls.py).
     tls_cert: Optional[str] = None
     tls_key: Optional[str] = None

@@ -125,9 +125,11 @@ class ShardLink:
         pipe_io: str = "",
         data_dir: Optional[str] = None,
         count: int = 1,
+        redis: Optional[Any] = None,
     ) -> None:
         self.index = index
         self._data_dir = data_dir  # where its rooms' history is kept (None: in memory)
+        self._redis = redis  # a RedisSpec: its rooms are shared through Redis (--redis)
         self._count = count  # of shards: which storage slots are this one's
         self._context = context
         self._loop = loop
@@ -218,6 +220,7 @@ class ShardLink:
                 "crash_at_start": self.crash_at_start,
                 "data_dir": self._data_dir,
                 "shard_count": self._count,
+                "redis": self._redis,
             },
             name=f"shardchat-shard-{self.index}",
             daemon=True,
@@ -375,13 +378,23 @@ class ShardPool:
         fds: Optional[FdBudget] = None,
         data_dir: Optional[str] = None,
         links: Optional[List[ShardLink]] = None,
+        redis: Optional[Any] = None,
     ) -> None:
         self._loop = loop
         self._listener = listener
         #: The shards; *links* when given (a tier router's, attached to given pipes).
         self.links = links or [
             ShardLink(
-                i, context, loop, listener, self._on_exit, log_level, pipe_io, data_dir, count
+                i,
+                context,
+                loop,
+                listener,
+                self._on_exit,
+                log_level,
+                pipe_io,
+                data_dir,
+                count,
+                redis,
             )  # fmt: skip
             for i in range(count)
         ]

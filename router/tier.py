@@ -246,6 +246,7 @@ class Supervisor:
         process = self.context.Process(
             target=run_tier_shard,
             args=(links, theirs, j, self.settings.log_level, self.settings.data_dir, self.shards),
+            kwargs={"redis": self.settings.redis},
             name=f"shardchat-shard-{j}",
         )
         process.start()

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection, wait
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from common import messages as m
 from common.limits import (
@@ -50,6 +50,7 @@ def run_shard(
     crash_at_start: bool = False,
     data_dir: Optional[str] = None,
     shard_count: int = 1,
+    redis: Optional[Any] = None,
 ) -> None:
     """Serve shard *index*: read batches from *commands*, write events to *events*, until
     the router goes away.
@@ -76,6 +77,12 @@ def run_shard(
         stream=sys.stderr,
     )
     parent_pid = os.getppid()
+    if redis is not None:  # its rooms are shared through Redis (shard/redis_node.py)
+        from shard.redis_node import serve
+
+        serve([(commands, events)], None, index, shard_count, redis.url, redis.node,
+              redis.presence_seconds, parent_pid)  # fmt: skip
+        return
     core = ShardCore(store=open_store(data_dir, index, shard_count)) if data_dir else ShardCore()
     try:
         _serve(commands, events, core, parent_pid)
@@ -93,6 +100,7 @@ def run_tier_shard(
     log_level: str = "WARNING",
     data_dir: Optional[str] = None,
     shard_count: int = 1,
+    redis: Optional[Any] = None,
 ) -> None:
     """Serve shard *index* for a router tier: ``links[r]`` is router *r*'s (commands,
     events) pipe pair; *control* is the supervisor's, which sends a new pair when a router
@@ -105,6 +113,13 @@ def run_tier_shard(
         format=f"%(asctime)s shard-{index} %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    if redis is not None:
+        from shard.redis_node import serve
+
+        serve(links, control, index, shard_count, redis.url, redis.node,
+              redis.presence_seconds)  # fmt: skip
+        control.close()
+        return
     core = ShardCore(store=open_store(data_dir, index, shard_count)) if data_dir else ShardCore()
     tier = _TierLinks(core, links, control)
     try:

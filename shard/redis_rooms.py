@@ -36,12 +36,7 @@ import time
 from typing import Any, Callable, List, Sequence, Tuple
 
 from common import messages as m
-from common.limits import HISTORY_SIZE
-
-#: Seconds a node's members stay present without the node refreshing them: a node that
-#: dies has its members removed (and their rooms hear them leave) at most this long after
-#: its last refresh (``--redis-presence``). Nodes refresh every third of it.
-PRESENCE_SECONDS = 30.0
+from common.limits import HISTORY_SIZE, PRESENCE_SECONDS
 
 #: The sorted set of rooms with members (room -> members, every node's together).
 ROOMS_KEY = "sc:rooms"

@@ -8,9 +8,9 @@ from typing import Any, Awaitable, Callable, Iterator, List
 
 import pytest
 
+from common.limits import PRESENCE_SECONDS
 from common.names import name_keys
 from shard.redis_rooms import (
-    PRESENCE_SECONDS,
     RedisRooms,
     channel_of,
     decode_published,
