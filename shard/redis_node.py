@@ -952,9 +952,13 @@ async def _serve(
 
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
+    # Named, so that CLIENT LIST shows whose connection is whose (docs/DEPLOY.md).
+    name = f"shardchat-{node}-sh{index}"
     client = aioredis.from_url(url, socket_timeout=REDIS_TIMEOUT_SECONDS,
-                               socket_connect_timeout=REDIS_TIMEOUT_SECONDS)  # fmt: skip
-    listener = aioredis.from_url(url, socket_connect_timeout=REDIS_TIMEOUT_SECONDS)
+                               socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+                               client_name=name)  # fmt: skip
+    listener = aioredis.from_url(url, socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
+                                 client_name=name + "-sub")  # fmt: skip
     routers = len(links)
     generations = [0] * routers
     senders: List[Optional[_EventSender]] = [None] * routers

@@ -52,10 +52,16 @@ class Cluster:
         fd_limit: Optional[int] = None,
         data_dir: Optional[Path] = None,
         file_size_limit: Optional[int] = None,
+        redis: Optional[str] = None,
     ) -> None:
-        # History in *data_dir* (real files), else in memory: a test never writes into the
-        # checkout's shardchat-data.
-        history = ["--data-dir", str(data_dir)] if data_dir is not None else ["--in-memory"]
+        # History in *data_dir* (real files), or shared through *redis* (a URL), else in
+        # memory: a test never writes into the checkout's shardchat-data.
+        if redis is not None:
+            history = ["--redis", redis]
+        elif data_dir is not None:
+            history = ["--data-dir", str(data_dir)]
+        else:
+            history = ["--in-memory"]
         self.args = [
             sys.executable,
             str(START_CLUSTER),

@@ -1,0 +1,253 @@
+"""Several nodes (start_cluster.py --redis) sharing rooms through a real redis-server:
+members on every node hear each other, names are unique across nodes, history and the HTTP
+poll's cursors are the same from every node; a node killed with -9 has its members removed
+(heard leaving); Redis down and back; a lost pub/sub message read back from the Stream."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Iterator, List
+
+import pytest
+
+from tests.cluster import START_CLUSTER, Cluster, LineClient
+from tests.integration.test_http_api import Api
+from tests.redis_server import RedisServer, need_redis, redis_server
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def redis() -> Iterator[RedisServer]:
+    yield from redis_server()
+
+
+def node(redis: RedisServer, *extra: str, shards: int = 2) -> Cluster:
+    return Cluster(shards=shards, redis=redis.url, extra_args=list(extra))  # (with: starts it)
+
+
+def history(client: LineClient, room: str) -> List[str]:
+    client.send(f"HISTORY {room} 500")
+    lines = client.read_until(lambda line: line.startswith(f"END HISTORY {room}"), timeout=10)
+    return [line.split(" ", 4)[4] for line in lines if line.startswith("HISTORY ")]
+
+
+def test_two_nodes_share_a_room_both_ways(redis: RedisServer) -> None:
+    with node(redis) as a, node(redis) as b:
+        ann, bob = a.connect(), b.connect()
+        ann.join("lobby", "ann")
+        bob.join("lobby", "bob")
+        ann.expect("INFO bob joined lobby")
+        ann.send("MSG lobby hello from a")
+        ann.expect("MSG lobby ann hello from a")
+        bob.expect("MSG lobby ann hello from a")
+        bob.send("MSG lobby hi from b")
+        bob.expect("MSG lobby bob hi from b")
+        ann.expect("MSG lobby bob hi from b")
+        for client in (ann, bob):
+            client.send("NAMES lobby")
+            client.expect("NAMES lobby ann bob")
+        assert history(ann, "lobby") == history(bob, "lobby")
+        bob.send("QUIT")
+        ann.expect("INFO bob left lobby")
+
+
+def test_a_username_is_unique_per_room_across_nodes(redis: RedisServer) -> None:
+    with node(redis) as a, node(redis) as b:
+        first = a.connect()
+        first.join("lobby", "Zoë")
+        for spelling in ("zoë", "ZOË", "Zoë"):
+            other = b.connect()
+            other.send(f"JOIN lobby {spelling}")
+            other.expect("ERROR name taken in lobby")
+            other.close()
+        elsewhere = b.connect()
+        elsewhere.join("other", "zoë")  # names are per room
+        first.send("LEAVE lobby")
+        first.expect("INFO left room lobby")
+        again = b.connect()
+        again.join("lobby", "zoë")
+
+
+def test_history_and_cursors_are_the_same_from_every_node(redis: RedisServer) -> None:
+    with (
+        node(redis, "--rate-limit", "0") as a,
+        node(redis, shards=1) as b,
+        node(redis, shards=3) as c,
+    ):
+        writer = a.connect()
+        writer.join("big", "writer")
+        for i in range(520):
+            writer.send(f"MSG big m{i}")
+        writer.read_until(lambda line: line == "MSG big writer m519", timeout=30)
+        readers = [x.connect() for x in (b, c)]
+        for i, reader in enumerate(readers):
+            reader.join("big", f"reader{i}")
+        readers[0].expect("INFO reader1 joined big")  # (a HISTORY holds what came so far)
+        seen = [history(reader, "big") for reader in readers]
+        assert seen[0] == seen[1] and len(seen[0]) == 500
+        assert seen[0][-3:] == ["writer m519", "* reader0 joined big", "* reader1 joined big"]
+        assert seen[0][0] == "writer m22"  # the last 500 of 523 entries
+        # The HTTP poll's cursors (seq + epoch) from two other nodes agree.
+        answers = []
+        for cluster in (b, c):
+            api = Api(cluster)
+            joined = api.join("big", f"web{cluster.http_port}")
+            payload = api.poll("room=big&after=100")
+            answers.append(([m["id"] for m in payload["messages"]], joined["epoch"]))
+            api.close()
+        assert answers[0][1] == answers[1][1]
+        assert answers[0][0][:400] == answers[1][0][:400] and answers[0][0][0] == 101
+
+
+def test_a_killed_node_s_members_are_heard_leaving(redis: RedisServer) -> None:
+    with node(redis, "--redis-presence", "3") as a, node(redis, "--redis-presence", "3") as b:
+        ann = a.connect()
+        ann.join("lobby", "ann")
+        bob = b.connect()
+        bob.join("lobby", "bob")
+        ann.expect("INFO bob joined lobby")
+        _kill_all(b)
+        started = time.monotonic()
+        ann.expect("INFO bob left lobby", timeout=15)
+        assert time.monotonic() - started < 3 + 3  # presence, plus one refresh's wait
+        ann.send("NAMES lobby")
+        ann.expect("NAMES lobby ann")
+        fresh = a.connect()
+        fresh.join("lobby", "bob")  # the name is free again
+
+
+def _kill_all(cluster: Cluster) -> None:
+    """kill -9 of the node: its router and every shard (what a power cut does to a host)."""
+    assert cluster.proc is not None
+    pids = [cluster.proc.pid, *_children(cluster.proc.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    cluster.proc.wait(timeout=10)
+
+
+def _children(pid: int) -> List[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_redis_down_and_back(redis: RedisServer) -> None:
+    with node(redis) as a, node(redis) as b:
+        ann, bob = a.connect(), b.connect()
+        ann.join("lobby", "ann")
+        bob.join("lobby", "bob")
+        ann.expect("INFO bob joined lobby")
+        ann.send("MSG lobby before")
+        ann.expect("MSG lobby ann before")
+        bob.expect("MSG lobby ann before")
+        port = redis.port
+        redis.stop()
+        ann.expect("INFO room lobby unavailable: the server lost its connection to Redis;"
+                   " reconnecting", timeout=15)  # fmt: skip
+        ann.send("MSG lobby while down")
+        ann.expect("ERROR room unavailable", timeout=10)
+        redis.start(port)  # an empty Redis: the rooms' history is gone, members put back
+        ann.read_until(lambda line: line == "INFO room lobby available again", timeout=20)
+        bob.read_until(lambda line: line == "INFO room lobby available again", timeout=20)
+        ann.send("NAMES lobby")
+        ann.expect("NAMES lobby ann bob")
+        ann.send("MSG lobby after")
+        lines = ann.read_until(lambda line: line == "MSG lobby ann after", timeout=10)
+        assert lines[-1] == "MSG lobby ann after"
+        bob.read_until(lambda line: line == "MSG lobby ann after", timeout=10)
+
+
+def test_redis_unreachable_at_start_is_one_line_and_exit_1() -> None:
+    need_redis()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, str(START_CLUSTER), "--redis", f"redis://127.0.0.1:{port}/0",
+         "--tcp-port", "0", "--http-port", "0", "--redis-wait", "0.5"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert f"cannot reach Redis at redis://127.0.0.1:{port}/0 (waited 0.5 s)" in done.stderr
+    assert "--redis-wait SECONDS" in done.stderr
+
+
+# An entry recorded as the publishing script does, but never published: a pub/sub message
+# that was lost on its way to every node.
+UNPUBLISHED = """
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', 500, seq .. '-1', 'ts', ARGV[1], 'k', 'chat',
+           'u', 'ann', 't', ARGV[2])
+return seq
+"""
+
+
+def node_name(cluster: Cluster) -> str:
+    return re.search(r"as node (\S+)", cluster.log).group(1)  # type: ignore[union-attr]
+
+
+def test_a_lost_pubsub_message_is_read_back_from_the_stream(redis: RedisServer) -> None:
+    """An entry whose pub/sub message never came reaches every node's members anyway, in
+    order: the next entry's seq shows the gap, and the node reads it from the Stream."""
+    import redis as redis_py
+
+    from shard.redis_rooms import room_keys
+
+    with node(redis, shards=1) as a, node(redis, shards=1) as b:
+        ann, bob = a.connect(), b.connect()
+        ann.join("lobby", "ann")
+        bob.join("lobby", "bob")
+        ann.expect("INFO bob joined lobby")
+        direct = redis_py.Redis.from_url(redis.url)
+        keys = room_keys("lobby")
+        direct.eval(UNPUBLISHED, 2, keys[0], keys[1], str(time.time()), "lost on the way")
+        ann.send("MSG lobby after it")
+        for client in (ann, bob):
+            client.expect("MSG lobby ann lost on the way", timeout=10)
+            client.expect("MSG lobby ann after it", timeout=10)
+        # And one with nothing after it: the completion's wait runs out, the Stream says.
+        direct.eval(UNPUBLISHED, 2, keys[0], keys[1], str(time.time()), "the last one")
+        ann.send("MSG lobby x")  # (its own echo is published, so a gap again: read back)
+        ann.expect("MSG lobby ann the last one", timeout=10)
+        ann.expect("MSG lobby ann x", timeout=10)
+        direct.close()
+
+
+def test_a_node_cut_off_its_subscription_catches_up_from_the_stream(redis: RedisServer) -> None:
+    """Redis cuts a node's subscription (client-output-buffer-limit): the node's members
+    are told, and get what was said meanwhile, in order, once it is back."""
+    import redis as redis_py
+
+    with node(redis, shards=1) as a, node(redis, shards=1) as b:
+        ann, bob = a.connect(), b.connect()
+        ann.join("lobby", "ann")
+        bob.join("lobby", "bob")
+        ann.expect("INFO bob joined lobby")
+        direct = redis_py.Redis.from_url(redis.url)
+        cut = f"shardchat-{node_name(b)}-sh0-sub"
+        killed = [c for c in direct.client_list(_type="pubsub") if c["name"] == cut]
+        assert killed, direct.client_list()
+        direct.client_kill_filter(_id=killed[0]["id"])
+        for i in range(5):
+            ann.send(f"MSG lobby m{i}")
+        for i in range(5):
+            ann.expect(f"MSG lobby ann m{i}")
+        lines = bob.read_until(lambda line: line == "MSG lobby ann m4", timeout=20)
+        assert [line for line in lines if line.startswith("MSG ")] == [
+            f"MSG lobby ann m{i}" for i in range(5)
+        ]
+        bob.expect("INFO room lobby available again", timeout=10)
+        told = [line for line in lines if line.startswith("INFO room lobby")]
+        assert told[:1] == [
+            "INFO room lobby unavailable: the server lost its connection to Redis; reconnecting"
+        ]
+        direct.close()
