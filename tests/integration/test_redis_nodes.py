@@ -251,3 +251,48 @@ def test_a_node_cut_off_its_subscription_catches_up_from_the_stream(redis: Redis
             "INFO room lobby unavailable: the server lost its connection to Redis; reconnecting"
         ]
         direct.close()
+
+
+def test_browser_and_terminal_users_on_two_nodes_share_a_room(redis: RedisServer) -> None:
+    with node(redis) as a, node(redis) as b:
+        ann = a.connect()
+        ann.join("lobby", "ann")
+        web = Api(b)
+        joined = web.join("lobby", "webby")
+        ann.expect("INFO webby joined lobby")
+        web.send("lobby", "from the browser")
+        ann.expect("MSG lobby webby from the browser")
+        ann.send("MSG lobby from the terminal")
+        ann.expect("MSG lobby ann from the terminal")
+        texts: List[str] = []
+        after = joined["id"]
+        deadline = time.monotonic() + 10
+        while "from the terminal" not in texts and time.monotonic() < deadline:
+            payload = web.poll(f"room=lobby&after={after}")
+            texts += [message["text"] for message in payload["messages"]]
+            after = payload["rooms"]["lobby"]["after"]
+            assert payload["missed"] is False
+        assert texts[-2:] == ["from the browser", "from the terminal"]
+        web.close()
+
+
+def test_a_node_with_a_router_tier_shares_rooms_too(redis: RedisServer) -> None:
+    with node(redis, "--routers", "2") as a, node(redis, shards=1) as b:
+        here = [a.connect() for _ in range(4)]  # (spread over both routers by the kernel)
+        there = b.connect()
+        for i, client in enumerate([*here, there]):
+            client.join("lobby", f"u{i}")
+        here[0].send("MSG lobby from the tier")
+        there.send("MSG lobby from the other node")
+        wanted = {"MSG lobby u0 from the tier", "MSG lobby u4 from the other node"}
+        orders = set()
+        for client in [*here, there]:
+            seen: List[str] = []
+            while len(seen) < 2:
+                line = client.readline()
+                if line in wanted:
+                    seen.append(line)
+            orders.add(tuple(seen))
+        assert len(orders) == 1  # one order on every connection of both nodes: seq order
+        here[1].send("NAMES lobby")
+        here[1].read_until(lambda line: line == "NAMES lobby u0 u1 u2 u3 u4")
