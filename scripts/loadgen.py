@@ -342,6 +342,7 @@ class Member:
         self.publisher: Publisher | None = None  # set if this member publishes
         self.lost = False
         self.reading = False
+        self.port = 0  # --tcp-ports: the node this member connects to (0: --tcp-port)
 
     async def open(self, rcvbuf: int = 0) -> None:
         """Connect, send JOIN and wait for ``INFO joined room R``; raise JoinError/OSError."""
@@ -352,7 +353,7 @@ class Member:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
-        await self.loop.sock_connect(sock, (args.host, args.tcp_port))
+        await self.loop.sock_connect(sock, (args.host, self.port or args.tcp_port))
         self.resume()
         self.write(self.join_line)
         await self.joined
@@ -709,6 +710,7 @@ async def measure(run: Run, sampler: ProcSampler) -> dict[str, Any]:
     try:
         await asyncio.sleep(args.warmup)
         d0, p0 = stats.delivered, stats.published
+        r0 = redis_calls(args.host, args.redis_port)
         stats.measuring = True
         sampler.begin()
         t0 = time.monotonic()
@@ -716,6 +718,7 @@ async def measure(run: Run, sampler: ProcSampler) -> dict[str, Any]:
         d1, p1 = stats.delivered, stats.published
         stats.measuring = False
         sampler.end()
+        r1 = redis_calls(args.host, args.redis_port)
         t1 = time.monotonic()
         run.publishing = False
         for publisher in run.publishers:
@@ -725,7 +728,13 @@ async def measure(run: Run, sampler: ProcSampler) -> dict[str, Any]:
         for task in tasks:
             task.cancel()
     span = t1 - t0
+    commands = {}
+    if r0 is not None and r1 is not None:
+        delta = {name: r1[name] - r0.get(name, 0) for name in r1}
+        delta["info"] -= 1  # the reading itself
+        commands = {"redis_commands": {name: n for name, n in delta.items() if n}}
     return {
+        **commands,
         "measured_s": round(span, 3),
         "deliveries": d1 - d0,
         "deliveries_per_s": round((d1 - d0) / span, 1),
@@ -733,6 +742,28 @@ async def measure(run: Run, sampler: ProcSampler) -> dict[str, Any]:
         "published_per_s": round((p1 - p0) / span, 1),
         "drain_s": round(drained, 3),
     }
+
+
+def redis_calls(host: str, port: int) -> dict[str, int] | None:
+    """Per command, how many times a Redis on *port* ran it so far (``INFO commandstats``,
+    commands inside scripts included; this INFO too), or None without ``--redis-port``."""
+    if not port:
+        return None
+    with socket.create_connection((host, port), timeout=5) as sock:
+        sock.sendall(b"INFO commandstats\r\n")
+        data = b""
+        while True:
+            data += sock.recv(65536)
+            header, _, body = data.partition(b"\r\n")
+            if header.startswith(b"$") and len(body) >= int(header[1:]):
+                break
+    calls: dict[str, int] = {}
+    for line in body.decode().split("\r\n"):  # cmdstat_get:calls=2,usec=...,...
+        name, _, fields = line.partition(":")
+        for field in fields.split(","):
+            if name.startswith("cmdstat_") and field.startswith("calls="):
+                calls[name[8:]] = int(field[6:])
+    return calls
 
 
 def summarize(run: Run, window: dict[str, Any], connect_s: float, conns: int) -> dict[str, Any]:
@@ -790,6 +821,8 @@ def plan_tcp(run: Run, stuck: bool) -> tuple[list[Member], list[Member]]:
                 member: Member = Probe(run, room, name)
             else:
                 member = Member(run, room, name, counts=i != stuck_at)
+            if args.tcp_ports:  # members (publishers too) spread over several nodes
+                member.port = args.tcp_ports[i % len(args.tcp_ports)]
             if i == stuck_at:
                 stuck_members.append(member)
             if i < args.publishers:
@@ -1112,6 +1145,19 @@ def add_options(parser: argparse.ArgumentParser, defaults: dict[str, int]) -> No
     parser.add_argument("--connect-concurrency", type=int, default=256)
     parser.add_argument(
         "--stuck-rcvbuf", type=int, default=4096, help="SO_RCVBUF of stuck members (0 = OS default)"
+    )
+    parser.add_argument(
+        "--tcp-ports",
+        type=lambda text: [int(port) for port in text.split(",") if port],
+        default=[],
+        help="TCP scenarios: member i of each room connects to port i %% len (several nodes "
+        "sharing rooms through Redis); default --tcp-port for all",
+    )
+    parser.add_argument(
+        "--redis-port",
+        type=int,
+        default=0,
+        help="count the commands this Redis (on --host) runs in the measured window",
     )
     parser.add_argument("--pids", default="", help="comma-separated server PIDs to sample")
     parser.add_argument("--tag", default="", help="room name tag (default random)")

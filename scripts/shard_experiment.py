@@ -1527,14 +1527,18 @@ def seconds(text: str) -> float:
     return value
 
 
+#: The scenario of several nodes on one Redis (scripts/nodes_experiment.py), run on its own.
+NODES = "nodes"
+
+
 def parse_scenarios(text: str) -> List[str]:
     """'fanout,stuck' -> ['fanout', 'stuck'] (argparse type)."""
     names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [n for n in names if n not in SCENARIOS]
+    unknown = [n for n in names if n not in SCENARIOS and n != NODES]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
             f"unknown scenario(s) {', '.join(unknown) or '(none)'}; "
-            f"choose from {', '.join(SCENARIOS)}"
+            f"choose from {', '.join([*SCENARIOS, NODES])}"
         )
     return names
 
@@ -1896,6 +1900,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the experiment and write its results; see the module docstring for exit codes."""
     args = parse_args(argv)
     timing, counts, fixed, out = resolve(args)
+    if NODES in args.scenarios:  # a Redis and one or two nodes per run: its own table
+        if str(ROOT) not in sys.path:  # (run as a script: the checkout, not an install)
+            sys.path.insert(0, str(ROOT))
+        from scripts.nodes_experiment import run_nodes, table
+
+        rows = run_nodes(out, timing, args.repeats or (1 if args.quick else 3), fixed)
+        print("\n".join(table(rows)), flush=True)
+        args.scenarios = [name for name in args.scenarios if name != NODES]
+        if not args.scenarios:
+            return 0 if all(row["status"] == "ok" for row in rows) else 1
     router_counts, router_shards = resolve_routers(args)
     out.mkdir(parents=True, exist_ok=True)
     runs = plan_runs(

@@ -5,6 +5,7 @@ poll's cursors are the same from every node; a node killed with -9 has its membe
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,10 +13,12 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Iterator, List
 
 import pytest
 
+from scripts.nodes_experiment import CONFIGS
 from tests.cluster import START_CLUSTER, Cluster, LineClient
 from tests.integration.test_http_api import Api
 from tests.redis_server import RedisServer, need_redis, redis_server
@@ -296,3 +299,21 @@ def test_a_node_with_a_router_tier_shares_rooms_too(redis: RedisServer) -> None:
         assert len(orders) == 1  # one order on every connection of both nodes: seq order
         here[1].send("NAMES lobby")
         here[1].read_until(lambda line: line == "NAMES lobby u0 u1 u2 u3 u4")
+
+
+def test_the_nodes_experiment_runs(tmp_path: Path) -> None:
+    need_redis()
+    done = subprocess.run(
+        [sys.executable, str(START_CLUSTER.parent / "shard_experiment.py"), "--scenarios",
+         "nodes", "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((Path(tmp_path) / "nodes.json").read_text())
+    assert [row["config"] for row in rows] == list(CONFIGS)
+    for row in rows:
+        assert row["status"] == "ok" and row["deliveries_per_s"] > 0
+    for row in rows[:3]:
+        assert row["lost"] == 0
+    assert 0 < rows[1]["redis_sent_per_message"] < 1.5  # one EVALSHA a message, and joins
+    assert "| 2 nodes, Redis |" in (Path(tmp_path) / "nodes.md").read_text()
