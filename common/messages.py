@@ -135,10 +135,12 @@ STORAGE = 106
 #: ``PRIVMSG <room> <sender> <to> <text>`` line.
 PRIVATE = 107
 
-#: ``(NOTICE, 0, room, code)``: something the room's members are to be told, from a shard
-#: whose rooms are shared through Redis (``--redis``): ``shared_lost`` (Redis is
-#: unreachable: the room's commands are refused until it is back), ``shared_back``, and
-#: ``missed`` (entries of the room were lost between Redis and this node). Completes nothing.
+#: ``(NOTICE, 0, room, code, epoch)``: something the room's members are to be told, from a
+#: shard whose rooms are shared through Redis (``--redis``): ``shared_lost`` (Redis is
+#: unreachable: the room's commands are refused until it is back), ``shared_back``,
+#: ``missed`` (entries of the room were lost between Redis and this node), and
+#: ``restarted`` (Redis lost the room: its history starts anew under *epoch*, as after an
+#: in-memory shard's restart). Completes nothing.
 NOTICE = 108
 
 EVENTS = frozenset({JOINED, CHAT, LEFT, DONE, FAIL, STORAGE, PRIVATE, NOTICE})
@@ -226,8 +228,8 @@ def storage(room: str, problem: Optional[str], lost: bool = False) -> Event:
     return (STORAGE, 0, room, problem, lost)
 
 
-def notice(room: str, code: str) -> Event:
-    return (NOTICE, 0, room, code)
+def notice(room: str, code: str, epoch: int = 0) -> Event:
+    return (NOTICE, 0, room, code, epoch)
 
 
 def command_room(command: Command) -> str:

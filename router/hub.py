@@ -619,7 +619,7 @@ class Hub:
                 elif op == m.PRIVATE:  # from another router's client to one of ours
                     self._deliver_private_to(event[3], event)
                 elif op == m.NOTICE:  # rooms shared through Redis (--redis)
-                    self._on_notice(event[2], event[3])
+                    self._on_notice(event[2], event[3], event[4])
                 else:
                     self._on_storage(event[2], event[3], event[4])
                 continue
@@ -651,8 +651,16 @@ class Hub:
         for client in list(self.members.get(room, {}).values()):
             self._tell(client.on_room_notice, room, text.format(room=room))
 
-    def _on_notice(self, room: str, code: str) -> None:
-        """Tell *room*'s members what its shard says about the shared store."""
+    def _on_notice(self, room: str, code: str, epoch: int) -> None:
+        """Tell *room*'s members what its shard says about the shared store. ``restarted``:
+        Redis lost the room, whose history goes on under *epoch* (as a restarted in-memory
+        shard's: ``INFO room R restarted, history lost``, polls say ``missed``)."""
+        if code == "restarted":
+            if room in self.members:
+                self.epochs[room] = epoch
+            for client in list(self.members.get(room, {}).values()):
+                self._tell(client.on_room_restarted, room)
+            return
         text = ROOM_NOTICES.get(code)
         if text is None:
             log.warning("room %s: unknown notice %r from a shard", room, code)

@@ -69,6 +69,7 @@ REMOTE_CID = -1
 SHARED_LOST = "shared_lost"
 SHARED_BACK = "shared_back"
 MISSED = "missed"
+RESTARTED = "restarted"
 
 #: Takes the events ready to go: ``(event, source router or -1, routers it is for)``.
 Send = Callable[[List[Tuple[m.Event, int, Tuple[int, ...]]]], None]
@@ -674,7 +675,7 @@ class RedisShard:
 
     def _new_epoch(self, room: _Room, epoch: int, seq: int) -> None:
         """The room's history started over in Redis (it lost the room's keys)."""
-        self._notice(room.name, MISSED)
+        self._out.append(_Item(m.notice(room.name, RESTARTED, epoch)))
         room.epoch = epoch
         room.expected = seq
         room.early = {s: e for s, e in room.early.items() if e[0] == epoch and s >= seq}

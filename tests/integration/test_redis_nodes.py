@@ -149,6 +149,10 @@ def test_redis_down_and_back(redis: RedisServer) -> None:
         ann.join("lobby", "ann")
         bob.join("lobby", "bob")
         ann.expect("INFO bob joined lobby")
+        web = Api(a)
+        joined = web.join("lobby", "webby")
+        ann.expect("INFO webby joined lobby")
+        bob.expect("INFO webby joined lobby")
         ann.send("MSG lobby before")
         ann.expect("MSG lobby ann before")
         bob.expect("MSG lobby ann before")
@@ -159,10 +163,16 @@ def test_redis_down_and_back(redis: RedisServer) -> None:
         ann.send("MSG lobby while down")
         ann.expect("ERROR room unavailable", timeout=10)
         redis.start(port)  # an empty Redis: the rooms' history is gone, members put back
-        ann.read_until(lambda line: line == "INFO room lobby available again", timeout=20)
-        bob.read_until(lambda line: line == "INFO room lobby available again", timeout=20)
+        for client in (ann, bob):
+            told = client.read_until(lambda line: line == "INFO room lobby available again",
+                                     timeout=20)  # fmt: skip
+            assert "INFO room lobby restarted, history lost" in told  # (a new epoch)
+        assert history(bob, "lobby") == []
+        cursor = f"room=lobby&after={joined['id'] + 1}&epoch={joined['epoch']}"
+        assert web.poll(cursor)["missed"] is True  # the browser is told too
+        web.close()
         ann.send("NAMES lobby")
-        ann.expect("NAMES lobby ann bob")
+        ann.expect("NAMES lobby ann bob webby")  # put back, browser session included
         ann.send("MSG lobby after")
         lines = ann.read_until(lambda line: line == "MSG lobby ann after", timeout=10)
         assert lines[-1] == "MSG lobby ann after"
