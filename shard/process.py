@@ -80,8 +80,7 @@ def run_shard(
     if redis is not None:  # its rooms are shared through Redis (shard/redis_node.py)
         from shard.redis_node import serve
 
-        serve([(commands, events)], None, index, shard_count, redis.url, redis.node,
-              redis.presence_seconds, parent_pid)  # fmt: skip
+        serve([(commands, events)], None, index, shard_count, redis, parent_pid)
         return
     core = ShardCore(store=open_store(data_dir, index, shard_count)) if data_dir else ShardCore()
     try:
@@ -116,8 +115,7 @@ def run_tier_shard(
     if redis is not None:
         from shard.redis_node import serve
 
-        serve(links, control, index, shard_count, redis.url, redis.node,
-              redis.presence_seconds)  # fmt: skip
+        serve(links, control, index, shard_count, redis)
         control.close()
         return
     core = ShardCore(store=open_store(data_dir, index, shard_count)) if data_dir else ShardCore()

@@ -946,16 +946,15 @@ def serve(
     control: Any,
     index: int,
     count: int,
-    url: str,
-    node: str,
-    presence_seconds: float,
+    spec: Any,
     parent_pid: Optional[int] = None,
 ) -> None:
-    """Run shard *index* of *count* of node *node* on Redis *url* until its routers go:
-    ``links[r]`` is router *r*'s (commands, events) pipe pair; *control* the supervisor's
-    pipe of a router tier (None for one router: then the shard ends with its router's pipe,
-    or when *parent_pid* is no longer its parent)."""
-    asyncio.run(_serve(links, control, index, count, url, node, presence_seconds, parent_pid))
+    """Run shard *index* of *count* of the node *spec* names (a
+    :class:`common.redis_spec.RedisSpec`) until its routers go: ``links[r]`` is router
+    *r*'s (commands, events) pipe pair; *control* the supervisor's pipe of a router tier
+    (None for one router: then the shard ends with its router's pipe, or when *parent_pid*
+    is no longer its parent)."""
+    asyncio.run(_serve(links, control, index, count, spec, parent_pid))
 
 
 async def _serve(
@@ -963,11 +962,10 @@ async def _serve(
     control: Any,
     index: int,
     count: int,
-    url: str,
-    node: str,
-    presence_seconds: float,
+    spec: Any,
     parent_pid: Optional[int],
 ) -> None:
+    url, node, presence_seconds = spec.url, spec.node, spec.presence_seconds
     import os
     import pickle
     import threading

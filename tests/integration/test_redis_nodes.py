@@ -41,12 +41,18 @@ def history(client: LineClient, room: str) -> List[str]:
     return [line.split(" ", 4)[4] for line in lines if line.startswith("HISTORY ")]
 
 
+def ann_and_bob(a: Cluster, b: Cluster) -> tuple[LineClient, LineClient]:
+    """ann on node *a* and bob on node *b*, both in lobby (ann has heard bob join)."""
+    ann, bob = a.connect(), b.connect()
+    ann.join("lobby", "ann")
+    bob.join("lobby", "bob")
+    ann.expect("INFO bob joined lobby")
+    return ann, bob
+
+
 def test_two_nodes_share_a_room_both_ways(redis: RedisServer) -> None:
     with node(redis) as a, node(redis) as b:
-        ann, bob = a.connect(), b.connect()
-        ann.join("lobby", "ann")
-        bob.join("lobby", "bob")
-        ann.expect("INFO bob joined lobby")
+        ann, bob = ann_and_bob(a, b)
         ann.send("MSG lobby hello from a")
         ann.expect("MSG lobby ann hello from a")
         bob.expect("MSG lobby ann hello from a")
@@ -111,11 +117,7 @@ def test_history_and_cursors_are_the_same_from_every_node(redis: RedisServer) ->
 
 def test_a_killed_node_s_members_are_heard_leaving(redis: RedisServer) -> None:
     with node(redis, "--redis-presence", "3") as a, node(redis, "--redis-presence", "3") as b:
-        ann = a.connect()
-        ann.join("lobby", "ann")
-        bob = b.connect()
-        bob.join("lobby", "bob")
-        ann.expect("INFO bob joined lobby")
+        ann, _ = ann_and_bob(a, b)
         _kill_all(b)
         started = time.monotonic()
         ann.expect("INFO bob left lobby", timeout=15)
@@ -145,10 +147,7 @@ def _children(pid: int) -> List[int]:
 
 def test_redis_down_and_back(redis: RedisServer) -> None:
     with node(redis) as a, node(redis) as b:
-        ann, bob = a.connect(), b.connect()
-        ann.join("lobby", "ann")
-        bob.join("lobby", "bob")
-        ann.expect("INFO bob joined lobby")
+        ann, bob = ann_and_bob(a, b)
         web = Api(a)
         joined = web.join("lobby", "webby")
         ann.expect("INFO webby joined lobby")
@@ -216,10 +215,7 @@ def test_a_lost_pubsub_message_is_read_back_from_the_stream(redis: RedisServer) 
     from shard.redis_rooms import room_keys
 
     with node(redis, shards=1) as a, node(redis, shards=1) as b:
-        ann, bob = a.connect(), b.connect()
-        ann.join("lobby", "ann")
-        bob.join("lobby", "bob")
-        ann.expect("INFO bob joined lobby")
+        ann, bob = ann_and_bob(a, b)
         direct = redis_py.Redis.from_url(redis.url)
         keys = room_keys("lobby")
         direct.eval(UNPUBLISHED, 2, keys[0], keys[1], str(time.time()), "lost on the way")
@@ -241,10 +237,7 @@ def test_a_node_cut_off_its_subscription_catches_up_from_the_stream(redis: Redis
     import redis as redis_py
 
     with node(redis, shards=1) as a, node(redis, shards=1) as b:
-        ann, bob = a.connect(), b.connect()
-        ann.join("lobby", "ann")
-        bob.join("lobby", "bob")
-        ann.expect("INFO bob joined lobby")
+        ann, bob = ann_and_bob(a, b)
         direct = redis_py.Redis.from_url(redis.url)
         cut = f"shardchat-{node_name(b)}-sh0-sub"
         killed = [c for c in direct.client_list(_type="pubsub") if c["name"] == cut]
