@@ -42,7 +42,7 @@ from tests.redis_server import RedisServer  # noqa: E402 (the same server the te
 #: Commands only shard/redis_rooms.py's scripts run (never a node directly, in this load).
 SCRIPT_INSIDE = frozenset(
     {"hincrby", "hget", "xadd", "publish", "hsetnx", "del", "hset", "hexists", "zadd",
-     "zrangebyscore", "hdel", "zrem", "hlen", "exists"}
+     "zrangebyscore", "hdel", "zrem", "hlen", "exists", "time"}
 )  # fmt: skip
 CONFIGS = ("1 node, memory", "1 node, Redis", "2 nodes, Redis", "pub/sub alone")
 SIZE = (10, 20, 2)  # rooms, members a room, publishers a room

@@ -54,6 +54,7 @@ from shard.redis_rooms import (
     channel_of,
     entry_of,
     gap_lost,
+    last_seq_of,
     names_of,
     outcome_of,
     room_keys,
@@ -61,6 +62,9 @@ from shard.redis_rooms import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Seconds between checks for an orphaned shard or a router that takes no events.
+STALL_CHECK_SECONDS = 0.5
 
 #: The cid of a member on another node in the events this shard sends (no router has it).
 REMOTE_CID = -1
@@ -157,6 +161,9 @@ class RedisShard:
         self._inbox: List[Any] = []  # channel messages that came while a job ran
         self._busy = False
         self._filling: Set[str] = set()
+        #: (room, cid) this node let go of while Redis could not be told: left there when
+        #: it is back (a JOIN refused while its script may have run; a DROP while down).
+        self._cleanup: Set[Tuple[str, int]] = set()
         self.down = False
         self._stopping = False
         self._tasks: List[asyncio.Task] = []
@@ -238,8 +245,6 @@ class RedisShard:
                     self._lost(error)
                 else:
                     log.exception("redis shard: a %s job failed", job[0])
-                    if job[0] == "batch":
-                        self._refuse_all(job[1], job[2])
             finally:
                 self._busy = False
                 inbox, self._inbox = self._inbox, []
@@ -266,6 +271,8 @@ class RedisShard:
                 await self._batch(drops, [-1] * len(drops))
         elif kind == "reconnect":
             await self._reconnect()
+        elif kind == "cleanup":
+            await self._clean_up()
         elif kind == "publish":  # a direct message to a member on another node
             await self.rooms.client.publish(channel_of(job[1]), job[2])
 
@@ -290,31 +297,55 @@ class RedisShard:
     # --- a batch ---------------------------------------------------------------------
 
     async def _batch(self, batch: List[m.Command], sources: List[int]) -> None:
+        """Apply *batch*: every command gets exactly one completion, in order, whatever
+        happens (Redis lost midway, a bug): what could not be done is refused."""
         if self.down:
-            self._refuse_all(batch, sources)
+            self._refuse_all(batch, sources, maybe_applied=False)
             return
         now = self._monotonic()
         new = sorted({c[m.ROOM] for c in batch if c[0] in (m.JOIN, m.REJOIN)} - set(self.local))
         for room in new:
             self.local[room] = _Room(room)
-        if new:
-            await self._subscribe(new)
-        plan, answers = await self._execute(batch, sources, now)
+        try:
+            if new:
+                await self._subscribe(new)
+            plan, answers = await self._execute(batch, sources, now)
+        except Exception as error:  # noqa: BLE001 (nothing of the batch is completed yet)
+            self._refuse_all(batch, sources, maybe_applied=True)
+            self._forget_rooms_without_members(new)
+            if not _is_connection_error(error):
+                log.error("redis: a batch failed: %r", error)
+                self._put(("cleanup",))  # (Redis is there: undo what may have been done)
+            raise
         counts: Dict[str, int] = {}
         position = 0
         for step in plan:
             taken = step[-1]
-            self._complete(step, answers[position : position + taken], counts)
+            queued = len(self._out)
+            try:
+                self._complete(step, answers[position : position + taken], counts)
+            except Exception:  # a bug: logged, and the command still gets its one outcome
+                log.exception("redis: completing a %s failed", step[0])
+                if len(self._out) == queued:
+                    self._ready(m.fail(step[1][1], errors.ROOM_UNAVAILABLE), step[2])
             position += taken
         for room in new:
             found = self.local.get(room)
             if found is not None and not found.members and not found.pending:
                 await self._unsubscribe(room)
-        if counts:
+        if counts:  # (best effort: ROOMS' listing; the completions are queued already)
             pipe = self.rooms.client.pipeline(transaction=False)
             for room, members in counts.items():
                 self.rooms.queue_count(pipe, room, members)
-            await pipe.execute()
+            await pipe.execute(raise_on_error=False)
+
+    def _forget_rooms_without_members(self, names: Sequence[str]) -> None:
+        for name in names:
+            room = self.local.get(name)
+            if room is not None and not room.members and not room.pending:
+                del self.local[name]
+                self._confirmed.pop(name, None)
+                self._channels.pop(channel_of(name).encode(), None)
 
     async def _execute(
         self, batch: List[m.Command], sources: List[int], now: float
@@ -352,8 +383,7 @@ class RedisShard:
             room, username = command[4], command[5]
             joined.setdefault(cid, set()).add(room)
             rooms.queue_join(pipe, room, cid, username, name_keys(username), quiet=op == m.REJOIN)
-            rooms.queue_state(pipe, room)
-            return ("join", command, source, 2)
+            return ("join", command, source, 1)
         if op == m.LEAVE:
             rooms.queue_leave(pipe, command[4], cid)
             return ("leave", command, source, 1)
@@ -412,7 +442,7 @@ class RedisShard:
     def _done_join(self, step: Tuple[Any, ...], answers: List[Any], counts: Dict) -> None:
         _, command, source, _ = step
         outcome, epoch, seq, members = outcome_of(answers[0])
-        _, last = state_of(answers[1])
+        last = last_seq_of(answers[0])
         op, req, _, cid, name, username = command
         room = self.local.get(name)
         if room is None:  # (a JOIN subscribes first)
@@ -437,8 +467,8 @@ class RedisShard:
         def make(entry: m.Entry) -> m.Event:
             return m.joined(req, name, cid, entry, epoch)
 
-        def undo() -> None:  # the client is told it did not join: nor is it a member here
-            self._forget_member(name, cid)
+        def undo() -> None:  # the client is told it did not join: nor is it a member
+            self._let_go(name, cid)
 
         self._wait_for(name, seq, _Item(None, source, (), make,
                                         m.fail(req, errors.ROOM_UNAVAILABLE), undo))  # fmt: skip
@@ -556,9 +586,16 @@ class RedisShard:
         if room is None or room.expected is None or seq < room.expected:
             # (Delivered already: cannot be, a batch holds the channel's messages back.)
             log.error("room %s: entry %d came before its completion", name, seq)
-            item.event = item.fallback
+            self._fall_back(item)
             return
         room.pending[seq] = (item, self._monotonic())
+
+    def _fall_back(self, item: _Item) -> None:
+        """*item*'s entry will not come: it goes out as its fallback (and what the
+        fallback means for membership is done)."""
+        item.event = item.fallback
+        if item.on_fallback is not None:
+            item.on_fallback()
 
     def _flush(self) -> None:
         out = self._out
@@ -644,12 +681,26 @@ class RedisShard:
             if future is not None and not future.done():
                 future.set_result(None)
         elif kind == "message":
-            data = json.loads(message["data"])
+            try:
+                data = json.loads(message["data"])
+                if isinstance(data, dict):
+                    fields = data["p"]
+                    private = (str(fields[0]), str(fields[1]), str(fields[2]), int(fields[3]),
+                               str(fields[4]))  # fmt: skip
+                else:
+                    epoch, seq, ts, entry_kind, username, text, _ = data
+                    entry = (int(seq), float(ts), str(entry_kind), str(username), str(text))
+                    epoch = int(epoch)
+            except (ValueError, TypeError, KeyError, IndexError):
+                # Not one of ours (another program, another version): the entry, if it is
+                # one, is read from the Stream when the next one shows the gap.
+                log.warning("room %s: a message on its channel is not an entry: %.80r", room,
+                            message.get("data"))  # fmt: skip
+                return
             if isinstance(data, dict):
-                self._on_private(room, data["p"])
+                self._on_private(room, private)
             else:
-                epoch, seq, ts, entry_kind, username, text, _ = data
-                self._on_entry(room, int(epoch), (int(seq), float(ts), entry_kind, username, text))
+                self._on_entry(room, epoch, entry)
 
     def _on_entry(self, name: str, epoch: int, entry: m.Entry) -> None:
         room = self.local.get(name)
@@ -657,7 +708,8 @@ class RedisShard:
             return
         seq = entry[0]
         if room.expected is None:
-            room.early[seq] = (epoch, entry)
+            if len(room.early) < HISTORY_SIZE:  # (what does not fit is read back later)
+                room.early[seq] = (epoch, entry)
             return
         if epoch != room.epoch:
             if room.epoch is not None and epoch < room.epoch:
@@ -666,7 +718,8 @@ class RedisShard:
         if seq < room.expected:
             return  # read back from the Stream already
         if seq > room.expected:
-            room.early[seq] = (epoch, entry)
+            if len(room.early) < HISTORY_SIZE:
+                room.early[seq] = (epoch, entry)
             self.gaps += 1
             self._want_fill(name, seq - 1)
             return
@@ -674,7 +727,11 @@ class RedisShard:
         self._deliver_early(room)
 
     def _new_epoch(self, room: _Room, epoch: int, seq: int) -> None:
-        """The room's history started over in Redis (it lost the room's keys)."""
+        """The room's history started over in Redis (it lost the room's keys): what waited
+        for entries of the old history will not get them (the new one reuses its seqs)."""
+        for item, _ in room.pending.values():
+            self._fall_back(item)
+        room.pending.clear()
         self._out.append(_Item(m.notice(room.name, RESTARTED, epoch)))
         room.epoch = epoch
         room.expected = seq
@@ -695,12 +752,19 @@ class RedisShard:
             elif kind == m.KIND_JOIN:
                 event = m.joined(0, name, REMOTE_CID, entry, epoch)
             else:
-                event = m.left(0, name, REMOTE_CID, entry)
+                gone = next((c for c, user in room.members.items() if user == entry[3]), None)
+                if gone is not None:  # ours, expired by another node (we were cut off)
+                    self._forget_member(name, gone)
+                    event = m.left(0, name, gone, entry)
+                else:
+                    event = m.left(0, name, REMOTE_CID, entry)
+            extra = (event[3] % self.routers,) if event[0] == m.LEFT and event[3] >= 0 else ()
+            item = _Item(event, -1, extra)
             later = [s for s in room.pending if s > seq]
             if later:  # a local completion of a newer entry is queued: this goes before it
-                self._out.insert(self._out.index(room.pending[min(later)][0]), _Item(event))
+                self._out.insert(self._out.index(room.pending[min(later)][0]), item)
             else:
-                self._out.append(_Item(event))
+                self._out.append(item)
         if not room.members and not room.pending:
             self._put(("unsubscribe", room.name))
 
@@ -753,8 +817,8 @@ class RedisShard:
                 self._deliver(room, epoch, entry)
         self._deliver_early(room)
         for gone in [s for s in room.pending if s < room.expected]:
-            item, _ = room.pending.pop(gone)  # (trimmed before it was read: cannot be)
-            item.event = item.fallback
+            item, _ = room.pending.pop(gone)  # (trimmed before it could be read)
+            self._fall_back(item)
 
     def _notice(self, room: str, code: str) -> None:
         self._out.append(_Item(m.notice(room, code)))
@@ -788,11 +852,9 @@ class RedisShard:
         self.down = True
         assert self._listening is not None
         self._listening.clear()
-        for room in self.local.values():
-            for item, _ in room.pending.values():  # their entries will not come now
-                item.event = item.fallback
-                if item.on_fallback is not None:
-                    item.on_fallback()
+        for room in list(self.local.values()):
+            for item, _ in list(room.pending.values()):  # their entries will not come now
+                self._fall_back(item)
             room.pending.clear()
             room.early.clear()
         for name in list(self.local):
@@ -801,16 +863,41 @@ class RedisShard:
         self._backoff = 0.0
         self._put(("reconnect",))
 
-    def _refuse_all(self, batch: List[m.Command], sources: List[int]) -> None:
+    def _refuse_all(self, batch: List[m.Command], sources: List[int], maybe_applied: bool) -> None:
+        """Complete *batch* without Redis (it is lost, or failed in the middle of the batch:
+        *maybe_applied*, then Redis may have run some of it). Every command gets its one
+        outcome; members this node lets go of are left in Redis too once it is back (a
+        ``cleanup``), and a REJOIN is put back here (and into Redis when it is back)."""
         for command, source in zip(batch, sources):
             op, req, cid = command[0], command[1], command[3]
             if op == m.DROP:
                 for name in sorted(self._client_rooms.get(cid, ())):
-                    self._forget_member(name, cid)
+                    self._let_go(name, cid)
                     self._ready(m.left(0, name, cid, None), -1, (cid % self.routers,))  # type: ignore[arg-type]
                 self._ready(m.done(req, None), source)
+            elif op == m.LEAVE:
+                name = command[4]
+                room = self.local.get(name)
+                if room is not None and cid in room.members:
+                    self._let_go(name, cid)
+                    self._ready(m.left(req, name, cid, None), source, (cid % self.routers,))  # type: ignore[arg-type]
+                else:
+                    self._ready(m.fail(req, errors.NOT_IN_ROOM), source)
+            elif op == m.REJOIN:  # (DONE or name_taken only: it is a member here again)
+                name, username = command[4], command[5]
+                room = self.local.setdefault(name, _Room(name))
+                room.members[cid] = username
+                self._client_rooms.setdefault(cid, set()).add(name)
+                self._ready(m.done(req, room.epoch or 0), source)
             else:
+                if op == m.JOIN and maybe_applied:  # its script may have run
+                    self._cleanup.add((command[4], cid))
                 self._ready(m.fail(req, errors.ROOM_UNAVAILABLE), source)
+
+    def _let_go(self, name: str, cid: int) -> None:
+        """*cid* is no member of *name* here any more; Redis is told when it can be."""
+        self._forget_member(name, cid)
+        self._cleanup.add((name, cid))
 
     async def _reconnect(self) -> None:
         """Try once to be back; on failure try again later (backoff)."""
@@ -823,10 +910,12 @@ class RedisShard:
             await _close_quietly(old)
             self._channels.clear()
             self._confirmed.clear()
+            self._forget_rooms_without_members(list(self.local))
             names = list(self.local)
             self.down = False
             if names:
                 await self._subscribe(names)
+            await self._clean_up()
             await self._put_members_back()
             for name in names:
                 room = self.local.get(name)
@@ -843,6 +932,21 @@ class RedisShard:
         for name in list(self.local):
             self._notice(name, SHARED_BACK)
 
+    async def _clean_up(self) -> None:
+        """Leave, in Redis, the members this node let go of while it could not tell it
+        (their rooms hear them leave, if they were still there)."""
+        if not self._cleanup:
+            return
+        pending, self._cleanup = sorted(self._cleanup), set()
+        pipe = self.rooms.client.pipeline(transaction=False)
+        for name, cid in pending:
+            self.rooms.queue_leave(pipe, name, cid)
+        try:
+            await pipe.execute(raise_on_error=False)
+        except Exception:
+            self._cleanup.update(pending)  # (tried again when Redis is back)
+            raise
+
     async def _put_members_back(self) -> None:
         """Every member here present again (Redis may have restarted, or expired them)."""
         pipe = self.rooms.client.pipeline(transaction=False)
@@ -854,6 +958,9 @@ class RedisShard:
         if not back:
             return
         for (name, cid), answer in zip(back, await pipe.execute()):
+            room = self.local[name]
+            if room.expected is None:  # (put back while Redis was away: deliver from now)
+                room.epoch, room.expected = outcome_of(answer)[1], last_seq_of(answer) + 1
             if outcome_of(answer)[0] == "taken":  # someone else took the name meanwhile
                 log.warning("room %s: a member's name was taken while Redis was away", name)
                 self._forget_member(name, cid)
@@ -1073,10 +1180,13 @@ async def _serve(
     try:
         while not done.is_set():
             try:
-                await asyncio.wait_for(done.wait(), 1.0)
+                await asyncio.wait_for(done.wait(), STALL_CHECK_SECONDS)
             except asyncio.TimeoutError:
                 if parent_pid is not None and os.getppid() != parent_pid:
                     break  # orphaned: the router died and we were re-parented
+                for sender in senders:  # a router that takes nothing is stalled (tier)
+                    if sender is not None:
+                        sender.check()
     finally:
         await shard.stop()
         for sender in senders:

@@ -44,9 +44,14 @@ ROOMS_KEY = "sc:rooms"
 
 Clock = Callable[[], float]
 
-# ARGV of every script: maxlen room now_ms ts fresh_epoch, then its own.
+# ARGV of every script: maxlen room (unused) ts (unused), then its own. Times that nodes
+# compare (presence expiry, a new room's epoch) are Redis's own clock, so that the nodes'
+# clocks never need to agree.
 _LIB = """
-local maxlen, room, now, ts, fresh = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local maxlen, room, ts = ARGV[1], ARGV[2], ARGV[4]
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local fresh = now
 local meta, log, who, names, alive, ch = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 
 local function record(kind, user, text, node)
@@ -87,20 +92,22 @@ local function expire()
 end
 """
 
-# ARGV 6..: id username expiry_ms node quiet key1 [key2 ...]   (quiet: no entry, a REJOIN)
+# ARGV 6..: id username presence_ms node quiet key1 [key2 ...]   (quiet: no entry: a REJOIN)
 _JOIN = (
     _LIB
     + """
-local id, user, expiry, node, quiet = ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local id, user, node, quiet = ARGV[6], ARGV[7], ARGV[9], ARGV[10]
+local expiry = now + tonumber(ARGV[8])
 local epoch = open()
 expire()
+local function now_seq() return tonumber(redis.call('HGET', meta, 'seq')) end
 if redis.call('HEXISTS', who, id) == 1 then
   redis.call('ZADD', alive, expiry, id)
-  return {'member', epoch, 0, redis.call('HLEN', who)}
+  return {'member', epoch, 0, redis.call('HLEN', who), now_seq()}
 end
 for i = 11, #ARGV do
   if redis.call('HEXISTS', names, ARGV[i]) == 1 then
-    return {'taken', epoch, 0, redis.call('HLEN', who)}
+    return {'taken', epoch, 0, redis.call('HLEN', who), now_seq()}
   end
 end
 local info = {user}
@@ -112,7 +119,7 @@ redis.call('HSET', who, id, cjson.encode(info))
 redis.call('ZADD', alive, expiry, id)
 local seq = 0
 if quiet == '0' then seq = record('join', user, user .. ' joined ' .. room, node) end
-return {'joined', epoch, seq, redis.call('HLEN', who)}
+return {'joined', epoch, seq, redis.call('HLEN', who), now_seq()}
 """
 )
 
@@ -145,7 +152,17 @@ return {expire(), redis.call('HLEN', who)}
 """
 )
 
-SCRIPTS = {"join": _JOIN, "leave": _LEAVE, "say": _SAY, "expire": _EXPIRE}
+# KEYS: alive.  ARGV: presence_ms id [id ...]: move their expiry on (ZADD XX: a member
+# expired already is not brought back).
+_REFRESH = """
+local clock = redis.call('TIME')
+local expiry = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  + tonumber(ARGV[1])
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i]) end
+return #ARGV - 1
+"""
+
+SCRIPTS = {"join": _JOIN, "leave": _LEAVE, "say": _SAY, "expire": _EXPIRE, "refresh": _REFRESH}
 
 
 def room_tag(room: str) -> str:
@@ -182,6 +199,11 @@ def entry_of(item: Tuple[Any, Any]) -> m.Entry:
     return (int(_text(raw_id).split("-", 1)[0]), float(get["ts"]), get["k"], get["u"], get["t"])
 
 
+def last_seq_of(result: Sequence[Any]) -> int:
+    """The room's last seq as a join script's answer says (its own entry included)."""
+    return int(result[4])
+
+
 def outcome_of(result: Sequence[Any]) -> Tuple[str, int, int, int]:
     """``(outcome, epoch, seq, members)`` of a join/leave/say script's answer (seq 0: no
     entry; members -1: not counted)."""
@@ -193,8 +215,9 @@ class RedisRooms:
     """The rooms of every node, in one Redis: the calls a shard makes for its rooms.
 
     *client* is a ``redis.asyncio.Redis``; *node* names this node (member ids are
-    ``<node>:<cid>``). *clock* gives seconds since the epoch (entry times, presence
-    expiry, a new room's epoch; inject a fake one in tests). Call :meth:`load` once
+    ``<node>:<cid>``). *clock* gives seconds since the epoch for entry times (presence
+    expiry and new epochs use Redis's clock, ``TIME``, the same for every node). Call
+    :meth:`load` once
     connected (and again after ``NOSCRIPT``: a restarted Redis forgot the scripts).
     """
 
@@ -229,8 +252,8 @@ class RedisRooms:
             ms, *args,
         )  # fmt: skip
 
-    def _until(self) -> str:
-        return str(int((self._clock() + self.presence_seconds) * 1000))
+    def _presence_ms(self) -> str:
+        return str(int(self.presence_seconds * 1000))
 
     # --- queued on a pipeline: read the answers with outcome_of ------------------------
 
@@ -241,8 +264,10 @@ class RedisRooms:
         """Make *cid* a member as *username* holding name *keys*, none held on any node:
         ``joined`` (with the join entry's seq; none if *quiet*, a member put back), or
         ``taken``, or ``member`` (already in: its presence is refreshed)."""
-        self._call(pipe, "join", room, self.member_id(cid), username, self._until(), self.node,
-                   "1" if quiet else "0", *keys)  # fmt: skip
+        self._call(
+            pipe, "join", room, self.member_id(cid), username, self._presence_ms(),
+            self.node, "1" if quiet else "0", *keys,
+        )  # fmt: skip
 
     def queue_leave(self, pipe: Any, room: str, cid: int) -> None:
         """``left`` (with the leave entry's seq) or ``absent``."""
@@ -258,10 +283,10 @@ class RedisRooms:
         self._call(pipe, "expire", room)
 
     def queue_refresh(self, pipe: Any, room: str, cids: Sequence[int]) -> None:
-        """Keep this node's members *cids* of *room* present (``ZADD XX``: a member already
-        expired is not brought back)."""
-        until = int(self._until())
-        pipe.zadd(room_keys(room)[4], {self.member_id(cid): until for cid in cids}, xx=True)
+        """Keep this node's members *cids* of *room* present another ``presence_seconds``
+        of Redis's clock (a member expired already is not brought back)."""
+        ids = [self.member_id(cid) for cid in cids]
+        pipe.evalsha(self._sha["refresh"], 1, room_keys(room)[4], self._presence_ms(), *ids)
 
     def queue_count(self, pipe: Any, room: str, members: int) -> None:
         """Record *room*'s member count in the rooms listing."""

@@ -32,7 +32,10 @@ class Clock:
         return self.now
 
 
-def run(server: RedisServer, body: Callable[..., Awaitable[Any]], nodes: int = 2) -> Any:
+def run(
+    server: RedisServer, body: Callable[..., Awaitable[Any]], nodes: int = 2,
+    presence: float = PRESENCE_SECONDS,
+) -> Any:  # fmt: skip
     """Run *body(client, clock, node_a, node_b, ...)* on a flushed Redis."""
     import redis.asyncio as aioredis
 
@@ -41,7 +44,7 @@ def run(server: RedisServer, body: Callable[..., Awaitable[Any]], nodes: int = 2
         await client.flushall()
         clock = Clock()
         try:
-            rooms = [RedisRooms(client, f"n{i}", clock) for i in range(nodes)]
+            rooms = [RedisRooms(client, f"n{i}", clock, presence) for i in range(nodes)]
             for each in rooms:
                 await each.load()
             return await body(client, clock, *rooms)
@@ -134,13 +137,16 @@ def test_a_room_redis_lost_starts_a_new_epoch(server: RedisServer) -> None:
 
 
 def test_a_dead_nodes_members_expire_and_are_heard_leaving(server: RedisServer) -> None:
+    """By Redis's clock (TIME), so the nodes' clocks need not agree: presence 0.6 s here."""
+
     async def body(client: Any, clock: Clock, a: RedisRooms, b: RedisRooms) -> None:
+        clock.now -= 3600  # node clocks an hour off change nothing
         await a.join("r", 1, "ann", keys("ann"))
         await b.join("r", 2, "bob", keys("bob"))
-        clock.now += PRESENCE_SECONDS * 2 / 3
+        await asyncio.sleep(0.4)
         await b.refresh("r", [2])  # node b is alive; node a stopped refreshing
         assert await b.expire("r") == 0
-        clock.now += PRESENCE_SECONDS / 2
+        await asyncio.sleep(0.4)
         assert await b.expire("r") == 1
         assert await b.names("r") == ["bob"]
         _, history = await b.history("r")
@@ -149,13 +155,13 @@ def test_a_dead_nodes_members_expire_and_are_heard_leaving(server: RedisServer) 
         assert await b.expire("nowhere") == 0
         assert await client.exists(room_keys("nowhere")[0]) == 0
 
-    run(server, body)
+    run(server, body, presence=0.6)
 
 
 def test_a_join_removes_expired_holders_of_the_name_first(server: RedisServer) -> None:
     async def body(client: Any, clock: Clock, a: RedisRooms, b: RedisRooms) -> None:
         await a.join("r", 1, "ann", keys("ann"))
-        clock.now += PRESENCE_SECONDS + 1
+        await asyncio.sleep(0.5)
         assert (await b.join("r", 5, "Ann", keys("Ann")))[0] == "joined"
         _, history = await b.history("r")
         assert [(kind, user) for _, _, kind, user, _ in history] == [
@@ -164,7 +170,7 @@ def test_a_join_removes_expired_holders_of_the_name_first(server: RedisServer) -
             ("join", "Ann"),
         ]
 
-    run(server, body)
+    run(server, body, presence=0.4)
 
 
 @pytest.mark.parametrize("room", ["{x}", "}{", "a{b}c", "κόσμος", "#general"])

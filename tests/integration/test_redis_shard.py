@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Awaitable, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -26,7 +26,8 @@ def server() -> Iterator[RedisServer]:
 
 
 def run(server: RedisServer, body: Callable[..., Awaitable[Any]], nodes: int = 2,
-        routers: int = 1, monotonic: Callable[[], float] = time.monotonic) -> Any:  # fmt: skip
+        routers: int = 1, monotonic: Callable[[], float] = time.monotonic,
+        timeout: Optional[float] = None) -> Any:  # fmt: skip
     import redis.asyncio as aioredis
 
     async def main() -> Any:
@@ -35,7 +36,13 @@ def run(server: RedisServer, body: Callable[..., Awaitable[Any]], nodes: int = 2
         await flush.aclose()
         shards, sent, clients = [], [], []
         for i in range(nodes):
-            client, listener = aioredis.from_url(server.url), aioredis.from_url(server.url)
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+
+            client = aioredis.from_url(  # (no retries: a timeout is Redis lost, at once)
+                server.url, socket_timeout=timeout, retry=Retry(NoBackoff(), 0)
+            )
+            listener = aioredis.from_url(server.url)
             clients += [client, listener]
             out: Sent = []
             shard = RedisShard(RedisRooms(client, f"n{i}"), listener.pubsub, out.extend,
@@ -144,3 +151,150 @@ def test_a_tier_shard_sends_each_event_once_to_each_router_with_members(
         assert copies and copies[0][1] == 1  # (the send side gives router 0 a req-0 copy)
 
     run(server, body, nodes=1, routers=2)
+
+
+def completions(sent: Sent) -> List[int]:
+    return [e[1] for e, _, _ in sent if e[1]]
+
+
+async def who(server: RedisServer, room: str = "lobby") -> List[str]:
+    import redis.asyncio as aioredis
+
+    from shard.redis_rooms import names_of, room_keys
+
+    direct = aioredis.from_url(server.url)
+    try:
+        return sorted(names_of(await direct.hvals(room_keys(room)[2])))
+    finally:
+        await direct.aclose()
+
+
+async def redis_command(server: RedisServer, *args: Any) -> Any:
+    import redis.asyncio as aioredis
+
+    direct = aioredis.from_url(server.url)
+    try:
+        return await direct.execute_command(*args)
+    finally:
+        await direct.aclose()
+
+
+def test_a_batch_cut_off_by_a_stalled_redis_completes_each_command_once(
+    server: RedisServer,
+) -> None:
+    """Redis stalls past the socket timeout in the middle of a batch (it may have run part
+    of it): every command still gets one outcome, in order; once it is back nobody is a
+    member in Redis that the router was told is not one, and a retried JOIN works."""
+
+    async def body(shards: List[RedisShard], sent: List[Sent]) -> None:
+        (a,) = shards
+        a.submit([m.join(1, 0, 1, "lobby", "ann")], [0])
+        await until(lambda: completions(sent[0]) == [1], a)
+        await redis_command(server, "CLIENT", "PAUSE", "700", "ALL")  # (others than this)
+        a.submit([m.msg(2, 0, 1, "lobby", "hello"), m.join(3, 0, 2, "lobby", "bob"),
+                  m.names(4, 0, 1, "lobby"), m.rejoin(5, 0, 7, "lobby", "cy")],
+                 [0, 0, 0, 0])  # fmt: skip
+        await until(lambda: len(completions(sent[0])) >= 5, a)
+        assert completions(sent[0]) == [1, 2, 3, 4, 5]
+        outcomes = {e[1]: e for e, _, _ in sent[0] if e[1]}
+        assert outcomes[3][:3] == (m.FAIL, 3, "room_unavailable")  # bob: not joined
+        assert outcomes[5][0] == m.DONE  # a REJOIN is put back, never refused
+        assert any(e[0] == m.NOTICE and e[3] == "shared_lost" for e, _, _ in sent[0])
+        await until(lambda: not a.down, a)
+        await settle(a, wait=0.3)
+        assert "bob" not in await who(server)  # no ghost
+        assert "cy" in await who(server)  # put back once Redis was there
+        a.submit([m.join(6, 0, 2, "lobby", "bob")], [0])
+        await until(lambda: 6 in completions(sent[0]), a)
+        assert [e[0] for e, _, _ in sent[0] if e[1] == 6] == [m.JOINED]
+        assert completions(sent[0]).count(6) == 1
+
+    run(server, body, nodes=1, timeout=0.3)
+
+
+def test_a_failure_after_the_completions_does_not_complete_twice(server: RedisServer) -> None:
+    async def body(shards: List[RedisShard], sent: List[Sent]) -> None:
+        (a,) = shards
+        a.submit([m.join(1, 0, 1, "lobby", "ann")], [0])
+        await until(lambda: completions(sent[0]) == [1], a)
+        await redis_command(server, "SET", "sc:rooms", "not a sorted set")  # ROOMS' update fails
+        a.submit([m.join(2, 0, 2, "lobby", "bob"), m.names(3, 0, 1, "lobby")], [0, 0])
+        await until(lambda: len(completions(sent[0])) >= 3, a)
+        await settle(a, wait=0.3)
+        assert completions(sent[0]) == [1, 2, 3]
+        assert [e[0] for e, _, _ in sent[0] if e[1] == 2] == [m.JOINED]
+
+    run(server, body, nodes=1)
+
+
+@pytest.mark.parametrize("junk", ["hello", "[1, 2]", '{"p": 5}', "[null,1,2,3,4,5,6]", "{"])
+def test_junk_on_a_room_channel_changes_nothing(server: RedisServer, junk: str) -> None:
+    """A message on a room's channel that is not one of ours (another program, another
+    version) is ignored: the node goes on hearing the room (another node's lines come,
+    with nothing of its own waiting that would make it read the Stream)."""
+    from shard.redis_rooms import channel_of
+
+    async def body(shards: List[RedisShard], sent: List[Sent]) -> None:
+        a, b = shards
+        a.submit([m.join(1, 0, 1, "lobby", "ann")], [0])
+        await until(lambda: completions(sent[0]) == [1], a)
+        b.submit([m.join(1, 0, 1, "lobby", "bob")], [0])
+        await until(lambda: completions(sent[1]) == [1], b)
+        await redis_command(server, "PUBLISH", channel_of("lobby"), junk)
+        b.submit([m.msg(2, 0, 1, "lobby", "still here")], [0])
+        await until(lambda: bool(chats(sent[0])), a, b, timeout=5)
+        assert chats(sent[0]) == [(3, "still here")]
+        a.submit([m.names(2, 0, 1, "lobby")], [0])
+        await until(lambda: 2 in completions(sent[0]), a, timeout=5)
+
+    run(server, body, monotonic=lambda: 1000.0)  # (no gap time: only the channel tells a)
+
+
+def test_a_history_redis_lost_fails_what_waited_for_it(server: RedisServer) -> None:
+    """Redis loses the room (FLUSHALL, eviction) while a completion waits for its entry:
+    the new history reuses its seqs, so the completion is refused, never matched with
+    another member's entry."""
+
+    async def body(shards: List[RedisShard], sent: List[Sent]) -> None:
+        a, b = shards
+        a.submit([m.join(1, 0, 1, "lobby", "ann")], [0])
+        await until(lambda: completions(sent[0]) == [1], a)
+        real = a._on_message
+        a._on_message = lambda message: (  # type: ignore[method-assign]
+            None if b"mine" in message.get("data", b"") else real(message)
+        )
+        a.submit([m.msg(2, 0, 1, "lobby", "mine")], [0])
+        await settle(a)
+        await redis_command(server, "FLUSHALL")
+        b.submit([m.join(1, 0, 1, "lobby", "bob")], [0])  # seq 1 of a new history
+        await until(lambda: bool(completions(sent[1])), b)
+        b.submit([m.msg(2, 0, 1, "lobby", "bob's")], [0])
+        await until(lambda: 2 in completions(sent[0]), a, b)
+        outcome = [e for e, _, _ in sent[0] if e[1] == 2]
+        assert [e[0] for e in outcome] == [m.FAIL]  # not a CHAT made of bob's entry
+        notices = [e for e, _, _ in sent[0] if e[0] == m.NOTICE]
+        assert notices and notices[0][3] == "restarted"
+
+    run(server, body, monotonic=lambda: 1000.0)  # (no gap time passes: the echo waits)
+
+
+def test_a_member_another_node_expired_is_let_go_here_too(server: RedisServer) -> None:
+    """A node cut off longer than the presence time has its members removed by the others;
+    when it hears their leaves it lets them go too (the router is told), instead of keeping
+    members Redis no longer has."""
+
+    async def body(shards: List[RedisShard], sent: List[Sent]) -> None:
+        a, b = shards
+        for shard in shards:
+            shard.rooms.presence_seconds = 0.3
+        a.submit([m.join(1, 0, 7, "lobby", "ann")], [0])
+        await until(lambda: completions(sent[0]) == [1], a)
+        b.submit([m.join(1, 0, 1, "lobby", "bob")], [0])
+        await until(lambda: completions(sent[1]) == [1], b)
+        await asyncio.sleep(0.5)  # ann's presence ran out (node a did not refresh it)
+        b.submit([m.join(2, 0, 2, "lobby", "cy")], [0])  # the join expires her
+        await until(lambda: 7 not in getattr(a.local.get("lobby"), "members", {}), a, b)
+        left = [e for e, _, targets in sent[0] if e[0] == m.LEFT]
+        assert left and left[-1][3] == 7 and left[-1][4][3] == "ann"
+
+    run(server, body)
