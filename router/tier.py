@@ -516,6 +516,8 @@ def run_supervisor(settings: Any, listener_mode: str = "") -> int:
     for kind, port in supervisor.ports.items():
         log.info("listening %s %s:%d", kind, settings.host, port)
     where = settings.data_dir or "memory only (it is lost when a shard stops)"
+    if settings.redis is not None:
+        where = f"Redis at {settings.redis.shown()}, shared as node {settings.redis.node}"
     log.info(
         "%d routers (%s listener) and %d shards; history kept in %s",
         supervisor.routers,

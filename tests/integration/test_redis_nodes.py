@@ -284,6 +284,8 @@ def test_browser_and_terminal_users_on_two_nodes_share_a_room(redis: RedisServer
 
 def test_a_node_with_a_router_tier_shares_rooms_too(redis: RedisServer) -> None:
     with node(redis, "--routers", "2") as a, node(redis, shards=1) as b:
+        assert any(f"history kept in Redis at {redis.url}, shared as node" in line
+                   for line in a.log_lines)  # fmt: skip
         here = [a.connect() for _ in range(4)]  # (spread over both routers by the kernel)
         there = b.connect()
         for i, client in enumerate([*here, there]):
