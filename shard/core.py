@@ -21,7 +21,7 @@ import heapq
 import logging
 import time
 from collections import OrderedDict, deque
-from typing import Callable, Deque, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple, TypeVar
 
 from common import errors
 from common import messages as m
@@ -31,6 +31,7 @@ from common.protocol import msg_line, privmsg_line
 from shard.storage import NOTHING_FAILED, CommitReport, HistoryStore, MemoryStore
 
 Clock = Callable[[], float]
+K = TypeVar("K")
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +68,18 @@ class Room:
         return self.history[0][0] if self.history else self.seq + 1
 
 
-def _recipient(room: Room, to: str) -> Optional[int]:
-    """The member of *room* a message to *to* is for: the one of exactly that name, else
-    the one holding its primary key, else one holding its other key (``ΝΙΚΕ`` can match
-    both ``nike`` and ``νικε``, two members whose names do not collide: the exact and the
-    primary match decide first, always the same way)."""
-    exact = next((cid for cid, name in room.members.items() if name == to), None)
+def recipient(members: Mapping[K, str], keys: Mapping[str, K], to: str) -> Optional[K]:
+    """The member a message to *to* is for, of *members* (id -> name) holding *keys* (name
+    key -> id): the one of exactly that name, else the one holding its primary key, else
+    one holding its other key (``ΝΙΚΕ`` can match both ``nike`` and ``νικε``, two members
+    whose names do not collide: the exact and the primary match decide first, always the
+    same way). Ids are cids here, Redis member ids in :mod:`shard.redis_node`."""
+    exact = next((member for member, name in members.items() if name == to), None)
     if exact is not None:
         return exact
     for key in name_keys(to):
-        if key in room.keys:
-            return room.keys[key]
+        if key in keys:
+            return keys[key]
     return None
 
 
@@ -235,7 +237,7 @@ class ShardCore:
         room = self._member_room(events, req, cid, name)
         if room is None:
             return
-        to_cid = _recipient(room, to)
+        to_cid = recipient(room.members, room.keys, to)
         if to_cid is None:
             events.append(m.fail(req, errors.NO_SUCH_MEMBER))
             return

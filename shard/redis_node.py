@@ -48,6 +48,7 @@ from common.limits import (
 )
 from common.names import name_key, name_keys
 from common.protocol import msg_line, privmsg_line
+from shard.core import recipient
 from shard.redis_rooms import (
     ROOMS_KEY,
     RedisRooms,
@@ -59,6 +60,7 @@ from shard.redis_rooms import (
     outcome_of,
     room_keys,
     state_of,
+    text_of,
 )
 
 log = logging.getLogger(__name__)
@@ -518,7 +520,7 @@ class RedisShard:
     def _done_rooms(self, step: Tuple[Any, ...], answers: List[Any], counts: Dict) -> None:
         listing = []
         for raw, score in answers[0]:
-            room = _text(raw)
+            room = text_of(raw)
             if int(score) > 0 and room_to_shard(room, self.count) == self.index:
                 listing.append((room, int(score)))
                 if len(listing) >= MAX_ROOMS_LISTED:
@@ -556,12 +558,14 @@ class RedisShard:
         if room is None or cid not in room.members:
             self._ready(m.fail(req, errors.NOT_IN_ROOM), source)
             return
-        who = {_text(k): json.loads(_text(v)) for k, v in answers[0].items()}
-        target = _recipient(who, to)
-        if target is None:
+        who = {text_of(k): json.loads(text_of(v)) for k, v in answers[0].items()}
+        names = {member: info[0] for member, info in who.items()}  # info: [name, key...]
+        keys = {key: member for member, info in who.items() for key in info[1:]}
+        member_id = recipient(names, keys, to)
+        if member_id is None:
             self._ready(m.fail(req, errors.NO_SUCH_MEMBER), source)
             return
-        member_id, to_name = target
+        to_name = names[member_id]
         node, _, to_cid = member_id.rpartition(":")
         sender = room.members[cid]
         after = (room.expected or 1) - 1
@@ -977,24 +981,6 @@ class RedisShard:
             rooms.discard(name)
             if not rooms:
                 del self._client_rooms[cid]
-
-
-def _recipient(who: Dict[str, List[str]], to: str) -> Optional[Tuple[str, str]]:
-    """``(member id, name)`` of the member *to* means, by the rule of
-    :func:`shard.core._recipient`: the exact name, else a holder of its primary key, else
-    of its other key."""
-    for member_id, info in who.items():
-        if info[0] == to:
-            return member_id, info[0]
-    for key in name_keys(to):
-        for member_id, info in who.items():
-            if key in info[1:]:
-                return member_id, info[0]
-    return None
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def _close_quietly(pubsub: Any) -> None:

@@ -44,11 +44,11 @@ ROOMS_KEY = "sc:rooms"
 
 Clock = Callable[[], float]
 
-# ARGV of every script: maxlen room (unused) ts (unused), then its own. Times that nodes
+# ARGV of every script: maxlen room ts (the entry's time), then its own. Times that nodes
 # compare (presence expiry, a new room's epoch) are Redis's own clock, so that the nodes'
 # clocks never need to agree.
 _LIB = """
-local maxlen, room, ts = ARGV[1], ARGV[2], ARGV[4]
+local maxlen, room, ts = ARGV[1], ARGV[2], ARGV[3]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local fresh = now
@@ -92,12 +92,12 @@ local function expire()
 end
 """
 
-# ARGV 6..: id username presence_ms node quiet key1 [key2 ...]   (quiet: no entry: a REJOIN)
+# ARGV 4..: id username presence_ms node quiet key1 [key2 ...]   (quiet: no entry: a REJOIN)
 _JOIN = (
     _LIB
     + """
-local id, user, node, quiet = ARGV[6], ARGV[7], ARGV[9], ARGV[10]
-local expiry = now + tonumber(ARGV[8])
+local id, user, node, quiet = ARGV[4], ARGV[5], ARGV[7], ARGV[8]
+local expiry = now + tonumber(ARGV[6])
 local epoch = open()
 expire()
 local function now_seq() return tonumber(redis.call('HGET', meta, 'seq')) end
@@ -105,13 +105,13 @@ if redis.call('HEXISTS', who, id) == 1 then
   redis.call('ZADD', alive, expiry, id)
   return {'member', epoch, 0, redis.call('HLEN', who), now_seq()}
 end
-for i = 11, #ARGV do
+for i = 9, #ARGV do
   if redis.call('HEXISTS', names, ARGV[i]) == 1 then
     return {'taken', epoch, 0, redis.call('HLEN', who), now_seq()}
   end
 end
 local info = {user}
-for i = 11, #ARGV do
+for i = 9, #ARGV do
   redis.call('HSET', names, ARGV[i], id)
   table.insert(info, ARGV[i])
 end
@@ -123,24 +123,24 @@ return {'joined', epoch, seq, redis.call('HLEN', who), now_seq()}
 """
 )
 
-# ARGV 6..: id node
+# ARGV 4..: id node
 _LEAVE = (
     _LIB
     + """
 local epoch = open()
-local seq = remove(ARGV[6], ARGV[7])
+local seq = remove(ARGV[4], ARGV[5])
 if not seq then return {'absent', epoch, 0, redis.call('HLEN', who)} end
 return {'left', epoch, seq, redis.call('HLEN', who)}
 """
 )
 
-# ARGV 6..: id text node. The hot path: no open() (a room without meta has no members).
+# ARGV 4..: id text node. The hot path: no open() (a room without meta has no members).
 _SAY = (
     _LIB
     + """
-local info = redis.call('HGET', who, ARGV[6])
+local info = redis.call('HGET', who, ARGV[4])
 if not info then return {'absent', 0, 0} end
-return {'said', 0, record('chat', cjson.decode(info)[1], ARGV[7], ARGV[8])}
+return {'said', 0, record('chat', cjson.decode(info)[1], ARGV[5], ARGV[6])}
 """
 )
 
@@ -182,7 +182,8 @@ def channel_of(room: str) -> str:
     return room_keys(room)[5]
 
 
-def _text(value: Any) -> str:
+def text_of(value: Any) -> str:
+    """*value* (bytes from Redis, or str) as str."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
@@ -195,8 +196,8 @@ def decode_published(payload: Any) -> Tuple[int, m.Entry, str]:
 def entry_of(item: Tuple[Any, Any]) -> m.Entry:
     """One Stream item ``(id, fields)`` as an entry."""
     raw_id, fields = item
-    get = {_text(k): _text(v) for k, v in fields.items()}
-    return (int(_text(raw_id).split("-", 1)[0]), float(get["ts"]), get["k"], get["u"], get["t"])
+    get = {text_of(k): text_of(v) for k, v in fields.items()}
+    return (int(text_of(raw_id).split("-", 1)[0]), float(get["ts"]), get["k"], get["u"], get["t"])
 
 
 def last_seq_of(result: Sequence[Any]) -> int:
@@ -208,7 +209,7 @@ def outcome_of(result: Sequence[Any]) -> Tuple[str, int, int, int]:
     """``(outcome, epoch, seq, members)`` of a join/leave/say script's answer (seq 0: no
     entry; members -1: not counted)."""
     members = int(result[3]) if len(result) > 3 else -1
-    return _text(result[0]), int(result[1]), int(result[2]), members
+    return text_of(result[0]), int(result[1]), int(result[2]), members
 
 
 class RedisRooms:
@@ -245,12 +246,8 @@ class RedisRooms:
         return f"{self.node}:{cid}"
 
     def _call(self, pipe: Any, script: str, room: str, *args: str) -> None:
-        now = self._clock()
-        ms = str(int(now * 1000))
-        pipe.evalsha(
-            self._sha[script], 6, *room_keys(room), self._maxlen, room, ms, repr(round(now, 6)),
-            ms, *args,
-        )  # fmt: skip
+        ts = repr(round(self._clock(), 6))  # the entry's time (the node's, as without Redis)
+        pipe.evalsha(self._sha[script], 6, *room_keys(room), self._maxlen, room, ts, *args)
 
     def _presence_ms(self) -> str:
         return str(int(self.presence_seconds * 1000))
@@ -364,7 +361,7 @@ class RedisRooms:
 
 def names_of(values: Sequence[Any]) -> List[str]:
     """The usernames of a room's ``who`` values."""
-    return [json.loads(_text(value))[0] for value in values]
+    return [json.loads(text_of(value))[0] for value in values]
 
 
 def state_of(answer: Sequence[Any]) -> Tuple[int, int]:

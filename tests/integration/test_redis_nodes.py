@@ -322,3 +322,13 @@ def test_the_nodes_experiment_runs(tmp_path: Path) -> None:
         assert row["lost"] == 0
     assert 0 < rows[1]["redis_sent_per_message"] < 1.5  # one EVALSHA a message, and joins
     assert "| 2 nodes, Redis |" in (Path(tmp_path) / "nodes.md").read_text()
+
+
+def test_a_direct_message_reaches_a_member_on_the_other_node(redis: RedisServer) -> None:
+    with node(redis) as a, node(redis) as b:
+        ann, bob = ann_and_bob(a, b)
+        ann.send("PRIVMSG lobby BOB psst")  # (any spelling of the name)
+        ann.expect("PRIVMSG lobby ann bob psst")  # the echo
+        bob.expect("PRIVMSG lobby ann bob psst")
+        bob.send("PRIVMSG lobby nobody hi")
+        bob.expect("ERROR no member nobody in lobby")
