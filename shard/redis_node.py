@@ -126,9 +126,9 @@ class _Item:
 class RedisShard:
     """Shard *index* of *count* of node ``rooms.node``, for *routers* routers.
 
-    *pubsub_factory* makes a ``redis.asyncio`` PubSub (its own connection); *send* takes
-    the events ready to go, each with the routers it is for. Runs on one event loop; the
-    process glue (:func:`serve`) feeds it with :meth:`submit`.
+    *pubsub_factory* makes a :class:`shard.redis_sub.Subscriber` (its own connection);
+    *send* takes the events ready to go, each with the routers it is for. Runs on one
+    event loop; the process glue (:func:`serve`) feeds it with :meth:`submit`.
     """
 
     def __init__(
@@ -250,8 +250,8 @@ class RedisShard:
             finally:
                 self._busy = False
                 inbox, self._inbox = self._inbox, []
-                for message in inbox:
-                    self._on_message(message)
+                for reply in inbox:
+                    self._on_message(*reply)
                 self._flush()
 
     async def _run(self, job: Tuple[Any, ...]) -> None:
@@ -652,41 +652,48 @@ class RedisShard:
 
     async def _listen(self) -> None:
         """Read the subscription connection while it is up (``_listening``: set once a
-        subscribe returned, cleared when Redis is lost). Confirmations are taken at once
-        (a batch may be waiting for one); entries wait while a job runs, so that a batch's
-        completions are registered before their entries come."""
+        subscribe returned, cleared when Redis is lost), whatever has arrived at once.
+        Confirmations are taken at once (a batch may be waiting for one); entries wait
+        while a job runs, so that a batch's completions are registered before their
+        entries come."""
         assert self._listening is not None
         while True:
             await self._listening.wait()
             pubsub = self._pubsub
             try:
-                message = await pubsub.get_message(timeout=1.0)
+                replies = await pubsub.read()
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001 (cut off: client-output-buffer-limit)
                 if pubsub is self._pubsub and not self.down:
                     self._lost(error)
                 continue
-            if message is None or pubsub is not self._pubsub:
+            if pubsub is not self._pubsub:
                 continue
-            if self._busy and message.get("type") == "message":
-                self._inbox.append(message)
+            if self._busy:
+                for reply in replies:
+                    if reply[0] == b"message":
+                        self._inbox.append(reply)
+                    else:
+                        self._on_message(*reply)
             else:
-                self._on_message(message)
+                for reply in replies:
+                    self._on_message(*reply)
                 self._flush()
 
-    def _on_message(self, message: Dict[str, Any]) -> None:
-        room = self._channels.get(message.get("channel"))  # type: ignore[arg-type]
+    def _on_message(self, kind: bytes, channel: bytes, data: Any) -> None:
+        """One reply of the subscription: a confirmation, or a message on a room's channel
+        (entries, or a direct message to a member here)."""
+        room = self._channels.get(channel)
         if room is None:
             return
-        kind = message.get("type")
-        if kind == "subscribe":
+        if kind == b"subscribe":
             future = self._confirmed.get(room)
             if future is not None and not future.done():
                 future.set_result(None)
-        elif kind == "message":
+        elif kind == b"message":
             try:
-                data = json.loads(message["data"])
+                data = json.loads(data)
                 if isinstance(data, dict):
                     fields = data["p"]
                     private = (str(fields[0]), str(fields[1]), str(fields[2]), int(fields[3]),
@@ -699,7 +706,7 @@ class RedisShard:
                 # Not one of ours (another program, another version): the entry, if it is
                 # one, is read from the Stream when the next one shows the gap.
                 log.warning("room %s: a message on its channel is not an entry: %.80r", room,
-                            message.get("data"))  # fmt: skip
+                            data)  # fmt: skip
                 return
             if isinstance(data, dict):
                 self._on_private(room, private)
@@ -1067,6 +1074,7 @@ async def _serve(
 
     from shard.handoff import receive
     from shard.process import _EventSender
+    from shard.redis_sub import Subscriber
 
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
@@ -1076,8 +1084,6 @@ async def _serve(
     client = aioredis.from_url(url, socket_timeout=REDIS_TIMEOUT_SECONDS,
                                socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
                                client_name=name, **fast)  # fmt: skip
-    listener = aioredis.from_url(url, socket_connect_timeout=REDIS_TIMEOUT_SECONDS,
-                                 client_name=name + "-sub", **fast)  # fmt: skip
     routers = len(links)
     generations = [0] * routers
     senders: List[Optional[_EventSender]] = [None] * routers
@@ -1102,7 +1108,10 @@ async def _serve(
                 sender.send(pickle.dumps(events, pickle.HIGHEST_PROTOCOL))
 
     rooms = RedisRooms(client, node, presence_seconds=presence_seconds)
-    shard = RedisShard(rooms, listener.pubsub, send, index, count, routers)
+    def subscriber() -> Subscriber:
+        return Subscriber(url, name + "-sub", REDIS_TIMEOUT_SECONDS)
+
+    shard = RedisShard(rooms, subscriber, send, index, count, routers)
 
     def gone(router: int, conn: Any) -> None:  # (the loop) a router's pipe ended
         if current[router] is not conn:
@@ -1182,4 +1191,3 @@ async def _serve(
             if conn is not None:
                 conn.close()
         await client.aclose()
-        await listener.aclose()

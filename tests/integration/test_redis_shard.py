@@ -5,6 +5,7 @@ Stream, and the router tier's targets."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -13,6 +14,7 @@ import pytest
 from common import messages as m
 from shard.redis_node import RedisShard
 from shard.redis_rooms import RedisRooms
+from shard.redis_sub import Subscriber
 from tests.redis_server import RedisServer, redis_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -42,10 +44,10 @@ def run(server: RedisServer, body: Callable[..., Awaitable[Any]], nodes: int = 2
             client = aioredis.from_url(  # (no retries: a timeout is Redis lost, at once)
                 server.url, socket_timeout=timeout, retry=Retry(NoBackoff(), 0)
             )
-            listener = aioredis.from_url(server.url)
-            clients += [client, listener]
+            clients.append(client)
             out: Sent = []
-            shard = RedisShard(RedisRooms(client, f"n{i}"), listener.pubsub, out.extend,
+            subscriber = functools.partial(Subscriber, server.url, f"n{i}-sub")
+            shard = RedisShard(RedisRooms(client, f"n{i}"), subscriber, out.extend,
                                routers=routers, gap_seconds=0.3,
                                monotonic=monotonic)  # fmt: skip
             await shard.start()
@@ -113,13 +115,13 @@ def test_a_lost_echo_is_read_back_after_the_gap_time(server: RedisServer) -> Non
         a.submit([m.join(1, 0, 1, "lobby", "ann")], [0])
         await settle(a)
         real = a._on_message
-        dropped: List[Dict[str, Any]] = []
+        dropped: List[Any] = []
 
-        def lossy(message: Dict[str, Any]) -> None:  # pub/sub drops this one
-            if message.get("type") == "message" and b"lost" in message["data"]:
-                dropped.append(message)
+        def lossy(kind: bytes, channel: bytes, data: Any) -> None:  # pub/sub drops this one
+            if kind == b"message" and b"lost" in data:
+                dropped.append(data)
                 return
-            real(message)
+            real(kind, channel, data)
 
         a._on_message = lossy  # type: ignore[method-assign]
         a.submit([m.msg(2, 0, 1, "lobby", "lost"), m.names(3, 0, 1, "lobby")], [0, 0])
@@ -260,8 +262,8 @@ def test_a_history_redis_lost_fails_what_waited_for_it(server: RedisServer) -> N
         a.submit([m.join(1, 0, 1, "lobby", "ann")], [0])
         await until(lambda: completions(sent[0]) == [1], a)
         real = a._on_message
-        a._on_message = lambda message: (  # type: ignore[method-assign]
-            None if b"mine" in message.get("data", b"") else real(message)
+        a._on_message = lambda kind, channel, data: (  # type: ignore[method-assign]
+            None if kind == b"message" and b"mine" in data else real(kind, channel, data)
         )
         a.submit([m.msg(2, 0, 1, "lobby", "mine")], [0])
         await settle(a)
