@@ -7,10 +7,12 @@ its rooms:
 
 - **One round trip per batch.** The commands of a batch become one pipeline of scripts and
   reads; a JOIN in a room with no member here first subscribes to the room's channel.
-- **Every room event comes from the channel**, in seq order, for local and remote entries
-  alike: the completion of a local MSG (its ``CHAT``) is sent when its entry comes back on
-  the channel, so every member on every node sees one order, the seq order. Events and
-  completions leave in one queue, in order; a completion waits for its entry.
+- **One order, the seq order**, for every member on every node: entries of this node's
+  scripts are delivered from the scripts' answers (each script answers with the message it
+  published), the other nodes' from the channel (this node's own copies there are
+  skipped); an entry ahead of the next expected one waits for it. A batch's chat lines
+  for one room are one script call. Events and completions leave in one queue, in command
+  order; a completion waits for its entry.
 - **Gaps** (Redis pub/sub is at-most-once): an entry whose seq is past the next one
   expected, or a completion whose entry does not come within ``REDIS_GAP_SECONDS``, makes
   the shard read the missing range from the room's Stream before it delivers anything newer
@@ -56,8 +58,10 @@ from shard.redis_rooms import (
     entry_of,
     gap_lost,
     last_seq_of,
+    message_of,
     names_of,
     outcome_of,
+    published_of,
     room_keys,
     state_of,
     text_of,
@@ -123,6 +127,13 @@ class _Item:
         self.on_fallback = on_fallback
 
 
+class _Lines(list):
+    """A batch's chat lines for one room, ``(cid, text)`` each, said in one script call
+    (where the first of them is in the batch); ``answer``: that call's answer."""
+
+    __slots__ = ("answer",)
+
+
 class RedisShard:
     """Shard *index* of *count* of node ``rooms.node``, for *routers* routers.
 
@@ -160,8 +171,16 @@ class RedisShard:
         self._work_waiting: Optional[asyncio.Event] = None
         self._idle: Optional[asyncio.Event] = None
         self._listening: Optional[asyncio.Event] = None
-        self._inbox: List[Any] = []  # channel messages that came while a job ran
         self._busy = False
+        #: Rooms that got an entry ahead of the next while a job ran (this node's own
+        #: entries in flight may be what is missing): checked for a gap once it is done.
+        self._ahead: Set[str] = set()
+        #: What the scripts of the job running now published, ``(room, message)``: their
+        #: entries are delivered from the answers (the channel's copy is skipped).
+        self._heard: List[Tuple[str, bytes]] = []
+        mark = json.dumps(rooms.node).encode()
+        self._own_mark = b"," + mark + b","  # (in a message of ours, right after the epoch)
+        self._own_within = 24 + len(self._own_mark)
         self._filling: Set[str] = set()
         #: (room, cid) this node let go of while Redis could not be told: left there when
         #: it is back (a JOIN refused while its script may have run; a DROP while down).
@@ -249,9 +268,13 @@ class RedisShard:
                     log.exception("redis shard: a %s job failed", job[0])
             finally:
                 self._busy = False
-                inbox, self._inbox = self._inbox, []
-                for reply in inbox:
-                    self._on_message(*reply)
+                self._heard.clear()
+                ahead, self._ahead = self._ahead, set()
+                for name in ahead:  # still ahead with the job's own entries in: a gap
+                    room = self.local.get(name)
+                    if room is not None and room.early and room.expected is not None:
+                        self.gaps += 1
+                        self._want_fill(name, max(room.early))
                 self._flush()
 
     async def _run(self, job: Tuple[Any, ...]) -> None:
@@ -331,6 +354,9 @@ class RedisShard:
                 if len(self._out) == queued:
                     self._ready(m.fail(step[1][1], errors.ROOM_UNAVAILABLE), step[2])
             position += taken
+        heard, self._heard = self._heard, []
+        for name, message in heard:
+            self._hear(name, message)
         for room in new:
             found = self.local.get(room)
             if found is not None and not found.members and not found.pending:
@@ -354,15 +380,19 @@ class RedisShard:
     ) -> Tuple[List[Tuple[Any, ...]], List[Any]]:
         """The batch's pipeline, run (again once if Redis had forgotten the scripts)."""
         for attempt in (1, 2):
-            pipe = self.rooms.client.pipeline(transaction=False)
+            calls: List[Callable[[Any], None]] = []
             joined: Dict[int, Set[str]] = {}  # JOINs earlier in the batch, for its DROPs
+            lines: Dict[str, _Lines] = {}  # chat lines of a room said together so far
             plan = []
             for command, source in zip(batch, sources):
                 if command[2] and command[2] < now and command[0] not in m.ALWAYS_APPLIED:
                     plan.append(("now", command, source, 0))
                 else:
-                    plan.append(self._queue(pipe, command, source, joined))
-            answers = await pipe.execute(raise_on_error=False) if len(pipe) else []
+                    plan.append(self._queue(calls, command, source, joined, lines))
+            pipe = self.rooms.client.pipeline(transaction=False)
+            for call in calls:
+                call(pipe)
+            answers = await pipe.execute(raise_on_error=False) if calls else []
             for answer in answers:
                 if _is_connection_error(answer):
                     raise answer
@@ -373,43 +403,63 @@ class RedisShard:
         raise AssertionError("unreachable")
 
     def _queue(
-        self, pipe: Any, command: m.Command, source: int, joined: Dict[int, Set[str]]
+        self,
+        calls: List[Callable[[Any], None]],
+        command: m.Command,
+        source: int,
+        joined: Dict[int, Set[str]],
+        lines: Dict[str, _Lines],
     ) -> Tuple[Any, ...]:
-        """Queue *command*'s Redis calls; its plan step, ending with how many answers."""
+        """Add *command*'s Redis calls (each made on the batch's pipeline later); its plan
+        step, ending with how many answers it takes. A MSG joins the room's chat lines
+        said together (one call, where the first is); any other command on the room
+        closes them (a DROP, every room's), so that each is said where it stands."""
         op, cid = command[0], command[3]
         rooms = self.rooms
         if op == m.MSG:
-            rooms.queue_say(pipe, command[4], cid, command[5])
-            return ("msg", command, source, 1)
+            name = command[4]
+            said = lines.get(name)
+            first = said is None
+            if said is None:
+                said = lines[name] = _Lines()
+                calls.append(lambda pipe: rooms.queue_say(pipe, name, said))
+            said.append((cid, command[5]))
+            return ("msg", command, source, said, len(said) - 1, 1 if first else 0)
+        if op == m.DROP:
+            lines.clear()
+        elif op != m.ROOMS:
+            lines.pop(command[4], None)
         if op == m.JOIN or op == m.REJOIN:
             room, username = command[4], command[5]
             joined.setdefault(cid, set()).add(room)
-            rooms.queue_join(pipe, room, cid, username, name_keys(username), quiet=op == m.REJOIN)
+            keys, quiet = name_keys(username), op == m.REJOIN
+            calls.append(lambda pipe: rooms.queue_join(pipe, room, cid, username, keys, quiet))
             return ("join", command, source, 1)
         if op == m.LEAVE:
-            rooms.queue_leave(pipe, command[4], cid)
+            calls.append(lambda pipe: rooms.queue_leave(pipe, command[4], cid))
             return ("leave", command, source, 1)
         if op == m.DROP:
             names = sorted(self._client_rooms.get(cid, set()) | joined.pop(cid, set()))
             for room in names:
-                rooms.queue_leave(pipe, room, cid)
+                calls.append(lambda pipe, room=room: rooms.queue_leave(pipe, room, cid))
             return ("drop", command, source, names, len(names))
         if op == m.NAMES:
-            rooms.queue_names(pipe, command[4])
+            calls.append(lambda pipe: rooms.queue_names(pipe, command[4]))
             return ("names", command, source, 1)
         if op == m.ROOMS:
-            pipe.zrevrange(ROOMS_KEY, 0, -1, withscores=True)
+            calls.append(lambda pipe: pipe.zrevrange(ROOMS_KEY, 0, -1, withscores=True))
             return ("rooms", command, source, 1)
         if op == m.HISTORY or op == m.SINCE:
             room = command[4]
-            rooms.queue_state(pipe, room)
+            calls.append(lambda pipe: rooms.queue_state(pipe, room))
             if op == m.HISTORY:
-                rooms.queue_history(pipe, room, min(command[5], HISTORY_SIZE))
+                wanted = min(command[5], HISTORY_SIZE)
+                calls.append(lambda pipe: rooms.queue_history(pipe, room, wanted))
             else:
-                rooms.queue_range(pipe, room, command[5], HISTORY_SIZE)
+                calls.append(lambda pipe: rooms.queue_range(pipe, room, command[5], HISTORY_SIZE))
             return ("read", command, source, 2)
         if op == m.PRIVMSG:
-            pipe.hgetall(room_keys(command[4])[2])
+            calls.append(lambda pipe: pipe.hgetall(room_keys(command[4])[2]))
             return ("privmsg", command, source, 1)
         raise KeyError(op)
 
@@ -418,6 +468,10 @@ class RedisShard:
         if kind == "now":
             self._ready(m.fail(command[1], errors.SHARD_TIMEOUT), source)
             return
+        if kind == "msg":  # the room's lines were said together, in the first one's call
+            if step[5]:
+                step[3].answer = answers[0]
+            answers = [step[3].answer]
         for answer in answers:
             if isinstance(answer, Exception):
                 log.error("redis: %s", answer)
@@ -428,10 +482,13 @@ class RedisShard:
         getattr(self, "_done_" + kind)(step, answers, counts)
 
     def _done_msg(self, step: Tuple[Any, ...], answers: List[Any], counts: Dict) -> None:
-        _, command, source, _ = step
-        outcome, epoch, seq, _ = outcome_of(answers[0])
+        _, command, source, _, index, first = step
+        seqs, message = answers[0]
         req, room = command[1], command[4]
-        if outcome != "said":
+        if first:
+            self._heard.append((room, message))
+        seq = int(seqs[index])
+        if not seq:
             self._ready(m.fail(req, errors.NOT_IN_ROOM), source)
             return
 
@@ -446,6 +503,7 @@ class RedisShard:
         outcome, epoch, seq, members = outcome_of(answers[0])
         last = last_seq_of(answers[0])
         op, req, _, cid, name, username = command
+        self._heard.append((name, message_of(answers[0])))
         room = self.local.get(name)
         if room is None:  # (a JOIN subscribes first)
             room = self.local[name] = _Room(name)
@@ -479,6 +537,7 @@ class RedisShard:
         _, command, source, _ = step
         outcome, _, seq, members = outcome_of(answers[0])
         req, cid, name = command[1], command[3], command[4]
+        self._heard.append((name, message_of(answers[0])))
         counts[name] = members
         self._forget_member(name, cid)
         if outcome != "left":
@@ -503,6 +562,7 @@ class RedisShard:
                 self._ready(m.left(0, name, cid, None), -1, (cid % self.routers,))  # type: ignore[arg-type]
                 continue
             outcome, _, seq, members = outcome_of(answer)
+            self._heard.append((name, message_of(answer)))
             counts[name] = members
             if outcome == "left":
                 self._wait_for(name, seq, _Item(
@@ -670,20 +730,13 @@ class RedisShard:
                 continue
             if pubsub is not self._pubsub:
                 continue
-            if self._busy:
-                for reply in replies:
-                    if reply[0] == b"message":
-                        self._inbox.append(reply)
-                    else:
-                        self._on_message(*reply)
-            else:
-                for reply in replies:
-                    self._on_message(*reply)
-                self._flush()
+            for reply in replies:
+                self._on_message(*reply)
+            self._flush()
 
     def _on_message(self, kind: bytes, channel: bytes, data: Any) -> None:
         """One reply of the subscription: a confirmation, or a message on a room's channel
-        (entries, or a direct message to a member here)."""
+        (another node's entries, or a direct message to a member here)."""
         room = self._channels.get(channel)
         if room is None:
             return
@@ -692,28 +745,43 @@ class RedisShard:
             if future is not None and not future.done():
                 future.set_result(None)
         elif kind == b"message":
+            if data.find(self._own_mark, 0, self._own_within) > 0:
+                return  # ours: delivered from its script's answer
             try:
-                data = json.loads(data)
-                if isinstance(data, dict):
-                    fields = data["p"]
+                value = json.loads(data)
+                if isinstance(value, dict):
+                    fields = value["p"]
                     private = (str(fields[0]), str(fields[1]), str(fields[2]), int(fields[3]),
                                str(fields[4]))  # fmt: skip
-                else:
-                    epoch, seq, ts, entry_kind, username, text, _ = data
-                    entry = (int(seq), float(ts), str(entry_kind), str(username), str(text))
-                    epoch = int(epoch)
+                    self._on_private(room, private)
+                    return
+                epoch, node, entries = published_of(value)
             except (ValueError, TypeError, KeyError, IndexError):
                 # Not one of ours (another program, another version): the entry, if it is
                 # one, is read from the Stream when the next one shows the gap.
                 log.warning("room %s: a message on its channel is not an entry: %.80r", room,
                             data)  # fmt: skip
                 return
-            if isinstance(data, dict):
-                self._on_private(room, private)
-            else:
-                self._on_entry(room, epoch, entry)
+            if node != self.rooms.node:
+                for entry in entries:
+                    self._on_entry(room, epoch, entry)
 
-    def _on_entry(self, name: str, epoch: int, entry: m.Entry) -> None:
+    def _hear(self, name: str, message: bytes) -> None:
+        """Deliver the entries a script of this node published, from its answer."""
+        if not message:
+            return
+        try:
+            epoch, _, entries = published_of(json.loads(message))
+        except (ValueError, TypeError, IndexError):
+            log.error("room %s: a script answered with %.80r", name, message)
+            return
+        for entry in entries:
+            self._on_entry(name, epoch, entry, heard=True)
+
+    def _on_entry(self, name: str, epoch: int, entry: m.Entry, heard: bool = False) -> None:
+        """Deliver *entry* of room *name* if it is the next one, else keep it until the
+        ones before it come (*heard*: from this node's own answer; then what is missing is
+        another node's, on its way or lost: the completion's wait tells)."""
         room = self.local.get(name)
         if room is None:
             return
@@ -731,8 +799,13 @@ class RedisShard:
         if seq > room.expected:
             if len(room.early) < HISTORY_SIZE:
                 room.early[seq] = (epoch, entry)
-            self.gaps += 1
-            self._want_fill(name, seq - 1)
+            if heard:
+                pass
+            elif self._busy:  # (the missing ones may be this node's, in the job's answer)
+                self._ahead.add(name)
+            else:
+                self.gaps += 1
+                self._want_fill(name, seq - 1)
             return
         self._deliver(room, epoch, entry)
         self._deliver_early(room)
@@ -850,6 +923,7 @@ class RedisShard:
             if _is_connection_error(answer):
                 raise answer
             if not isinstance(answer, Exception) and int(answer[0]):
+                self._hear(name, message_of(answer))  # (the expired members' leaves)
                 self.rooms.queue_count(counts, name, int(answer[1]))
         if len(counts):
             await counts.execute()
@@ -953,10 +1027,13 @@ class RedisShard:
         for name, cid in pending:
             self.rooms.queue_leave(pipe, name, cid)
         try:
-            await pipe.execute(raise_on_error=False)
+            answers = await pipe.execute(raise_on_error=False)
         except Exception:
             self._cleanup.update(pending)  # (tried again when Redis is back)
             raise
+        for (name, _), answer in zip(pending, answers):
+            if not isinstance(answer, Exception):
+                self._hear(name, message_of(answer))
 
     async def _put_members_back(self) -> None:
         """Every member here present again (Redis may have restarted, or expired them)."""
@@ -972,6 +1049,7 @@ class RedisShard:
             room = self.local[name]
             if room.expected is None:  # (put back while Redis was away: deliver from now)
                 room.epoch, room.expected = outcome_of(answer)[1], last_seq_of(answer) + 1
+            self._hear(name, message_of(answer))  # (members of others that had expired)
             if outcome_of(answer)[0] == "taken":  # someone else took the name meanwhile
                 log.warning("room %s: a member's name was taken while Redis was away", name)
                 self._forget_member(name, cid)

@@ -44,35 +44,47 @@ ROOMS_KEY = "sc:rooms"
 
 Clock = Callable[[], float]
 
-# ARGV of every script: maxlen room ts (the entry's time), then its own. Times that nodes
-# compare (presence expiry, a new room's epoch) are Redis's own clock, so that the nodes'
-# clocks never need to agree.
+# ARGV of every script: maxlen room ts (the entries' time) node (the caller), then its own.
+# Times that nodes compare (presence expiry, a new room's epoch) are Redis's own clock, so
+# that the nodes' clocks never need to agree. Every script that records entries publishes
+# them once, at its end, as one message (``[epoch, node, entry...]``, each entry ``[seq, ts,
+# kind, user, text]``) and answers with that same message, last: the caller delivers its
+# own entries from the answer, the other nodes from the channel.
 _LIB = """
-local maxlen, room, ts = ARGV[1], ARGV[2], ARGV[3]
+local maxlen, room, ts, node = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local fresh = now
 local meta, log, who, names, alive, ch = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local recorded = {}
 
-local function record(kind, user, text, node)
+local function record(kind, user, text)
   local seq = redis.call('HINCRBY', meta, 'seq', 1)
-  local epoch = redis.call('HGET', meta, 'epoch')
   redis.call('XADD', log, 'MAXLEN', maxlen, seq .. '-1', 'ts', ts, 'k', kind, 'u', user,
              't', text)
-  redis.call('PUBLISH', ch, cjson.encode({tonumber(epoch), seq, ts, kind, user, text, node}))
+  recorded[#recorded + 1] = {seq, ts, kind, user, text}
   return seq
+end
+
+-- What the script recorded, published: the message (the script's last answer), or ''.
+local function published()
+  if #recorded == 0 then return '' end
+  local message = {tonumber(redis.call('HGET', meta, 'epoch')), node}
+  for _, entry in ipairs(recorded) do message[#message + 1] = entry end
+  local payload = cjson.encode(message)
+  redis.call('PUBLISH', ch, payload)
+  return payload
 end
 
 -- A room met for the first time (or whose keys Redis lost) starts a new history.
 local function open()
-  if redis.call('HSETNX', meta, 'epoch', fresh) == 1 then
+  if redis.call('HSETNX', meta, 'epoch', now) == 1 then
     redis.call('DEL', log)
     redis.call('HSET', meta, 'seq', 0)
   end
   return tonumber(redis.call('HGET', meta, 'epoch'))
 end
 
-local function remove(id, node)
+local function remove(id)
   local info = redis.call('HGET', who, id)
   redis.call('ZREM', alive, id)
   if not info then return nil end
@@ -81,34 +93,36 @@ local function remove(id, node)
     if redis.call('HGET', names, parts[i]) == id then redis.call('HDEL', names, parts[i]) end
   end
   redis.call('HDEL', who, id)
-  return record('leave', parts[1], parts[1] .. ' left ' .. room, node)
+  return record('leave', parts[1], parts[1] .. ' left ' .. room)
 end
 
 -- Remove the members whose presence expired, each with a leave entry.
 local function expire()
   local gone = redis.call('ZRANGEBYSCORE', alive, '-inf', '(' .. now)
-  for _, id in ipairs(gone) do remove(id, 'expired') end
+  for _, id in ipairs(gone) do remove(id) end
   return #gone
 end
 """
 
-# ARGV 4..: id username presence_ms node quiet key1 [key2 ...]   (quiet: no entry: a REJOIN)
+# ARGV 5..: id username presence_ms quiet key1 [key2 ...]   (quiet: no entry: a REJOIN).
+# Answer: outcome epoch seq members last_seq message.
 _JOIN = (
     _LIB
     + """
-local id, user, node, quiet = ARGV[4], ARGV[5], ARGV[7], ARGV[8]
-local expiry = now + tonumber(ARGV[6])
+local id, user, quiet = ARGV[5], ARGV[6], ARGV[8]
+local expiry = now + tonumber(ARGV[7])
 local epoch = open()
 expire()
 local function now_seq() return tonumber(redis.call('HGET', meta, 'seq')) end
+local function answer(outcome, seq)
+  return {outcome, epoch, seq, redis.call('HLEN', who), now_seq(), published()}
+end
 if redis.call('HEXISTS', who, id) == 1 then
   redis.call('ZADD', alive, expiry, id)
-  return {'member', epoch, 0, redis.call('HLEN', who), now_seq()}
+  return answer('member', 0)
 end
 for i = 9, #ARGV do
-  if redis.call('HEXISTS', names, ARGV[i]) == 1 then
-    return {'taken', epoch, 0, redis.call('HLEN', who), now_seq()}
-  end
+  if redis.call('HEXISTS', names, ARGV[i]) == 1 then return answer('taken', 0) end
 end
 local info = {user}
 for i = 9, #ARGV do
@@ -118,37 +132,51 @@ end
 redis.call('HSET', who, id, cjson.encode(info))
 redis.call('ZADD', alive, expiry, id)
 local seq = 0
-if quiet == '0' then seq = record('join', user, user .. ' joined ' .. room, node) end
-return {'joined', epoch, seq, redis.call('HLEN', who), now_seq()}
+if quiet == '0' then seq = record('join', user, user .. ' joined ' .. room) end
+return answer('joined', seq)
 """
 )
 
-# ARGV 4..: id node
+# ARGV 5: id.  Answer: outcome epoch seq members 0 message.
 _LEAVE = (
     _LIB
     + """
 local epoch = open()
-local seq = remove(ARGV[4], ARGV[5])
-if not seq then return {'absent', epoch, 0, redis.call('HLEN', who)} end
-return {'left', epoch, seq, redis.call('HLEN', who)}
+local seq = remove(ARGV[5])
+local members = redis.call('HLEN', who)
+if not seq then return {'absent', epoch, 0, members, 0, published()} end
+return {'left', epoch, seq, members, 0, published()}
 """
 )
 
-# ARGV 4..: id text node. The hot path: no open() (a room without meta has no members).
+# ARGV 5..: id text [id text ...]: chat lines, in order. The hot path: no open() (a room
+# without meta has no members). Answer: {seq of each line, 0 where its sender is not a
+# member} message.
 _SAY = (
     _LIB
     + """
-local info = redis.call('HGET', who, ARGV[4])
-if not info then return {'absent', 0, 0} end
-return {'said', 0, record('chat', cjson.decode(info)[1], ARGV[5], ARGV[6])}
+local users, seqs = {}, {}
+for i = 5, #ARGV, 2 do
+  local id = ARGV[i]
+  local user = users[id]
+  if user == nil then
+    local info = redis.call('HGET', who, id)
+    user = info and cjson.decode(info)[1] or false
+    users[id] = user
+  end
+  seqs[#seqs + 1] = user and record('chat', user, ARGV[i + 1]) or 0
+end
+return {seqs, published()}
 """
 )
 
+# Answer: removed members message.
 _EXPIRE = (
     _LIB
     + """
-if redis.call('EXISTS', meta) == 0 then return {0, 0} end
-return {expire(), redis.call('HLEN', who)}
+if redis.call('EXISTS', meta) == 0 then return {0, 0, ''} end
+local removed = expire()
+return {removed, redis.call('HLEN', who), published()}
 """
 )
 
@@ -187,10 +215,18 @@ def text_of(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def decode_published(payload: Any) -> Tuple[int, m.Entry, str]:
-    """``(epoch, entry, node)`` of a message published on a room's channel."""
-    epoch, seq, ts, kind, username, text, node = json.loads(payload)
-    return int(epoch), (int(seq), float(ts), kind, username, text), node
+def decode_published(payload: Any) -> Tuple[int, str, List[m.Entry]]:
+    """``(epoch, node, entries)`` of a message a script published (and answered with).
+    Raises ``ValueError``, ``TypeError`` or ``IndexError`` for one that is not."""
+    return published_of(json.loads(payload))
+
+
+def published_of(value: Any) -> Tuple[int, str, List[m.Entry]]:
+    """:func:`decode_published` of the message's JSON value."""
+    epoch, node, *raw = value
+    entries = [(int(seq), float(ts), str(kind), str(user), str(text))
+               for seq, ts, kind, user, text in raw]  # fmt: skip
+    return int(epoch), str(node), entries
 
 
 def entry_of(item: Tuple[Any, Any]) -> m.Entry:
@@ -206,10 +242,16 @@ def last_seq_of(result: Sequence[Any]) -> int:
 
 
 def outcome_of(result: Sequence[Any]) -> Tuple[str, int, int, int]:
-    """``(outcome, epoch, seq, members)`` of a join/leave/say script's answer (seq 0: no
-    entry; members -1: not counted)."""
-    members = int(result[3]) if len(result) > 3 else -1
-    return text_of(result[0]), int(result[1]), int(result[2]), members
+    """``(outcome, epoch, seq, members)`` of a join/leave script's answer (seq 0: no
+    entry)."""
+    return text_of(result[0]), int(result[1]), int(result[2]), int(result[3])
+
+
+def message_of(result: Sequence[Any]) -> bytes:
+    """What a script's answer says it published (``b""``: nothing); see
+    :func:`decode_published`."""
+    last = result[-1]
+    return last if isinstance(last, bytes) else str(last).encode()
 
 
 class RedisRooms:
@@ -247,12 +289,14 @@ class RedisRooms:
 
     def _call(self, pipe: Any, script: str, room: str, *args: str) -> None:
         ts = repr(round(self._clock(), 6))  # the entry's time (the node's, as without Redis)
-        pipe.evalsha(self._sha[script], 6, *room_keys(room), self._maxlen, room, ts, *args)
+        pipe.evalsha(self._sha[script], 6, *room_keys(room), self._maxlen, room, ts, self.node,
+                     *args)  # fmt: skip
 
     def _presence_ms(self) -> str:
         return str(int(self.presence_seconds * 1000))
 
-    # --- queued on a pipeline: read the answers with outcome_of ------------------------
+    # --- queued on a pipeline: read the answers with outcome_of (message_of: what was
+    # --- published, for the caller to deliver) -----------------------------------------
 
     def queue_join(
         self, pipe: Any, room: str, cid: int, username: str, keys: Sequence[str],
@@ -263,20 +307,24 @@ class RedisRooms:
         ``taken``, or ``member`` (already in: its presence is refreshed)."""
         self._call(
             pipe, "join", room, self.member_id(cid), username, self._presence_ms(),
-            self.node, "1" if quiet else "0", *keys,
+            "1" if quiet else "0", *keys,
         )  # fmt: skip
 
     def queue_leave(self, pipe: Any, room: str, cid: int) -> None:
         """``left`` (with the leave entry's seq) or ``absent``."""
-        self._call(pipe, "leave", room, self.member_id(cid), self.node)
+        self._call(pipe, "leave", room, self.member_id(cid))
 
-    def queue_say(self, pipe: Any, room: str, cid: int, text: str) -> None:
-        """A chat line from member *cid*: ``said`` (with its seq) or ``absent``."""
-        self._call(pipe, "say", room, self.member_id(cid), text, self.node)
+    def queue_say(self, pipe: Any, room: str, lines: Sequence[Tuple[int, str]]) -> None:
+        """Chat *lines* ``(cid, text)`` from members of *room*, in order, in one script
+        call: answer ``[seqs, message]``, a seq per line, 0 where *cid* is not a member."""
+        args: List[str] = []
+        for cid, text in lines:
+            args += (self.member_id(cid), text)
+        self._call(pipe, "say", room, *args)
 
     def queue_expire(self, pipe: Any, room: str) -> None:
         """Remove *room*'s members whose node stopped refreshing them (each leaves, heard
-        by all). Answer: ``[removed, members]``."""
+        by all). Answer: ``[removed, members, message]``."""
         self._call(pipe, "expire", room)
 
     def queue_refresh(self, pipe: Any, room: str, cids: Sequence[int]) -> None:
@@ -328,8 +376,10 @@ class RedisRooms:
     async def leave(self, room: str, cid: int) -> Tuple:
         return outcome_of(await self.run(self.queue_leave, room, cid))
 
-    async def say(self, room: str, cid: int, text: str) -> Tuple:
-        return outcome_of(await self.run(self.queue_say, room, cid, text))
+    async def say(self, room: str, cid: int, text: str) -> Tuple[str, int]:
+        """``("said", seq)`` or ``("absent", 0)``."""
+        seq = int((await self.run(self.queue_say, room, [(cid, text)]))[0][0])
+        return ("said" if seq else "absent", seq)
 
     async def expire(self, room: str) -> int:
         return int((await self.run(self.queue_expire, room))[0])

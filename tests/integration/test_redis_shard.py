@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -107,33 +107,88 @@ def test_every_node_delivers_one_order_and_completes_in_command_order(
     run(server, body)
 
 
-def test_a_lost_echo_is_read_back_after_the_gap_time(server: RedisServer) -> None:
-    clock = [1000.0]  # the shard's monotonic clock: the gap time passes when the test says
+def drop_on_channel(shard: RedisShard, word: bytes, dropped: List[Any]) -> None:
+    """Make pub/sub lose, for *shard*, every message on a room's channel with *word* in it."""
+    real = shard._on_message
+
+    def lossy(kind: bytes, channel: bytes, data: Any) -> None:
+        if kind == b"message" and word in data:
+            dropped.append(data)
+            return
+        real(kind, channel, data)
+
+    shard._on_message = lossy  # type: ignore[method-assign]
+
+
+async def both_in_lobby(a: RedisShard, b: RedisShard, sent: List[Sent]) -> None:
+    a.submit([m.join(1, 0, 1, "lobby", "ann")], [0])
+    await settle(a)
+    b.submit([m.join(1, 0, 1, "lobby", "bob")], [0])
+    await until(lambda: any(e[0] == m.JOINED and e[3] == -1 for e, _, _ in sent[0]), a, b)
+
+
+def test_a_lost_entry_of_another_node_is_read_back_after_the_gap_time(
+    server: RedisServer,
+) -> None:
+    """Node a never gets b's line (pub/sub lost it), then says one of its own: a's line is
+    ahead of the next entry a expects, so its completion (and the NAMES behind it) waits;
+    once the gap time passes a reads the Stream and delivers both, in seq order."""
+    clock = [1000.0]  # a's monotonic clock: the gap time passes when the test says
+
+    async def body(shards: List[RedisShard], sent: List[Sent]) -> None:
+        a, b = shards
+        await both_in_lobby(a, b, sent)
+        dropped: List[Any] = []
+        drop_on_channel(a, b"lost", dropped)
+        b.submit([m.msg(2, 0, 1, "lobby", "lost")], [0])
+        await until(lambda: bool(dropped), a, b)
+        a.submit([m.msg(2, 0, 1, "lobby", "mine"), m.names(3, 0, 1, "lobby")], [0, 0])
+        await settle(a, b)
+        assert not chats(sent[0])  # held: the completion waits for the entry before it
+        assert completions(sent[0]) == [1]  # and the NAMES behind it too
+        clock[0] += 0.5  # past REDIS_GAP_SECONDS (here 0.3)
+        await until(lambda: len(chats(sent[0])) == 2, a)
+        assert chats(sent[0]) == [(3, "lost"), (4, "mine")] and a.refilled >= 1
+        assert completions(sent[0]) == [1, 2, 3]  # still in command order
+        assert chats(sent[1]) == [(3, "lost"), (4, "mine")]  # (b lost nothing)
+
+    run(server, body, monotonic=lambda: clock[0])
+
+
+def test_a_nodes_own_lines_come_from_the_answers_not_the_channel(server: RedisServer) -> None:
+    """The channel's copies of a node's own entries are not needed: with every one of
+    them lost, its members get its lines at once, in order, without a read of the
+    Stream; a batch's lines for one room are one script call, each command still gets
+    its own completion in command order, and a command on the room between two lines
+    keeps its place."""
 
     async def body(shards: List[RedisShard], sent: List[Sent]) -> None:
         (a,) = shards
-        a.submit([m.join(1, 0, 1, "lobby", "ann")], [0])
-        await settle(a)
-        real = a._on_message
+        a.submit([m.join(1, 0, 1, "lobby", "ann"), m.join(2, 0, 1, "other", "ann")], [0, 0])
+        await until(lambda: completions(sent[0]) == [1, 2], a)
         dropped: List[Any] = []
+        drop_on_channel(a, b"", dropped)  # every message
+        before = await redis_info(server, "commandstats")
+        a.submit([m.msg(3, 0, 1, "lobby", "l1"), m.names(4, 0, 1, "other"),
+                  m.msg(5, 0, 1, "lobby", "l2"), m.history(6, 0, 1, "lobby", 10),
+                  m.msg(7, 0, 1, "lobby", "l3"), m.msg(8, 0, 1, "other", "o1"),
+                  m.msg(9, 0, 1, "lobby", "l4")], [0] * 7)  # fmt: skip
+        await until(lambda: len(completions(sent[0])) == 9, a, timeout=5)
+        after = await redis_info(server, "commandstats")
+        assert dropped and a.refilled == 0 and a.gaps == 0
+        assert completions(sent[0]) == list(range(1, 10))
+        assert chats(sent[0]) == [(2, "l1"), (3, "l2"), (4, "l3"), (5, "l4")]
+        assert chats(sent[0], "other") == [(2, "o1")]
+        (read,) = [e for e, _, _ in sent[0] if e[1] == 6]  # (l1 l2 came live before it)
+        assert [entry[4] for entry in read[2]] == ["ann joined lobby"]
+        scripts = evalsha_calls(after) - evalsha_calls(before)
+        assert scripts == 3  # lobby's l1 l2, lobby's l3 l4, other's o1
 
-        def lossy(kind: bytes, channel: bytes, data: Any) -> None:  # pub/sub drops this one
-            if kind == b"message" and b"lost" in data:
-                dropped.append(data)
-                return
-            real(kind, channel, data)
+    run(server, body, nodes=1)
 
-        a._on_message = lossy  # type: ignore[method-assign]
-        a.submit([m.msg(2, 0, 1, "lobby", "lost"), m.names(3, 0, 1, "lobby")], [0, 0])
-        await settle(a)
-        assert dropped and not chats(sent[0])  # held: the completion waits for its entry
-        assert [e[1] for e, _, _ in sent[0]] == [1]  # and the NAMES behind it too
-        clock[0] += 0.5  # past REDIS_GAP_SECONDS (here 0.3)
-        await until(lambda: bool(chats(sent[0])), a)
-        assert chats(sent[0]) == [(2, "lost")] and a.refilled == 1
-        assert [e[1] for e, _, _ in sent[0]] == [1, 2, 3]  # still in command order
 
-    run(server, body, nodes=1, monotonic=lambda: clock[0])
+def evalsha_calls(info: Any) -> int:
+    return int(info.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
 def test_a_tier_shard_sends_each_event_once_to_each_router_with_members(
@@ -177,6 +232,16 @@ async def redis_command(server: RedisServer, *args: Any) -> Any:
     direct = aioredis.from_url(server.url)
     try:
         return await direct.execute_command(*args)
+    finally:
+        await direct.aclose()
+
+
+async def redis_info(server: RedisServer, section: str) -> Any:
+    import redis.asyncio as aioredis
+
+    direct = aioredis.from_url(server.url)
+    try:
+        return await direct.info(section)
     finally:
         await direct.aclose()
 
@@ -253,31 +318,31 @@ def test_junk_on_a_room_channel_changes_nothing(server: RedisServer, junk: str) 
 
 
 def test_a_history_redis_lost_fails_what_waited_for_it(server: RedisServer) -> None:
-    """Redis loses the room (FLUSHALL, eviction) while a completion waits for its entry:
-    the new history reuses its seqs, so the completion is refused, never matched with
-    another member's entry."""
+    """Redis loses the room (FLUSHALL, eviction) while a completion waits for the entry
+    before its own (lost on the channel): the new history reuses its seqs, so the
+    completion is refused, never matched with another member's entry."""
 
     async def body(shards: List[RedisShard], sent: List[Sent]) -> None:
         a, b = shards
-        a.submit([m.join(1, 0, 1, "lobby", "ann")], [0])
-        await until(lambda: completions(sent[0]) == [1], a)
-        real = a._on_message
-        a._on_message = lambda kind, channel, data: (  # type: ignore[method-assign]
-            None if kind == b"message" and b"mine" in data else real(kind, channel, data)
-        )
+        await both_in_lobby(a, b, sent)
+        dropped: List[Any] = []
+        drop_on_channel(a, b"gone", dropped)
+        b.submit([m.msg(2, 0, 1, "lobby", "gone")], [0])
+        await until(lambda: bool(dropped), a, b)
         a.submit([m.msg(2, 0, 1, "lobby", "mine")], [0])
         await settle(a)
+        assert 2 not in completions(sent[0])  # waiting
         await redis_command(server, "FLUSHALL")
-        b.submit([m.join(1, 0, 1, "lobby", "bob")], [0])  # seq 1 of a new history
-        await until(lambda: bool(completions(sent[1])), b)
-        b.submit([m.msg(2, 0, 1, "lobby", "bob's")], [0])
+        b.submit([m.join(3, 0, 2, "lobby", "cy")], [0])  # seq 1 of a new history
+        await until(lambda: 3 in completions(sent[1]), b)
+        b.submit([m.msg(4, 0, 2, "lobby", "cy's")], [0])
         await until(lambda: 2 in completions(sent[0]), a, b)
         outcome = [e for e, _, _ in sent[0] if e[1] == 2]
-        assert [e[0] for e in outcome] == [m.FAIL]  # not a CHAT made of bob's entry
+        assert [e[0] for e in outcome] == [m.FAIL]  # not a CHAT made of cy's entry
         notices = [e for e, _, _ in sent[0] if e[0] == m.NOTICE]
         assert notices and notices[0][3] == "restarted"
 
-    run(server, body, monotonic=lambda: 1000.0)  # (no gap time passes: the echo waits)
+    run(server, body, monotonic=lambda: 1000.0)  # (no gap time passes: the wait goes on)
 
 
 def test_a_member_another_node_expired_is_let_go_here_too(server: RedisServer) -> None:
