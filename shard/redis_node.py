@@ -1186,6 +1186,7 @@ async def _serve(
                 sender.send(pickle.dumps(events, pickle.HIGHEST_PROTOCOL))
 
     rooms = RedisRooms(client, node, presence_seconds=presence_seconds)
+
     def subscriber() -> Subscriber:
         return Subscriber(url, name + "-sub", REDIS_TIMEOUT_SECONDS)
 
