@@ -25,46 +25,17 @@ import asyncio
 import os
 import pickle
 import queue
-import struct
 import sys
 import threading
 from multiprocessing.connection import Connection
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional
+
+from common.framing import READ_SIZE, frame, unframe
+
+__all__ = ["READ_SIZE", "SelectorPipes", "ThreadedPipes", "default_pipe_io", "frame", "unframe"]
 
 EventsCallback = Callable[[List[tuple]], None]
 EofCallback = Callable[[], None]
-
-_SHORT = struct.Struct("!i")
-_LONG = struct.Struct("!Q")
-#: Bytes asked for per read of the events pipe.
-READ_SIZE = 1 << 20
-
-
-def frame(payload: bytes) -> bytes:
-    """*payload* with ``Connection.send_bytes``' length header in front."""
-    if len(payload) > 0x7FFFFFFF:
-        return _SHORT.pack(-1) + _LONG.pack(len(payload)) + payload
-    return _SHORT.pack(len(payload)) + payload
-
-
-def unframe(buffer: bytearray) -> Tuple[List[bytes], int]:
-    """The complete messages at the start of *buffer* and how many bytes they took."""
-    messages: List[bytes] = []
-    pos, size = 0, len(buffer)
-    while size - pos >= 4:
-        (length,) = _SHORT.unpack_from(buffer, pos)
-        header = 4
-        if length == -1:
-            if size - pos < 12:
-                break
-            (length,) = _LONG.unpack_from(buffer, pos + 4)
-            header = 12
-        if size - pos - header < length:
-            break
-        start = pos + header
-        messages.append(bytes(buffer[start : start + length]))
-        pos = start + length
-    return messages, pos
 
 
 def default_pipe_io() -> str:

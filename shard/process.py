@@ -330,7 +330,7 @@ class _EventSender:
                 break
             try:
                 self._events.send_bytes(data)
-            except OSError:
+            except (OSError, TypeError):  # (TypeError: closed under the write, a stall)
                 break  # the router is gone; its command pipe says so
             with self._lock:
                 self._waiting -= len(data)

@@ -1151,7 +1151,7 @@ async def _serve(
     import redis.asyncio as aioredis
 
     from shard.handoff import receive
-    from shard.process import _EventSender
+    from shard.looplink import link_class
     from shard.redis_sub import Subscriber
 
     loop = asyncio.get_running_loop()
@@ -1164,10 +1164,10 @@ async def _serve(
                                client_name=name, **fast)  # fmt: skip
     routers = len(links)
     generations = [0] * routers
-    senders: List[Optional[_EventSender]] = [None] * routers
-    current: List[Any] = [None] * routers  # each router's commands pipe now
+    current: List[Any] = [None] * routers  # each router's link now (shard.looplink)
+    Link = link_class()
 
-    def stalled(router: int) -> None:  # (a sender's thread)
+    def stalled(router: int) -> None:  # (the loop, or a sender's thread)
         if control is not None:
             try:
                 control.send(("stalled", router, generations[router]))
@@ -1181,9 +1181,9 @@ async def _serve(
                 copy = event if router == source or not event[1] else event[:1] + (0,) + event[2:]
                 per[router].append(copy)
         for router, events in enumerate(per):
-            sender = senders[router]
-            if events and sender is not None:
-                sender.send(pickle.dumps(events, pickle.HIGHEST_PROTOCOL))
+            link = current[router]
+            if events and link is not None:
+                link.send(pickle.dumps(events, pickle.HIGHEST_PROTOCOL))
 
     rooms = RedisRooms(client, node, presence_seconds=presence_seconds)
 
@@ -1192,37 +1192,26 @@ async def _serve(
 
     shard = RedisShard(rooms, subscriber, send, index, count, routers)
 
-    def gone(router: int, conn: Any) -> None:  # (the loop) a router's pipe ended
-        if current[router] is not conn:
+    def gone(router: int, link: Any) -> None:  # (the loop) a router's pipe ended
+        if current[router] is not link:
             return  # replaced already
         current[router] = None
-        sender, senders[router] = senders[router], None
-        if sender is not None:
-            sender.close()
+        link.close()
         if control is None:
             done.set()  # our only router is gone: so are we
         else:
             shard.router_gone(router)
 
-    def read(router: int, conn: Any) -> None:  # (a thread per router pipe)
-        try:
-            while True:
-                commands = pickle.loads(conn.recv_bytes())
-                loop.call_soon_threadsafe(shard.submit, commands, [router] * len(commands))
-        except (EOFError, OSError):
-            pass
-        except RuntimeError:
-            return  # the loop is closed: stopping
-        try:
-            loop.call_soon_threadsafe(gone, router, conn)
-        except RuntimeError:
-            pass
-
     def attach(router: int, commands: Any, events: Any) -> None:
-        current[router] = commands
-        senders[router] = _EventSender(router, events, stalled)
-        threading.Thread(target=read, args=(router, commands), daemon=True,
-                         name=f"router-{router}-commands").start()  # fmt: skip
+        holder: List[Any] = []
+
+        def on_commands(batch: List[m.Command]) -> None:
+            shard.submit(batch, [router] * len(batch))
+
+        link = Link(loop, router, commands, events, on_commands,
+                    lambda: gone(router, holder[0]), stalled)  # fmt: skip
+        holder.append(link)
+        current[router] = link
 
     def on_control(message: Any) -> None:  # (the loop) the supervisor restarted a router
         _, router, commands, events = message
@@ -1258,15 +1247,12 @@ async def _serve(
             except asyncio.TimeoutError:
                 if parent_pid is not None and os.getppid() != parent_pid:
                     break  # orphaned: the router died and we were re-parented
-                for sender in senders:  # a router that takes nothing is stalled (tier)
-                    if sender is not None:
-                        sender.check()
+                for link in current:  # a router that takes nothing is stalled (tier)
+                    if link is not None:
+                        link.check()
     finally:
         await shard.stop()
-        for sender in senders:
-            if sender is not None:
-                sender.close()
-        for conn in current:
-            if conn is not None:
-                conn.close()
+        for link in current:
+            if link is not None:
+                link.close()
         await client.aclose()
