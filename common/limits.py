@@ -207,6 +207,11 @@ MAX_ROOMS_LISTED = 1000
 #: each group with one pipe message). Bounds the size of one answer.
 MAX_SHARD_BATCH = 4096
 
+#: Seconds a router holds a shard's next batch at most while commands it sent that shard
+#: earlier are unanswered (router/shards.py: the batch goes as soon as they are answered;
+#: with nothing unanswered it goes in the same loop turn).
+COMMAND_HOLD_SECONDS = 0.002
+
 # --- durable history (shard/storage.py) -------------------------------------------------
 
 #: Fixed virtual slots of the history store: a room hashes to one slot (BLAKE2b of its

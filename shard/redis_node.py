@@ -13,10 +13,11 @@ its rooms:
   skipped); an entry ahead of the next expected one waits for it. A batch's chat lines
   for one room are one script call. Events and completions leave in one queue, in command
   order; a completion waits for its entry.
-- **Gaps** (Redis pub/sub is at-most-once): an entry whose seq is past the next one
-  expected, or a completion whose entry does not come within ``REDIS_GAP_SECONDS``, makes
-  the shard read the missing range from the room's Stream before it delivers anything newer
-  in that room; what is gone (trimmed, or a new epoch) is a ``NOTICE missed`` to members.
+- **Gaps** (Redis pub/sub is at-most-once): another node's entry whose seq is past the
+  next one expected, or a completion whose entry is still ahead of a missing one after
+  ``REDIS_GAP_SECONDS``, makes the shard read the missing range from the room's Stream
+  before it delivers anything newer in that room; what is gone (trimmed, or a new epoch) is
+  a ``NOTICE missed`` to members.
 - **Presence**: the shard refreshes its members' expiry every third of the presence time
   and runs the expiry script for its rooms (a dead node's members leave, and are heard).
 - **Redis lost**: every room with members here gets ``NOTICE shared_lost``; commands are
