@@ -212,6 +212,11 @@ MAX_SHARD_BATCH = 4096
 #: with nothing unanswered it goes in the same loop turn).
 COMMAND_HOLD_SECONDS = 0.002
 
+#: With ``--redis``: bytes of chat text (UTF-8) a batch's lines for one room carry in one
+#: script call (one ``PUBLISH`` of them all); the line that would pass it starts another.
+#: Keeps each published message far below Redis's pub/sub output buffer limits.
+REDIS_SAY_MAX_BYTES = 64 * 1024
+
 # --- durable history (shard/storage.py) -------------------------------------------------
 
 #: Fixed virtual slots of the history store: a room hashes to one slot (BLAKE2b of its

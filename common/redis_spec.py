@@ -65,6 +65,12 @@ def start_problem(spec: RedisSpec, wait_seconds: float = 0.0) -> Optional[str]:
         import redis
     except ImportError:
         return f"--redis needs the redis client: {INSTALL_HINT}"
+    try:  # (the shards read their subscriptions and pack commands with it)
+        import hiredis
+    except ImportError:
+        hiredis = None
+    if not (hasattr(hiredis, "Reader") and hasattr(hiredis, "pack_command")):
+        return f"--redis needs hiredis 2.2.1 or later: {INSTALL_HINT}"
     deadline = time.monotonic() + wait_seconds
     while True:
         client = redis.Redis.from_url(spec.url, socket_connect_timeout=2, socket_timeout=2)

@@ -22,8 +22,9 @@ import pickle
 import sys
 import threading
 import time
+from collections import deque
 from multiprocessing.connection import Connection
-from typing import Any, Callable
+from typing import Any, Callable, Deque
 
 from common.framing import READ_SIZE, frame, unframe
 from common.limits import MAX_ROUTER_BACKLOG_BYTES, MAX_SHARD_BACKLOG_BYTES, ROUTER_STALL_SECONDS
@@ -59,6 +60,7 @@ class LoopLink:
         os.set_blocking(self._wfd, False)
         self._in = bytearray()  # bytes read, not yet a whole message
         self._out = bytearray()  # framed events the pipe had no room for yet
+        self._sizes: Deque[int] = deque()  # of the frames in _out (the first: what is left)
         self._progress_at = monotonic()  # the last write, or when waiting began
         self.stalled = False
         self._closed = False
@@ -79,6 +81,7 @@ class LoopLink:
         framed = frame(data)
         if self._out:
             self._out += framed
+            self._sizes.append(len(framed))
             return
         try:
             written = os.write(self._wfd, framed)
@@ -88,6 +91,7 @@ class LoopLink:
             return  # the router is gone; its commands pipe says so
         if written < len(framed):
             self._out += memoryview(framed)[written:]
+            self._sizes.append(len(framed) - written)
             self._progress_at = self._monotonic()
             self._loop.add_writer(self._wfd, self._writable)
 
@@ -108,13 +112,18 @@ class LoopLink:
         self._loop.remove_reader(self._rfd)
         self._loop.remove_writer(self._wfd)
         self._out.clear()
+        self._sizes.clear()
         self.commands.close()
         self._events.close()
 
     def _stall(self) -> None:
+        """Nothing more for this router: what waits is dropped, but for the rest of the
+        frame at its head, which the pipe may have taken part of (what the router reads
+        stays whole messages)."""
         self.stalled = True
-        self._out.clear()
-        self._loop.remove_writer(self._wfd)
+        if self._sizes:
+            del self._out[self._sizes[0] :]
+            self._sizes = deque([self._sizes[0]])
         self._on_stall(self.router)
 
     def _writable(self) -> None:
@@ -127,6 +136,13 @@ class LoopLink:
         if written:
             self._progress_at = self._monotonic()
             del self._out[:written]
+            sizes = self._sizes
+            while written and sizes:
+                if written >= sizes[0]:
+                    written -= sizes.popleft()
+                else:
+                    sizes[0] -= written
+                    written = 0
         if not self._out:
             self._loop.remove_writer(self._wfd)
 

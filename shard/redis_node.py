@@ -38,7 +38,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
-from common import errors
+from common import errors, limits
 from common import messages as m
 from common.hashing import room_to_shard
 from common.limits import (
@@ -89,7 +89,7 @@ Send = Callable[[List[Tuple[m.Event, int, Tuple[int, ...]]]], None]
 class _Room:
     """A room with members on this node (or one being joined)."""
 
-    __slots__ = ("name", "members", "epoch", "expected", "early", "pending")
+    __slots__ = ("name", "members", "epoch", "expected", "early", "pending", "early_mark")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -101,6 +101,9 @@ class _Room:
         self.early: Dict[int, Tuple[int, m.Entry]] = {}
         #: Local completions waiting for their entry: seq -> (item, since when).
         self.pending: Dict[int, Tuple[_Item, float]] = {}
+        #: The lowest seq in ``early`` and since when it has been the lowest (the timer's
+        #: view: one that stays there for the gap time is waiting for a lost entry).
+        self.early_mark: Optional[Tuple[int, float]] = None
 
 
 class _Item:
@@ -130,9 +133,15 @@ class _Item:
 
 class _Lines(list):
     """A batch's chat lines for one room, ``(cid, text)`` each, said in one script call
-    (where the first of them is in the batch); ``answer``: that call's answer."""
+    (where the first of them is in the batch); ``answer``: that call's answer; ``size``:
+    the bytes of their texts (at most ``REDIS_SAY_MAX_BYTES`` but for a first line
+    bigger than that)."""
 
-    __slots__ = ("answer",)
+    __slots__ = ("answer", "size")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
 
 
 class RedisShard:
@@ -176,9 +185,14 @@ class RedisShard:
         #: Rooms that got an entry ahead of the next while a job ran (this node's own
         #: entries in flight may be what is missing): checked for a gap once it is done.
         self._ahead: Set[str] = set()
-        #: What the scripts of the job running now published, ``(room, message)``: their
-        #: entries are delivered from the answers (the channel's copy is skipped).
-        self._heard: List[Tuple[str, bytes]] = []
+        #: What the scripts of the job running now published, ``(room, epoch, entries)``:
+        #: delivered from the answers once the job's completions wait (the channel's copy
+        #: is skipped).
+        self._heard: List[Tuple[str, int, List[m.Entry]]] = []
+        #: Other nodes' entries held until the job running now is done: those of a room
+        #: whose epoch they change (the job's own answers are of the epoch it had), and
+        #: every one of that room after them.
+        self._later: Dict[str, List[Tuple[int, m.Entry]]] = {}
         mark = json.dumps(rooms.node).encode()
         self._own_mark = b"," + mark + b","  # (in a message of ours, right after the epoch)
         self._own_within = 24 + len(self._own_mark)
@@ -270,6 +284,10 @@ class RedisShard:
             finally:
                 self._busy = False
                 self._heard.clear()
+                later, self._later = self._later, {}
+                for name, held in later.items():
+                    for epoch, entry in held:
+                        self._on_entry(name, epoch, entry)
                 ahead, self._ahead = self._ahead, set()
                 for name in ahead:  # still ahead with the job's own entries in: a gap
                     room = self.local.get(name)
@@ -312,10 +330,16 @@ class RedisShard:
                 continue
             now = self._monotonic()
             for room in self.local.values():
-                if room.pending:
-                    oldest = min(since for _, since in room.pending.values())
-                    if now - oldest >= self._gap_seconds:
-                        self._want_fill(room.name, max(room.pending))
+                waits = [since for _, since in room.pending.values()]
+                if room.early and room.expected is not None:
+                    lowest = min(room.early)
+                    if room.early_mark is None or room.early_mark[0] != lowest:
+                        room.early_mark = (lowest, now)
+                    waits.append(room.early_mark[1])
+                else:
+                    room.early_mark = None
+                if waits and now - min(waits) >= self._gap_seconds:
+                    self._want_fill(room.name, max([*room.pending, *room.early]))
             if now >= next_presence:
                 next_presence = now + presence_every
                 self._put(("presence",))
@@ -356,8 +380,8 @@ class RedisShard:
                     self._ready(m.fail(step[1][1], errors.ROOM_UNAVAILABLE), step[2])
             position += taken
         heard, self._heard = self._heard, []
-        for name, message in heard:
-            self._hear(name, message)
+        for name, epoch, entries in heard:
+            self._hear(name, epoch, entries)
         for room in new:
             found = self.local.get(room)
             if found is not None and not found.members and not found.pending:
@@ -418,13 +442,17 @@ class RedisShard:
         op, cid = command[0], command[3]
         rooms = self.rooms
         if op == m.MSG:
-            name = command[4]
+            name, text = command[4], command[5]
+            size = len(text) if text.isascii() else len(text.encode())
             said = lines.get(name)
+            if said is not None and said.size + size > limits.REDIS_SAY_MAX_BYTES:
+                said = None  # (one published message stays small: this one starts another)
             first = said is None
             if said is None:
                 said = lines[name] = _Lines()
                 calls.append(lambda pipe: rooms.queue_say(pipe, name, said))
-            said.append((cid, command[5]))
+            said.append((cid, text))
+            said.size += size
             return ("msg", command, source, said, len(said) - 1, 1 if first else 0)
         if op == m.DROP:
             lines.clear()
@@ -487,7 +515,7 @@ class RedisShard:
         seqs, message = answers[0]
         req, room = command[1], command[4]
         if first:
-            self._heard.append((room, message))
+            self._adopt(room, message)
         seq = int(seqs[index])
         if not seq:
             self._ready(m.fail(req, errors.NOT_IN_ROOM), source)
@@ -504,7 +532,7 @@ class RedisShard:
         outcome, epoch, seq, members = outcome_of(answers[0])
         last = last_seq_of(answers[0])
         op, req, _, cid, name, username = command
-        self._heard.append((name, message_of(answers[0])))
+        self._adopt(name, message_of(answers[0]))
         room = self.local.get(name)
         if room is None:  # (a JOIN subscribes first)
             room = self.local[name] = _Room(name)
@@ -538,7 +566,7 @@ class RedisShard:
         _, command, source, _ = step
         outcome, _, seq, members = outcome_of(answers[0])
         req, cid, name = command[1], command[3], command[4]
-        self._heard.append((name, message_of(answers[0])))
+        self._adopt(name, message_of(answers[0]))
         counts[name] = members
         self._forget_member(name, cid)
         if outcome != "left":
@@ -563,7 +591,7 @@ class RedisShard:
                 self._ready(m.left(0, name, cid, None), -1, (cid % self.routers,))  # type: ignore[arg-type]
                 continue
             outcome, _, seq, members = outcome_of(answer)
-            self._heard.append((name, message_of(answer)))
+            self._adopt(name, message_of(answer))
             counts[name] = members
             if outcome == "left":
                 self._wait_for(name, seq, _Item(
@@ -767,17 +795,42 @@ class RedisShard:
                 for entry in entries:
                     self._on_entry(room, epoch, entry)
 
-    def _hear(self, name: str, message: bytes) -> None:
-        """Deliver the entries a script of this node published, from its answer."""
-        if not message:
+    def _adopt(self, name: str, message: bytes) -> None:
+        """Take in what a script of this node published in *name* (its answer's last
+        part), to be delivered once the batch's completions wait (:meth:`_hear`). A newer
+        epoch than the room's is taken on at once, before the command's completion waits
+        for its entry (the old history's entries will not come)."""
+        found = self._published(name, message)
+        if found is None:
             return
+        epoch, entries = found
+        room = self.local.get(name)
+        if room is not None and room.expected is not None and room.epoch is not None:
+            if epoch > room.epoch and entries:
+                self._new_epoch(room, epoch, entries[0][0])
+        self._heard.append((name, epoch, entries))
+
+    def _published(self, name: str, message: bytes) -> Optional[Tuple[int, List[m.Entry]]]:
+        if not message:
+            return None
         try:
             epoch, _, entries = published_of(json.loads(message))
         except (ValueError, TypeError, IndexError):
             log.error("room %s: a script answered with %.80r", name, message)
-            return
+            return None
+        return epoch, entries
+
+    def _hear(self, name: str, epoch: int, entries: List[m.Entry]) -> None:
+        """Deliver the entries a script of this node published, from its answer."""
         for entry in entries:
             self._on_entry(name, epoch, entry, heard=True)
+
+    def _hear_answer(self, name: str, message: bytes) -> None:
+        """:meth:`_hear` what a script run outside a batch (presence, clean-up, putting
+        members back) published."""
+        found = self._published(name, message)
+        if found is not None:
+            self._hear(name, *found)
 
     def _on_entry(self, name: str, epoch: int, entry: m.Entry, heard: bool = False) -> None:
         """Deliver *entry* of room *name* if it is the next one, else keep it until the
@@ -785,6 +838,12 @@ class RedisShard:
         another node's, on its way or lost: the completion's wait tells)."""
         room = self.local.get(name)
         if room is None:
+            return
+        if not heard and self._busy and (name in self._later or (
+                room.epoch is not None and epoch != room.epoch)):  # fmt: skip
+            held = self._later.setdefault(name, [])
+            if len(held) < HISTORY_SIZE:  # (what does not fit is read back later)
+                held.append((epoch, entry))
             return
         seq = entry[0]
         if room.expected is None:
@@ -890,6 +949,8 @@ class RedisShard:
         self.rooms.queue_range(pipe, name, after, min(HISTORY_SIZE, top - after))
         state, items = await pipe.execute()
         epoch, seq = state_of(state)
+        if epoch and room.epoch is not None and epoch < room.epoch:
+            return  # (an answer from before the room's new history: nothing to do)
         entries = [entry_of(item) for item in items]
         self.refilled += len(entries)
         if epoch != room.epoch:
@@ -924,7 +985,7 @@ class RedisShard:
             if _is_connection_error(answer):
                 raise answer
             if not isinstance(answer, Exception) and int(answer[0]):
-                self._hear(name, message_of(answer))  # (the expired members' leaves)
+                self._hear_answer(name, message_of(answer))  # (the expired members' leaves)
                 self.rooms.queue_count(counts, name, int(answer[1]))
         if len(counts):
             await counts.execute()
@@ -1034,7 +1095,7 @@ class RedisShard:
             raise
         for (name, _), answer in zip(pending, answers):
             if not isinstance(answer, Exception):
-                self._hear(name, message_of(answer))
+                self._hear_answer(name, message_of(answer))
 
     async def _put_members_back(self) -> None:
         """Every member here present again (Redis may have restarted, or expired them)."""
@@ -1050,7 +1111,7 @@ class RedisShard:
             room = self.local[name]
             if room.expected is None:  # (put back while Redis was away: deliver from now)
                 room.epoch, room.expected = outcome_of(answer)[1], last_seq_of(answer) + 1
-            self._hear(name, message_of(answer))  # (members of others that had expired)
+            self._hear_answer(name, message_of(answer))  # (members of others that had expired)
             if outcome_of(answer)[0] == "taken":  # someone else took the name meanwhile
                 log.warning("room %s: a member's name was taken while Redis was away", name)
                 self._forget_member(name, cid)

@@ -70,6 +70,13 @@ class Subscriber:
         return replies
 
     async def aclose(self) -> None:
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None and not connecting.done():
+            connecting.cancel()  # (its socket is closed as the set-up is cut off)
+            try:
+                await connecting
+            except BaseException:  # noqa: BLE001 (cancelled, or failed: closing anyway)
+                pass
         streams, self._streams = self._streams, None
         if streams is not None:
             streams[1].close()
@@ -77,6 +84,22 @@ class Subscriber:
                 await streams[1].wait_closed()
             except (OSError, ConnectionError):
                 pass  # (closing a connection that is gone)
+
+    async def _ask(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, command: Tuple[str, ...]
+    ) -> Optional[Exception]:
+        """Send *command* (set-up, before any subscription) and read its one reply: the
+        error Redis answered, or None."""
+        writer.write(self._pack(command))
+        await writer.drain()
+        while True:
+            reply = self._reader.gets()
+            if reply is not False:
+                return reply if isinstance(reply, Exception) else None
+            data = await asyncio.wait_for(reader.read(READ_BYTES), self._timeout)
+            if not data:
+                raise ConnectionError("Redis closed the connection while it was set up")
+            self._reader.feed(data)
 
     def _take(self) -> List[Reply]:
         replies: List[Reply] = []
@@ -114,31 +137,20 @@ class Subscriber:
             )
         except (OSError, asyncio.TimeoutError) as error:
             raise ConnectionError(f"cannot reach Redis: {error}") from None
-        setup = []
-        if parts.password is not None:
-            auth = [unquote(parts.password)]
-            if parts.username:
-                auth.insert(0, unquote(parts.username))
-            setup.append(("AUTH", *auth))
-        if self._name:
-            setup.append(("CLIENT", "SETNAME", self._name))
         try:
-            for command in setup:
-                writer.write(self._pack(command))
-            await writer.drain()
-            answered = 0
-            while answered < len(setup):
-                data = await asyncio.wait_for(reader.read(READ_BYTES), self._timeout)
-                if not data:
-                    raise ConnectionError("Redis closed the connection while it was set up")
-                self._reader.feed(data)
-                while answered < len(setup):
-                    reply = self._reader.gets()
-                    if reply is False:
-                        break
-                    if isinstance(reply, Exception):
-                        raise ConnectionError(f"Redis refused {setup[answered][0]}: {reply}")
-                    answered += 1
+            if parts.password is not None:
+                password = unquote(parts.password)
+                user = unquote(parts.username or "")
+                refused = await self._ask(reader, writer, ("AUTH", user, password) if user
+                                          else ("AUTH", password))  # fmt: skip
+                if refused is not None and user and "wrong number" in str(refused):
+                    refused = await self._ask(reader, writer, ("AUTH", password))  # Redis < 6
+                if refused is not None:
+                    raise ConnectionError(f"Redis refused AUTH: {refused}")
+            if self._name:
+                refused = await self._ask(reader, writer, ("CLIENT", "SETNAME", self._name))
+                if refused is not None:
+                    raise ConnectionError(f"Redis refused CLIENT SETNAME: {refused}")
         except asyncio.TimeoutError:
             writer.close()
             raise ConnectionError("Redis did not answer the subscription's set-up") from None

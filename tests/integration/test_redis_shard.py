@@ -365,3 +365,97 @@ def test_a_member_another_node_expired_is_let_go_here_too(server: RedisServer) -
         assert left and left[-1][3] == 7 and left[-1][4][3] == "ann"
 
     run(server, body)
+
+
+def test_a_new_history_heard_while_a_batch_runs_leaves_no_completion_waiting(
+    server: RedisServer,
+) -> None:
+    """Redis loses the room while node a's batch is out: b's entry of the new history
+    reaches a before a reads its own answer (of the old one). a's completion is not made
+    to wait for a seq of the new history (it would hold every later completion of the
+    shard): the command is answered, and so is the one after it."""
+    from shard.redis_rooms import room_keys
+
+    async def body(shards: List[RedisShard], sent: List[Sent]) -> None:
+        a, b = shards
+        await both_in_lobby(a, b, sent)
+        real = a._execute
+        fired: List[int] = []
+
+        async def execute(batch: Any, sources: Any, now: float) -> Any:
+            plan, answers = await real(batch, sources, now)  # a's line said, old history
+            if not fired:
+                fired.append(1)
+                await redis_command(server, "DEL", *room_keys("lobby")[:5])
+                b.submit([m.join(7, 0, 2, "lobby", "carl")], [0])  # opens a new history
+                await until(lambda: 7 in completions(sent[1]), b)
+                await asyncio.sleep(0.2)  # (its entry is on a's subscription meanwhile)
+            return plan, answers
+
+        a._execute = execute  # type: ignore[method-assign]
+        a.submit([m.msg(2, 0, 1, "lobby", "mine")], [0])
+        await settle(a, b, wait=0.2)
+        a.submit([m.names(3, 0, 1, "lobby")], [0])
+        await until(lambda: 3 in completions(sent[0]), a, b, timeout=10)
+        assert completions(sent[0])[-2:] == [2, 3]
+        notices = [e for e, _, _ in sent[0] if e[0] == m.NOTICE]
+        assert [n[3] for n in notices] == ["restarted"]
+
+    run(server, body)
+
+
+def test_an_own_entry_ahead_of_a_lost_one_gets_the_stream_read(server: RedisServer) -> None:
+    """An entry of a's own that no completion waits for (the leave of a dead node's
+    member, from a's presence job) comes right after b's line that pub/sub lost for a:
+    a's timer sees the room's next entry missing for the gap time and reads the Stream, so
+    a's members get b's line and the leave, in order."""
+    import redis.asyncio as aioredis
+
+    from common.names import name_keys
+
+    async def body(shards: List[RedisShard], sent: List[Sent]) -> None:
+        a, b = shards
+        await both_in_lobby(a, b, sent)
+        ghost_client = aioredis.from_url(server.url)
+        try:
+            ghost = RedisRooms(ghost_client, "dead-node", presence_seconds=0.05)
+            await ghost.load()
+            await ghost.join("lobby", 9, "zed", name_keys("zed"))  # seq 3, its node dies
+        finally:
+            await ghost_client.aclose()
+        await until(lambda: len([e for e, _, _ in sent[0] if e[0] == m.JOINED]) >= 3, a, b)
+        dropped: List[Any] = []
+        drop_on_channel(a, b"lost", dropped)
+        b.submit([m.msg(2, 0, 1, "lobby", "lost")], [0])  # seq 4, lost on a's channel
+        await until(lambda: bool(dropped), a, b)
+        await asyncio.sleep(0.2)  # zed's presence is over
+        a._put(("presence",))  # a's expiry runs first: zed's leave (seq 5) is a's own
+        await until(lambda: any(e[0] == m.LEFT for e, _, _ in sent[0]), a, b, timeout=10)
+        assert chats(sent[0]) == [(4, "lost")] and a.refilled >= 1
+        left = [e for e, _, _ in sent[0] if e[0] == m.LEFT]
+        assert [e[4][0] for e in left] == [5]  # zed's leave, after the line
+
+    run(server, body)
+
+
+def test_a_rooms_lines_in_one_script_call_stay_within_the_size_bound(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past REDIS_SAY_MAX_BYTES of text, the next line of the room starts another script
+    call (one published message each); every line is still said once, in order."""
+    from common import limits
+
+    monkeypatch.setattr(limits, "REDIS_SAY_MAX_BYTES", 1000)
+
+    async def body(shards: List[RedisShard], sent: List[Sent]) -> None:
+        (a,) = shards
+        a.submit([m.join(1, 0, 1, "lobby", "ann")], [0])
+        await until(lambda: completions(sent[0]) == [1], a)
+        before = await redis_info(server, "commandstats")
+        a.submit([m.msg(2 + i, 0, 1, "lobby", str(i) * 400) for i in range(6)], [0] * 6)
+        await until(lambda: len(completions(sent[0])) == 7, a, timeout=5)
+        after = await redis_info(server, "commandstats")
+        assert evalsha_calls(after) - evalsha_calls(before) == 3  # 2 lines (800) a call
+        assert [text[0] for _, text in chats(sent[0])] == [str(i) for i in range(6)]
+
+    run(server, body, nodes=1)

@@ -177,3 +177,26 @@ def test_a_router_that_keeps_taking_its_events_slowly_is_not_stalled(
         assert not stalls  # ...and not called stalled: it kept taking them
 
     run_with_link(kind, body)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the selector's link: POSIX")
+def test_a_stall_in_the_middle_of_a_frame_leaves_the_router_whole_messages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(looplink, "MAX_ROUTER_BACKLOG_BYTES", 256 * 1024)
+
+    async def body(link: Any, commands: Any, events: Any, got: List[Any], eofs: List[int],
+                   stalls: List[int]) -> None:  # fmt: skip
+        first = b"a" * 200_000  # more than the pipe holds: the pipe takes part of it
+        link.send(first)
+        link.send(b"b" * 100_000)  # waits behind it
+        assert link.waiting > 100_000
+        link.send(b"c" * 100_000)  # past the hard bound: stalled
+        assert stalls == [3]
+        loop = asyncio.get_running_loop()
+        received = await loop.run_in_executor(None, events.recv_bytes)
+        assert received == first  # the frame the pipe had begun is finished...
+        await until(lambda: link.waiting == 0)
+        assert not await loop.run_in_executor(None, events.poll, 0.2)  # ...and nothing after
+
+    run_with_link(LoopLink, body)

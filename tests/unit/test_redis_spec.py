@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import types
 
 import pytest
 
@@ -39,3 +40,13 @@ def test_without_redis_py_the_start_says_what_to_install(monkeypatch: pytest.Mon
     problem = start_problem(make_spec("redis://127.0.0.1:6379/0", 30))
     assert problem == f"--redis needs the redis client: {INSTALL_HINT}"
     assert INSTALL_HINT == 'pip install "shardchat[redis]"'
+
+
+@pytest.mark.parametrize("hiredis", [None, types.SimpleNamespace(Reader=object)])
+def test_without_hiredis_or_with_one_too_old_the_start_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, hiredis: object
+) -> None:
+    pytest.importorskip("redis")
+    monkeypatch.setitem(sys.modules, "hiredis", hiredis)  # None: import -> ImportError
+    problem = start_problem(make_spec("redis://127.0.0.1:6379/0", 30))
+    assert problem == f"--redis needs hiredis 2.2.1 or later: {INSTALL_HINT}"
