@@ -335,7 +335,8 @@ class _EventSender:
             with self._lock:
                 self._waiting -= len(data)
                 self._progress_at = self._monotonic()
-        self._events.close()
+        with contextlib.suppress(OSError):  # (closed at once already if it stalled)
+            self._events.close()
 
     def close(self) -> None:
         """Stop after what is queued (a stalled router's pipe is closed at once)."""
