@@ -207,11 +207,6 @@ MAX_ROOMS_LISTED = 1000
 #: each group with one pipe message). Bounds the size of one answer.
 MAX_SHARD_BATCH = 4096
 
-#: Seconds a router holds a shard's next batch at most while commands it sent that shard
-#: earlier are unanswered (router/shards.py: the batch goes as soon as they are answered;
-#: with nothing unanswered it goes in the same loop turn).
-COMMAND_HOLD_SECONDS = 0.002
-
 #: With ``--redis``: bytes of chat text (UTF-8) a batch's lines for one room carry in one
 #: script call (one ``PUBLISH`` of them all); the line that would pass it starts another.
 #: Keeps each published message far below Redis's pub/sub output buffer limits.

@@ -10,11 +10,7 @@ past it the commands are refused with ``room_unavailable``.
 
 Batching: :meth:`ShardLink.send` appends to a list; the first append in a loop turn
 schedules one flush with ``call_soon``, so everything bound for one shard in one turn goes
-as one pipe message. While a batch sent earlier still has commands the shard has not
-answered, the flush waits for those answers instead, for at most
-``COMMAND_HOLD_SECONDS`` (:class:`Answers`: Nagle's rule for pipes): the shard would only
-have queued the batch behind the one it is working on, and one pipe message (one write,
-one wake-up of the shard, one pickle) then carries what several loop turns brought.
+as one pipe message.
 
 Supervision (:class:`ShardPool`): a shard whose event pipe reaches end-of-file has died.
 It is restarted after a backoff (``RESTART_BACKOFF_MIN`` doubling to ``RESTART_BACKOFF_MAX``);
@@ -45,7 +41,6 @@ from common import errors
 from common import messages as m
 from common.hashing import room_to_shard
 from common.limits import (
-    COMMAND_HOLD_SECONDS,
     MAX_RESTARTS,
     MAX_SHARD_BACKLOG_BYTES,
     RESTART_BACKOFF_MAX,
@@ -116,34 +111,6 @@ def refuse(batch: List[m.Command], code: str) -> List[m.Event]:
     return events
 
 
-class Answers:
-    """How many commands sent to a shard have not been answered yet (each command gets
-    exactly one completion: an event carrying its req, which is > 0), and so whether the
-    next batch should wait for them (:func:`ShardLink.send`)."""
-
-    __slots__ = ("unanswered",)
-
-    def __init__(self) -> None:
-        self.unanswered = 0
-
-    def sent(self, batch: List[m.Command]) -> None:
-        self.unanswered += sum(1 for command in batch if command[m.REQ] > 0)
-
-    def answered(self, events: List[tuple]) -> bool:
-        """Count *events*' completions; whether nothing is left unanswered now."""
-        done = 0
-        for event in events:
-            if event[1] > 0:
-                done += 1
-        if done:
-            self.unanswered = max(0, self.unanswered - done)
-        return not self.unanswered
-
-    def reset(self) -> None:
-        """A new incarnation of the shard: what the last one had is answered otherwise."""
-        self.unanswered = 0
-
-
 class ShardLink:
     """One shard process and its two pipes. Used from the loop thread."""
 
@@ -176,8 +143,6 @@ class ShardLink:
         self._pipes: Optional[Any] = None
         self._pending: List[m.Command] = []
         self._flush_scheduled = False
-        self._answers = Answers()
-        self._hold: Optional[asyncio.TimerHandle] = None  # the flush waiting for answers
         #: Called with (index, batch) as each batch goes down the pipe (or is refused
         #: because the shard is down): the hub's record of the commands in flight.
         self.on_flush: Callable[[int, List[m.Command]], None] = _nothing
@@ -266,15 +231,8 @@ class ShardLink:
     def _connect(self, process: Any, commands_out: Connection, events_in: Connection) -> None:
         index, on_events = self.index, self._listener.on_shard_events
 
-        answers = self._answers
-        answers.reset()
-
         def events_of_this_incarnation(events: List[tuple]) -> None:
             if self.process is process:  # a dead one's last events answer nothing now
-                if answers.answered(events) and self._hold is not None:
-                    self._hold.cancel()  # all answered: the waiting batch goes now
-                    self._hold = None
-                    self._loop.call_soon(self._flush)
                 on_events(index, events)
 
         self._pipes = self._pipes_class(
@@ -297,7 +255,8 @@ class ShardLink:
         """Queue *command* for this shard; it leaves in this loop turn's batch."""
         self._pending.append(command)
         if not self._flush_scheduled:
-            self._schedule_flush()
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
     def send_first(self, commands: List[m.Command]) -> None:
         """Queue *commands* ahead of everything queued and not sent yet (the REJOINs of a
@@ -305,22 +264,11 @@ class ShardLink:
         if commands:
             self._pending[:0] = commands
             if not self._flush_scheduled:
-                self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
-        self._flush_scheduled = True
-        if self._answers.unanswered and self.alive:
-            self._hold = self._loop.call_later(COMMAND_HOLD_SECONDS, self._flush)
-        else:
-            self._loop.call_soon(self._flush)
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        if not self._flush_scheduled:
-            return  # (sent already: a hold that ended as its answers came)
         self._flush_scheduled = False
-        if self._hold is not None:
-            self._hold.cancel()
-            self._hold = None
         batch, self._pending = self._pending, []
         if not batch:
             return
@@ -329,7 +277,6 @@ class ShardLink:
             self._listener.on_shard_events(self.index, refuse(batch, errors.ROOM_UNAVAILABLE))
             return
         assert self._pipes is not None
-        self._answers.sent(batch)
         self._pipes.write(pickle.dumps(batch, pickle.HIGHEST_PROTOCOL))
 
     def close(self) -> None:
