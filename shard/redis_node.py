@@ -742,9 +742,9 @@ class RedisShard:
     async def _listen(self) -> None:
         """Read the subscription connection while it is up (``_listening``: set once a
         subscribe returned, cleared when Redis is lost), whatever has arrived at once.
-        Confirmations are taken at once (a batch may be waiting for one); entries wait
-        while a job runs, so that a batch's completions are registered before their
-        entries come."""
+        Other nodes' entries are delivered as they come, also while a job runs (this
+        node's own come in its answers); one that changes a room's epoch waits until the
+        job is done (:meth:`_on_entry`)."""
         assert self._listening is not None
         while True:
             await self._listening.wait()
@@ -835,7 +835,8 @@ class RedisShard:
     def _on_entry(self, name: str, epoch: int, entry: m.Entry, heard: bool = False) -> None:
         """Deliver *entry* of room *name* if it is the next one, else keep it until the
         ones before it come (*heard*: from this node's own answer; then what is missing is
-        another node's, on its way or lost: the completion's wait tells)."""
+        another node's, on its way or lost: the timer tells, after the gap time). Another
+        node's entry of a new epoch, while a job runs, waits until it is done."""
         room = self.local.get(name)
         if room is None:
             return
@@ -860,8 +861,8 @@ class RedisShard:
             if len(room.early) < HISTORY_SIZE:
                 room.early[seq] = (epoch, entry)
             if heard:
-                pass
-            elif self._busy:  # (the missing ones may be this node's, in the job's answer)
+                return  # (the timer reads the Stream if what is missing does not come)
+            if self._busy:  # (the missing ones may be this node's, in the job's answer)
                 self._ahead.add(name)
             else:
                 self.gaps += 1
