@@ -48,6 +48,20 @@ def run_with_link(kind: type, body: Callable[..., Any]) -> Any:
             conn.close()
 
 
+def slow_reader(events: Any, stop: threading.Event, pause: float) -> threading.Thread:
+    """A router that takes its events, one each *pause* seconds, until *stop*."""
+
+    def read() -> None:
+        while not stop.is_set():
+            if events.poll(0.05):
+                events.recv_bytes()
+                time.sleep(pause)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return reader
+
+
 async def until(done: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not done():
@@ -119,15 +133,7 @@ def test_a_router_that_falls_ever_further_behind_is_stalled_at_the_hard_bound(
     async def body(link: Any, commands: Any, events: Any, got: List[Any], eofs: List[int],
                    stalls: List[int]) -> None:  # fmt: skip
         stop = threading.Event()
-
-        def slow() -> None:  # takes its events, but slower than they come
-            while not stop.is_set():
-                if events.poll(0.05):
-                    events.recv_bytes()
-                    time.sleep(0.05)
-
-        reader = threading.Thread(target=slow, daemon=True)
-        reader.start()
+        reader = slow_reader(events, stop, pause=0.05)  # slower than they come
         sent = 0
         while not stalls:
             link.send(b"w" * 8192)
@@ -154,15 +160,7 @@ def test_a_router_that_keeps_taking_its_events_slowly_is_not_stalled(
     async def body(link: Any, commands: Any, events: Any, got: List[Any], eofs: List[int],
                    stalls: List[int]) -> None:  # fmt: skip
         stop = threading.Event()
-
-        def slow() -> None:
-            while not stop.is_set():
-                if events.poll(0.05):
-                    events.recv_bytes()
-                    time.sleep(0.01)
-
-        reader = threading.Thread(target=slow, daemon=True)
-        reader.start()
+        reader = slow_reader(events, stop, pause=0.01)
         behind = 0
         deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline:
