@@ -127,6 +127,15 @@ async def both_in_lobby(a: RedisShard, b: RedisShard, sent: List[Sent]) -> None:
     await until(lambda: any(e[0] == m.JOINED and e[3] == -1 for e, _, _ in sent[0]), a, b)
 
 
+async def lose_a_line_of_b(a: RedisShard, b: RedisShard, text: str) -> None:
+    """b says *text* in lobby and pub/sub loses it on its way to a (drops every later
+    message with *text* in it too)."""
+    dropped: List[Any] = []
+    drop_on_channel(a, text.encode(), dropped)
+    b.submit([m.msg(2, 0, 1, "lobby", text)], [0])
+    await until(lambda: bool(dropped), a, b)
+
+
 def test_a_lost_entry_of_another_node_is_read_back_after_the_gap_time(
     server: RedisServer,
 ) -> None:
@@ -138,10 +147,7 @@ def test_a_lost_entry_of_another_node_is_read_back_after_the_gap_time(
     async def body(shards: List[RedisShard], sent: List[Sent]) -> None:
         a, b = shards
         await both_in_lobby(a, b, sent)
-        dropped: List[Any] = []
-        drop_on_channel(a, b"lost", dropped)
-        b.submit([m.msg(2, 0, 1, "lobby", "lost")], [0])
-        await until(lambda: bool(dropped), a, b)
+        await lose_a_line_of_b(a, b, "lost")
         a.submit([m.msg(2, 0, 1, "lobby", "mine"), m.names(3, 0, 1, "lobby")], [0, 0])
         await settle(a, b)
         assert not chats(sent[0])  # held: the completion waits for the entry before it
@@ -325,10 +331,7 @@ def test_a_history_redis_lost_fails_what_waited_for_it(server: RedisServer) -> N
     async def body(shards: List[RedisShard], sent: List[Sent]) -> None:
         a, b = shards
         await both_in_lobby(a, b, sent)
-        dropped: List[Any] = []
-        drop_on_channel(a, b"gone", dropped)
-        b.submit([m.msg(2, 0, 1, "lobby", "gone")], [0])
-        await until(lambda: bool(dropped), a, b)
+        await lose_a_line_of_b(a, b, "gone")
         a.submit([m.msg(2, 0, 1, "lobby", "mine")], [0])
         await settle(a)
         assert 2 not in completions(sent[0])  # waiting
