@@ -1,5 +1,5 @@
-"""A Redis shard's pipe pair to one router, for a shard that runs an event loop
-(:mod:`shard.redis_node`).
+"""A shard's pipe pair to one router, for the shards that run an event loop: a router
+tier's (:class:`shard.process._TierLinks`) and a Redis node's (:mod:`shard.redis_node`).
 
 Two interchangeable kinds, the same contract as :class:`shard.process._EventSender` for the
 events (``send``, ``check``, ``stalled``, ``close``; what waits for a router is bounded the
@@ -191,6 +191,10 @@ class ThreadLink:
     @property
     def stalled(self) -> bool:
         return self._sender.stalled
+
+    @property
+    def waiting(self) -> int:
+        return self._sender._waiting
 
     def send(self, data: bytes) -> None:
         self._sender.send(data)

@@ -10,6 +10,7 @@ router closed it or died, even by ``kill -9``) or when its parent process is gon
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -19,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from common import messages as m
@@ -137,99 +138,141 @@ GONE_ROUTER_REQ = -1
 class _TierLinks:
     """A tier shard's pipes to its routers, and what it does when one goes or comes.
 
-    Events go to each router through its own :class:`_EventSender` (a thread and a bounded
-    queue), so a router that stops reading stalls only itself: once it counts as stalled
-    (see :class:`_EventSender`), the shard tells the supervisor (``("stalled", r)``), which
-    restarts it, and sends it nothing more."""
+    It runs an event loop: each router's pipe pair is a :mod:`shard.looplink` link (on
+    POSIX read and written straight from the loop, so a batch costs no thread hand-off;
+    elsewhere a reader and a writer thread). What every router sent in one loop turn is
+    applied as one batch. What waits for a router is bounded, so a router that stops
+    reading stalls only itself: once it counts as stalled (see :class:`_EventSender`),
+    the shard tells the supervisor (``("stalled", r, generation)``), which restarts it,
+    and sends it nothing more. The supervisor's *control* pipe is read on a thread; the
+    shard ends when it does."""
 
     def __init__(
         self, core: ShardCore, links: List[Tuple[Connection, Connection]], control: Connection
     ) -> None:
         self.core = core
         self.control = control
-        self.commands: List[Optional[Connection]] = [c for c, _ in links]
-        self.senders: List[Optional[_EventSender]] = [
-            _EventSender(r, events, self._stalled) for r, (_, events) in enumerate(links)
-        ]
+        self._pairs: List[Optional[Tuple[Connection, Connection]]] = list(links)
+        #: Per router, its link now (None: gone, or not attached yet).
+        self.links: List[Optional[Any]] = [None] * len(links)
         self.fanout = RouterFanout(len(links), core.members_of)
         #: Per router, how many times the supervisor replaced its pipes here: a stall report
         #: names it, so one about a router already replaced is not taken for its successor.
         self.generations = [0] * len(links)
-        self._stalls: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._batch: List[m.Command] = []
+        self._sources: List[int] = []
+        self._applied = False  # since the last idle tick
 
     def serve(self) -> None:
-        control = self.control
-        while True:
-            for sender in self.senders:
-                if sender is not None:
-                    sender.check()
-            while not self._stalls.empty():
-                self._report_stall(self._stalls.get())
-            readers = [c for c in self.commands if c is not None]
-            ready = wait([control, *readers], PARENT_CHECK_INTERVAL)
-            batch: List[m.Command] = []
-            sources: List[int] = []
-            gone: List[int] = []
-            for conn in ready:
-                if conn is control:
-                    if not self._on_control(batch, sources):
-                        return
-                elif conn in self.commands:  # (not one just replaced by the supervisor)
-                    router = self.commands.index(conn)
-                    if not self._read(conn, router, batch, sources):
-                        gone.append(router)
-            if batch:
-                self._apply(batch, sources)
-            elif not ready:
-                self._send(self.fanout.split((), (), self.core.idle()))
-            for router in gone:
-                self._router_gone(router)
+        """Serve until the supervisor goes (its control pipe ends)."""
+        asyncio.run(self._serve())
 
-    def _read(self, conn: Connection, router: int, batch: list, sources: list) -> bool:
-        """Take what router *router* sent (False: its pipe ended, it is gone)."""
+    async def _serve(self) -> None:
+        from shard.looplink import link_class
+
+        loop = asyncio.get_running_loop()
+        self._loop, self._link_class = loop, link_class()
+        self._done = asyncio.Event()
+        for router, pair in enumerate(self._pairs):
+            if pair is not None:
+                self._attach(router, *pair)
+        threading.Thread(target=self._read_control, daemon=True, name="control").start()
         try:
-            while True:
-                commands = pickle.loads(conn.recv_bytes())
-                batch.extend(commands)
-                sources.extend([router] * len(commands))
-                if len(batch) >= MAX_SHARD_BATCH or not conn.poll():
-                    return True
-        except (EOFError, OSError):
-            return False
+            while not self._done.is_set():
+                try:
+                    await asyncio.wait_for(self._done.wait(), PARENT_CHECK_INTERVAL)
+                except asyncio.TimeoutError:
+                    self._tick()
+            self._apply_waiting()
+        finally:
+            for router in range(len(self.links)):
+                self._detach(router)
+
+    def _attach(self, router: int, commands: Connection, events: Connection) -> None:
+        holder: List[Any] = []
+
+        def on_commands(commands: List[m.Command]) -> None:
+            self._take(router, commands)
+
+        link = self._link_class(self._loop, router, commands, events, on_commands,
+                                lambda: self._on_eof(router, holder[0]), self._stalled)  # fmt: skip
+        holder.append(link)
+        self.links[router] = link
+        self._pairs[router] = None
+
+    def _detach(self, router: int) -> None:
+        link, self.links[router] = self.links[router], None
+        if link is not None:
+            link.close()
+
+    def _take(self, router: int, commands: List[m.Command]) -> None:
+        """Router *router*'s message of *commands*: applied at the end of this loop turn,
+        with whatever the others sent in it (at once past ``MAX_SHARD_BATCH``)."""
+        batch = self._batch
+        if not batch:
+            self._loop.call_soon(self._apply_waiting)
+        batch.extend(commands)
+        self._sources.extend([router] * len(commands))
+        if len(batch) >= MAX_SHARD_BATCH:
+            self._apply_waiting()
+
+    def _apply_waiting(self) -> None:
+        if self._batch:
+            batch, sources = self._batch, self._sources
+            self._batch, self._sources = [], []
+            self._apply(batch, sources)
 
     def _apply(self, batch: List[m.Command], sources: List[int]) -> None:
+        self._applied = True
         self._send(self.fanout.split(batch, sources, self.core.apply(batch)))
+        for link in self.links:
+            if link is not None:
+                link.check()
 
-    def _on_control(self, batch: List[m.Command], sources: List[int]) -> bool:
-        """A message from the supervisor (False: it is gone). ``("router", r, commands,
-        events)``: router *r* was restarted; these are its new pipes. What was read from
-        the others is applied first, then the old router's clients leave, then the new
-        pipes are used: nothing of the old router reaches the new one."""
+    def _tick(self) -> None:
+        """Every ``PARENT_CHECK_INTERVAL``: a router that takes nothing counts as stalled
+        in time, and while nothing comes a failed commit is retried."""
+        if not self._applied:
+            self._send(self.fanout.split((), (), self.core.idle()))
+        self._applied = False
+        for link in self.links:
+            if link is not None:
+                link.check()
+
+    def _read_control(self) -> None:  # (a thread)
         try:
-            message = receive(self.control)
+            while True:
+                message = receive(self.control)
+                self._loop.call_soon_threadsafe(self._on_control, message)
         except (EOFError, OSError):
-            return False
+            pass
+        except RuntimeError:
+            return  # the loop is closed: stopping
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._done.set)
+
+    def _on_control(self, message: Any) -> None:
+        """``("router", r, commands, events)`` from the supervisor: router *r* was
+        restarted; these are its new pipes. What was read from the others is applied
+        first, then the old router's clients leave, then the new pipes are used: nothing
+        of the old router reaches the new one."""
         _, router, commands, events = message
-        if batch:
-            self._apply(batch, sources)
-            del batch[:], sources[:]
-        if self.commands[router] is not None or self.senders[router] is not None:
+        self._apply_waiting()
+        if self.links[router] is not None:
             self._router_gone(router)
-        self.commands[router] = commands
-        self.senders[router] = _EventSender(router, events, self._stalled)
         self.generations[router] += 1
-        return True
+        self._attach(router, commands, events)
+
+    def _on_eof(self, router: int, link: Any) -> None:
+        if self.links[router] is link:  # (not one the supervisor replaced already)
+            self._apply_waiting()  # what it sent before its end comes first
+            self._router_gone(router)
 
     def _router_gone(self, router: int) -> None:
         """Router *router* died: close its pipes, and its clients leave every room here now
         (the other routers' members hear them leave). Called after what it sent was
         applied, so none of its JOINs can come after its clients' DROPs."""
-        conn, sender = self.commands[router], self.senders[router]
-        self.commands[router] = self.senders[router] = None
-        if conn is not None:
-            conn.close()
-        if sender is not None:
-            sender.close()
+        self._detach(router)
         routers = self.fanout.routers
         drops = [
             m.drop(GONE_ROUTER_REQ, 0.0, cid)
@@ -240,13 +283,7 @@ class _TierLinks:
             self._apply(drops, [NO_ROUTER] * len(drops))
 
     def _stalled(self, router: int) -> None:
-        """(On a sender's thread.) Router *router* has taken nothing for too long."""
-        self._stalls.put(router)
-
-    def _report_stall(self, router: int) -> None:
-        sender = self.senders[router]
-        if sender is None or not sender.stalled:
-            return
+        """(On the loop.) Router *router* has taken nothing for too long."""
         log.error("router %d takes no events; asking the supervisor to restart it", router)
         try:
             self.control.send(("stalled", router, self.generations[router]))
@@ -255,17 +292,17 @@ class _TierLinks:
 
     def _send(self, per_router: List[List[m.Event]]) -> None:
         for router, events in enumerate(per_router):
-            sender = self.senders[router]
-            if events and sender is not None:
-                sender.send(pickle.dumps(events, pickle.HIGHEST_PROTOCOL))
+            link = self.links[router]
+            if events and link is not None:
+                link.send(pickle.dumps(events, pickle.HIGHEST_PROTOCOL))
 
     def close(self) -> None:
-        for conn in self.commands:
-            if conn is not None:
-                conn.close()
-        for sender in self.senders:
-            if sender is not None:
-                sender.close()
+        """Close what :meth:`serve` did not (the pipes of a tier that never served)."""
+        for pair in self._pairs:
+            if pair is not None:
+                for conn in pair:
+                    conn.close()
+        self._pairs = [None] * len(self._pairs)
 
 
 class _EventSender:

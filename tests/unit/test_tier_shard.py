@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
+import sys
 import threading
 import time
 from typing import Callable, Iterator, List
@@ -12,7 +13,7 @@ from typing import Callable, Iterator, List
 import pytest
 
 from common import messages as m
-from shard import process
+from shard import looplink, process
 from shard.core import ShardCore
 
 ROUTERS = 2
@@ -57,8 +58,14 @@ class Harness:
         self.tier.close()
 
 
-@pytest.fixture
-def tier() -> Iterator[Harness]:
+@pytest.fixture(params=["loop", "threads"])
+def tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Harness]:
+    """The tier shard with each kind of link: the loop's own (POSIX) and threads (the
+    kind Windows uses, run here too)."""
+    if request.param == "threads":
+        monkeypatch.setattr(looplink, "link_class", lambda: looplink.ThreadLink)
+    elif sys.platform == "win32":
+        pytest.skip("Windows' pipes cannot be watched by an event loop")
     harness = Harness()
     yield harness
     harness.stop()
@@ -76,6 +83,12 @@ def two_members(tier: Harness) -> tuple:
     tier.receive(1)
     tier.receive(0)
     return a, b
+
+
+def limit(monkeypatch: pytest.MonkeyPatch, name: str, value: float) -> None:
+    """Set the limit *name* for both kinds of link (shard.looplink's and the threads')."""
+    monkeypatch.setattr(process, name, value)
+    monkeypatch.setattr(looplink, name, value)
 
 
 def test_a_join_read_with_its_routers_end_of_file_leaves_no_ghost(tier: Harness) -> None:
@@ -114,8 +127,8 @@ def test_a_replaced_routers_clients_leave_before_its_successor_hears_anything(
 def test_a_router_that_takes_nothing_is_reported_and_stalls_no_one(
     tier: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(process, "MAX_SHARD_BACKLOG_BYTES", 8192)
-    monkeypatch.setattr(process, "ROUTER_STALL_SECONDS", 0.3)
+    limit(monkeypatch, "MAX_SHARD_BACKLOG_BYTES", 8192)
+    limit(monkeypatch, "ROUTER_STALL_SECONDS", 0.3)
     a, _ = two_members(tier)
     text = "x" * 200
     sent = 0
@@ -155,27 +168,27 @@ def slow_reader(tier: Harness, router: int, stop: threading.Event, pause: float)
 def test_a_router_that_takes_its_events_slowly_is_not_reported_past_the_bound(
     tier: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(process, "MAX_SHARD_BACKLOG_BYTES", 8192)
-    monkeypatch.setattr(process, "MAX_ROUTER_BACKLOG_BYTES", 64 * 1024 * 1024)
-    monkeypatch.setattr(process, "ROUTER_STALL_SECONDS", 1.0)
+    limit(monkeypatch, "MAX_SHARD_BACKLOG_BYTES", 8192)
+    limit(monkeypatch, "MAX_ROUTER_BACKLOG_BYTES", 64 * 1024 * 1024)
+    limit(monkeypatch, "ROUTER_STALL_SECONDS", 1.0)
     a, _ = two_members(tier)
     stop = threading.Event()
     slow_reader(tier, 1, stop, pause=0.01)
-    sender = tier.tier.senders[1]
-    assert sender is not None
+    link = tier.tier.links[1]
+    assert link is not None
     deadline = time.monotonic() + 2.5
     flood_while(tier, lambda: time.monotonic() > deadline, 0, a)
     stop.set()
-    assert sender._waiting > 8192  # it was behind, past the bound...
+    assert link.waiting > 8192  # it was behind, past the bound...
     assert not tier.control.poll(0.2)  # ...and not called stalled: it kept taking them
 
 
 def test_a_router_that_falls_ever_further_behind_is_reported_at_the_hard_bound(
     tier: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(process, "MAX_SHARD_BACKLOG_BYTES", 8192)
-    monkeypatch.setattr(process, "MAX_ROUTER_BACKLOG_BYTES", 256 * 1024)
-    monkeypatch.setattr(process, "ROUTER_STALL_SECONDS", 60.0)
+    limit(monkeypatch, "MAX_SHARD_BACKLOG_BYTES", 8192)
+    limit(monkeypatch, "MAX_ROUTER_BACKLOG_BYTES", 256 * 1024)
+    limit(monkeypatch, "ROUTER_STALL_SECONDS", 60.0)
     a, _ = two_members(tier)
     stop = threading.Event()
     slow_reader(tier, 1, stop, pause=0.05)
@@ -218,8 +231,8 @@ def test_the_supervisor_kills_only_the_router_a_stall_report_is_about(
 def test_a_stall_report_names_the_routers_generation(
     tier: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(process, "MAX_SHARD_BACKLOG_BYTES", 8192)
-    monkeypatch.setattr(process, "ROUTER_STALL_SECONDS", 0.3)
+    limit(monkeypatch, "MAX_SHARD_BACKLOG_BYTES", 8192)
+    limit(monkeypatch, "ROUTER_STALL_SECONDS", 0.3)
     context = multiprocessing.get_context("spawn")
     commands_in, commands_out = context.Pipe(duplex=False)
     events_in, events_out = context.Pipe(duplex=False)
