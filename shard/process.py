@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from common import messages as m
 from common.limits import (
@@ -173,6 +173,8 @@ class _TierLinks:
         loop = asyncio.get_running_loop()
         self._loop, self._link_class = loop, link_class()
         self._done = asyncio.Event()
+        self._error: Optional[BaseException] = None
+        loop.set_exception_handler(self._on_error)
         for router, pair in enumerate(self._pairs):
             if pair is not None:
                 self._attach(router, *pair)
@@ -183,16 +185,28 @@ class _TierLinks:
                     await asyncio.wait_for(self._done.wait(), PARENT_CHECK_INTERVAL)
                 except asyncio.TimeoutError:
                     self._tick()
+            if self._error is not None:
+                raise self._error
             self._apply_waiting()
         finally:
             for router in range(len(self.links)):
                 self._detach(router)
 
+    def _on_error(self, loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
+        """An error in one of the loop's callbacks (applying a batch, a control message)
+        ends the shard, as it did before there was a loop: the supervisor restarts it and
+        the routers put their members back, rather than it serving on half-applied."""
+        loop.default_exception_handler(context)
+        if self._error is None:
+            self._error = context.get("exception") or RuntimeError(context.get("message"))
+        self._done.set()
+
     def _attach(self, router: int, commands: Connection, events: Connection) -> None:
         holder: List[Any] = []
 
         def on_commands(commands: List[m.Command]) -> None:
-            self._take(router, commands)
+            if self.links[router] is holder[0]:  # (a reader thread's late hand-off of a
+                self._take(router, commands)  # replaced router's commands is dropped)
 
         link = self._link_class(self._loop, router, commands, events, on_commands,
                                 lambda: self._on_eof(router, holder[0]), self._stalled)  # fmt: skip

@@ -8,7 +8,7 @@ import pickle
 import sys
 import threading
 import time
-from typing import Callable, Iterator, List
+from typing import Callable, Iterator, List, Optional
 
 import pytest
 
@@ -36,8 +36,15 @@ class Harness:
         self.control, shard_control = context.Pipe()
         self.core = ShardCore(clock=lambda: 1000.0, epoch=1)
         self.tier = process._TierLinks(self.core, links, shard_control)
-        self.thread = threading.Thread(target=self.tier.serve, daemon=True)
+        self.error: Optional[BaseException] = None  # what ended serve(), if anything did
+        self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            self.tier.serve()
+        except Exception as error:  # (the test looks at it)
+            self.error = error
 
     def send(self, router: int, *commands: m.Command) -> None:
         self.commands[router].send_bytes(pickle.dumps(list(commands)))
@@ -245,3 +252,40 @@ def test_a_stall_report_names_the_routers_generation(
     events_in.recv_bytes()  # and it takes nothing from here on
     flood_while(tier, lambda: tier.control.poll(0), 0, a)
     assert tier.control.recv() == ("stalled", 1, 1)
+
+
+def test_a_replaced_routers_last_commands_reach_neither_the_room_nor_its_successor(
+    tier: Harness,
+) -> None:
+    """The supervisor's replacement is handled before the old router's last JOIN, which
+    its reader had read but the loop had not taken yet (a reader thread's hand-off)."""
+    two_members(tier)
+    busy = threading.Event()
+    tier.tier._loop.call_soon_threadsafe(busy.wait, 5.0)  # the loop takes nothing a while
+    context = multiprocessing.get_context("spawn")
+    commands_in, commands_out = context.Pipe(duplex=False)
+    events_in, events_out = context.Pipe(duplex=False)
+    tier.control.send(("router", 1, commands_in, events_out))
+    time.sleep(0.2)  # (the control thread has queued the replacement)
+    late = cid(1, 2)
+    tier.send(1, m.join(2, 0.0, late, "r", "carol"))  # the old router's last words
+    tier.commands[1].close()
+    time.sleep(0.2)
+    busy.set()
+    assert [(e[0], e[3]) for e in tier.receive(0)] == [(m.LEFT, cid(1, 1))]
+    assert tier.core.members_of("r") == [cid(0, 1)]  # no ghost carol
+    assert not events_in.poll(0.3)  # and the successor heard nothing of it
+
+
+def test_an_error_applying_a_batch_ends_the_shard(tier: Harness) -> None:
+    """As before the loop: the process exits and the supervisor restarts it, rather than it
+    serving on with a batch half applied and never answered."""
+
+    def broken(batch: List[m.Command]) -> List[m.Event]:
+        raise ValueError("a bug in the core")
+
+    tier.core.apply = broken  # type: ignore[method-assign]
+    tier.send(0, m.join(1, 0.0, cid(0, 1), "lobby", "alice"))
+    tier.thread.join(5)
+    assert not tier.thread.is_alive()
+    assert isinstance(tier.error, ValueError)
