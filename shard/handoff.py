@@ -15,11 +15,14 @@ pickled as before.
 from __future__ import annotations
 
 import array
+import asyncio
+import contextlib
 import os
 import socket
 import sys
+import threading
 from multiprocessing.connection import Connection
-from typing import Any, List, Sequence
+from typing import Any, Callable, List, Sequence
 
 #: Descriptors go in the control pipe's socket (see the module docstring).
 IN_BAND = sys.platform not in ("win32", "darwin") and hasattr(socket, "CMSG_SPACE")
@@ -61,6 +64,30 @@ def receive(control: Connection) -> Any:
     fds = _receive_fds(control, len(modes))
     ends = [Connection(fd, readable, writable) for fd, (readable, writable) in zip(fds, modes)]
     return (*inner, *ends)
+
+
+def read_on_thread(
+    control: Connection,
+    loop: asyncio.AbstractEventLoop,
+    on_message: Callable[[Any], None],
+    on_end: Callable[[], None],
+) -> None:
+    """Read *control* on a daemon thread (taking passed ends may wait on the sender, which a
+    loop must not): each message, as :func:`receive` returns it, goes to *on_message* on
+    *loop*, and the pipe's end to *on_end*. Nothing more once *loop* is closed."""
+
+    def read() -> None:
+        try:
+            while True:
+                loop.call_soon_threadsafe(on_message, receive(control))
+        except (EOFError, OSError):
+            pass
+        except RuntimeError:
+            return  # the loop is closed: stopping
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(on_end)
+
+    threading.Thread(target=read, daemon=True, name="control").start()
 
 
 def _receive_fds(control: Connection, count: int) -> List[int]:

@@ -31,9 +31,10 @@ from common.limits import (
     ROUTER_STALL_SECONDS,
 )
 from common.proctitle import set_process_name
+from shard import looplink
 from shard.core import ShardCore
 from shard.fanout import NO_ROUTER, RouterFanout, router_of
-from shard.handoff import receive
+from shard.handoff import read_on_thread
 from shard.journal import open_store
 
 log = logging.getLogger(__name__)
@@ -168,17 +169,15 @@ class _TierLinks:
         asyncio.run(self._serve())
 
     async def _serve(self) -> None:
-        from shard.looplink import link_class
-
         loop = asyncio.get_running_loop()
-        self._loop, self._link_class = loop, link_class()
+        self._loop, self._link_class = loop, looplink.link_class()
         self._done = asyncio.Event()
         self._error: Optional[BaseException] = None
         loop.set_exception_handler(self._on_error)
         for router, pair in enumerate(self._pairs):
             if pair is not None:
                 self._attach(router, *pair)
-        threading.Thread(target=self._read_control, daemon=True, name="control").start()
+        read_on_thread(self.control, loop, self._on_control, self._done.set)
         try:
             while not self._done.is_set():
                 try:
@@ -220,8 +219,8 @@ class _TierLinks:
             link.close()
 
     def _take(self, router: int, commands: List[m.Command]) -> None:
-        """Router *router*'s message of *commands*: applied at the end of this loop turn,
-        with whatever the others sent in it (at once past ``MAX_SHARD_BATCH``)."""
+        """Router *router*'s message of *commands*: applied once this loop turn's reads are
+        done, with whatever the others sent in them (at once past ``MAX_SHARD_BATCH``)."""
         batch = self._batch
         if not batch:
             self._loop.call_soon(self._apply_waiting)
@@ -252,18 +251,6 @@ class _TierLinks:
         for link in self.links:
             if link is not None:
                 link.check()
-
-    def _read_control(self) -> None:  # (a thread)
-        try:
-            while True:
-                message = receive(self.control)
-                self._loop.call_soon_threadsafe(self._on_control, message)
-        except (EOFError, OSError):
-            pass
-        except RuntimeError:
-            return  # the loop is closed: stopping
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._done.set)
 
     def _on_control(self, message: Any) -> None:
         """``("router", r, commands, events)`` from the supervisor: router *r* was

@@ -1209,11 +1209,10 @@ async def _serve(
     url, node, presence_seconds = spec.url, spec.node, spec.presence_seconds
     import os
     import pickle
-    import threading
 
     import redis.asyncio as aioredis
 
-    from shard.handoff import receive
+    from shard.handoff import read_on_thread
     from shard.looplink import link_class
     from shard.redis_sub import Subscriber
 
@@ -1284,25 +1283,11 @@ async def _serve(
         generations[router] += 1
         attach(router, commands, events)
 
-    def read_control() -> None:  # (a thread)
-        try:
-            while True:
-                message = receive(control)
-                loop.call_soon_threadsafe(on_control, message)
-        except (EOFError, OSError):
-            pass
-        except RuntimeError:
-            return
-        try:
-            loop.call_soon_threadsafe(done.set)
-        except RuntimeError:
-            pass
-
     await shard.start()
     for router, (commands, events) in enumerate(links):
         attach(router, commands, events)
     if control is not None:
-        threading.Thread(target=read_control, daemon=True, name="control").start()
+        read_on_thread(control, loop, on_control, done.set)
     try:
         while not done.is_set():
             try:
