@@ -41,7 +41,7 @@ from router.http_static import StaticFiles
 from router.hub import Hub
 from router.policy import SessionRateLimit, address_key, close_refused
 from router.reading import SharedBufferReading, reading_class
-from router.tls import create_listener
+from router.tls import create_listener, settled
 from web import WEB_ROOT
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = settled(transport)
         self._tls = transport.get_extra_info("sslcontext") is not None
         self.peer = transport.get_extra_info("peername")
         self.ip = str(self.peer[0]) if self.peer else ""

@@ -39,7 +39,7 @@ from router.policy import TokenBucket, address_key, close_refused
 from router.proxies import BadProxyHeader, read_proxy_header
 from router.reading import SharedBufferReading, reading_class
 from router.settings import Settings
-from router.tls import create_listener
+from router.tls import create_listener, settled
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class TcpConnection(asyncio.Protocol, Client):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = settled(transport)
         # TLS has no half-close: asyncio closes after end of input whatever we answer
         self._tls = transport.get_extra_info("sslcontext") is not None
         peer = transport.get_extra_info("peername")

@@ -26,8 +26,9 @@ import asyncio
 import logging
 import socket
 import ssl
+import sys
 from asyncio.proactor_events import BaseProactorEventLoop
-from typing import Callable, Optional, Protocol, Set
+from typing import Any, Callable, Optional, Protocol, Set, Tuple
 
 from router.policy import ConnectionLimiter, address_key
 from router.proxies import PROXY_V2_MAX_BYTES, BadProxyHeader, ProxyHeader, read_proxy_header
@@ -63,6 +64,98 @@ def load_chain(context: ssl.SSLContext, cert: str, key: Optional[str]) -> None:
             f"TLS: cannot use certificate {cert} with key {key or cert} ({reason}): both must "
             "be PEM files, the key the certificate's own"
         ) from error
+
+
+def settled(transport: asyncio.Transport) -> asyncio.Transport:
+    """*transport*, safe to use in every loop turn until its protocol's ``connection_lost``.
+
+    Before Python 3.11 a TLS transport whose socket is gone raises AttributeError from
+    ``get_write_buffer_size``, ``pause_reading``, ``resume_reading`` and the like, for the
+    loop turn between the socket's loss and the protocol's ``connection_lost`` (which
+    asyncio calls a turn later); anything that writes, flushes or resumes a connection in
+    that turn (another client's message, a shard's answer) would fail. Such a transport is
+    wrapped so those calls answer as a closed one would: nothing buffered, not reading."""
+    if sys.version_info >= (3, 11) or transport.get_extra_info("sslcontext") is None:
+        return transport
+    return _SettledTlsTransport(transport)
+
+
+class _SettledTlsTransport(asyncio.Transport):
+    """A pre-3.11 TLS transport whose calls that reach the lost socket do nothing."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, inner: asyncio.Transport) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._inner.get_extra_info(name, default)
+
+    def write(self, data: Any) -> None:
+        self._inner.write(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        self._inner.writelines(list_of_data)
+
+    def can_write_eof(self) -> bool:
+        return self._inner.can_write_eof()
+
+    def write_eof(self) -> None:
+        self._inner.write_eof()
+
+    def is_closing(self) -> bool:
+        return self._inner.is_closing()
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def abort(self) -> None:
+        self._inner.abort()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._inner.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._inner.get_protocol()
+
+    def get_write_buffer_size(self) -> int:
+        try:
+            return self._inner.get_write_buffer_size()
+        except AttributeError:  # the socket is gone: nothing will be written
+            return 0
+
+    def get_write_buffer_limits(self) -> Tuple[int, int]:
+        try:
+            return self._inner.get_write_buffer_limits()
+        except AttributeError:
+            return (0, 0)
+
+    def set_write_buffer_limits(
+        self, high: Optional[int] = None, low: Optional[int] = None
+    ) -> None:
+        try:
+            self._inner.set_write_buffer_limits(high, low)
+        except AttributeError:
+            pass
+
+    def is_reading(self) -> bool:
+        try:
+            return self._inner.is_reading()
+        except RuntimeError:  # "SSL transport has not been initialized yet": it is gone
+            return False
+
+    def pause_reading(self) -> None:
+        try:
+            self._inner.pause_reading()
+        except AttributeError:
+            pass
+
+    def resume_reading(self) -> None:
+        try:
+            self._inner.resume_reading()
+        except AttributeError:
+            pass
 
 
 class Admittable(Protocol):
