@@ -23,6 +23,7 @@ protocol is told so (``proxied_client``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -134,10 +135,8 @@ class _SettledTlsTransport(asyncio.Transport):
     def set_write_buffer_limits(
         self, high: Optional[int] = None, low: Optional[int] = None
     ) -> None:
-        try:
+        with contextlib.suppress(AttributeError):
             self._inner.set_write_buffer_limits(high, low)
-        except AttributeError:
-            pass
 
     def is_reading(self) -> bool:
         try:
@@ -146,16 +145,12 @@ class _SettledTlsTransport(asyncio.Transport):
             return False
 
     def pause_reading(self) -> None:
-        try:
+        with contextlib.suppress(AttributeError):
             self._inner.pause_reading()
-        except AttributeError:
-            pass
 
     def resume_reading(self) -> None:
-        try:
+        with contextlib.suppress(AttributeError):
             self._inner.resume_reading()
-        except AttributeError:
-            pass
 
 
 class Admittable(Protocol):

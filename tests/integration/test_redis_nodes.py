@@ -247,8 +247,9 @@ def test_a_node_cut_off_its_subscription_catches_up_from_the_stream(redis: Redis
             ann.send(f"MSG lobby m{i}")
         for i in range(5):
             ann.expect(f"MSG lobby ann m{i}")
-        # The node may be back before ann's first line (then they come by pub/sub after
-        # "available again") or after her last (then from the Stream, before it).
+        # The node subscribes again, then reads what it missed from the Stream, then says
+        # "available again"; ann's lines may land anywhere in that (the ones after the
+        # subscription come by pub/sub, possibly after the notice).
         lines: List[str] = []
         while "MSG lobby ann m4" not in lines or "INFO room lobby available again" not in lines:
             lines.append(bob.readline(timeout=20))
