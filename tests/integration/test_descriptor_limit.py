@@ -273,21 +273,29 @@ def test_shards_killed_at_the_descriptor_limit_come_back(
 
 
 async def burst(host: str, port: int, count: int) -> List[str]:
-    """Open *count* connections at once; the first line each gets ("" if none in 20 s)."""
+    """Open *count* connections at once; the first line each gets ("" if none in 20 s).
+
+    Every connection stays open until all have answered: a welcomed client that closed
+    early would free its descriptor for a later one, and the count of welcomes under a
+    limit would then depend on timing."""
+    writers: List[asyncio.StreamWriter] = []
 
     async def one() -> str:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 20)
         except (OSError, asyncio.TimeoutError) as error:
             return repr(error)
+        writers.append(writer)
         try:
             return (await asyncio.wait_for(reader.readline(), 20)).decode().strip()
         except (OSError, asyncio.TimeoutError):
             return ""
-        finally:
-            writer.close()
 
-    return await asyncio.gather(*[one() for _ in range(count)])
+    try:
+        return await asyncio.gather(*[one() for _ in range(count)])
+    finally:
+        for writer in writers:
+            writer.close()
 
 
 @pytest.mark.timeout(120)
