@@ -231,23 +231,32 @@ def test_stopped_shard_times_out_requests_and_recovers() -> None:
             s1.send(f"HISTORY {frozen_room} 10")
             s1.send(f"MSG {frozen_room} said while frozen")
             t2.send("ROOMS")
-            # The router and the other shard are unaffected meanwhile.
+            # The router and the other shard are unaffected meanwhile (up to 8 rounds, all
+            # well before the frozen room's requests time out, however slow the machine).
+            seen_by_t2: List[str] = []  # (the ROOMS answer may come among them)
+            rounds = 0
             for i in range(8):
+                if time.monotonic() > stopped_at + REQUEST_TIMEOUT - 2.0:
+                    break
                 s1.send(f"PING s{i}")
                 assert s1.readline(2.0) == f"PONG s{i}"
                 start = time.monotonic()
                 t1.send(f"MSG {live_room} live {i}")
-                for c in (t1, t2):
-                    read_until(c, f"MSG {live_room} t1 live {i}", timeout=2.0)
+                read_until(t1, f"MSG {live_room} t1 live {i}", timeout=2.0)
+                seen_by_t2 += read_until(t2, f"MSG {live_room} t1 live {i}", timeout=2.0)
                 assert time.monotonic() - start < 2.0
+                rounds += 1
                 time.sleep(0.3)
+            assert rounds, "no round before the timeout"
             # NAMES and HISTORY of the frozen room: an error after the request timeout.
             errors = [s1.readline(10.0), s1.readline(10.0)]
             waited = time.monotonic() - stopped_at
             assert errors == ["ERROR room busy, try again"] * 2
             assert REQUEST_TIMEOUT - 1.0 <= waited <= REQUEST_TIMEOUT + 5.0
             # ROOMS: the frozen shard contributes nothing after the timeout.
-            rooms = t2.read_until(lambda line: line.startswith("END ROOMS"), timeout=10.0)
+            rooms = seen_by_t2
+            if not [line for line in rooms if line.startswith("END ROOMS")]:
+                rooms += t2.read_until(lambda line: line.startswith("END ROOMS"), timeout=10.0)
             assert [line for line in rooms if line.startswith(("ROOM ", "END "))] == [
                 f"ROOM {live_room} 2",
                 "END ROOMS 1",

@@ -261,12 +261,21 @@ def test_a_replaced_routers_last_commands_reach_neither_the_room_nor_its_success
     its reader had read but the loop had not taken yet (a reader thread's hand-off)."""
     two_members(tier)
     busy = threading.Event()
-    tier.tier._loop.call_soon_threadsafe(busy.wait, 5.0)  # the loop takes nothing a while
+    loop = tier.tier._loop
+    loop.call_soon_threadsafe(busy.wait, 5.0)  # the loop takes nothing a while
     context = multiprocessing.get_context("spawn")
     commands_in, commands_out = context.Pipe(duplex=False)
     events_in, events_out = context.Pipe(duplex=False)
     tier.control.send(("router", 1, commands_in, events_out))
-    time.sleep(0.2)  # (the control thread has queued the replacement)
+    # The control thread has queued the replacement (asyncio's queue of ready callbacks:
+    # the one place this is seen while the loop is busy).
+    deadline = time.monotonic() + 10
+    while not any(
+        getattr(handle, "_callback", None) == tier.tier._on_control
+        for handle in tuple(loop._ready)  # type: ignore[attr-defined]  # (copied in one go)
+    ):
+        assert time.monotonic() < deadline, "the replacement was never queued"
+        time.sleep(0.01)
     late = cid(1, 2)
     tier.send(1, m.join(2, 0.0, late, "r", "carol"))  # the old router's last words
     tier.commands[1].close()
