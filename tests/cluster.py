@@ -169,16 +169,21 @@ class Cluster:
         assert self.proc is not None and self.new_session
         os.killpg(self.proc.pid, sig)
 
-    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> str:
-        """Wait until a log line matches *pattern* (regex); return it."""
+    def wait_for_log(self, pattern: str, timeout: float = 10.0, since: int = 0) -> str:
+        """Wait until a log line matches *pattern* (regex); return it. With *since* (a
+        :meth:`log_mark`), only lines logged after that mark count."""
         deadline = time.monotonic() + timeout
         regex = re.compile(pattern)
         while time.monotonic() < deadline:
-            for line in list(self.log_lines):
+            for line in list(self.log_lines)[since:]:
                 if regex.search(line):
                     return line
             time.sleep(0.05)
         raise AssertionError(f"no log line matching {pattern!r} in {timeout}s:\n{self.log}")
+
+    def log_mark(self) -> int:
+        """Where the log is now: pass it as ``since`` to wait for a line logged later."""
+        return len(self.log_lines)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> Optional[int]:
         """Send *sig* and wait; kill if needed. Returns the exit code."""

@@ -205,12 +205,14 @@ def test_sighup_reloads_the_certificate(tmp_path: Path) -> None:
         # a certificate whose key does not match, then a broken file: on reload each keeps
         # the certificate in use, and says so (and handshakes still work)
         shutil.copy(first[0], cert)
+        mark = cluster.log_mark()
         os.kill(cluster.proc.pid, signal.SIGHUP)
-        cluster.wait_for_log("still using the certificate loaded before")
+        cluster.wait_for_log("still using the certificate loaded before", since=mark)
         tls_line_client(cluster, second[0]).close()
         cert.write_text("not a certificate")
+        mark = cluster.log_mark()
         os.kill(cluster.proc.pid, signal.SIGHUP)
-        cluster.wait_for_log("still using the certificate loaded before")
+        cluster.wait_for_log("still using the certificate loaded before", since=mark)
         tls_line_client(cluster, second[0]).close()
         assert "Traceback" not in cluster.log
 
