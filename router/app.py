@@ -221,6 +221,8 @@ class Router:
         api.siblings = self.siblings = Siblings(
             seat.index, seat.sibling_ports, seat.secret, answer_timeout=wait
         )
+        for owner in seat.routers_lost:
+            self.siblings.lost(owner)
         self.sibling_server = await serve_siblings(
             seat.sibling_socket, seat.secret, api.answer_forwarded
         )
@@ -363,8 +365,8 @@ async def serve(
     else:
         log.info("history kept in memory only: it is lost when a shard stops")
     try:
+        await router.serve_siblings()  # (before the first request: it may be forwarded)
         await router.start_serving()
-        await router.serve_siblings()
     except PortInUse as error:
         log.error("%s", error)
         router.close_listeners()

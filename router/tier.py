@@ -90,6 +90,9 @@ class Seat:
     #: How many times this router was started before (its clients' ids start past all
     #: of its predecessors', so none is mistaken for a predecessor's client).
     incarnation: int = 0
+    #: The routers given up on before this one started: never forwarded to, from its
+    #: first request (later ones are told by a ``("router_lost", r)`` message).
+    routers_lost: List[int] = field(default_factory=list)
 
     def listener(self, kind: str) -> Dict[str, Any]:
         """The ``create_server`` keywords for the *kind* listener."""
@@ -267,6 +270,7 @@ class Supervisor:
             sibling_ports=list(self.sibling_ports),
             secret=self.secret,
             incarnation=self.router_starts[r],
+            routers_lost=list(self.routers_given_up),
         )
         self.router_starts[r] += 1
         process = self.context.Process(
@@ -306,8 +310,6 @@ class Supervisor:
         self._start_router(r, [router_end for _, router_end in mesh])
         for j in self.given_up:  # its pipe to that shard is closed: not to wait for it
             self._tell(self.router_controls[r], ("lost", j))
-        for other in self.routers_given_up:  # not to forward to it
-            self._tell(self.router_controls[r], ("router_lost", other))
         log.info("router %d restarted (pid %s)", r, self.router_procs[r].pid)
 
     def restart_shard(self, j: int) -> None:

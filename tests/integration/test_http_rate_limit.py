@@ -32,7 +32,7 @@ def test_session_rate_limit_unit() -> None:
 
 
 def test_http_sends_past_the_burst_get_429_with_retry_after() -> None:
-    with Cluster(shards=2, extra_args=["--rate-limit", "0.5", "--rate-burst", "3"]) as cluster:
+    with Cluster(shards=2, extra_args=["--rate-limit", "0.2", "--rate-burst", "3"]) as cluster:
         api = Api(cluster)
         api.join("flood", "alice")  # creates the session: not counted
         statuses = []
@@ -55,7 +55,7 @@ def test_polls_answered_from_the_shards_at_once_take_a_token() -> None:
     """A poll whose cursor the session's feed does not cover (after=0 in a room with older
     history) is answered by the shards at once, however often it is asked: it takes a
     token. A poll that waits for news does not."""
-    with Cluster(shards=1, extra_args=["--rate-limit", "0.5", "--rate-burst", "3"]) as cluster:
+    with Cluster(shards=1, extra_args=["--rate-limit", "0.2", "--rate-burst", "3"]) as cluster:
         bob = Api(cluster)
         bob.join("fetchy", "bob")  # creates the session: not counted
         bob.send("fetchy", "before alice")
